@@ -1,0 +1,3 @@
+"""fxprune: second-order structured pruning as a torch.fx pipeline."""
+from .errors import FxpruneError
+

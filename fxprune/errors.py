@@ -1,0 +1,30 @@
+"""Error types. Every error fxprune raises is an :class:`FxpruneError` whose message
+names the module / FX node involved and says what the user can do about it."""
+
+
+class FxpruneError(Exception):
+    """Base class of all fxprune errors."""
+
+
+class TraceError(FxpruneError):
+    """The model could not be turned into an FX graph."""
+
+
+class AnalysisError(FxpruneError):
+    """Channel analysis met something it cannot reason about."""
+
+
+class BudgetError(FxpruneError):
+    """A budget is malformed or cannot be met."""
+
+
+class DataError(FxpruneError):
+    """Calibration data is missing, empty, or produced a non-finite loss."""
+
+
+class CheckpointError(FxpruneError):
+    """A checkpoint file does not match the model."""
+
+
+class CriterionError(FxpruneError):
+    """Unknown criterion or bad criterion options."""

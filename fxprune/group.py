@@ -1,0 +1,84 @@
+"""The analysis result: coupled-channel groups.
+
+A :class:`Group` is the set of parameter/buffer slices that must lose the same
+channels together. Channel ``c`` of a group owns, for every :class:`Member`, the
+indices ``member.index_map[c]`` along ``member.dim`` of the tensor named
+``member.target``. Zeroing all of those slices removes the channel's effect.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional
+
+
+@dataclass
+class Member:
+    """One tensor dimension that belongs to a group.
+
+    ``target``: qualified name of a parameter or buffer (``layer1.0.conv1.weight``).
+    ``dim``: the sliced dimension. ``index_map[c]``: indices along ``dim`` owned by
+    channel ``c`` (one for a plain channel, ``head_dim`` rows per q/k/v for a head,
+    ``H*W`` columns for a flatten→Linear consumer).
+    ``role``: ``"producer"`` (output rows of a layer), ``"consumer"`` (input columns),
+    ``"norm"``/``"bias"``/``"tensor"`` (everything that merely carries the channel).
+    """
+
+    target: str
+    dim: int
+    index_map: List[List[int]]
+    role: str = "tensor"
+
+    def to_dict(self) -> dict:
+        return {"target": self.target, "dim": self.dim, "role": self.role,
+                "index_map": [list(map(int, ix)) for ix in self.index_map]}
+
+
+@dataclass
+class Group:
+    """A coupled-channel group; see the module docstring."""
+
+    id: str
+    size: int
+    members: List[Member] = field(default_factory=list)
+    divisor: int = 1
+    prunable: bool = True
+    reason: Optional[str] = None
+    kind: str = "channel"  # "channel", "head", "conv-group", "stream"
+
+    def member(self, target: str, dim: Optional[int] = None) -> Member:
+        for m in self.members:
+            if m.target == target and (dim is None or m.dim == dim):
+                return m
+        raise KeyError(f"{target} (dim {dim}) is not a member of group {self.id}")
+
+    @property
+    def targets(self) -> List[str]:
+        return [m.target for m in self.members]
+
+    def to_dict(self) -> dict:
+        return {"id": self.id, "size": self.size, "divisor": self.divisor,
+                "prunable": self.prunable, "reason": self.reason, "kind": self.kind,
+                "members": [m.to_dict() for m in self.members]}
+
+    def __str__(self) -> str:
+        status = "prunable" if self.prunable else f"NOT prunable: {self.reason}"
+        lines = [f"Group {self.id}  size={self.size} kind={self.kind} "
+                 f"divisor={self.divisor}  {status}",
+                 f"  {'target':<48} {'dim':>3} {'role':<9} {'idx/ch':>6}"]
+        for m in self.members:
+            per = len(m.index_map[0]) if m.index_map else 0
+            lines.append(f"  {m.target:<48} {m.dim:>3} {m.role:<9} {per:>6}")
+        return "\n".join(lines)
+
+
+def groups_table(groups: List[Group]) -> str:
+    """A one-line-per-group summary table."""
+    rows = [f"{'group':<40} {'size':>6} {'kind':<10} {'members':>7}  status"]
+    for g in groups:
+        status = "prunable" if g.prunable else f"fixed: {g.reason}"
+        rows.append(f"{g.id:<40} {g.size:>6} {g.kind:<10} {len(g.members):>7}  {status}")
+    return "\n".join(rows)
+
+
+def groups_by_id(groups: List[Group]) -> Dict[str, Group]:
+    return {g.id: g for g in groups}
