@@ -1,0 +1,174 @@
+"""Loading local weights into a model with readable mismatch errors.
+
+Supported files: ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` (``torch.load``) and
+``.safetensors``. The file may hold a bare state dict or one wrapped under
+``state_dict``, ``model``, ``model_ema`` or ``state_dict_ema`` (first found wins); a
+DDP ``module.`` prefix or a ``torch.compile`` ``_orig_mod.`` prefix is stripped.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+from typing import Dict, List, Mapping, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..errors import CheckpointError
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("state_dict", "model", "model_ema", "state_dict_ema")
+STRIP_PREFIXES = ("module.", "_orig_mod.")
+_SHOW = 5
+_UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
+
+
+def _short_reason(exc: BaseException) -> str:
+    """The informative part of a (long) ``torch.load`` error message."""
+    msg = str(exc)
+    m = re.search(r"WeightsUnpickler error:\s*(.+)", msg)
+    text = m.group(1) if m else msg
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def _torch_load(path: str, allow_pickle: bool) -> object:
+    """``torch.load(weights_only=True)``; retry with ``weights_only=False`` only when the
+    file is readable but pickles a Python global (e.g. an ``argparse.Namespace`` or a
+    whole ``nn.Module`` saved next to the weights) and ``allow_pickle`` is set."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = _UNSUPPORTED_GLOBAL.search(str(exc))
+        if not found:
+            raise CheckpointError(f"{path}: cannot read checkpoint: {_short_reason(exc)}") from exc
+        reason = f"it pickles the Python object {found.group(1)}"
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{path}: torch.load(weights_only=True) refused the file: {reason}. Re-save it "
+                "as a plain state dict, or pass allow_pickle=True if you trust the file.") from exc
+        logger.warning("%s: weights_only=True load refused (%s); retrying with weights_only=False "
+                       "(this runs pickled code: only do it for files you trust)", path, reason)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as exc2:
+            raise CheckpointError(f"{path}: cannot read checkpoint: {_short_reason(exc2)}") from exc2
+    except Exception as exc:  # corrupt / truncated / not a torch file
+        raise CheckpointError(f"{path}: cannot read checkpoint: {_short_reason(exc)}") from exc
+
+
+def read_state_dict(path: str, allow_pickle: bool = True) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint file and return the flat ``{name: tensor}`` state dict inside it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path!r} does not exist")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            obj: object = load_file(path, device="cpu")
+        except Exception as exc:
+            raise CheckpointError(f"{path}: cannot read safetensors file: {exc}") from exc
+    else:
+        obj = _torch_load(path, allow_pickle)
+    return dict(_unwrap(obj, path))
+
+
+def _unwrap(obj: object, path: str) -> Mapping[str, torch.Tensor]:
+    """Find the state dict inside a training checkpoint."""
+    if isinstance(obj, nn.Module):
+        return obj.state_dict()
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{path}: expected a state dict, found {type(obj).__name__}")
+    if obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return obj
+    for key in WRAPPER_KEYS:
+        if key in obj:
+            logger.debug("%s: using the state dict stored under %r", path, key)
+            return _unwrap(obj[key], path)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise CheckpointError(
+            f"{path}: no state dict found; top-level keys are {sorted(map(str, obj))[:10]} "
+            f"(looked for a bare state dict or one under {', '.join(WRAPPER_KEYS)})")
+    return tensors
+
+
+def strip_prefixes(state: Mapping[str, torch.Tensor], model_keys=()) -> Dict[str, torch.Tensor]:
+    """Strip wrapper prefixes that every key carries (DDP ``module.``, ``_orig_mod.``).
+
+    A prefix is kept when every key of the model itself carries it too.
+    """
+    state = dict(state)
+    model_keys = list(model_keys)
+    changed = True
+    while changed and state:
+        changed = False
+        for prefix in STRIP_PREFIXES:
+            if model_keys and all(k.startswith(prefix) for k in model_keys):
+                continue
+            if all(k.startswith(prefix) for k in state):
+                state = {k[len(prefix):]: v for k, v in state.items()}
+                changed = True
+    return state
+
+
+def _shape(t: torch.Tensor) -> Tuple[int, ...]:
+    return tuple(t.shape)
+
+
+def compare_state_dicts(model_sd: Mapping[str, torch.Tensor], ckpt_sd: Mapping[str, torch.Tensor]
+                        ) -> Tuple[List[str], List[str], List[Tuple[str, tuple, tuple]]]:
+    """``(missing, unexpected, shape_mismatches)``; mismatches are ``(name, ckpt, model)``."""
+    missing = [k for k in model_sd if k not in ckpt_sd]
+    unexpected = [k for k in ckpt_sd if k not in model_sd]
+    mismatched = [(k, _shape(ckpt_sd[k]), _shape(v)) for k, v in model_sd.items()
+                  if k in ckpt_sd and _shape(ckpt_sd[k]) != _shape(v)]
+    return missing, unexpected, mismatched
+
+
+def _first(names: List[str]) -> str:
+    more = f", ... ({len(names) - _SHOW} more)" if len(names) > _SHOW else ""
+    return ", ".join(names[:_SHOW]) + more
+
+
+def mismatch_message(path: str, model: nn.Module, missing, unexpected, mismatched) -> str:
+    """Human-readable description of how a checkpoint differs from a model."""
+    lines = [f"checkpoint {path!r} does not match {type(model).__name__}:"]
+    if missing:
+        lines.append(f"  {len(missing)} missing key(s): {_first(missing)}")
+    if unexpected:
+        lines.append(f"  {len(unexpected)} unexpected key(s): {_first(unexpected)}")
+    if mismatched:
+        lines.append(f"  {len(mismatched)} shape mismatch(es) (name: checkpoint vs model):")
+        for name, ck, md in mismatched[:_SHOW]:
+            lines.append(f"    {name}: checkpoint {list(ck)} vs model {list(md)}")
+        if len(mismatched) > _SHOW:
+            lines.append(f"    ... ({len(mismatched) - _SHOW} more)")
+    lines.append("  Check the model name and its kwargs (num_classes, width, in_chans); "
+                 "strict=False ignores missing/unexpected keys but not shape mismatches.")
+    return "\n".join(lines)
+
+
+def load_checkpoint(model: nn.Module, path: str, strict: bool = True,
+                    allow_pickle: bool = True) -> nn.Module:
+    """Load the weights in ``path`` into ``model`` in place and return ``model``.
+
+    Raises :class:`~fxprune.errors.CheckpointError` when the file is missing or
+    unreadable, when a tensor's shape differs, or (``strict=True``) when keys are
+    missing or unexpected. ``allow_pickle=False`` forbids the ``weights_only=False``
+    retry for ``torch.load`` files that hold pickled Python objects.
+    """
+    model_sd = model.state_dict()
+    state = strip_prefixes(read_state_dict(path, allow_pickle=allow_pickle), model_sd)
+    missing, unexpected, mismatched = compare_state_dicts(model_sd, state)
+    if mismatched or (strict and (missing or unexpected)):
+        raise CheckpointError(mismatch_message(os.fspath(path), model, missing, unexpected, mismatched))
+    if missing or unexpected:
+        logger.warning("%s: %d missing and %d unexpected keys ignored (strict=False)",
+                       path, len(missing), len(unexpected))
+    model.load_state_dict(state, strict=False)
+    return model
