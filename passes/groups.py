@@ -1,0 +1,148 @@
+"""Analysis pass: coupled-channel groups of an FX graph (design §3).
+
+Contract: reads a GraphModule whose nodes carry ``tensor_meta`` (see :mod:`.trace`);
+writes ``node.meta["fxprune_label"]`` (the channel label of each node's output) and
+returns an :class:`Analysis` holding the groups. It never changes the graph or any
+tensor. Invariant: zeroing every member slice of a group's channel removes that
+channel's effect on the output; ops without a rule make the channels they touch
+unprunable (fail closed) with the op named in the group's ``reason``.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.fx
+
+from ..group import Group, Member
+from . import index_rules, layer_rules, tensor_rules  # noqa: F401  (register rules)
+from .labels import ChannelSpace, components
+from .rule_table import RULES, RuleContext, unknown_rule, untracked_output
+
+log = logging.getLogger(__name__)
+LABEL_KEY = "fxprune_label"
+_KIND_RANK = {"channel": 0, "conv-group": 1, "head": 2}
+
+
+@dataclass
+class Analysis:
+    """Groups plus the element-level maps the rewrite pass needs.
+
+    ``element_group[i]``/``element_channel[i]``: group index and channel index of
+    atomic id ``i`` (-1 when the id belongs to no reported group)."""
+
+    gm: torch.fx.GraphModule
+    space: ChannelSpace
+    groups: List[Group]
+    element_group: np.ndarray
+    element_channel: np.ndarray
+
+    def keep_mask(self, kept: Dict[str, List[int]]) -> np.ndarray:
+        """Per atomic id: is it kept under a plan (``{group id: kept channels}``)?"""
+        keep = np.ones(self.space.next_id, dtype=bool)
+        for gi, group in enumerate(self.groups):
+            if group.id not in kept:
+                continue
+            channel_kept = np.zeros(group.size, dtype=bool)
+            channel_kept[list(kept[group.id])] = True
+            in_group = self.element_group == gi
+            keep[in_group] = channel_kept[self.element_channel[in_group]]
+        return keep
+
+
+def label_graph(gm: torch.fx.GraphModule) -> ChannelSpace:
+    """Run the channel rules over every node, in graph order."""
+    space = ChannelSpace()
+    labels: Dict[torch.fx.Node, object] = {}
+    for node in gm.graph.nodes:
+        if node.op == "placeholder":
+            label = untracked_output(node)
+        elif node.op == "get_attr":
+            value = _fetch_attr(gm, node.target)
+            label = space.param_label(node.target, tuple(value.shape)) if isinstance(value, torch.Tensor) else None
+        elif node.op == "output":
+            ctx = RuleContext(node, space, gm, labels)
+            space.block_label(ctx.label(node.args[0]) if not isinstance(node.args[0], dict)
+                              else [ctx.label(v) for v in node.args[0].values()],
+                              "reaches the model output")
+            label = None
+        else:
+            rule = RULES.lookup(node, gm) or unknown_rule
+            label = rule(RuleContext(node, space, gm, labels))
+        labels[node] = label
+        node.meta[LABEL_KEY] = label
+    return space
+
+
+def _fetch_attr(gm: torch.fx.GraphModule, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def analyze(gm: torch.fx.GraphModule) -> Analysis:
+    """Label the graph and assemble the groups."""
+    space = label_graph(gm)
+    n = space.next_id
+    root = components(n, space.edges_a, space.edges_b)
+    space_of = np.concatenate(space.space_of) if space.space_of else np.empty(0, np.int64)
+    space_root = components(space.n_spaces, [space_of[a] for a in space.edges_a],
+                            [space_of[b] for b in space.edges_b])
+    group_key = space_root[space_of]  # per element: its group's key (a space id)
+    return _assemble(gm, space, root, group_key)
+
+
+def _assemble(gm, space: ChannelSpace, root: np.ndarray, group_key: np.ndarray) -> Analysis:
+    producers = {}
+    for rec in sorted(space.records.values(), key=lambda r: r.order):
+        if rec.role == "producer":
+            for key in np.unique(group_key[rec.ids]):
+                producers.setdefault(int(key), rec)
+    keys = sorted(producers, key=lambda k: producers[k].order)
+    element_group = np.full(len(root), -1, dtype=np.int64)
+    element_channel = np.full(len(root), -1, dtype=np.int64)
+    groups: List[Group] = []
+    used_ids: Dict[str, int] = {}
+    for gi, key in enumerate(keys):
+        in_group = group_key == key
+        channel_roots = np.unique(root[in_group])
+        element_group[in_group] = gi
+        element_channel[in_group] = np.searchsorted(channel_roots, root[in_group])
+        base = producers[key].target.rsplit(".", 1)[0] if "." in producers[key].target else producers[key].target
+        used_ids[base] = used_ids.get(base, 0) + 1
+        gid = base if used_ids[base] == 1 else f"{base}#{used_ids[base]}"
+        groups.append(Group(id=gid, size=len(channel_roots)))
+    _add_members(space, groups, element_group, element_channel)
+    _mark_status(space, groups, element_group)
+    return Analysis(gm, space, groups, element_group, element_channel)
+
+
+def _add_members(space: ChannelSpace, groups: List[Group], element_group, element_channel) -> None:
+    for rec in sorted(space.records.values(), key=lambda r: r.order):
+        gids = element_group[rec.ids]
+        for gi in np.unique(gids[gids >= 0]):
+            group = groups[gi]
+            index_map: List[List[int]] = [[] for _ in range(group.size)]
+            positions = np.nonzero(gids == gi)[0]
+            for pos, ch in zip(positions.tolist(), element_channel[rec.ids[positions]].tolist()):
+                index_map[ch].append(pos)
+            group.members.append(Member(rec.target, rec.dim, index_map, rec.role))
+
+
+def _mark_status(space: ChannelSpace, groups: List[Group], element_group) -> None:
+    for ids, kind in space.kinds:
+        for gi in np.unique(element_group[ids]):
+            if gi >= 0 and _KIND_RANK[kind] > _KIND_RANK[groups[gi].kind]:
+                groups[gi].kind = kind
+    for ids, reason in space.blocks:
+        for gi in np.unique(element_group[ids]):
+            if gi >= 0 and groups[gi].prunable:
+                groups[gi].prunable = False
+                groups[gi].reason = reason
+    for group in groups:
+        if group.prunable and group.size < 2:
+            group.prunable, group.reason = False, "a single channel cannot be pruned (one is always kept)"

@@ -1,0 +1,268 @@
+"""Channel labels: the abstract values of the channel-analysis pass.
+
+Every tensor dimension that carries prunable channels is *labeled* with an int64
+array of atomic element ids, one per index along the dimension (``-1`` marks an
+index that carries no tracked channel, e.g. the untracked half of a concat).
+Atomic ids are created for every dimension of every parameter/buffer the graph
+reads (:meth:`ChannelSpace.param_label`); channel rules then add *edges* between
+ids that must be pruned together (``a[i] ~ b[i]`` at an add, a layer's input
+columns ~ the incoming channel ids, ...) and *blocks* where pruning would be
+unsound. At the end, connected components of elements are channels and
+connected components of the originating parameter dimensions are groups.
+
+A reshape that splits one labeled dimension into several (the attention head split
+``[B, N, 3*H*D] -> [B, N, 3, H, D]``) yields a :class:`Grid`: a multi-dimensional
+id array spanning several tensor dims. Grids survive permutes, selects and splits
+on their axes and are *collapsed* (made into whole-head channels) when an op needs
+per-dimension labels.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+UNTRACKED = -1
+_ROLE_RANK = {"tensor": 0, "bias": 1, "norm": 1, "consumer": 2, "producer": 3}
+
+
+@dataclass
+class Grid:
+    """Ids spanning several tensor dims: ``ids.shape[k]`` is the size of dim ``axes[k]``."""
+
+    axes: Tuple[int, ...]
+    ids: np.ndarray
+
+
+@dataclass
+class TLabel:
+    """Label of one tensor: ``dims[d]`` is None (no channels) or an id array."""
+
+    dims: List[Optional[np.ndarray]]
+    grid: Optional[Grid] = None
+
+    @property
+    def ndim(self) -> int:
+        return len(self.dims)
+
+    def labeled(self) -> bool:
+        return self.grid is not None or any(d is not None for d in self.dims)
+
+    @staticmethod
+    def untracked(ndim: int) -> "TLabel":
+        return TLabel([None] * ndim)
+
+    def copy(self) -> "TLabel":
+        return TLabel(list(self.dims), self.grid)
+
+    def all_ids(self) -> np.ndarray:
+        parts = [d for d in self.dims if d is not None]
+        if self.grid is not None:
+            parts.append(self.grid.ids.ravel())
+        if not parts:
+            return np.empty(0, dtype=np.int64)
+        ids = np.concatenate(parts)
+        return ids[ids >= 0]
+
+    # -- structural ops that keep grids intact ---------------------------------
+    def permute(self, perm: Sequence[int]) -> "TLabel":
+        perm = [p % self.ndim for p in perm]
+        dims = [self.dims[p] for p in perm]
+        grid = None
+        if self.grid is not None:
+            new_pos = {old: new for new, old in enumerate(perm)}
+            moved = [new_pos[a] for a in self.grid.axes]
+            order = np.argsort(moved)
+            grid = Grid(tuple(sorted(moved)), np.transpose(self.grid.ids, order))
+        return TLabel(dims, grid)
+
+    def select(self, dim: int, index: int) -> "TLabel":
+        """Label after integer-indexing ``dim`` (the dim disappears)."""
+        dim %= self.ndim
+        dims = self.dims[:dim] + self.dims[dim + 1:]
+        grid = self.grid
+        if grid is not None:
+            shift = tuple(a - (a > dim) for a in grid.axes if a != dim)
+            if dim in grid.axes:
+                k = grid.axes.index(dim)
+                grid = Grid(shift, np.take(grid.ids, index, axis=k))
+            else:
+                grid = Grid(shift, grid.ids)
+            grid = _simplify(grid, dims)
+        return TLabel(dims, grid)
+
+    def slice(self, dim: int, sl: slice) -> "TLabel":
+        dim %= self.ndim
+        dims = list(self.dims)
+        grid = self.grid
+        if dims[dim] is not None:
+            dims[dim] = dims[dim][sl]
+        if grid is not None and dim in grid.axes:
+            k = grid.axes.index(dim)
+            index = [slice(None)] * grid.ids.ndim
+            index[k] = sl
+            grid = Grid(grid.axes, grid.ids[tuple(index)])
+        return TLabel(dims, grid)
+
+    def insert_dim(self, dim: int) -> "TLabel":
+        dims = self.dims[:dim] + [None] + self.dims[dim:]
+        grid = self.grid
+        if grid is not None:
+            grid = Grid(tuple(a + (a >= dim) for a in grid.axes), grid.ids)
+        return TLabel(dims, grid)
+
+
+def _simplify(grid: Grid, dims: List[Optional[np.ndarray]]) -> Optional[Grid]:
+    """A grid left with one axis becomes a plain labeled dim (written into ``dims``)."""
+    if grid.ids.ndim == 0:
+        return None
+    if len(grid.axes) == 1:
+        dims[grid.axes[0]] = grid.ids.copy()
+        return None
+    return grid
+
+
+@dataclass
+class Record:
+    """Where atomic ids live: ``ids[j]`` is the id of index j of ``target``'s ``dim``."""
+
+    target: str
+    dim: int
+    ids: np.ndarray
+    role: str = "tensor"
+    order: int = 0
+
+
+@dataclass
+class ChannelSpace:
+    """Id allocation, edges (coupling), blocks (unsoundness) and records."""
+
+    next_id: int = 0
+    space_of: List[np.ndarray] = field(default_factory=list)  # per allocation chunk
+    records: Dict[Tuple[str, int], Record] = field(default_factory=dict)
+    param_labels: Dict[str, TLabel] = field(default_factory=dict)
+    edges_a: List[np.ndarray] = field(default_factory=list)
+    edges_b: List[np.ndarray] = field(default_factory=list)
+    blocks: List[Tuple[np.ndarray, str]] = field(default_factory=list)
+    kinds: List[Tuple[np.ndarray, str]] = field(default_factory=list)
+    n_spaces: int = 0
+
+    def fresh(self, n: int) -> np.ndarray:
+        """``n`` new ids forming one new space (one parameter dimension)."""
+        ids = np.arange(self.next_id, self.next_id + n, dtype=np.int64)
+        self.next_id += n
+        self.space_of.append(np.full(n, self.n_spaces, dtype=np.int64))
+        self.n_spaces += 1
+        return ids
+
+    def param_label(self, target: str, shape: Sequence[int]) -> TLabel:
+        """Label of a parameter/buffer read by the graph; one set of ids per target,
+        so a tensor used twice (tied weights) couples all its uses."""
+        if target not in self.param_labels:
+            dims: List[Optional[np.ndarray]] = []
+            for d, size in enumerate(shape):
+                if size > 1:
+                    ids = self.fresh(size)
+                    self.records[(target, d)] = Record(target, d, ids, order=len(self.records))
+                    dims.append(ids)
+                else:
+                    dims.append(None)
+            self.param_labels[target] = TLabel(dims)
+        return self.param_labels[target].copy()
+
+    def set_role(self, target: str, dim: int, role: str) -> None:
+        """Upgrade a record's role; a producer stays a producer wherever else it is used."""
+        rec = self.records.get((target, dim))
+        if rec is not None and _ROLE_RANK[role] > _ROLE_RANK[rec.role]:
+            rec.role = role
+
+    def union(self, a: Optional[np.ndarray], b: Optional[np.ndarray], where: str) -> None:
+        """Couple ``a[i]`` with ``b[i]``. A tracked index facing an untracked one is blocked:
+        removing it would change a value that no parameter slice can account for."""
+        if a is None and b is None:
+            return
+        if a is None or b is None:
+            self.block(a if a is not None else b,
+                       f"channels meet an untracked tensor of the same size at {where}")
+            return
+        both = (a >= 0) & (b >= 0)
+        self.edges_a.append(a[both])
+        self.edges_b.append(b[both])
+        lone = (a >= 0) ^ (b >= 0)
+        if lone.any():
+            self.block(np.where(a >= 0, a, b)[lone],
+                       f"channels meet an untracked tensor of the same size at {where}")
+
+    def union_all(self, ids: np.ndarray) -> None:
+        """Make all (tracked) ids one channel."""
+        ids = ids[ids >= 0]
+        if ids.size > 1:
+            self.edges_a.append(np.full(ids.size - 1, ids[0]))
+            self.edges_b.append(ids[1:])
+
+    def block(self, ids: Optional[np.ndarray], reason: str) -> None:
+        if ids is None:
+            return
+        ids = np.asarray(ids).ravel()
+        ids = ids[ids >= 0]
+        if ids.size:
+            self.blocks.append((ids, reason))
+
+    def block_label(self, label: Optional[TLabel], reason: str) -> None:
+        if isinstance(label, TLabel):
+            self.block(label.all_ids(), reason)
+        elif isinstance(label, (list, tuple)):
+            for item in label:
+                self.block_label(item, reason)
+        elif isinstance(label, dict):
+            for item in label.values():
+                self.block_label(item, reason)
+
+    def mark_kind(self, ids: np.ndarray, kind: str) -> None:
+        self.kinds.append((ids[ids >= 0], kind))
+
+    def collapse(self, label: TLabel) -> TLabel:
+        """Turn a grid into per-dim labels: the outermost grid axis stays labeled and all
+        ids sharing an index along it become one channel (whole attention heads)."""
+        if label.grid is None:
+            return label
+        grid = label.grid
+        dims = list(label.dims)
+        keep = next((k for k, s in enumerate(grid.ids.shape) if s > 1), 0)
+        moved = np.moveaxis(grid.ids, keep, 0).reshape(grid.ids.shape[keep], -1)
+        reps = np.empty(moved.shape[0], dtype=np.int64)
+        for h, row in enumerate(moved):
+            tracked = row[row >= 0]
+            if tracked.size and tracked.size != row.size:
+                self.block(tracked, "a head mixes tracked and untracked channels")
+            self.union_all(row)
+            reps[h] = tracked[0] if tracked.size else UNTRACKED
+        self.mark_kind(grid.ids.ravel(), "head")
+        dims[grid.axes[keep]] = reps if (reps >= 0).any() else None
+        return TLabel(dims)
+
+
+def components(n: int, edges_a: List[np.ndarray], edges_b: List[np.ndarray]) -> np.ndarray:
+    """Connected components of ``n`` nodes: root (smallest member id) per node.
+
+    Vectorised min-label propagation with pointer jumping; rounds grow with the log
+    of the component diameter, each round is a handful of numpy passes."""
+    parent = np.arange(n, dtype=np.int64)
+    if not edges_a:
+        return parent
+    a = np.concatenate(edges_a).astype(np.int64)
+    b = np.concatenate(edges_b).astype(np.int64)
+    while True:
+        pa, pb = parent[a], parent[b]
+        low = np.minimum(pa, pb)
+        before = parent.copy()
+        np.minimum.at(parent, pa, low)
+        np.minimum.at(parent, pb, low)
+        while True:  # pointer jumping
+            jumped = parent[parent]
+            if np.array_equal(jumped, parent):
+                break
+            parent = jumped
+        if np.array_equal(parent, before):
+            return parent

@@ -1,0 +1,157 @@
+"""The channel-rule registry: one table keyed by module type, function, or method name.
+
+A rule is ``rule(ctx: RuleContext) -> label`` where the label describes the node's
+output (a :class:`~.labels.TLabel`, a list of them for tuple outputs, or ``None``
+for non-tensors). Rules read input labels through ``ctx`` and write coupling
+(``ctx.space.union``), unsoundness (``ctx.space.block``) and member roles
+(``ctx.space.set_role``). Rules come in families (passthrough, elementwise,
+reduce, reshape, ...) registered for many targets at once, JAX-batching-rule style.
+Nodes with no rule fail closed (:func:`unknown_rule`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.fx
+
+from .labels import ChannelSpace, TLabel
+
+Rule = Callable[["RuleContext"], Any]
+
+
+class RuleTable:
+    def __init__(self) -> None:
+        self.modules: Dict[type, Rule] = {}
+        self.functions: Dict[Any, Rule] = {}
+        self.methods: Dict[str, Rule] = {}
+
+    def module(self, *types: type) -> Callable[[Rule], Rule]:
+        def register(rule: Rule) -> Rule:
+            for t in types:
+                self.modules[t] = rule
+            return rule
+        return register
+
+    def function(self, *targets: Any) -> Callable[[Rule], Rule]:
+        def register(rule: Rule) -> Rule:
+            for t in targets:
+                self.functions[t] = rule
+            return rule
+        return register
+
+    def method(self, *names: str) -> Callable[[Rule], Rule]:
+        def register(rule: Rule) -> Rule:
+            for n in names:
+                self.methods[n] = rule
+            return rule
+        return register
+
+    def lookup(self, node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[Rule]:
+        if node.op == "call_module":
+            for cls in type(gm.get_submodule(node.target)).__mro__:
+                if cls in self.modules:
+                    return self.modules[cls]
+            return None
+        if node.op == "call_function":
+            return self.functions.get(node.target)
+        if node.op == "call_method":
+            return self.methods.get(node.target)
+        return None
+
+
+RULES = RuleTable()
+
+
+@dataclass
+class RuleContext:
+    node: torch.fx.Node
+    space: ChannelSpace
+    gm: torch.fx.GraphModule
+    labels: Dict[torch.fx.Node, Any]
+
+    @property
+    def where(self) -> str:
+        return f"node `{self.node.name}` ({describe_target(self.node, self.gm)})"
+
+    def arg(self, index: int, name: str, default: Any = None) -> Any:
+        if index < len(self.node.args):
+            return self.node.args[index]
+        return self.node.kwargs.get(name, default)
+
+    def label(self, value: Any) -> Any:
+        """Label of an argument: nodes map to their label, containers map elementwise."""
+        if isinstance(value, torch.fx.Node):
+            return self.labels.get(value)
+        if isinstance(value, (list, tuple)):
+            return [self.label(v) for v in value]
+        return None
+
+    def module(self) -> torch.nn.Module:
+        return self.gm.get_submodule(self.node.target)
+
+    @property
+    def out_shape(self) -> Optional[Tuple[int, ...]]:
+        return shape_of(self.node)
+
+    def tensor_args(self):
+        """(label, shape) of every tensor argument, positional then keyword."""
+        out = []
+        for a in list(self.node.args) + list(self.node.kwargs.values()):
+            for item in (a if isinstance(a, (list, tuple)) else [a]):
+                if isinstance(item, torch.fx.Node) and shape_of(item) is not None:
+                    out.append((self.labels.get(item), shape_of(item)))
+        return out
+
+
+def shape_of(node: Any) -> Optional[Tuple[int, ...]]:
+    """Concrete shape of a tensor-valued node, else None."""
+    if not isinstance(node, torch.fx.Node):
+        return None
+    meta = node.meta.get("tensor_meta")
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    return tuple(int(s) for s in meta.shape)
+
+
+def describe_target(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
+    if node.op == "call_module":
+        return f"{type(gm.get_submodule(node.target)).__name__} `{node.target}`"
+    if node.op == "call_method":
+        return f"method .{node.target}()"
+    target = node.target
+    return getattr(target, "__qualname__", None) or getattr(target, "__name__", str(target))
+
+
+def as_tlabel(label: Any, shape: Optional[Tuple[int, ...]]) -> Optional[TLabel]:
+    """A tensor argument's label, or an untracked one if it has none."""
+    if isinstance(label, TLabel):
+        return label
+    if shape is None:
+        return None
+    return TLabel.untracked(len(shape))
+
+
+def unknown_rule(ctx: RuleContext) -> Any:
+    """Fail closed: every channel touching an op we have no rule for is unprunable,
+    and the op's tensor outputs carry no channels."""
+    reason = f"unknown op {describe_target(ctx.node, ctx.gm)} at node `{ctx.node.name}`"
+    for a in list(ctx.node.args) + list(ctx.node.kwargs.values()):
+        ctx.space.block_label(ctx.label(a), reason)
+    if ctx.node.op == "call_module":
+        for name, p in list(ctx.module().named_parameters()) + list(ctx.module().named_buffers()):
+            target = f"{ctx.node.target}.{name}"
+            ctx.space.block_label(ctx.space.param_label(target, p.shape), reason)
+    return untracked_output(ctx.node)
+
+
+def untracked_output(node: torch.fx.Node) -> Any:
+    meta = node.meta.get("tensor_meta")
+    if meta is None:
+        return None
+    if hasattr(meta, "shape"):
+        return TLabel.untracked(len(meta.shape))
+    if isinstance(meta, (list, tuple)):
+        return [TLabel.untracked(len(m.shape)) if hasattr(m, "shape") else None for m in meta]
+    return None

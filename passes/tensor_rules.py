@@ -1,0 +1,235 @@
+"""Channel rules for parameter-free tensor ops: elementwise, reductions, shape ops,
+concat/split, indexing, matmul/attention, spatial ops. See :mod:`.rule_table`."""
+from __future__ import annotations
+
+import math
+import operator
+from typing import List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .labels import UNTRACKED, Grid, TLabel
+from .rule_table import RULES, RuleContext, as_tlabel, shape_of, untracked_output
+from .reshape import reshape_label
+
+# --------------------------------------------------------------------------- passthrough
+_UNARY_FUNCS = [
+    F.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh,
+    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.tanhshrink, F.sigmoid, F.tanh,
+    F.dropout, F.dropout1d, F.dropout2d, F.alpha_dropout,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.log, torch.sqrt, torch.rsqrt,
+    torch.abs, torch.neg, torch.clamp, torch.erf, torch.sin, torch.cos, torch.square,
+    torch.nn.functional.gelu, torch._C._nn.gelu, operator.neg, torch.sign,
+    torch.clone, torch.detach, torch.nan_to_num,
+]
+_UNARY_METHODS = [
+    "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "log", "sqrt", "rsqrt", "abs",
+    "neg", "clamp", "clamp_", "clamp_min", "clamp_max", "float", "half", "double", "bfloat16",
+    "to", "type", "type_as", "contiguous", "clone", "detach", "square", "erf", "gelu",
+    "hardswish", "sign", "nan_to_num", "requires_grad_",
+]
+_UNARY_MODULES = [
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Tanhshrink,
+]
+
+
+@RULES.function(*_UNARY_FUNCS)
+@RULES.method(*_UNARY_METHODS)
+@RULES.module(*_UNARY_MODULES)
+def passthrough_rule(ctx: RuleContext):
+    """Output channel i is a function of input channel i only."""
+    first = ctx.node.args[0] if ctx.node.args else next(iter(ctx.node.kwargs.values()))
+    label = ctx.label(first)
+    shape = ctx.out_shape
+    if isinstance(label, TLabel) and shape is not None and label.ndim == len(shape):
+        return label
+    return untracked_output(ctx.node)
+
+
+# --------------------------------------------------------------------------- elementwise
+_BINARY_FUNCS = [
+    operator.add, operator.sub, operator.mul, operator.truediv, operator.floordiv,
+    operator.pow, operator.iadd, operator.imul, operator.isub, operator.itruediv,
+    torch.add, torch.sub, torch.mul, torch.div, torch.maximum, torch.minimum, torch.pow,
+    torch.where, torch.lerp, torch.addcmul, torch.true_divide, torch.masked_fill,
+]
+_BINARY_METHODS = [
+    "add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_", "pow", "maximum", "minimum",
+    "masked_fill", "masked_fill_", "where", "lerp", "addcmul",
+]
+
+
+@RULES.function(*_BINARY_FUNCS)
+@RULES.method(*_BINARY_METHODS)
+def elementwise_rule(ctx: RuleContext):
+    """Broadcasting n-ary op: equal non-1 sizes along a dim couple index by index;
+    a size-1 (broadcast) dim couples nothing."""
+    out_shape = ctx.out_shape
+    if out_shape is None:
+        return None
+    tensors = [(as_tlabel(lab, shp), shp) for lab, shp in ctx.tensor_args()]
+    if len(tensors) == 1 and tuple(tensors[0][1]) == out_shape:
+        return tensors[0][0]  # tensor (op) scalar keeps grids intact
+    return broadcast_labels(ctx, tensors, out_shape)
+
+
+def broadcast_labels(ctx: RuleContext, tensors, out_shape) -> TLabel:
+    nd = len(out_shape)
+    dims: List[Optional[np.ndarray]] = [None] * nd
+    for d in range(nd):
+        base, base_tracked = None, False
+        sizes = []
+        for label, shape in tensors:
+            label = ctx.space.collapse(label)
+            k = d - (nd - len(shape))
+            if k < 0 or shape[k] == 1:
+                continue
+            sizes.append(label.dims[k])
+        tracked = [s for s in sizes if s is not None]
+        if not tracked:
+            continue
+        base = tracked[0]
+        for other in sizes:
+            if other is not base:
+                ctx.space.union(base, other, ctx.where)
+        dims[d] = base
+    return TLabel(dims)
+
+
+# --------------------------------------------------------------------------- reductions
+def _dims_arg(ctx: RuleContext, ndim: int, index: int = 1, name: str = "dim"):
+    dim = ctx.arg(index, name)
+    if dim is None:
+        return list(range(ndim))
+    if isinstance(dim, int):
+        return [dim % ndim]
+    return [d % ndim for d in dim]
+
+
+@RULES.method("mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp", "max", "min", "prod")
+@RULES.function(torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std,
+                torch.logsumexp, torch.prod)
+def reduce_rule(ctx: RuleContext):
+    """Reducing over a channel dim mixes channels with no parameter to slice: blocked."""
+    x = ctx.node.args[0]
+    label, shape = ctx.label(x), shape_of(x)
+    if shape is None or ctx.out_shape is None and not isinstance(ctx.node.meta.get("tensor_meta"), tuple):
+        return untracked_output(ctx.node)
+    label = ctx.space.collapse(as_tlabel(label, shape))
+    reduced = _dims_arg(ctx, len(shape))
+    for d in reduced:
+        ctx.space.block(label.dims[d], f"reduction over channels at {ctx.where}")
+    keepdim = bool(ctx.arg(2, "keepdim", False))
+    dims = [None if (d in reduced) else lab for d, lab in enumerate(label.dims)]
+    if not keepdim:
+        dims = [lab for d, lab in enumerate(dims) if d not in reduced]
+    out = TLabel(dims)
+    if isinstance(ctx.node.meta.get("tensor_meta"), tuple):  # max(dim) -> (values, indices)
+        return [out, out]
+    return out if out.ndim == len(ctx.out_shape) else untracked_output(ctx.node)
+
+
+@RULES.method("softmax", "log_softmax", "cumsum")
+@RULES.function(F.softmax, F.log_softmax, torch.softmax, torch.cumsum, F.normalize)
+@RULES.module(nn.Softmax, nn.LogSoftmax)
+def normalize_rule(ctx: RuleContext):
+    """Ops that normalise along one dim: a channel dim there is blocked."""
+    x = ctx.node.args[0]
+    label = ctx.space.collapse(as_tlabel(ctx.label(x), shape_of(x)))
+    if ctx.node.op == "call_module":
+        dim = ctx.module().dim
+    else:
+        dim = ctx.arg(1, "dim", 1 if ctx.node.target is F.normalize else None)
+    if dim is None:
+        dim = label.ndim - 1
+    ctx.space.block(label.dims[dim % label.ndim], f"normalisation across channels at {ctx.where}")
+    return label
+
+
+# --------------------------------------------------------------------------- shape ops
+@RULES.method("view", "reshape", "flatten", "unflatten", "view_as", "reshape_as",
+              "squeeze", "unsqueeze")
+@RULES.function(torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze, torch.unflatten)
+@RULES.module(nn.Flatten, nn.Unflatten)
+def reshape_rule(ctx: RuleContext):
+    x = ctx.node.args[0]
+    label = as_tlabel(ctx.label(x), shape_of(x))
+    if label is None or ctx.out_shape is None:
+        return untracked_output(ctx.node)
+    return reshape_label(ctx.space, label, shape_of(x), ctx.out_shape, ctx.where)
+
+
+@RULES.method("permute", "transpose", "t", "swapaxes", "movedim")
+@RULES.function(torch.permute, torch.transpose, torch.swapaxes, torch.movedim, torch.t)
+def permute_rule(ctx: RuleContext):
+    x = ctx.node.args[0]
+    label = as_tlabel(ctx.label(x), shape_of(x))
+    nd = label.ndim
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    rest = list(ctx.node.args[1:])
+    if name == "permute":
+        perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
+        perm = list(perm or ctx.node.kwargs.get("dims"))
+    elif name == "movedim":
+        src, dst = ctx.arg(1, "source"), ctx.arg(2, "destination")
+        order = [d for d in range(nd) if d != src % nd]
+        order.insert(dst % nd, src % nd)
+        perm = order
+    else:
+        a, b = (rest + [0, 1])[:2] if name != "t" else (0, 1)
+        perm = list(range(nd))
+        perm[a % nd], perm[b % nd] = perm[b % nd], perm[a % nd]
+    return label.permute(perm)
+
+
+@RULES.method("expand", "expand_as", "broadcast_to")
+@RULES.function(torch.broadcast_to)
+def expand_rule(ctx: RuleContext):
+    """Broadcast a tensor to a larger shape: expanded (size-1) dims carry nothing."""
+    x = ctx.node.args[0]
+    label, in_shape = as_tlabel(ctx.label(x), shape_of(x)), shape_of(x)
+    out = ctx.out_shape
+    dims = [None] * (len(out) - len(in_shape)) + list(ctx.space.collapse(label).dims)
+    return TLabel(dims)
+
+
+@RULES.method("repeat", "tile", "repeat_interleave", "roll", "flip")
+@RULES.function(torch.roll, torch.flip, torch.tile, torch.repeat_interleave)
+def repeat_rule(ctx: RuleContext):
+    """Ops that move or copy indices along dims: a channel dim along them is blocked."""
+    x = ctx.node.args[0]
+    label = ctx.space.collapse(as_tlabel(ctx.label(x), shape_of(x)))
+    out_shape, in_shape = ctx.out_shape, shape_of(x)
+    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    if name in ("roll", "flip"):
+        dims = ctx.arg(2 if name == "roll" else 1, "dims")
+        touched = range(label.ndim) if dims is None else ([dims] if isinstance(dims, int) else dims)
+        touched = [d % label.ndim for d in touched]
+    else:
+        touched = [d for d in range(label.ndim) if len(out_shape) != len(in_shape)
+                   or out_shape[d] != in_shape[d]] if out_shape else range(label.ndim)
+    for d in touched:
+        ctx.space.block(label.dims[d], f"indices moved along channels at {ctx.where}")
+    if out_shape is None or len(out_shape) != label.ndim:
+        return untracked_output(ctx.node)
+    return TLabel([None if d in touched else lab for d, lab in enumerate(label.dims)])
+
+
+# --------------------------------------------------------------------------- metadata / creation
+@RULES.function(getattr, torch._assert, operator.eq, operator.ne, operator.lt, operator.gt,
+                operator.le, operator.ge, operator.floordiv, operator.mod, operator.and_,
+                operator.or_, operator.not_, len, math.sqrt, int, float)
+@RULES.method("size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full",
+              "new_tensor", "zero_", "fill_", "bernoulli_", "bernoulli", "nelement")
+@RULES.function(torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.tensor,
+                torch.zeros_like, torch.ones_like, torch.empty_like, torch.full_like,
+                torch.rand_like, torch.randn_like, torch.linspace, torch.eye)
+def metadata_rule(ctx: RuleContext):
+    """Shape queries and tensor factories: outputs carry no channels. Reading a size
+    is safe: the rewritten graph recomputes it."""
+    return untracked_output(ctx.node)
