@@ -87,12 +87,16 @@ def _fetch_attr(gm: torch.fx.GraphModule, target: str):
 def analyze(gm: torch.fx.GraphModule) -> Analysis:
     """Label the graph and assemble the groups."""
     space = label_graph(gm)
-    n = space.next_id
-    root = components(n, space.edges_a, space.edges_b)
-    space_of = np.concatenate(space.space_of) if space.space_of else np.empty(0, np.int64)
-    space_root = components(space.n_spaces, [space_of[a] for a in space.edges_a],
-                            [space_of[b] for b in space.edges_b])
-    group_key = space_root[space_of]  # per element: its group's key (a space id)
+    root = components(space.next_id, space.edges_a, space.edges_b)  # channel per element
+    # Channels form one group when a producer (a layer's output dim) spans them.
+    # Only producer dims bridge: a consumer's input dim spans a concat of groups.
+    bridge_a, bridge_b = [], []
+    for rec in space.records.values():
+        if rec.role == "producer" and rec.ids.size > 1:
+            roots = root[rec.ids]
+            bridge_a.append(np.repeat(roots[0], roots.size - 1))
+            bridge_b.append(roots[1:])
+    group_key = components(space.next_id, bridge_a, bridge_b)[root]
     return _assemble(gm, space, root, group_key)
 
 

@@ -100,13 +100,14 @@ def index_tensor(ctx: RuleContext, label: TLabel, shape, index):
         if isinstance(item, int):
             label = _pick(ctx, label, dim, item)
         elif isinstance(item, slice):
-            label = _slice(ctx, label, dim, item, shape[in_dim])
+            label = _slice(ctx, label, dim, item, shape[in_dim], ctx.out_shape[dim])
             dim += 1
-        else:  # tensor / list index: gathers along the dim
+        else:  # tensor / list index: gathers, replacing the dim by the index's dims
             label = ctx.space.collapse(label)
             ctx.space.block(label.dims[dim], f"gather along channels at {ctx.where}")
-            label.dims[dim] = None
-            dim += 1
+            index_ndim = len(shape_of(item)) if shape_of(item) is not None else 1
+            label = TLabel(label.dims[:dim] + [None] * index_ndim + label.dims[dim + 1:])
+            dim += index_ndim
         in_dim += 1
     out_shape = ctx.out_shape
     if out_shape is None or label.ndim != len(out_shape):
@@ -125,10 +126,15 @@ def _pick(ctx: RuleContext, label: TLabel, dim: int, item: int) -> TLabel:
     return label.select(dim, item)
 
 
-def _slice(ctx: RuleContext, label: TLabel, dim: int, item: slice, size: int) -> TLabel:
-    full = item == slice(None) or (item.start in (None, 0) and item.step in (None, 1)
-                                   and (item.stop is None or item.stop >= size))
-    if full:
+def _slice(ctx: RuleContext, label: TLabel, dim: int, item: slice, size: int,
+           out_size: int) -> TLabel:
+    # Bounds may be FX nodes (x[:, :H]); the propagated output size tells if it is full.
+    if out_size == size:
+        return label
+    if not all(isinstance(v, (int, type(None))) for v in (item.start, item.stop, item.step)):
+        ctx.space.block_label(label, f"a slice with computed bounds at {ctx.where}")
+        label = ctx.space.collapse(label)
+        label.dims[dim] = None
         return label
     if not _in_grid(label, dim) and label.dims[dim] is not None:
         ctx.space.block(label.dims[dim], f"a partial slice of channels at {ctx.where}")

@@ -279,16 +279,20 @@ def spatial_rule(ctx: RuleContext):
     """Pooling, resizing, padding act on the trailing spatial dims only."""
     x = _input(ctx)
     if ctx.node.op == "call_module":
-        k = _SPATIAL[type(ctx.module())]
+        touched = range(x.ndim - _SPATIAL[type(ctx.module())], x.ndim)
     elif ctx.node.target is F.pad:
-        k = len(ctx.arg(1, "pad")) // 2
+        pad = ctx.arg(1, "pad")  # pairs from the last dim backwards; (0, 0) leaves a dim alone
+        touched = [x.ndim - 1 - i for i in range(len(pad) // 2)
+                   if not (pad[2 * i] == 0 and pad[2 * i + 1] == 0)]
+    elif ctx.node.target is F.interpolate:
+        touched = range(2, x.ndim)
     else:
-        k = _SPATIAL[ctx.node.target]
-    if ctx.node.target is F.interpolate:
-        k = x.ndim - 2
-    for d in range(x.ndim - k, x.ndim):
+        touched = range(x.ndim - _SPATIAL[ctx.node.target], x.ndim)
+    dims = list(x.dims)
+    for d in touched:
         ctx.space.block(x.dims[d], f"spatial op over a channel dim at {ctx.where}")
-    return TLabel(x.dims[:x.ndim - k] + [None] * k)
+        dims[d] = None
+    return TLabel(dims)
 
 
 for _t in _SPATIAL:

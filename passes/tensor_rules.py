@@ -85,6 +85,8 @@ def broadcast_labels(ctx: RuleContext, tensors, out_shape) -> TLabel:
         base, base_tracked = None, False
         sizes = []
         for label, shape in tensors:
+            if label is None or shape is None:
+                continue
             label = ctx.space.collapse(label)
             k = d - (nd - len(shape))
             if k < 0 or shape[k] == 1:

@@ -1,0 +1,30 @@
+"""Public analysis API: ``fxprune.groups`` and ``fxprune.connectivity``."""
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+import torch
+
+from .group import Group
+from .passes.connectivity import Connectivity, build_connectivity
+from .passes.groups import Analysis, analyze
+from .passes.trace import trace
+
+
+def analyze_model(model: torch.nn.Module, example_inputs: Any, **trace_kwargs) -> Analysis:
+    """Trace (a copy of) ``model`` and run the channel analysis."""
+    if example_inputs is None:
+        raise ValueError("example_inputs are required to analyse a model "
+                         "(a tensor or tuple of tensors shaped like one batch)")
+    return analyze(trace(model, example_inputs, **trace_kwargs))
+
+
+def groups(model: torch.nn.Module, example_inputs: Any, **trace_kwargs) -> List[Group]:
+    """Coupled-channel groups of ``model`` (design §2-§3). The model is not modified."""
+    return analyze_model(model, example_inputs, **trace_kwargs).groups
+
+
+def connectivity(model: torch.nn.Module, example_inputs: Optional[Any] = None,
+                 **trace_kwargs) -> Connectivity:
+    """Series/parallel table between parameter layers (design §4)."""
+    return build_connectivity(trace(model, example_inputs, **trace_kwargs))

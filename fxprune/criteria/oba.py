@@ -1,0 +1,361 @@
+"""OBA (Optimal Brain Apoptosis) scores, design §5.1, and the exact-Hessian variant §5.2.
+
+Per parameter ``s_i = δθ_i · (H̃ δθ)_i`` with ``δθ = θ`` on the weights and biases of the
+parameter layers (Conv/Linear modules; functional linear/conv/matmul nodes with a
+parameter operand) and 0 elsewhere. ``H̃ δθ = ∇_θ S(θ)`` where
+
+    S(θ) = Σ over bilinear nodes z = u ⋆ v:  ⟨sg(g_z), u(θ) ⋆ sg(T_v) + sg(T_u) ⋆ v(θ)⟩
+
+``g_z`` is the cotangent of the batch-mean loss at z and ``T_x`` the forward-mode tangent
+of x along δθ at the true primal values. ``∇_θ S`` is assembled from local
+vector-Jacobian products ("cotangent injections"): for every bilinear node the VJP of
+``a ↦ a ⋆ T_v`` at ``g_z`` is injected at u and the VJP of ``b ↦ T_u ⋆ b`` at v, then one
+backward pass carries all injections to the parameters. Per batch this costs one forward
+pass that carries the live (autograd) values and the forward-AD tangents side by side,
+one backward for the cotangents, the local VJPs, and one backward of the injections --
+a constant number of passes, independent of depth.
+
+Two identities that hold because δθ = θ on layer parameters keep it cheap: a layer
+``Y = F(X; W) + b`` has tangent ``T_Y = F(X + T_X; W) + b`` (one call instead of two), and
+its upward injection ``VJP_X[F(·; δW)](g_Y)`` is exactly the message the ordinary backward
+sends from Y to X, read off an alias of X in the cotangent pass.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+from torch import Tensor, nn
+from torch.utils._pytree import tree_map
+
+from ..errors import CriterionError
+from . import Criterion, ScoringContext, register_criterion
+from .oba_graph import GraphPlan, Layer, build_plan, scoring_state, tangent
+from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
+                      progress_iter)
+
+log = logging.getLogger(__name__)
+
+__all__ = ["oba_scores", "oba_exact_scores"]
+
+
+# ----------------------------------------------------------------------------- driver
+def oba_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = None, *,
+               first_order: bool = False, progress: bool = False) -> Dict[str, Tensor]:
+    """OBA per-parameter scores ``δθ ⊙ H̃δθ`` (+ ``δθ ⊙ g`` with ``first_order``).
+
+    ``gm`` is a traced GraphModule (ideally a :func:`~.scoring.make_scoring_copy`); it
+    is run in eval mode with its layer parameters requiring grad, and those flags are
+    restored afterwards. ``batches``: list of ``(inputs_tuple, targets)``;
+    ``loss_fn(outputs, targets)`` is the batch-mean loss (mean cross-entropy by default).
+    Returns ``{parameter name: tensor of its shape and dtype}``, averaged over batches
+    (and over data-parallel ranks when ``torch.distributed`` is initialised); parameters
+    outside δθ get zeros.
+    """
+    if not isinstance(gm, torch.fx.GraphModule):
+        raise CriterionError(f"OBA needs a torch.fx.GraphModule, got {type(gm).__name__}: "
+                             "trace the model first (torch.fx.symbolic_trace)")
+    plan = build_plan(gm)
+    return _average(gm, plan, batches, loss_fn, progress, "oba",
+                    lambda inputs, targets, lf, i: _oba_batch(gm, plan, inputs, targets,
+                                                              lf, first_order, i))
+
+
+def oba_exact_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = None,
+                     *, first_order: bool = False, progress: bool = False
+                     ) -> Dict[str, Tensor]:
+    """``δθ ⊙ Hδθ`` with the full Hessian of the batch-mean loss (Pearlmutter: the
+    gradient of ``g·δθ`` by double backward); same contract as :func:`oba_scores`."""
+    plan = build_plan(gm)
+    return _average(gm, plan, batches, loss_fn, progress, "oba-exact",
+                    lambda inputs, targets, lf, i: _exact_batch(gm, plan, inputs, targets,
+                                                                lf, first_order, i))
+
+
+def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, per_batch):
+    """Sum ``per_batch`` scores over ``batches`` (float64 accumulators), all-reduce the
+    sums across ranks, and return the average in each parameter's dtype."""
+    if not batches:
+        raise CriterionError(f"{desc} needs calibration data (at least one batch)")
+    loss_fn = loss_fn or default_loss
+    params = dict(gm.named_parameters())
+    sums = {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+            for name, p in plan.dtheta.items()}
+    count = 0
+    with scoring_state(gm, plan.dtheta.values()):
+        for i, batch in enumerate(progress_iter(batches, progress, desc)):
+            inputs, targets = cast_batch(batch, gm)
+            for name, s in per_batch(inputs, targets, loss_fn, i).items():
+                sums[name] += s.to(torch.float64)
+            count += 1
+    sums, count = all_reduce_sums(sums, count)
+    return {name: (sums[name] / count).to(p.dtype) if name in sums else torch.zeros_like(p)
+            for name, p in params.items()}
+
+
+# ----------------------------------------------------------------------------- OBA
+def _oba_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index):
+    """One batch of OBA: returns ``{δθ parameter name: δθ ⊙ (H̃δθ [+ g])}``."""
+    with fwAD.dual_level():
+        output, recs = _forward(gm, plan, inputs)
+    loss = loss_fn(output, targets)
+    check_finite(loss.detach(), "the loss", index)
+    names = list(plan.dtheta)
+    params = [plan.dtheta[n] for n in names]
+    wanted: List[Tensor] = []
+    for rec in recs:
+        rec.request(wanted)
+    extra = params if first_order else []
+    got = torch.autograd.grad(loss, wanted + extra, retain_graph=True, allow_unused=True)
+    cot = {id(t): g for t, g in zip(wanted, got)}
+    outs: List[Tensor] = []
+    couts: List[Tensor] = []
+    direct: Dict[str, Tensor] = {}
+    for rec in recs:
+        rec.inject(cot, outs, couts, direct)
+    hv = (torch.autograd.grad(outs, params, couts, allow_unused=True) if outs
+          else [None] * len(params))
+    scores = {}
+    for k, (name, p) in enumerate(zip(names, params)):
+        total = torch.zeros_like(p, dtype=p.dtype) if hv[k] is None else hv[k]
+        if name in direct:
+            total = total + direct[name]
+        if first_order and got[len(wanted) + k] is not None:
+            total = total + got[len(wanted) + k]
+        scores[name] = p.detach() * total
+    return scores
+
+
+def _detach(value):
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, value)
+
+
+def _forward(gm, plan: GraphPlan, inputs):
+    """Run the graph once with live (autograd) values and, side by side, forward-AD dual
+    values along δθ (computed under ``no_grad``). Must run inside ``fwAD.dual_level()``.
+    Returns the live output and the bilinear-node records (tangents unpacked)."""
+    live: Dict = {}
+    dual: Dict = {}
+    recs: list = []
+    inputs = list(inputs)
+    for pos, node in enumerate(gm.graph.nodes):
+        if node.op == "placeholder":
+            value = inputs.pop(0) if inputs else (node.args[0] if node.args else None)
+            live[node], dual[node] = value, _detach(value)
+        elif node.op == "get_attr":
+            value = plan.attr(node)
+            live[node] = value
+            d = _detach(value)
+            dual[node] = fwAD.make_dual(d, d) if node in plan.has_tangent else d
+        elif node.op == "output":
+            return torch.fx.node.map_arg(node.args[0], lambda n: live[n]), recs
+        else:
+            _run_node(plan, node, live, dual, recs)
+        for dead in plan.dies_after[pos]:
+            live.pop(dead, None)
+            dual.pop(dead, None)
+    raise CriterionError("the graph has no output node")
+
+
+def _run_node(plan: GraphPlan, node, live, dual, recs) -> None:
+    """Evaluate one call node on the live and the dual values; record bilinear nodes."""
+    ex = plan.execs[node]
+    largs, lkw = ex.args(live)
+    layer = plan.layers.get(node)
+    special = layer is not None or node in plan.bilinear
+    dargs, dkw = ex.args(dual) if (special or node in plan.has_tangent) else (None, None)
+    if layer is not None:
+        x = largs[layer.x]
+        if isinstance(x, Tensor) and x.requires_grad:
+            largs[layer.x] = x.view_as(x)     # alias: its grad is this layer's message
+    value = ex.fn(*largs, **lkw)
+    if node not in plan.has_tangent:
+        dvalue = _detach(value)
+    elif layer is not None and layer.fast:
+        t_x = tangent(dargs[layer.x])
+        with torch.no_grad():
+            if t_x is None:
+                t_y = value.detach()
+            else:
+                fargs = [_detach(a) for a in largs]
+                fargs[layer.x] = fargs[layer.x] + t_x
+                t_y = ex.fn(*fargs, **_detach(lkw))
+        dvalue = fwAD.make_dual(value.detach(), t_y)
+    else:
+        with torch.no_grad():
+            dvalue = ex.fn(*dargs, **dkw)
+    live[node], dual[node] = value, dvalue
+    if ex.rebind is not None:                  # functionalised in-place op
+        live[ex.rebind], dual[ex.rebind] = value, dvalue
+    if special:
+        rec = _make_record(plan, node, ex, largs, lkw, value, dargs)
+        if rec is not None:
+            recs.append(rec)
+
+
+def _make_record(plan: GraphPlan, node, ex, largs, lkw, value, dargs):
+    """The record of an executed bilinear node (None when it contributes nothing)."""
+    layer = plan.layers.get(node)
+    if layer is not None and layer.fast:
+        return _LayerRec(layer, ex, largs, lkw, value, tangent(dargs[layer.x]),
+                         plan.dtheta[layer.weight])
+    slots = plan.bilinear.get(node)
+    if slots is None:
+        return None
+    u, v = largs[slots[0]], largs[slots[1]]
+    if not (isinstance(u, Tensor) and isinstance(v, Tensor) and isinstance(value, Tensor)):
+        return None
+    rec = _BilinearRec(ex, slots, layer.b if layer is not None else None, largs, lkw,
+                       value, tangent(dargs[slots[0]]), tangent(dargs[slots[1]]))
+    return rec if (rec.need_u or rec.need_v) else None
+
+
+def _local_vjp(call: Callable, operands: list, which: int, cot: Tensor) -> Tensor:
+    """VJP of ``call(*operands)`` w.r.t. ``operands[which]`` at ``cot`` (operands are
+    detached; the op is linear in the differentiated operand)."""
+    ops = list(operands)
+    ops[which] = ops[which].detach().requires_grad_(True)
+    with torch.enable_grad():
+        out = call(*ops)
+    return torch.autograd.grad(out, ops[which], cot)[0]
+
+
+class _LayerRec:
+    """A parameter layer ``Y = F(X; W) + b`` with W used directly: its downward term
+    ``VJP_W[F(T_X; ·)](g_Y)`` goes straight to W, its upward term is the backward message
+    from Y to the alias of X (injected there)."""
+
+    def __init__(self, layer: Layer, ex, largs, lkw, y, t_x, weight: Tensor):
+        self.layer, self.ex, self.y, self.t_x, self.weight = layer, ex, y, t_x, weight
+        self.x = largs[layer.x]
+        self.up = isinstance(self.x, Tensor) and self.x.requires_grad
+        self.args = [_detach(a) for a in largs] if t_x is not None else None
+        self.kwargs = _detach(lkw) if t_x is not None else None
+
+    def request(self, wanted: List[Tensor]) -> None:
+        if self.t_x is not None:
+            wanted.append(self.y)
+        if self.up:
+            wanted.append(self.x)
+
+    def inject(self, cot, outs, couts, direct) -> None:
+        g_y = cot.get(id(self.y)) if self.t_x is not None else None
+        if g_y is not None:
+            c = self._weight_vjp(g_y)
+            name = self.layer.weight
+            direct[name] = direct[name] + c if name in direct else c
+        g_x = cot.get(id(self.x)) if self.up else None
+        if g_x is not None:
+            outs.append(self.x)
+            couts.append(g_x)
+
+    def _weight_vjp(self, g_y: Tensor) -> Tensor:
+        mod, t_x, w = self.layer.module, self.t_x, self.weight.detach()
+        if isinstance(mod, nn.Linear):
+            return g_y.reshape(-1, g_y.shape[-1]).t() @ t_x.reshape(-1, t_x.shape[-1])
+        if (isinstance(mod, nn.modules.conv._ConvNd) and mod.padding_mode == "zeros"
+                and not isinstance(mod.padding, str) and t_x.dim() == w.dim()):
+            return torch.ops.aten.convolution_backward(
+                g_y, t_x, w, None, mod.stride, mod.padding, mod.dilation, mod.transposed,
+                mod.output_padding, mod.groups, [False, True, False])[1]
+        if mod is not None:
+            return _local_vjp(lambda a: torch.func.functional_call(mod, {"weight": a},
+                                                                   (t_x,)), [w], 0, g_y)
+        args, kw, lay = self.args, self.kwargs, self.layer
+
+        def call(a):
+            full = list(args)
+            full[lay.x], full[lay.w] = t_x, a
+            if lay.b is not None:
+                full[lay.b] = None
+            return self.ex.fn(*full, **kw)
+        return _local_vjp(call, [w], 0, g_y)
+
+
+class _BilinearRec:
+    """A bilinear node ``z = u ⋆ v``: injects ``VJP_u[· ⋆ T_v](g_z)`` at u and
+    ``VJP_v[T_u ⋆ ·](g_z)`` at v."""
+
+    def __init__(self, ex, slots, bias, largs, lkw, z, t_u, t_v):
+        self.ex, self.slots, self.bias, self.z, self.t_u, self.t_v = (
+            ex, slots, bias, z, t_u, t_v)
+        self.u, self.v = largs[slots[0]], largs[slots[1]]
+        self.need_u = t_v is not None and self.u.requires_grad
+        self.need_v = t_u is not None and self.v.requires_grad
+        self.args, self.kwargs = [_detach(a) for a in largs], _detach(lkw)
+
+    def _call(self, a: Tensor, b: Tensor) -> Tensor:
+        full = list(self.args)
+        full[self.slots[0]], full[self.slots[1]] = a, b
+        if self.bias is not None:
+            full[self.bias] = None
+        return self.ex.fn(*full, **self.kwargs)
+
+    def request(self, wanted: List[Tensor]) -> None:
+        wanted.append(self.z)
+
+    def inject(self, cot, outs, couts, direct) -> None:
+        g = cot.get(id(self.z))
+        if g is None:
+            return
+        if self.need_u:
+            outs.append(self.u)
+            couts.append(_local_vjp(self._call, [self.u, self.t_v], 0, g))
+        if self.need_v:
+            outs.append(self.v)
+            couts.append(_local_vjp(self._call, [self.t_u, self.v], 1, g))
+
+
+# ----------------------------------------------------------------------------- exact
+def _exact_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index):
+    """One batch of OBA-exact: ``δθ ⊙ Hδθ`` (+ ``δθ ⊙ g``) by double backward."""
+    names = list(plan.dtheta)
+    params = [plan.dtheta[n] for n in names]
+    loss = loss_fn(gm(*inputs), targets)
+    check_finite(loss.detach(), "the loss", index)
+    grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    dot = sum((g * p.detach()).sum() for g, p in zip(grads, params) if g is not None)
+    if not isinstance(dot, Tensor) or not dot.requires_grad:
+        hv = [None] * len(params)
+    else:
+        hv = torch.autograd.grad(dot, params, allow_unused=True)
+    scores = {}
+    for name, p, g, h in zip(names, params, grads, hv):
+        total = torch.zeros_like(p) if h is None else h
+        if first_order and g is not None:
+            total = total + g.detach()
+        scores[name] = p.detach() * total
+    return scores
+
+
+# ----------------------------------------------------------------------------- registry
+def _check_module(ctx: ScoringContext) -> torch.fx.GraphModule:
+    if not isinstance(ctx.module, torch.fx.GraphModule):
+        raise CriterionError("the OBA criteria score a traced model: pass a "
+                             "torch.fx.GraphModule scoring copy")
+    return ctx.module
+
+
+def _score_oba(ctx: ScoringContext) -> Dict[str, Tensor]:
+    return oba_scores(_check_module(ctx), ctx.batches, ctx.loss_fn,
+                      first_order=bool(ctx.options.get("first_order", False)),
+                      progress=ctx.progress)
+
+
+def _score_oba_exact(ctx: ScoringContext) -> Dict[str, Tensor]:
+    return oba_exact_scores(_check_module(ctx), ctx.batches, ctx.loss_fn,
+                            first_order=bool(ctx.options.get("first_order", False)),
+                            progress=ctx.progress)
+
+
+register_criterion(Criterion(
+    name="oba",
+    description="Optimal Brain Apoptosis: θ·H̃θ with the series/parallel (bilinear-node) "
+                "Hessian blocks, one forward-AD and two backward passes per batch",
+    score=_score_oba, needs_data=True), overwrite=True)
+register_criterion(Criterion(
+    name="oba-exact",
+    description="OBA with the full Hessian: θ·Hθ by double backward (Pearlmutter HVP)",
+    score=_score_oba_exact, needs_data=True), overwrite=True)

@@ -1,0 +1,309 @@
+"""Graph analysis behind the OBA scores (:mod:`fxprune.criteria.oba`).
+
+:func:`build_plan` reads a GraphModule once and decides
+
+* δθ: the parameters of the *parameter layers* -- Conv/Linear modules (``call_module``),
+  functional ``linear``/``conv*`` nodes and matmul-like nodes with one parameter-only
+  operand and one activation operand, a ``mul`` by a Conv/Linear weight, and the bias
+  added right after a functional matmul layer. Other parameters (norm affine, LayerScale
+  gamma, tokens, positional embeddings) are not in δθ: they act as constants of linear ops.
+* the bilinear nodes: every parameter layer, and every multiplicative node (matmul, bmm,
+  mm, mul, two-operand einsum, ``@``) whose two operands both depend on a graph input
+  (attention products, gating, SE); at run time a node only counts when both operands
+  are tensors.
+* how to execute every node *out of place*: in-place ops (``relu_``, ``x += y``,
+  ``inplace=True`` modules/functions) run as their functional variants and the result is
+  re-bound to the mutated value, so autograd records and tangents stay intact; the user's
+  graph and modules are never modified.
+
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import operator
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional
+
+import torch
+import torch.autograd.forward_ad as fwAD
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import GraphModule, Node
+from torch.fx.node import map_arg
+
+log = logging.getLogger(__name__)
+
+LAYER_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
+LAYER_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
+                   F.conv_transpose2d, F.conv_transpose3d}
+MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum}
+MUL_FUNCTIONS = {operator.mul, torch.mul}
+MATMUL_METHODS = {"matmul", "bmm", "mm"}
+MUL_METHODS = {"mul"}
+_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub,
+                      operator.imul: operator.mul, operator.itruediv: operator.truediv,
+                      operator.ifloordiv: operator.floordiv, operator.imatmul: operator.matmul,
+                      operator.ipow: operator.pow, operator.imod: operator.mod}
+
+
+@dataclass
+class Layer:
+    """A parameter layer: ``x`` and ``w`` are argument slots of the input and the weight,
+    ``b`` the bias slot (None when the bias is internal or absent), ``fast`` when its
+    parameters are used directly (so ``T_Y = F(X + T_X; W) + b``), ``module`` for
+    ``call_module`` layers, ``weight`` the δθ name of a directly used weight."""
+
+    x: int
+    w: Optional[int]
+    b: Optional[int]
+    fast: bool
+    module: Optional[nn.Module] = None
+    weight: Optional[str] = None
+
+
+@dataclass
+class Exec:
+    """How to run one node out of place: ``fn(*args, **kwargs)`` with node arguments
+    looked up in an environment; ``rebind`` is the node an in-place op mutated."""
+
+    fn: Callable
+    nargs: list
+    kwargs: dict
+    rebind: Optional[Node] = None
+
+    def args(self, env: Dict) -> tuple:
+        look = env.__getitem__
+        return ([map_arg(a, look) for a in self.nargs],
+                {k: map_arg(v, look) for k, v in self.kwargs.items()})
+
+
+def _method(name: str) -> Callable:
+    def call(self, *args, **kwargs):
+        return getattr(self, name)(*args, **kwargs)
+    call.__name__ = name
+    return call
+
+
+def _resolve(gm: GraphModule, node: Node) -> Exec:
+    """The out-of-place :class:`Exec` of a call node (see the module docstring)."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    mutated = args[0] if args and isinstance(args[0], Node) else None
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if getattr(mod, "inplace", False) is True:
+            mod = copy.copy(mod)
+            mod.inplace = False
+            return Exec(mod, args, kwargs, mutated)
+        return Exec(mod, args, kwargs)
+    if node.op == "call_method":
+        name = node.target
+        if name.endswith("_") and not name.startswith("_") and hasattr(Tensor, name[:-1]):
+            return Exec(_method(name[:-1]), args, kwargs, mutated)
+        return Exec(_method(name), args, kwargs)
+    fn = node.target
+    if fn in _INPLACE_OPERATORS:
+        return Exec(_INPLACE_OPERATORS[fn], args, kwargs, mutated)
+    if kwargs.get("inplace") is True:
+        kwargs["inplace"] = False
+        return Exec(fn, args, kwargs, mutated)
+    name = getattr(fn, "__name__", "")
+    if name.endswith("_") and not name.endswith("__"):
+        pure = getattr(torch, name[:-1], None) or getattr(F, name[:-1], None)
+        if callable(pure):
+            return Exec(pure, args, kwargs, mutated)
+    if fn is torch.einsum and len(args) == 2 and isinstance(args[1], (list, tuple)):
+        args = [args[0], *args[1]]
+    if fn in LAYER_FUNCTIONS:                       # input, weight, bias -> slots 0, 1, 2
+        for slot, key in enumerate(("input", "weight", "bias")):
+            if key in kwargs:
+                args += [None] * (slot + 1 - len(args))
+                args[slot] = kwargs.pop(key)
+    return Exec(fn, args, kwargs)
+
+
+def _operands(node: Node, ex: Exec) -> Optional[List[int]]:
+    """Slots of the two multiplied operands of a multiplicative node, else None."""
+    if node.op == "call_function":
+        if ex.fn is torch.einsum:
+            if len(ex.nargs) > 3:
+                log.warning("OBA: einsum %s has more than two operands; its curvature is "
+                            "not modelled", node.name)
+            return [1, 2] if len(ex.nargs) == 3 else None
+        if ex.fn in MATMUL_FUNCTIONS | MUL_FUNCTIONS | LAYER_FUNCTIONS:
+            return [0, 1] if len(ex.nargs) >= 2 else None
+    if node.op == "call_method" and ex.fn.__name__ in MATMUL_METHODS | MUL_METHODS:
+        return [0, 1] if len(ex.nargs) >= 2 else None
+    return None
+
+
+def _is_mul(node: Node, ex: Exec) -> bool:
+    if node.op == "call_method":
+        return ex.fn.__name__ in MUL_METHODS
+    return node.op == "call_function" and ex.fn in MUL_FUNCTIONS
+
+
+class GraphPlan:
+    """The result of :func:`build_plan`; see the module docstring."""
+
+    def __init__(self, gm: nn.Module):
+        self.gm = gm
+        self.canon = {id(p): name for name, p in gm.named_parameters()}
+        self.dtheta: Dict[str, nn.Parameter] = {}
+        self.layers: Dict[Node, Layer] = {}
+        self.bilinear: Dict[Node, List[int]] = {}
+        self.execs: Dict[Node, Exec] = {}
+        self.has_tangent: set = set()
+        self.dies_after: List[List[Node]] = []
+        self._attrs: Dict[Node, object] = {}
+
+    def attr(self, node: Node):
+        """The value a ``get_attr`` node fetches."""
+        return self._attrs[node]
+
+    def add(self, param: Tensor) -> Optional[str]:
+        name = self.canon.get(id(param))
+        if name is not None:
+            self.dtheta[name] = param
+        return name
+
+
+def _fetch(gm: nn.Module, target: str):
+    obj = gm
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _dependencies(gm: GraphModule, plan: GraphPlan):
+    """(nodes depending on a graph input, {other node: parameter names it derives from})."""
+    act, pdeps = set(), {}
+    for node in gm.graph.nodes:
+        ins = node.all_input_nodes
+        if node.op == "placeholder" or any(i in act for i in ins):
+            act.add(node)
+        elif node.op == "get_attr":
+            value = plan._attrs[node]
+            name = plan.canon.get(id(value)) if isinstance(value, nn.Parameter) else None
+            pdeps[node] = frozenset([name] if name else [])
+        else:
+            pdeps[node] = frozenset().union(*(pdeps.get(i, frozenset()) for i in ins))
+    return act, pdeps
+
+
+def _find_layers(gm: GraphModule, plan: GraphPlan, act, pdeps) -> None:
+    """Fill ``plan.layers``, ``plan.bilinear`` and ``plan.dtheta``."""
+    module_params = {plan.canon[id(p)] for m in gm.modules() if isinstance(m, LAYER_MODULES)
+                     for p in m.parameters(recurse=False)}
+    opaque = []
+    for node, ex in plan.execs.items():
+        if node.op == "call_module":
+            mod = gm.get_submodule(node.target)
+            if isinstance(mod, LAYER_MODULES):
+                for p in mod.parameters(recurse=False):
+                    plan.add(p)
+                plan.layers[node] = Layer(0, None, None, True, mod, plan.add(mod.weight))
+            elif any(isinstance(m, LAYER_MODULES) for m in mod.modules()):
+                opaque.append(node.target)
+            continue
+        slots = _operands(node, ex)
+        if slots is None:
+            continue
+        ops = [ex.nargs[s] for s in slots]
+        if not all(isinstance(o, Node) for o in ops):
+            continue
+        is_act = [o in act for o in ops]
+        if all(is_act):
+            plan.bilinear[node] = slots
+            continue
+        if not any(is_act):
+            continue
+        xs, ws = (slots[0], slots[1]) if is_act[0] else (slots[1], slots[0])
+        params = pdeps.get(ex.nargs[ws], frozenset())
+        if not params or (_is_mul(node, ex) and not params & module_params):
+            continue                                  # LayerScale-style: a linear op
+        b = 2 if ex.fn in LAYER_FUNCTIONS and len(ex.nargs) > 2 else None
+        bnode = ex.nargs[b] if b is not None else None
+        bparams = pdeps.get(bnode, frozenset()) if isinstance(bnode, Node) else frozenset()
+        for name in params | bparams:
+            plan.dtheta[name] = gm.get_parameter(name)
+        direct = ex.nargs[ws].op == "get_attr" and (bnode is None or (
+            isinstance(bnode, Node) and bnode.op == "get_attr"))
+        weight = plan.canon.get(id(plan._attrs.get(ex.nargs[ws])))
+        plan.layers[node] = Layer(xs, ws, b, direct, None, weight)
+        plan.bilinear[node] = [ws, xs]
+    if opaque:
+        log.warning("OBA: leaf module(s) %s contain Conv/Linear layers the graph cannot see "
+                    "into; their parameters score 0 -- trace through them", opaque)
+    _find_biases(gm, plan, pdeps)
+
+
+def _find_biases(gm: GraphModule, plan: GraphPlan, pdeps) -> None:
+    """A parameter added right after a functional matmul layer is that layer's bias."""
+    for node in gm.graph.nodes:
+        if node.op != "call_function" or node.target not in (operator.add, torch.add):
+            continue
+        a = [x for x in node.args[:2] if isinstance(x, Node)]
+        if len(a) == 2 and any(x in plan.layers and plan.layers[x].module is None
+                               for x in a):
+            for x in a:
+                if x.op == "get_attr" and pdeps.get(x):
+                    for name in pdeps[x]:
+                        plan.dtheta[name] = gm.get_parameter(name)
+
+
+def build_plan(gm: nn.Module) -> GraphPlan:
+    """Analyse ``gm`` (see the module docstring). A plain ``nn.Module`` (no graph) gets
+    only δθ, from its Conv/Linear modules -- enough for OBA-exact."""
+    plan = GraphPlan(gm)
+    if not isinstance(gm, GraphModule):
+        for m in gm.modules():
+            if isinstance(m, LAYER_MODULES):
+                for p in m.parameters(recurse=False):
+                    plan.add(p)
+        return plan
+    nodes = list(gm.graph.nodes)
+    for node in nodes:
+        if node.op == "get_attr":
+            plan._attrs[node] = _fetch(gm, node.target)
+        elif node.op in ("call_module", "call_function", "call_method"):
+            plan.execs[node] = _resolve(gm, node)
+    act, pdeps = _dependencies(gm, plan)
+    _find_layers(gm, plan, act, pdeps)
+    dnames = set(plan.dtheta)
+    for node in nodes:
+        if (node.op == "get_attr" and plan.canon.get(id(plan._attrs[node])) in dnames) or \
+                (node in plan.layers and plan.layers[node].module is not None) or \
+                any(i in plan.has_tangent for i in node.all_input_nodes):
+            plan.has_tangent.add(node)
+    pos = {n: i for i, n in enumerate(nodes)}
+    plan.dies_after = [[] for _ in nodes]
+    for node in nodes:
+        last = max((pos[u] for u in node.users), default=pos[node])
+        plan.dies_after[last].append(node)
+    return plan
+
+
+@contextlib.contextmanager
+def scoring_state(model: nn.Module, params: Iterable[Tensor]):
+    """Put ``model`` in eval mode and make ``params`` require grad for the duration;
+    every module's ``training`` flag and every ``requires_grad`` flag are restored."""
+    params = list(params)
+    modes = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        model.eval()
+        for p in params:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+def tangent(value) -> Optional[Tensor]:
+    """The forward-AD tangent of ``value`` (None for non-tensors and zero tangents)."""
+    return fwAD.unpack_dual(value).tangent if isinstance(value, Tensor) else None

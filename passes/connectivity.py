@@ -1,0 +1,148 @@
+"""Connectivity pass: series / parallel relations between parameter layers (design §4).
+
+Contract: reads a traced GraphModule (no shapes needed); returns a
+:class:`Connectivity`; changes nothing. Parameter layers are Conv/Linear modules and
+functional conv/linear/matmul nodes with a parameter operand. ``series``: a directed
+path runs from one layer's output to the other's input. ``parallel``: no such path,
+but their outputs reach the two operands of one product of two activation-dependent
+tensors (Q·Kᵀ, P·V, gating). Everything else, and a layer with itself, is ``None``.
+Reachability is computed once for all layers with bitsets over a networkx DiGraph
+in topological order, so the cost is linear in graph size times layers/64.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Dict, Iterator, List, Optional, Tuple
+
+import networkx as nx
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+_LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
+                  nn.ConvTranspose3d, nn.Linear, nn.Bilinear)
+_LAYER_FUNCTIONS = {F.linear, torch._C._nn.linear, F.conv1d, F.conv2d, F.conv3d,
+                    F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d}
+_PRODUCTS = {operator.mul, operator.matmul, torch.mul, torch.matmul, torch.bmm, torch.einsum,
+             operator.imul, F.scaled_dot_product_attention, torch.mm}
+_PRODUCT_METHODS = {"mul", "mul_", "matmul", "bmm", "mm"}
+
+
+class Connectivity:
+    """``kind(a, b)`` for two parameter layers named by module path (or node name)."""
+
+    def __init__(self, layers: List[str], series: Dict[str, int], index: Dict[str, int],
+                 parallel: set):
+        self.layers = layers
+        self._desc = series       # layer -> bitset of layers downstream of it
+        self._index = index
+        self._parallel = parallel
+
+    def kind(self, a: str, b: str) -> Optional[str]:
+        for name in (a, b):
+            if name not in self._index:
+                raise KeyError(f"{name!r} is not a parameter layer; known layers: "
+                               f"{', '.join(self.layers[:8])}...")
+        if a == b:
+            return None
+        ia, ib = self._index[a], self._index[b]
+        if (self._desc[a] >> ib) & 1 or (self._desc[b] >> ia) & 1:
+            return "series"
+        if (min(a, b), max(a, b)) in self._parallel:
+            return "parallel"
+        return None
+
+    def pairs(self, kind: str) -> Iterator[Tuple[str, str]]:
+        for i, a in enumerate(self.layers):
+            for b in self.layers[i + 1:]:
+                if self.kind(a, b) == kind:
+                    yield a, b
+
+    def table(self) -> str:
+        counts = {k: sum(1 for _ in self.pairs(k)) for k in ("series", "parallel")}
+        return (f"{len(self.layers)} parameter layers: {counts['series']} series pairs, "
+                f"{counts['parallel']} parallel pairs")
+
+
+def layer_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[str]:
+    """Name of the parameter layer computed at ``node``, or None."""
+    if node.op == "call_module":
+        return node.target if isinstance(gm.get_submodule(node.target), _LAYER_MODULES) else None
+    if node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
+        weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+        if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
+            return weight.target.rsplit(".", 1)[0]
+        return node.name
+    if _is_product(node) and any(isinstance(a, torch.fx.Node) and a.op == "get_attr"
+                                 for a in node.args[:2]):
+        return node.name
+    return None
+
+
+def _is_product(node: torch.fx.Node) -> bool:
+    return ((node.op == "call_function" and node.target in _PRODUCTS)
+            or (node.op == "call_method" and node.target in _PRODUCT_METHODS))
+
+
+def build_connectivity(gm: torch.fx.GraphModule) -> Connectivity:
+    graph = nx.DiGraph()
+    for node in gm.graph.nodes:
+        graph.add_node(node)
+        for inp in node.all_input_nodes:
+            graph.add_edge(inp, node)
+    layers, index, bit_of_node = [], {}, {}
+    for node in gm.graph.nodes:
+        name = layer_name(node, gm)
+        if name is not None and name not in index:
+            index[name] = len(layers)
+            layers.append(name)
+        if name is not None:
+            bit_of_node[node] = 1 << index[name]
+    # upstream[n]: layers whose output reaches n (n's own layer included);
+    # live[n]: n depends on a model input (an activation, not a constant).
+    upstream: Dict[torch.fx.Node, int] = {}
+    live: Dict[torch.fx.Node, bool] = {}
+    desc = {name: 0 for name in layers}
+    for node in nx.topological_sort(graph):
+        preds = list(graph.predecessors(node))
+        up = 0
+        for p in preds:
+            up |= upstream[p]
+        live[node] = node.op == "placeholder" or any(live[p] for p in preds)
+        if node in bit_of_node:
+            own = bit_of_node[node]
+            for i in _bits(up & ~own):
+                desc[layers[i]] |= own
+            up |= own
+        upstream[node] = up
+    anc = [0] * len(layers)  # anc[j]: layers upstream of layer j
+    for name, bits in desc.items():
+        for j in _bits(bits):
+            anc[j] |= 1 << index[name]
+    parallel = set()
+    for node in gm.graph.nodes:
+        if _is_product(node) and node not in bit_of_node:
+            operands = [a for a in node.all_input_nodes if live.get(a)]
+            if len(operands) >= 2:
+                _add_parallel(parallel, layers, desc, anc, upstream, operands)
+    return Connectivity(layers, desc, index, parallel)
+
+
+def _add_parallel(parallel: set, layers, desc, anc, upstream, operands) -> None:
+    """Pairs (one layer upstream of each operand) not related in series."""
+    masks = [upstream[o] for o in operands]
+    for k, left in enumerate(masks):
+        for right in masks[k + 1:]:
+            for i in _bits(left):
+                unrelated = right & ~desc[layers[i]] & ~anc[i] & ~(1 << i)
+                for j in _bits(unrelated):
+                    a, b = layers[i], layers[j]
+                    parallel.add((min(a, b), max(a, b)))
+
+
+def _bits(mask: int) -> Iterator[int]:
+    while mask:
+        low = mask & -mask
+        yield low.bit_length() - 1
+        mask ^= low
