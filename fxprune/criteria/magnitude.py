@@ -1,0 +1,43 @@
+"""Data-free criteria: group weight norms and random (baselines, design §5.4)."""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+
+from . import Criterion, ScoringContext, register_criterion
+from .aggregate import channel_scores
+
+
+def _params(ctx: ScoringContext):
+    return {name: p.detach() for name, p in ctx.module.named_parameters()}
+
+
+def _l1(ctx: ScoringContext) -> Dict[str, torch.Tensor]:
+    return {name: p.abs() for name, p in _params(ctx).items()}
+
+
+def _l2(ctx: ScoringContext) -> Dict[str, torch.Tensor]:
+    return {name: p.pow(2) for name, p in _params(ctx).items()}
+
+
+def _zeros(ctx: ScoringContext) -> Dict[str, torch.Tensor]:
+    return {name: torch.zeros_like(p) for name, p in _params(ctx).items()}
+
+
+def _l2_aggregate(groups, scores, ctx):
+    # the group's weight norm over all member slices: sqrt of the summed squares
+    return channel_scores(groups, scores, transform=lambda s: s.clamp_min(0).sqrt())
+
+
+def _random_aggregate(groups, scores, ctx):
+    generator = torch.Generator().manual_seed(int(ctx.options.get("seed", 0)))
+    return {g.id: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in groups}
+
+
+register_criterion(Criterion("l1", "L1 norm of every member slice of a channel (data-free)",
+                             _l1, needs_data=False))
+register_criterion(Criterion("l2", "L2 norm of every member slice of a channel (data-free)",
+                             _l2, needs_data=False, aggregate=_l2_aggregate))
+register_criterion(Criterion("random", "uniformly random channel scores (seeded baseline)",
+                             _zeros, needs_data=False, aggregate=_random_aggregate))
