@@ -30,6 +30,9 @@ class ScoringContext:
     loss_fn: Optional[Callable] = None
     options: Dict[str, Any] = field(default_factory=dict)
     progress: bool = False
+    # Free-form results a criterion's ``score`` leaves for its ``aggregate``/``select``
+    # (e.g. SOSP-I's structure matrix).
+    state: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -40,7 +43,9 @@ class Criterion:
     needs_data: bool = True
     # Optional override: (groups, param_scores, ctx) -> {group id: tensor[size]}
     aggregate: Optional[Callable] = None
-    # Optional override of the budgeted ranking (SOSP-I's greedy selection).
+    # Optional override of the global removal order used by budgeted selection
+    # (SOSP-I's greedy selection): (groups, channel_scores, ctx, caps) -> list of
+    # (group id, channel) pairs, least important first, at most caps[gid] per group.
     select: Optional[Callable] = None
 
 
