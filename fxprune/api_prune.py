@@ -1,0 +1,185 @@
+"""Public pruning API: ``fxprune.compile`` and ``fxprune.apply_plan`` (design §2, §6, §7).
+
+``compile`` runs the whole pipeline on copies of the model: trace -> analyse ->
+score -> select (budget) -> rewrite -> verify -> count. The input model's
+parameters, buffers and train/eval flag are untouched by every call.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .api_score import _progress, prepare_batches, score_analysis, wrap_loss
+from .criteria import get_criterion
+from .errors import BudgetError, DataError, FxpruneError
+from .plan import Plan
+from .passes.count import cost_model, count_flops, count_params
+from .passes.groups import Analysis, analyze
+from .passes.rewrite import rewrite
+from .passes.select import (Budget, global_order, removable_counts, select_budget,
+                            select_uniform)
+from .passes.trace import as_input_tuple, propagate_shapes, trace
+from .passes.verify import check, masked_reference
+from .report import CompileResult, GroupRow, Report, measure_latency
+from .unstructured import compile_unstructured
+
+log = logging.getLogger(__name__)
+
+
+def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any = None,
+            data: Any = None, *, flops=None, params=None, sparsity=None,
+            loss_fn: Optional[Callable] = None, batches: Optional[int] = None,
+            max_layer_sparsity: float = 0.95, ignore: Sequence[str] = (),
+            unstructured: bool = False, between_steps: Optional[Callable] = None,
+            output_fn: Optional[Callable] = None, verify: bool = True,
+            latency: bool = False, progress: Optional[bool] = None,
+            leaf_modules=(), concrete_args=None, **options) -> CompileResult:
+    """Prune ``model`` to a budget and return a physically slimmed GraphModule.
+
+    Exactly one budget: ``flops=r`` / ``params=r`` (kept fraction of the dense count;
+    a decreasing list runs iterative pruning, re-scoring between steps and calling
+    ``between_steps(module, step)``) or ``sparsity=r`` (remove ``floor(r*size)``
+    channels of every group). ``unstructured=True`` with ``sparsity=r`` masks weights.
+    """
+    crit = get_criterion(criterion)
+    batch_list = prepare_batches(data, batches, crit.needs_data)
+    if example_inputs is None:
+        if batch_list is None:
+            raise DataError("pass example_inputs (or data, whose first batch is used)")
+        example_inputs = batch_list[0][0]
+    inputs = as_input_tuple(example_inputs)
+    loss = wrap_loss(loss_fn, output_fn)
+    trace_kw = dict(leaf_modules=leaf_modules, concrete_args=concrete_args)
+    if unstructured:
+        if sparsity is None or flops is not None or params is not None:
+            raise BudgetError("unstructured pruning takes sparsity=r only")
+        return compile_unstructured(model, crit, inputs, batch_list, loss, sparsity,
+                                    options, _progress(progress), trace_kw)
+    steps = _budget_steps(flops, params, sparsity)
+    dense = analyze(trace(model, inputs, **trace_kw))
+    dense_cost = cost_model(dense, inputs)
+    current, analysis, plan_kept = model, dense, None
+    for step, budget in enumerate(steps):
+        if step:
+            analysis = analyze(trace(current, inputs, **trace_kw))
+        sal = score_analysis(analysis, crit, batch_list, loss, options, _progress(progress))
+        kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, inputs,
+                       max_layer_sparsity, ignore)
+        slim = rewrite(analysis, kept)
+        propagate_shapes(slim, inputs)
+        plan_kept = _compose(plan_kept, kept)
+        if between_steps is not None:
+            between_steps(slim, step)
+        current = slim
+    plan = Plan(plan_kept, {g.id: g.size for g in dense.groups if g.id in plan_kept},
+                {"criterion": criterion, "budget": [b.__dict__ for b in steps],
+                 "input_shapes": [list(x.shape) for x in inputs if torch.is_tensor(x)]})
+    report = build_report(dense, current, plan, inputs, verify, latency,
+                          predicted=dense_cost.flops(dense.keep_mask(plan.kept)))
+    return CompileResult(current, plan, report, saliency=sal)
+
+
+def _budget_steps(flops, params, sparsity) -> List[Budget]:
+    if isinstance(flops, (list, tuple)) or isinstance(params, (list, tuple)):
+        kind, values = ("flops", flops) if flops is not None else ("params", params)
+        if sparsity is not None or (flops is not None and params is not None):
+            raise BudgetError("give exactly one budget: flops=r, params=r or sparsity=r")
+        if not values or any(b >= a for a, b in zip(values, values[1:])):
+            raise BudgetError(f"iterative {kind} budgets must be a non-empty, strictly "
+                              f"decreasing list (got {values})")
+        return [Budget.parse(**{kind: v}) for v in values]
+    return [Budget.parse(flops=flops, params=params, sparsity=sparsity)]
+
+
+def _select(analysis: Analysis, sal, budget: Budget, dense: Analysis, dense_cost, plan_kept,
+            inputs, max_layer_sparsity, ignore) -> Dict[str, List[int]]:
+    groups = [g for g in analysis.groups if g.prunable and not _ignored(g, ignore)]
+    caps = removable_counts(groups, max_layer_sparsity)
+    if plan_kept is not None:  # iterative: the cap is relative to the dense size
+        dense_sizes = {g.id: g.size for g in dense.groups}
+        for g in groups:
+            already = dense_sizes.get(g.id, g.size) - g.size
+            caps[g.id] = max(0, min(caps[g.id], math.floor(max_layer_sparsity * dense_sizes.get(g.id, g.size)) - already))
+    if budget.kind == "sparsity":
+        return select_uniform(groups, sal.groups, budget.ratio, caps)
+    cost_now = cost_model(analysis, inputs)
+    measure = cost_now.flops if budget.kind == "flops" else cost_now.params
+    dense_total = dense_cost.dense_flops if budget.kind == "flops" else dense_cost.dense_params
+    order = None
+    crit = get_criterion(sal.criterion)
+    if crit.select is not None:
+        order = crit.select(groups, sal.groups, sal.context, caps)
+    return select_budget(groups, sal.groups, budget, caps,
+                         lambda kept: measure(analysis.keep_mask(kept)), dense_total, order)
+
+
+def _ignored(group, ignore: Sequence[str]) -> bool:
+    modules = {m.target.rsplit(".", 1)[0] for m in group.members if m.role == "producer"}
+    return any(mod == ig or mod.startswith(ig + ".") for mod in modules for ig in ignore)
+
+
+def _compose(previous: Optional[Dict[str, List[int]]], kept: Dict[str, List[int]]):
+    """Express this step's kept indices in the dense model's channel numbering."""
+    if previous is None:
+        return {g: sorted(k) for g, k in kept.items()}
+    out = dict(previous)
+    for gid, chans in kept.items():
+        base = previous.get(gid)
+        out[gid] = sorted(base[c] for c in chans) if base is not None else sorted(chans)
+    return out
+
+
+def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
+                 latency: bool, predicted: Optional[float] = None) -> Report:
+    report = Report(count_flops(dense.gm, inputs), count_flops(slim, inputs),
+                    count_params(dense.gm), count_params(slim), predicted_flops=predicted)
+    for g in dense.groups:
+        kept = len(plan.kept.get(g.id, range(g.size)))
+        report.groups.append(GroupRow(g.id, g.kind, g.size, kept, g.prunable, g.reason))
+    if verify:
+        report.max_rel_error = check(slim, masked_reference(dense, plan.kept), inputs)
+        if report.max_rel_error > 1e-6:
+            raise FxpruneError(f"verification failed: slim model differs from the masked "
+                               f"reference by {report.max_rel_error:.3e} (relative); please "
+                               "report this model")
+    if latency:
+        report.latency_before_ms = measure_latency(dense.gm, inputs)
+        report.latency_after_ms = measure_latency(slim, inputs)
+    return report
+
+
+def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *,
+               verify: bool = True, leaf_modules=(), concrete_args=None) -> CompileResult:
+    """Replay a saved plan on a fresh copy of the same model."""
+    if example_inputs is None:
+        shapes = plan.meta.get("input_shapes")
+        if not shapes:
+            raise FxpruneError("pass example_inputs: this plan does not record input shapes")
+        dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+        example_inputs = tuple(torch.zeros(s, dtype=dtype) for s in shapes)
+    inputs = as_input_tuple(example_inputs)
+    analysis = analyze(trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args))
+    _check_plan(analysis, plan)
+    slim = rewrite(analysis, plan.kept)
+    propagate_shapes(slim, inputs)
+    return CompileResult(slim, plan, build_report(analysis, slim, plan, inputs, verify, False))
+
+
+def _check_plan(analysis: Analysis, plan: Plan) -> None:
+    by_id = {g.id: g for g in analysis.groups}
+    problems = []
+    for gid, kept in plan.kept.items():
+        g = by_id.get(gid)
+        if g is None:
+            problems.append(f"group {gid!r} does not exist in this model")
+        elif plan.sizes.get(gid, g.size) != g.size:
+            problems.append(f"group {gid!r} has {g.size} channels, the plan expects {plan.sizes[gid]}")
+        elif not g.prunable and len(kept) != g.size:
+            problems.append(f"group {gid!r} is not prunable here ({g.reason})")
+        elif not kept or min(kept) < 0 or max(kept) >= g.size:
+            problems.append(f"group {gid!r}: kept indices must be 1..{g.size} channels in range")
+    if problems:
+        raise FxpruneError("the plan does not fit this model: " + "; ".join(problems[:5]))

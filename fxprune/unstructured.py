@@ -1,0 +1,56 @@
+"""Unstructured pruning: per-weight masks from per-parameter saliencies (design §2).
+
+Contract: scores a traced copy of the model with any criterion, then, for every
+Conv/Linear weight, zeroes the fraction ``sparsity`` of entries with the smallest
+|score| (per layer). Shapes do not change; the masks are returned with the module.
+"""
+from __future__ import annotations
+
+import math
+from typing import Dict
+
+import torch
+from torch import nn
+
+from .api_score import score_analysis
+from .passes.count import count_flops, count_params
+from .passes.groups import analyze
+from .passes.select import Budget
+from .passes.trace import trace
+from .plan import Plan
+from .report import CompileResult, Report
+
+_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+def weight_names(gm: torch.fx.GraphModule):
+    """Qualified names of the Conv/Linear weights of a GraphModule."""
+    return [f"{name}.weight" for name, mod in gm.named_modules() if isinstance(mod, _LAYERS)]
+
+
+def compile_unstructured(model, crit, inputs, batch_list, loss, sparsity, options, progress,
+                         trace_kw) -> CompileResult:
+    Budget.parse(sparsity=sparsity)
+    analysis = analyze(trace(model, inputs, **trace_kw))
+    sal = score_analysis(analysis, crit, batch_list, loss, options, progress)
+    gm = analysis.gm
+    masks: Dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name in weight_names(gm):
+            weight = gm.get_parameter(name)
+            score = sal.parameters[name].abs().reshape(-1).double()
+            n_remove = int(math.floor(sparsity * score.numel()))
+            mask = torch.ones(score.numel(), dtype=torch.bool)
+            if n_remove:
+                mask[torch.argsort(score, stable=True)[:n_remove]] = False
+            masks[name] = mask.reshape(weight.shape)
+            weight.mul_(masks[name].to(weight.dtype))
+    flops = count_flops(gm, inputs)
+    params = count_params(gm)
+    report = Report(flops, flops, params, params)
+    kept = sum(int(m.sum()) for m in masks.values())
+    total = sum(m.numel() for m in masks.values())
+    report.notes.append(f"unstructured: {kept:,} of {total:,} Conv/Linear weights kept "
+                        f"({kept / max(total, 1):.3f}); shapes and dense FLOPs unchanged")
+    plan = Plan({}, {}, {"criterion": crit.name, "unstructured": True, "sparsity": sparsity})
+    return CompileResult(gm, plan, report, saliency=sal, masks=masks)

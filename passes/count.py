@@ -1,0 +1,142 @@
+"""Counting pass: FLOPs and parameters, dense and under any keep mask (design §6).
+
+Contract: :func:`cost_model` runs the analysed graph once, node by node, under
+``torch.utils.flop_counter.FlopCounterMode`` (so dense counts are exactly what
+that counter reports) and records for every FLOP-bearing node the labels of the
+dims its cost is proportional to (its output dims plus its contracted input dim).
+Under a keep mask a node's FLOPs scale by the kept fraction of each such dim, and
+a parameter's size by the kept fraction of each recorded dim. Both are exact for
+conv / linear / matmul / attention, which is what selection needs; the slim model
+is re-counted independently to check.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from .groups import LABEL_KEY, Analysis
+from .labels import TLabel
+
+
+def count_flops(module: torch.nn.Module, inputs: Tuple[Any, ...]) -> int:
+    """Total FLOPs of one forward pass, as FlopCounterMode counts them."""
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+def count_params(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+@dataclass
+class CostModel:
+    node_flops: List[Tuple[int, List[np.ndarray]]] = field(default_factory=list)
+    param_dims: List[Tuple[int, List[np.ndarray]]] = field(default_factory=list)
+    dense_flops: int = 0
+    dense_params: int = 0
+
+    def flops(self, keep: np.ndarray) -> float:
+        return sum(f * _fraction_product(arrays, keep) for f, arrays in self.node_flops) \
+            + self._fixed_flops
+
+    def params(self, keep: np.ndarray) -> float:
+        return sum(n * _fraction_product(arrays, keep) for n, arrays in self.param_dims)
+
+    _fixed_flops: int = 0
+
+
+def _fraction_product(arrays: List[np.ndarray], keep: np.ndarray) -> float:
+    frac = 1.0
+    for ids in arrays:
+        alive = np.where(ids >= 0, keep[np.maximum(ids, 0)], True)
+        frac *= alive.mean()
+    return frac
+
+
+class _FlopInterpreter(torch.fx.Interpreter):
+    """Runs the graph, counting FLOPs of each node separately."""
+
+    def __init__(self, gm):
+        super().__init__(gm)
+        self.per_node: Dict[torch.fx.Node, int] = {}
+
+    def run_node(self, n):
+        counter = FlopCounterMode(display=False)
+        with counter:
+            out = super().run_node(n)
+        flops = int(counter.get_total_flops())
+        if flops:
+            self.per_node[n] = flops
+        return out
+
+
+def cost_model(analysis: Analysis, inputs: Tuple[Any, ...]) -> CostModel:
+    gm = analysis.gm
+    interp = _FlopInterpreter(gm)
+    with torch.no_grad():
+        interp.run(*inputs)
+    model = CostModel()
+    fixed = 0
+    for node, flops in interp.per_node.items():
+        arrays = _cost_dims(node)
+        if arrays:
+            model.node_flops.append((flops, arrays))
+        else:
+            fixed += flops
+    model._fixed_flops = fixed
+    model.dense_flops = sum(interp.per_node.values())
+    for name, p in gm.named_parameters():
+        arrays = [rec.ids for (target, _), rec in analysis.space.records.items() if target == name]
+        model.param_dims.append((p.numel(), arrays))
+    model.dense_params = sum(p.numel() for p in gm.parameters())
+    return model
+
+
+def _cost_dims(node: torch.fx.Node) -> List[np.ndarray]:
+    """Labels of the dims a node's FLOPs are proportional to."""
+    out = node.meta.get(LABEL_KEY)
+    arrays = _label_arrays(out)
+    contracted = _contracted_label(node)
+    if contracted is not None:
+        arrays.append(contracted)
+    return arrays
+
+
+def _label_arrays(label: Any) -> List[np.ndarray]:
+    if not isinstance(label, TLabel):
+        return []
+    arrays = [d for d in label.dims if d is not None]
+    if label.grid is not None:
+        arrays.append(label.grid.ids.ravel())
+    return arrays
+
+
+def _contracted_label(node: torch.fx.Node) -> Optional[np.ndarray]:
+    """The input dim a product sums over: conv/linear input channels (not for grouped
+    convs, whose per-group width is fixed), matmul's K."""
+    if not node.args or not isinstance(node.args[0], torch.fx.Node):
+        return None
+    x = node.args[0].meta.get(LABEL_KEY)
+    if not isinstance(x, TLabel) or x.grid is not None:
+        return None
+    if node.op == "call_module":
+        mod = node.graph.owning_module.get_submodule(node.target)
+        if isinstance(mod, torch.nn.Linear):
+            return x.dims[-1]
+        if isinstance(mod, torch.nn.modules.conv._ConvNd):
+            return x.dims[1] if mod.groups == 1 else None
+        return None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name in ("linear", "matmul", "bmm", "mm") or name.startswith("scaled_dot_product"):
+        return x.dims[-1]
+    if name.startswith("conv"):
+        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+        return x.dims[1] if groups == 1 else None
+    return None

@@ -1,0 +1,115 @@
+"""Selection pass: channel scores + a budget -> kept channels per group (design §6).
+
+Contract: reads the groups, one score tensor per prunable group (higher = more
+important) and a :class:`Budget`; returns ``{group id: sorted kept indices}`` for
+every prunable group. Invariants: every group keeps at least one channel and at
+most ``max_layer_sparsity`` of its channels are removed; ignored and unprunable
+groups keep everything. Global ranking uses scores normalised by their group's
+maximum so that groups of different sizes compete fairly (design §5.5); the
+removal prefix is found by bisection on the exact cost model (:mod:`.count`).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..errors import BudgetError
+from ..group import Group
+
+
+@dataclass
+class Budget:
+    kind: str          # "flops", "params" or "sparsity"
+    ratio: float       # kept fraction for flops/params, removed fraction for sparsity
+
+    @staticmethod
+    def parse(flops=None, params=None, sparsity=None) -> "Budget":
+        given = [(k, v) for k, v in (("flops", flops), ("params", params), ("sparsity", sparsity))
+                 if v is not None]
+        if len(given) != 1:
+            raise BudgetError("give exactly one budget: flops=r, params=r or sparsity=r "
+                              f"(got {', '.join(k for k, _ in given) or 'none'})")
+        kind, ratio = given[0]
+        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
+            raise BudgetError(f"{kind}={ratio!r} must be a number")
+        if kind == "sparsity" and not 0.0 <= ratio < 1.0:
+            raise BudgetError(f"sparsity={ratio} must be in [0, 1): the fraction of channels removed")
+        if kind != "sparsity" and not 0.0 < ratio <= 1.0:
+            raise BudgetError(f"{kind}={ratio} must be in (0, 1]: the fraction of dense {kind} kept "
+                              "(0.5 keeps half)")
+        return Budget(kind, float(ratio))
+
+
+def removable_counts(groups: Sequence[Group], max_layer_sparsity: float) -> Dict[str, int]:
+    """How many channels each prunable group may lose at most."""
+    if not 0.0 <= max_layer_sparsity < 1.0:
+        raise BudgetError(f"max_layer_sparsity={max_layer_sparsity} must be in [0, 1)")
+    return {g.id: min(g.size - 1, int(math.floor(max_layer_sparsity * g.size)))
+            for g in groups if g.prunable}
+
+
+def select_uniform(groups, scores: Dict[str, torch.Tensor], sparsity: float,
+                   caps: Dict[str, int]) -> Dict[str, List[int]]:
+    """Remove ``floor(sparsity * size)`` lowest-scored channels of every group."""
+    kept = {}
+    for g in groups:
+        if g.id not in caps:
+            continue
+        n_remove = min(caps[g.id], int(math.floor(sparsity * g.size)))
+        order = _ascending(scores[g.id])
+        kept[g.id] = sorted(order[n_remove:].tolist())
+    return kept
+
+
+def _ascending(score: torch.Tensor) -> np.ndarray:
+    values = score.detach().double().abs().cpu().numpy()
+    return np.argsort(values, kind="stable")
+
+
+def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int]):
+    """All removable channels as (group id, channel), least important first; each
+    group contributes only its ``cap`` lowest channels."""
+    entries = []
+    for g in groups:
+        if g.id not in caps or caps[g.id] == 0:
+            continue
+        s = scores[g.id].detach().double().abs().cpu().numpy()
+        top = s.max() if s.size and s.max() > 0 else 1.0
+        order = np.argsort(s, kind="stable")[:caps[g.id]]
+        entries.extend((s[c] / top, g.id, int(c)) for c in order)
+    entries.sort(key=lambda e: e[0])
+    return [(gid, c) for _, gid, c in entries]
+
+
+def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
+                  cost: Callable[[Dict[str, List[int]]], float], dense: float,
+                  order: Optional[list] = None) -> Dict[str, List[int]]:
+    """Smallest removal prefix (in ``order``) whose cost is within budget."""
+    sizes = {g.id: g.size for g in groups if g.id in caps}
+    order = order if order is not None else global_order(groups, scores, caps)
+
+    def kept_after(k: int) -> Dict[str, List[int]]:
+        removed: Dict[str, set] = {gid: set() for gid in sizes}
+        for gid, c in order[:k]:
+            removed[gid].add(c)
+        return {gid: [c for c in range(n) if c not in removed[gid]] for gid, n in sizes.items()}
+
+    target = budget.ratio * dense
+    lo, hi = 0, len(order)
+    if cost(kept_after(hi)) > target * (1 + 1e-9):
+        best = cost(kept_after(hi)) / dense
+        raise BudgetError(
+            f"{budget.kind}={budget.ratio} cannot be reached: the best reachable ratio is "
+            f"{best:.3f} (limited by max_layer_sparsity, at least one channel per group, and "
+            "groups that are not prunable - see the groups' reasons)")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(kept_after(mid)) <= target * (1 + 1e-9):
+            hi = mid
+        else:
+            lo = mid + 1
+    return kept_after(lo)

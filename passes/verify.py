@@ -1,0 +1,159 @@
+"""Verification: the masked-equivalence oracle (design §7).
+
+The *reference* is the original graph with every removed channel cut at its
+consumers (their input slices zeroed) and every LayerNorm that normalises across a
+pruned dimension computing its statistics over the kept channels only. The slim
+model must equal it up to float rounding. :func:`masked_reference` builds the
+reference (a new GraphModule; the analysed one is untouched); :func:`check` compares.
+"""
+from __future__ import annotations
+
+import copy
+from typing import Any, Dict, List, Tuple
+
+import numpy as np
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import FxpruneError
+from .groups import LABEL_KEY, Analysis
+
+
+def masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, keep=None):
+    """LayerNorm whose mean/variance run over the kept entries (``keep`` broadcasts
+    against the normalised dims); removed entries pass through as zeros."""
+    dims = tuple(range(-len(normalized_shape), 0))
+    keep = keep.to(x.dtype)
+    count = keep.sum()
+    mean = (x * keep).sum(dims, keepdim=True) / count
+    var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / count
+    y = (x - mean) / torch.sqrt(var + eps)
+    if weight is not None:
+        y = y * weight
+    if bias is not None:
+        y = y + bias
+    return y * keep
+
+
+torch.fx.wrap("masked_layer_norm")
+
+
+def masked_reference(analysis: Analysis, kept: Dict[str, List[int]]) -> torch.fx.GraphModule:
+    keep = analysis.keep_mask(kept)
+    gm = copy.deepcopy(analysis.gm)
+    for a, b in zip(analysis.gm.graph.nodes, gm.graph.nodes):
+        b.meta[LABEL_KEY] = a.meta.get(LABEL_KEY)
+        if "tensor_meta" in a.meta:
+            b.meta["tensor_meta"] = a.meta["tensor_meta"]
+    with torch.no_grad():
+        for group in analysis.groups:
+            if group.id not in kept:
+                continue
+            removed = sorted(set(range(group.size)) - set(kept[group.id]))
+            for member in group.members:
+                if member.role != "consumer":
+                    continue
+                idx = [i for c in removed for i in member.index_map[c]]
+                if idx:
+                    tensor = gm.get_parameter(member.target) if _is_param(gm, member.target) \
+                        else gm.get_buffer(member.target)
+                    tensor.index_fill_(member.dim, torch.as_tensor(idx), 0.0)
+    _mask_layer_norms(gm, keep)
+    gm.recompile()
+    return gm
+
+
+def _is_param(gm: nn.Module, target: str) -> bool:
+    try:
+        gm.get_parameter(target)
+        return True
+    except AttributeError:
+        return False
+
+
+def _mask_layer_norms(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
+    """Replace LayerNorms over pruned dims by :func:`masked_layer_norm`."""
+    for node in list(gm.graph.nodes):
+        ln = _layer_norm_args(gm, node)
+        if ln is None:
+            continue
+        x, shape, weight, bias, eps = ln
+        mask = _keep_mask_for(x, len(shape), keep)
+        if mask is None:
+            continue
+        name = f"_fxprune_keep_{node.name}"
+        gm.register_buffer(name, mask)
+        with gm.graph.inserting_before(node):
+            mask_node = gm.graph.get_attr(name)
+            if isinstance(weight, str):
+                weight = gm.graph.get_attr(weight)
+            if isinstance(bias, str):
+                bias = gm.graph.get_attr(bias)
+            new = gm.graph.call_function(masked_layer_norm, (x, tuple(shape), weight, bias, eps, mask_node))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def _layer_norm_args(gm, node):
+    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.LayerNorm):
+        mod = gm.get_submodule(node.target)
+        weight = f"{node.target}.weight" if mod.weight is not None else None
+        bias = f"{node.target}.bias" if mod.bias is not None else None
+        return node.args[0], mod.normalized_shape, weight, bias, mod.eps
+    if node.op == "call_function" and node.target is F.layer_norm:
+        get = lambda i, n, d=None: node.args[i] if len(node.args) > i else node.kwargs.get(n, d)
+        return get(0, "input"), get(1, "normalized_shape"), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
+    return None
+
+
+def _keep_mask_for(x: torch.fx.Node, k: int, keep: np.ndarray):
+    label = x.meta.get(LABEL_KEY)
+    if label is None:
+        return None
+    shape = tuple(x.meta["tensor_meta"].shape)
+    mask = np.ones(shape[-k:], dtype=bool)
+    changed = False
+    for i in range(k):
+        ids = label.dims[len(shape) - k + i]
+        if ids is None:
+            continue
+        alive = np.where(ids >= 0, keep[np.maximum(ids, 0)], True)
+        if not alive.all():
+            changed = True
+            view = [1] * k
+            view[i] = -1
+            mask = mask & alive.reshape(view)
+    return torch.as_tensor(mask, dtype=x.meta["tensor_meta"].dtype) if changed else None
+
+
+def max_relative_error(a: Any, b: Any) -> float:
+    """max |a - b| / max |b| over (nested) tensor outputs."""
+    fa, fb = _flatten(a), _flatten(b)
+    if len(fa) != len(fb):
+        raise FxpruneError("slim and reference outputs have a different structure")
+    err, scale = 0.0, 0.0
+    for x, y in zip(fa, fb):
+        err = max(err, (x.double() - y.double()).abs().max().item())
+        scale = max(scale, y.double().abs().max().item())
+    return err / max(scale, 1e-30)
+
+
+def _flatten(out: Any) -> List[torch.Tensor]:
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        return [t for v in out.values() for t in _flatten(v)]
+    if isinstance(out, (list, tuple)):
+        return [t for v in out for t in _flatten(v)]
+    return []
+
+
+def check(slim: nn.Module, reference: nn.Module, inputs: Tuple[Any, ...]) -> float:
+    """Relative max error between slim and reference on ``inputs`` (float64)."""
+    slim64 = copy.deepcopy(slim).double().eval()
+    ref64 = copy.deepcopy(reference).double().eval()
+    inputs = tuple(x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs)
+    with torch.no_grad():
+        return max_relative_error(slim64(*inputs), ref64(*inputs))
