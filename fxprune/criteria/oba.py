@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map
 from ..errors import CriterionError
 from . import Criterion, ScoringContext, register_criterion
 from .oba_graph import GraphPlan, Layer, build_plan, scoring_state, tangent
+from .oba_tangents import FALLBACK
 from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
                       progress_iter)
 
@@ -184,8 +185,7 @@ def _run_node(plan: GraphPlan, node, live, dual, recs) -> None:
                 t_y = ex.fn(*fargs, **_detach(lkw))
         dvalue = fwAD.make_dual(value.detach(), t_y)
     else:
-        with torch.no_grad():
-            dvalue = ex.fn(*dargs, **dkw)
+        dvalue = _dual_value(plan, node, ex, value, largs, lkw, dargs, dkw)
     live[node], dual[node] = value, dvalue
     if ex.rebind is not None:                  # functionalised in-place op
         live[ex.rebind], dual[ex.rebind] = value, dvalue
@@ -193,6 +193,21 @@ def _run_node(plan: GraphPlan, node, live, dual, recs) -> None:
         rec = _make_record(plan, node, ex, largs, lkw, value, dargs)
         if rec is not None:
             recs.append(rec)
+
+
+def _dual_value(plan: GraphPlan, node, ex, value, largs, lkw, dargs, dkw):
+    """The dual value of a node: from its tangent rule applied to the live primal when
+    it has one (no recomputation), else by running the node under forward AD."""
+    rule = plan.rules.get(node)
+    with torch.no_grad():
+        t = rule(value, largs, lkw, dargs, dkw) if rule is not None else FALLBACK
+        if t is FALLBACK:
+            return ex.fn(*dargs, **dkw)
+    if t is None:
+        return _detach(value)
+    if isinstance(value, Tensor):
+        return fwAD.make_dual(value.detach(), t)
+    return type(value)(fwAD.make_dual(v.detach(), ti) for v, ti in zip(value, t))
 
 
 def _make_record(plan: GraphPlan, node, ex, largs, lkw, value, dargs):

@@ -155,6 +155,7 @@ class GraphPlan:
         self.bilinear: Dict[Node, List[int]] = {}
         self.execs: Dict[Node, Exec] = {}
         self.has_tangent: set = set()
+        self.rules: Dict[Node, Callable] = {}
         self.dies_after: List[List[Node]] = []
         self._attrs: Dict[Node, object] = {}
 
@@ -277,6 +278,11 @@ def build_plan(gm: nn.Module) -> GraphPlan:
                 (node in plan.layers and plan.layers[node].module is not None) or \
                 any(i in plan.has_tangent for i in node.all_input_nodes):
             plan.has_tangent.add(node)
+    from .oba_tangents import tangent_rule
+    for node, ex in plan.execs.items():
+        rule = tangent_rule(gm, node, ex, _operands(node, ex))
+        if rule is not None and node in plan.has_tangent:
+            plan.rules[node] = rule
     pos = {n: i for i, n in enumerate(nodes)}
     plan.dies_after = [[] for _ in nodes]
     for node in nodes:

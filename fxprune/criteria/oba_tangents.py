@@ -1,0 +1,169 @@
+"""Cheap tangent rules for the OBA forward pass.
+
+Forward-mode AD always recomputes the primal next to the tangent. In the OBA pass the
+primal is already there (the live autograd value), so for the ops that dominate CNNs and
+transformers the tangent is computed directly from the live primal:
+
+* ops linear in their first argument (reshape family, getitem, pooling by averaging,
+  mean/sum, Identity/Dropout/Flatten in eval): ``T = op(T_x, *rest)``;
+* ``add``/``sub``: ``T = T_a ± T_b``; ``cat``: concatenated tangents;
+* multiplicative ops (mul, div by a constant, matmul, bmm, einsum):
+  ``T = op(T_u, v) + op(u, T_v)`` (the product rule);
+* ReLU: ``T = T_x · [y > 0]``; eval-mode BatchNorm: ``T = T_x · γ / sqrt(var + ε)``.
+
+A rule returns :data:`FALLBACK` when its preconditions fail at run time (for instance a
+tangent on an argument it assumes constant); the node then runs under forward AD, which
+is also what every op without a rule does. Rules run under ``torch.no_grad()``.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx import Node
+from torch.utils._pytree import tree_flatten, tree_map
+
+from .oba_graph import (MATMUL_FUNCTIONS, MATMUL_METHODS, MUL_FUNCTIONS, MUL_METHODS,
+                        Exec, tangent)
+
+FALLBACK = object()
+
+_LINEAR_METHODS = {"view", "reshape", "permute", "transpose", "flatten", "contiguous",
+                   "expand", "unsqueeze", "squeeze", "mean", "sum", "t", "unflatten",
+                   "narrow", "select", "repeat", "flip", "chunk", "split", "unbind",
+                   "view_as", "reshape_as", "expand_as", "neg"}
+_LINEAR_FUNCTIONS = {operator.getitem, operator.neg, torch.neg, torch.flatten,
+                     torch.reshape, torch.permute, torch.transpose, torch.squeeze,
+                     torch.unsqueeze, torch.mean, torch.sum, torch.chunk, torch.split,
+                     torch.unbind, F.adaptive_avg_pool1d, F.adaptive_avg_pool2d,
+                     F.adaptive_avg_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d}
+_LINEAR_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout1d,
+                   nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.AvgPool1d, nn.AvgPool2d,
+                   nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+                   nn.AdaptiveAvgPool3d)
+_RELU = {F.relu, torch.relu}
+
+
+def _detach(value):
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, value)
+
+
+def _has_tangent(values) -> bool:
+    return any(tangent(leaf) is not None for leaf in tree_flatten(values)[0])
+
+
+def _linear_first(fn: Callable) -> Callable:
+    def rule(value, largs, lkw, dargs, dkw):
+        if not isinstance(dargs[0], Tensor) or _has_tangent((dargs[1:], dkw)):
+            return FALLBACK
+        t = tangent(dargs[0])
+        return None if t is None else fn(t, *_detach(largs[1:]), **_detach(lkw))
+    return rule
+
+
+def _add(sign: int) -> Callable:
+    def rule(value, largs, lkw, dargs, dkw):
+        if len(dargs) != 2 or dkw or not isinstance(value, Tensor):
+            return FALLBACK
+        ta, tb = tangent(dargs[0]), tangent(dargs[1])
+        if tb is not None and sign < 0:
+            tb = -tb
+        t = tb if ta is None else ta if tb is None else ta + tb
+        if t is not None and t.shape != value.shape:
+            t = t.expand(value.shape).contiguous()
+        return t
+    return rule
+
+
+def _product(fn: Callable, slots) -> Callable:
+    def rule(value, largs, lkw, dargs, dkw):
+        others = [a for i, a in enumerate(dargs) if i not in slots]
+        if not isinstance(value, Tensor) or _has_tangent((others, dkw)):
+            return FALLBACK
+        args = _detach(largs)
+        t = None
+        for i, j in (slots, slots[::-1]):
+            ti = tangent(dargs[i])
+            if ti is not None:
+                full = list(args)
+                full[i] = ti
+                term = fn(*full, **_detach(lkw))
+                t = term if t is None else t + term
+        if t is not None and t.shape != value.shape:
+            t = t.expand(value.shape).contiguous()
+        return t
+    return rule
+
+
+def _divide(value, largs, lkw, dargs, dkw):
+    if len(dargs) != 2 or dkw or _has_tangent(dargs[1]):
+        return FALLBACK
+    t = tangent(dargs[0])
+    return None if t is None else t / _detach(largs[1])
+
+
+def _relu(value, largs, lkw, dargs, dkw):
+    if _has_tangent((dargs[1:], dkw)) or not isinstance(dargs[0], Tensor):
+        return FALLBACK
+    t = tangent(dargs[0])
+    return None if t is None else torch.where(value > 0, t, 0)
+
+
+def _batch_norm(mod: nn.modules.batchnorm._BatchNorm) -> Callable:
+    def rule(value, largs, lkw, dargs, dkw):
+        if mod.training or mod.running_var is None or len(dargs) != 1:
+            return FALLBACK
+        t = tangent(dargs[0])
+        if t is None:
+            return None
+        scale = torch.rsqrt(mod.running_var + mod.eps)
+        if mod.weight is not None:
+            scale = scale * mod.weight.detach()
+        return t * scale.to(t.dtype).view([1, -1] + [1] * (t.dim() - 2))
+    return rule
+
+
+def _cat(value, largs, lkw, dargs, dkw):
+    if not isinstance(dargs[0], (list, tuple)) or _has_tangent((dargs[1:], dkw)):
+        return FALLBACK
+    ts = [tangent(d) for d in dargs[0]]
+    if all(t is None for t in ts):
+        return None
+    parts = [t if t is not None else torch.zeros_like(x)
+             for t, x in zip(ts, _detach(largs[0]))]
+    return torch.cat(parts, *largs[1:], **lkw)
+
+
+def tangent_rule(gm, node: Node, ex: Exec, slots) -> Optional[Callable]:
+    """The rule ``(value, largs, lkw, dargs, dkw) -> tangent | None | FALLBACK`` for
+    ``node`` (None when the node has no rule and always runs under forward AD).
+    ``slots`` are the operand slots of a multiplicative node, if it is one."""
+    fn = ex.fn
+    if node.op == "call_module":
+        if isinstance(fn, _LINEAR_MODULES):
+            return _linear_first(fn)
+        if isinstance(fn, nn.ReLU):
+            return _relu
+        if isinstance(fn, nn.modules.batchnorm._BatchNorm):
+            return _batch_norm(fn)
+        return None
+    name = fn.__name__ if node.op == "call_method" else None
+    if slots is not None and (fn in MATMUL_FUNCTIONS | MUL_FUNCTIONS
+                              or name in MATMUL_METHODS | MUL_METHODS):
+        return _product(fn, tuple(slots))
+    if name in _LINEAR_METHODS or (name is None and fn in _LINEAR_FUNCTIONS):
+        return _linear_first(fn)
+    if name == "relu" or fn in _RELU:
+        return _relu
+    if fn in (operator.add, torch.add) or name == "add":
+        return _add(+1)
+    if fn in (operator.sub, torch.sub) or name == "sub":
+        return _add(-1)
+    if fn in (operator.truediv, torch.div) or name == "div":
+        return _divide
+    if fn is torch.cat:
+        return _cat
+    return None
