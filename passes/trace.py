@@ -77,7 +77,11 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, *,
             graph = tracer.trace(work, concrete_args=concrete_args)
         except Exception as exc:  # torch.fx raises plain TraceError/TypeError/...
             raise _explain_trace_failure(exc, tracer, model) from exc
+        # Forget the tracer class: GraphModule pickles a reference to it, and a saved
+        # slim model must load without fxprune installed.
+        graph._tracer_cls = None
         gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm._tracer_cls = None
     if example_inputs is not None:
         propagate_shapes(gm, as_input_tuple(example_inputs))
     return gm
