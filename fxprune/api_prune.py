@@ -22,7 +22,7 @@ from .passes.rewrite import rewrite
 from .passes.select import (Budget, global_order, removable_counts, select_budget,
                             select_uniform)
 from .passes.trace import as_input_tuple, propagate_shapes, trace
-from .passes.verify import check, masked_reference
+from .passes.verify import check, masked_reference, tolerance
 from .report import CompileResult, GroupRow, Report, measure_latency
 from .unstructured import compile_unstructured
 
@@ -79,7 +79,20 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
                  "input_shapes": [list(x.shape) for x in inputs if torch.is_tensor(x)]})
     report = build_report(dense, current, plan, inputs, verify, latency,
                           predicted=dense_cost.flops(dense.keep_mask(plan.kept)))
+    _note_shortfall(report, steps[-1])
     return CompileResult(current, plan, report, saliency=sal)
+
+
+def _note_shortfall(report: Report, budget: Budget) -> None:
+    """Say why the achieved ratio is well below the target: channel units are coarse."""
+    if budget.kind == "sparsity":
+        return
+    achieved = report.flops_ratio if budget.kind == "flops" else report.params_ratio
+    if budget.ratio - achieved > 0.02:
+        report.notes.append(
+            f"{budget.kind}: kept {achieved:.3f} for a target of {budget.ratio}: channel "
+            "granularity - removing the next lowest-ranked unit (a whole head, conv group "
+            "or channel of a small layer) overshoots the budget")
 
 
 def _budget_steps(flops, params, sparsity) -> List[Budget]:
@@ -105,7 +118,7 @@ def _select(analysis: Analysis, sal, budget: Budget, dense: Analysis, dense_cost
             caps[g.id] = max(0, min(caps[g.id], math.floor(max_layer_sparsity * dense_sizes.get(g.id, g.size)) - already))
     if budget.kind == "sparsity":
         return select_uniform(groups, sal.groups, budget.ratio, caps)
-    cost_now = cost_model(analysis, inputs)
+    cost_now = dense_cost if analysis is dense else cost_model(analysis, inputs)
     measure = cost_now.flops if budget.kind == "flops" else cost_now.params
     dense_total = dense_cost.dense_flops if budget.kind == "flops" else dense_cost.dense_params
     order = None
@@ -141,7 +154,7 @@ def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs
         report.groups.append(GroupRow(g.id, g.kind, g.size, kept, g.prunable, g.reason))
     if verify:
         report.max_rel_error = check(slim, masked_reference(dense, plan.kept), inputs)
-        if report.max_rel_error > 1e-6:
+        if report.max_rel_error > tolerance(slim):
             raise FxpruneError(f"verification failed: slim model differs from the masked "
                                f"reference by {report.max_rel_error:.3e} (relative); please "
                                "report this model")
