@@ -383,6 +383,43 @@ def test_inplace_ops_score_like_out_of_place():
         torch.testing.assert_close(got[n], want[n], rtol=1e-12, atol=1e-15)
 
 
+class RuleNet(nn.Module):
+    """Exercises every tangent rule (and a fallback: ``add`` with ``alpha``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 8)
+        self.fc4 = nn.Linear(16, 3)
+        self.ln, self.bn = nn.LayerNorm(8), nn.BatchNorm1d(8)
+        self.gelu, self.sm = nn.GELU(approximate="tanh"), nn.Softmax(dim=-1)
+
+    def forward(self, x):
+        h = self.ln(self.fc1(x))
+        h = F.layer_norm(h, (8,), self.ln.weight, None, 1e-3) + F.layer_norm(h, (8,))
+        a, b = self.gelu(h), F.gelu(self.fc2(h))
+        p, q, r = self.sm(a), torch.softmax(b, -1), b.softmax(dim=-1)
+        c = torch.cat([p * q, r / 2.0], dim=-1)
+        d = torch.add(c[:, :8], c[:, 8:], alpha=2.0) - self.fc3(h).mean(0, keepdim=True)
+        e = self.bn(d.reshape(4, 8).transpose(0, 1).transpose(0, 1))
+        return self.fc4(torch.cat([e, h.relu()], -1))
+
+
+def test_tangent_rules_agree_with_forward_ad(monkeypatch):
+    import fxprune.criteria.oba_tangents as rules
+    model = seeded(RuleNet())
+    model.bn.running_var.uniform_(0.5, 2.0)
+    batch = data((4, 6), 3)[0]
+    gm = trace(model)
+    from fxprune.criteria.oba_graph import build_plan
+    assert len(build_plan(gm).rules) >= 15
+    got = oba_scores(gm, [batch])
+    monkeypatch.setattr(rules, "tangent_rule", lambda *a: None)
+    assert not build_plan(gm).rules
+    want = oba_scores(gm, [batch])
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-14)
+
+
 # ----------------------------------------------------------------------------- sdpa
 class SdpaBlock(nn.Module):
     def __init__(self, dim=8, heads=2, fused=True, causal=False):

@@ -315,12 +315,22 @@ class _BilinearRec:
         g = cot.get(id(self.z))
         if g is None:
             return
+        plain = self._plain_matmul()
         if self.need_u:
             outs.append(self.u)
-            couts.append(_local_vjp(self._call, [self.u, self.t_v], 0, g))
+            couts.append(g @ self.t_v.transpose(-2, -1) if plain
+                         else _local_vjp(self._call, [self.u, self.t_v], 0, g))
         if self.need_v:
             outs.append(self.v)
-            couts.append(_local_vjp(self._call, [self.t_u, self.v], 1, g))
+            couts.append(self.t_u.transpose(-2, -1) @ g if plain
+                         else _local_vjp(self._call, [self.t_u, self.v], 1, g))
+
+    def _plain_matmul(self) -> bool:
+        """A matmul/bmm without broadcasting: its VJPs are one product each."""
+        name = getattr(self.ex.fn, "__name__", "")
+        u, v = self.u, self.v
+        return (name in ("matmul", "bmm") and self.slots == [0, 1] and u.dim() >= 2
+                and u.dim() == v.dim() and u.shape[:-2] == v.shape[:-2])
 
 
 # ----------------------------------------------------------------------------- exact

@@ -9,7 +9,9 @@ transformers the tangent is computed directly from the live primal:
 * ``add``/``sub``: ``T = T_a ± T_b``; ``cat``: concatenated tangents;
 * multiplicative ops (mul, div by a constant, matmul, bmm, einsum):
   ``T = op(T_u, v) + op(u, T_v)`` (the product rule);
-* ReLU: ``T = T_x · [y > 0]``; eval-mode BatchNorm: ``T = T_x · γ / sqrt(var + ε)``.
+* ReLU: ``T = T_x · [y > 0]``; eval-mode BatchNorm: ``T = T_x · γ / sqrt(var + ε)``;
+  GELU: ``T = gelu'(x) T_x``; softmax: ``T = y ⊙ (T_x - Σ y ⊙ T_x)``; LayerNorm:
+  ``T = γ ⊙ (T_x - mean T_x - x̂ ⊙ mean(x̂ ⊙ T_x)) / σ`` (γ, β held constant).
 
 A rule returns :data:`FALLBACK` when its preconditions fail at run time (for instance a
 tangent on an argument it assumes constant); the node then runs under forward AD, which
@@ -126,6 +128,62 @@ def _batch_norm(mod: nn.modules.batchnorm._BatchNorm) -> Callable:
     return rule
 
 
+def _gelu(approximate: Optional[str]) -> Callable:
+    def rule(value, largs, lkw, dargs, dkw):
+        if len(dargs) != 1 or _has_tangent(dkw) or not isinstance(dargs[0], Tensor):
+            return FALLBACK
+        t = tangent(dargs[0])
+        approx = lkw.get("approximate", approximate or "none")
+        return None if t is None else torch.ops.aten.gelu_backward(
+            t, largs[0].detach(), approximate=approx)
+    return rule
+
+
+def _softmax(value, largs, lkw, dargs, dkw):
+    dim = largs[1] if len(largs) > 1 else lkw.get("dim")
+    if (dim is None or _has_tangent((dargs[1:], dkw)) or not isinstance(dargs[0], Tensor)
+            or lkw.get("dtype") is not None or len(largs) > 2):
+        return FALLBACK
+    t = tangent(dargs[0])
+    if t is None:
+        return None
+    y = value.detach()
+    return y * (t - (y * t).sum(dim, keepdim=True))
+
+
+def _layer_norm(shape, weight, eps, value, x, dx, dextra):
+    """LayerNorm tangent with constant affine parameters (see the module docstring)."""
+    if not isinstance(dx, Tensor) or _has_tangent(dextra):
+        return FALLBACK
+    t = tangent(dx)
+    if t is None:
+        return None
+    dims = tuple(range(-len(shape), 0))
+    xhat, _, rstd = torch.native_layer_norm(x.detach(), list(shape), None, None, eps)
+    t = t - t.mean(dims, keepdim=True) - xhat * (xhat * t).mean(dims, keepdim=True)
+    t = t * rstd
+    return t * weight.detach() if weight is not None else t
+
+
+def _layer_norm_module(mod: nn.LayerNorm) -> Callable:
+    def rule(value, largs, lkw, dargs, dkw):
+        if len(dargs) != 1:
+            return FALLBACK
+        return _layer_norm(mod.normalized_shape, mod.weight, mod.eps, value, largs[0],
+                           dargs[0], dkw)
+    return rule
+
+
+def _layer_norm_function(value, largs, lkw, dargs, dkw):
+    names = ("input", "normalized_shape", "weight", "bias", "eps")
+    a = dict(zip(names, largs), **lkw)
+    d = dict(zip(names, dargs), **dkw)
+    shape = a.get("normalized_shape")
+    shape = (shape,) if isinstance(shape, int) else shape
+    return _layer_norm(shape, a.get("weight"), a.get("eps", 1e-5), value, a["input"],
+                       d["input"], (d.get("weight"), d.get("bias")))
+
+
 def _cat(value, largs, lkw, dargs, dkw):
     if not isinstance(dargs[0], (list, tuple)) or _has_tangent((dargs[1:], dkw)):
         return FALLBACK
@@ -149,6 +207,13 @@ def tangent_rule(gm, node: Node, ex: Exec, slots) -> Optional[Callable]:
             return _relu
         if isinstance(fn, nn.modules.batchnorm._BatchNorm):
             return _batch_norm(fn)
+        if isinstance(fn, nn.GELU):
+            return _gelu(fn.approximate)
+        if isinstance(fn, nn.Softmax) and fn.dim is not None:
+            return lambda value, largs, lkw, dargs, dkw: _softmax(
+                value, [largs[0], fn.dim], {}, dargs, dkw)
+        if isinstance(fn, nn.LayerNorm):
+            return _layer_norm_module(fn)
         return None
     name = fn.__name__ if node.op == "call_method" else None
     if slots is not None and (fn in MATMUL_FUNCTIONS | MUL_FUNCTIONS
@@ -166,4 +231,10 @@ def tangent_rule(gm, node: Node, ex: Exec, slots) -> Optional[Callable]:
         return _divide
     if fn is torch.cat:
         return _cat
+    if fn is F.gelu or name == "gelu":
+        return _gelu(None)
+    if fn in (torch.softmax, F.softmax) or name == "softmax":
+        return _softmax
+    if fn is F.layer_norm:
+        return _layer_norm_function
     return None
