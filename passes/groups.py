@@ -24,7 +24,7 @@ from .rule_table import RULES, RuleContext, unknown_rule, untracked_output
 
 log = logging.getLogger(__name__)
 LABEL_KEY = "fxprune_label"
-_KIND_RANK = {"channel": 0, "conv-group": 1, "head": 2}
+_KIND_RANK = {"channel": 0, "stream": 1, "conv-group": 2, "head": 3}
 
 
 @dataclass

@@ -47,7 +47,9 @@ def _module_params(ctx: RuleContext, *names: str):
     mod = ctx.module()
     out = []
     for name in names:
-        tensor = getattr(mod, name, None)
+        tensor = mod
+        for part in name.split("."):
+            tensor = getattr(tensor, part, None)
         if isinstance(tensor, torch.Tensor):
             out.append(Param(ctx, None, f"{ctx.node.target}.{name}", tuple(tensor.shape)))
         else:
@@ -257,8 +259,25 @@ def sdpa_rule(ctx: RuleContext):
 @RULES.module(nn.MultiheadAttention)
 def mha_module_rule(ctx: RuleContext):
     """nn.MultiheadAttention computes heads inside one opaque call and ties its embed dim
-    to its input: fail closed (its MLP neighbours stay prunable)."""
-    return unknown_rule(ctx)
+    to its input: fail closed (its MLP neighbours stay prunable). Its projections still
+    show up in the report: ``in_proj`` rows form one (blocked) group, and the embed dim
+    (query columns of ``in_proj``, rows of ``out_proj``, the output) joins the stream."""
+    out = unknown_rule(ctx)
+    query = ctx.label(ctx.arg(0, "query"))
+    in_w, in_b, out_w, out_b = _module_params(ctx, "in_proj_weight", "in_proj_bias",
+                                              "out_proj.weight", "out_proj.bias")
+    for w, b in ((in_w, in_b), (out_w, out_b)):
+        if w.label is not None:
+            w.role(0, "producer")
+            if b.label is not None:
+                ctx.space.union(w.dim(0), b.dim(0), ctx.where)
+                b.role(0, "bias")
+    if isinstance(query, TLabel) and in_w.label is not None:
+        ctx.space.union(ctx.space.collapse(query).dims[-1], in_w.dim(1), ctx.where)
+        in_w.role(1, "consumer")
+    if isinstance(out, list) and out and isinstance(out[0], TLabel) and out_w.label is not None:
+        out[0] = TLabel(out[0].dims[:-1] + [out_w.dim(0)])
+    return out
 
 
 # --------------------------------------------------------------------------- spatial

@@ -75,10 +75,17 @@ def elementwise_rule(ctx: RuleContext):
     tensors = [(as_tlabel(lab, shp), shp) for lab, shp in ctx.tensor_args()]
     if len(tensors) == 1 and tuple(tensors[0][1]) == out_shape:
         return tensors[0][0]  # tensor (op) scalar keeps grids intact
-    return broadcast_labels(ctx, tensors, out_shape)
+    additive = ctx.node.target in _ADDITIVE
+    return broadcast_labels(ctx, tensors, out_shape, mark="stream" if additive else None)
 
 
-def broadcast_labels(ctx: RuleContext, tensors, out_shape) -> TLabel:
+_ADDITIVE = {operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub,
+             "add", "add_", "sub", "sub_"}
+
+
+def broadcast_labels(ctx: RuleContext, tensors, out_shape, mark: Optional[str] = None) -> TLabel:
+    """Couple equal-size dims across ``tensors``; ``mark`` names the group kind of
+    channels that two or more tracked operands merge into (``"stream"`` for a residual add)."""
     nd = len(out_shape)
     dims: List[Optional[np.ndarray]] = [None] * nd
     for d in range(nd):
@@ -99,6 +106,8 @@ def broadcast_labels(ctx: RuleContext, tensors, out_shape) -> TLabel:
         for other in sizes:
             if other is not base:
                 ctx.space.union(base, other, ctx.where)
+        if mark is not None and len(tracked) > 1:
+            ctx.space.mark_kind(base, mark)
         dims[d] = base
     return TLabel(dims)
 
@@ -113,6 +122,13 @@ def _dims_arg(ctx: RuleContext, ndim: int, index: int = 1, name: str = "dim"):
     return [d % ndim for d in dim]
 
 
+def _multi_output(node) -> bool:
+    """Does the node return several tensors? ``TensorMetadata`` is itself a NamedTuple,
+    so a tuple check alone would mistake every single-tensor output for a pair."""
+    meta = node.meta.get("tensor_meta")
+    return isinstance(meta, (tuple, list)) and not hasattr(meta, "shape")
+
+
 @RULES.method("mean", "sum", "amax", "amin", "var", "std", "norm", "logsumexp", "max", "min", "prod")
 @RULES.function(torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std,
                 torch.logsumexp, torch.prod)
@@ -120,7 +136,8 @@ def reduce_rule(ctx: RuleContext):
     """Reducing over a channel dim mixes channels with no parameter to slice: blocked."""
     x = ctx.node.args[0]
     label, shape = ctx.label(x), shape_of(x)
-    if shape is None or ctx.out_shape is None and not isinstance(ctx.node.meta.get("tensor_meta"), tuple):
+    multi = _multi_output(ctx.node)
+    if shape is None or (ctx.out_shape is None and not multi):
         return untracked_output(ctx.node)
     label = ctx.space.collapse(as_tlabel(label, shape))
     reduced = _dims_arg(ctx, len(shape))
@@ -131,7 +148,7 @@ def reduce_rule(ctx: RuleContext):
     if not keepdim:
         dims = [lab for d, lab in enumerate(dims) if d not in reduced]
     out = TLabel(dims)
-    if isinstance(ctx.node.meta.get("tensor_meta"), tuple):  # max(dim) -> (values, indices)
+    if multi:  # max(dim) -> (values, indices)
         return [out, out]
     return out if out.ndim == len(ctx.out_shape) else untracked_output(ctx.node)
 
