@@ -1,0 +1,72 @@
+"""End-to-end pruning of the supported timm / torchvision models (issue: rewrite).
+
+Default run: a representative subset at reduced resolution (residual CNN, ViT,
+Swin, Mixer, LeViT, EfficientNet). The full list at 224x224 is `slow`-marked.
+"""
+import pytest
+import timm
+import torch
+import torchvision
+
+import fxprune
+from fxprune.passes.count import count_flops
+
+FAST = [("timm:resnet50", {}, 64), ("timm:vit_small_patch16_224", {"img_size": 64}, 64),
+        ("timm:swin_tiny_patch4_window7_224", {"img_size": 112}, 112),
+        ("timm:mixer_b16_224", {"img_size": 64}, 64), ("timm:levit_128", {"img_size": 64}, 64),
+        ("timm:efficientnet_b0", {}, 64)]
+FULL = ["timm:" + n for n in (
+    "resnet50", "resnext50_32x4d", "vit_base_patch16_224", "deit_small_patch16_224",
+    "swin_tiny_patch4_window7_224", "beit_base_patch16_224", "convnext_tiny", "efficientnet_b0",
+    "mobilenetv3_large_100", "regnety_016", "densenet121", "mixer_b16_224", "levit_128")] + [
+    "torchvision:" + n for n in ("resnet50", "vit_b_16", "mobilenet_v2")]
+
+
+def build(spec, kwargs):
+    lib, name = spec.split(":")
+    torch.manual_seed(0)
+    if lib == "timm":
+        return timm.create_model(name, pretrained=False, **kwargs).eval()
+    return torchvision.models.get_model(name, weights=None, **kwargs).eval()
+
+
+def check_prune(model, x, criterion="l2", **extra):
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    res = fxprune.compile(model, criterion, example_inputs=x, flops=0.5, **extra)
+    report = res.report
+    assert report.max_rel_error <= (1e-6 if x.dtype == torch.float64 else 1e-4)
+    assert abs(report.flops_ratio - 0.5) <= 0.02 or report.notes
+    independent = count_flops(res.module, (x,))
+    assert abs(independent - report.flops_after) <= 0.01 * report.flops_after
+    torch.export.export(res.module, (x,))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), f"input model changed: {k}"
+    return res
+
+
+@pytest.mark.parametrize("spec,kwargs,size", FAST, ids=[s for s, _, _ in FAST])
+def test_zoo_subset_l2_half_flops(spec, kwargs, size):
+    model = build(spec, kwargs).double()
+    check_prune(model, torch.randn(1, 3, size, size, dtype=torch.float64))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", FULL)
+def test_zoo_full_l2_half_flops(spec):
+    check_prune(build(spec, {}).double(), torch.randn(1, 3, 224, 224, dtype=torch.float64))
+
+
+def test_vit_heads_pruned_without_manual_patching():
+    """Half of every head group goes: qkv keeps 3 of 6 heads (3*3*64 rows), proj keeps
+    3*64 input columns, and the traced head count in the reshape is patched."""
+    model = build("timm:vit_small_patch16_224", {"img_size": 64, "depth": 2}).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    res = fxprune.compile(model, "l2", example_inputs=x, sparsity=0.5)
+    assert res.report.max_rel_error <= 1e-6
+    slim = res.module
+    for block in range(2):
+        assert slim.get_submodule(f"blocks.{block}.attn.qkv").out_features == 3 * 3 * 64
+        assert slim.get_submodule(f"blocks.{block}.attn.proj").in_features == 3 * 64
+    head_counts = [n.args[4] for n in slim.graph.nodes if n.target == "reshape" and len(n.args) == 6]
+    assert head_counts == [3, 3]
+    torch.export.export(slim, (x,))
