@@ -1,0 +1,235 @@
+"""The ``fxprune`` command line.
+
+::
+
+    fxprune prune timm:resnet18 --checkpoint r18.pth --flops 0.5 --data imagenet/val \\
+        --out slim.pt --plan plan.json --report report.png
+    fxprune groups timm:resnet18 --graph groups.html
+    fxprune report slim.pt            # or plan.json
+    fxprune criteria
+
+Errors the user can fix (bad options, unknown models, missing or mismatched
+checkpoints, empty data) print one line to stderr and exit with status 2; any other
+exception prints one line too, exits with status 1 and suggests ``--debug``, which
+shows the traceback. Stage lines go to stderr, reports to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import sys
+import warnings
+from typing import List, Optional
+
+from .cli_common import input_size, positive_int, ratio_list, sparsity_ratio, one_line
+
+EXIT_USAGE = 2
+EXIT_INTERNAL = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block) and exit 2."""
+
+    def error(self, message: str):  # noqa: D401 - argparse API
+        """Print ``prog: error: message`` on one line and exit with status 2."""
+        sys.stderr.write(f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+        sys.exit(EXIT_USAGE)
+
+
+def _common(defaults: bool) -> argparse.ArgumentParser:
+    """--debug/--verbose/--quiet, accepted before and after the sub-command."""
+    p = argparse.ArgumentParser(add_help=False)
+    d = (lambda v: v) if defaults else (lambda v: argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", default=d(False),
+                   help="show tracebacks and debug logging")
+    p.add_argument("-v", "--verbose", action="store_true", default=d(False),
+                   help="more detail (library info messages, full group tables)")
+    p.add_argument("-q", "--quiet", action="store_true", default=d(False),
+                   help="no stage lines or progress bars on stderr")
+    return p
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL and the options every command that builds a model takes."""
+    p.add_argument("model", metavar="MODEL",
+                   help="timm:NAME, torchvision:NAME, path/file.py:factory or a registered name")
+    p.add_argument("--checkpoint", metavar="PATH",
+                   help="weights to load (.pth/.pt/.bin/.ckpt or .safetensors)")
+    p.add_argument("--num-classes", type=positive_int, metavar="N",
+                   help="classifier size, when the checkpoint's differs from the default")
+    p.add_argument("--input-size", type=input_size, metavar="C,H,W",
+                   help="one example's shape without the batch dim (default: the model's)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
+                   help="where to run (default: cpu)")
+
+
+def _prune_parser(sub, common) -> None:
+    """The ``prune`` sub-command and its options."""
+    p = sub.add_parser("prune", parents=[common], help="prune a model to a budget",
+                       description="Prune MODEL to a FLOPs, parameter or sparsity budget and "
+                                   "write the slim model, plan and report.")
+    _model_args(p)
+    p.add_argument("--criterion", metavar="NAME",
+                   help="saliency criterion (default: oba; see 'fxprune criteria')")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--flops", type=ratio_list, metavar="R",
+                        help="keep fraction R of the dense FLOPs (0.5 keeps half); a "
+                             "decreasing list 0.6,0.5,0.4 prunes iteratively")
+    budget.add_argument("--params", type=ratio_list, metavar="R",
+                        help="keep fraction R of the dense parameters (list: iterative)")
+    budget.add_argument("--sparsity", type=sparsity_ratio, metavar="R",
+                        help="remove fraction R of the channels of every group")
+    p.add_argument("--data", metavar="DATA",
+                   help="calibration data: an ImageFolder directory, 'fashion-mnist[:DIR]' "
+                        "or 'synthetic' (default; real data prunes better)")
+    p.add_argument("--batches", type=positive_int, default=8, metavar="N",
+                   help="calibration batches (default: 8)")
+    p.add_argument("--batch-size", type=positive_int, default=32, metavar="B",
+                   help="calibration batch size (default: 32)")
+    p.add_argument("--workers", type=int, default=0, metavar="N",
+                   help="DataLoader workers for image folders (default: 0)")
+    p.add_argument("--out", metavar="SLIM.pt",
+                   help="save the slim GraphModule with torch.save (plus SLIM.pt.json)")
+    p.add_argument("--export", metavar="SLIM.pt2",
+                   help="save torch.export.export(slim) with torch.export.save")
+    p.add_argument("--plan", metavar="PLAN.json", help="write the pruning plan (JSON)")
+    p.add_argument("--report", metavar="FILE",
+                   help="write the report: .png/.svg keep-ratio plot, .html page or .json")
+    p.add_argument("--no-verify", action="store_true",
+                   help="skip checking the slim model against the masked dense model")
+    p.add_argument("--no-latency", dest="latency", action="store_false",
+                   help="skip the latency measurement")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    p.set_defaults(func=_lazy("cli_prune", "run_prune"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``fxprune`` argument parser with its four sub-commands."""
+    parser = _Parser(prog="fxprune", parents=[_common(True)],
+                     description="Second-order structured pruning as a torch.fx pipeline.")
+    common = _common(False)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _prune_parser(sub, common)
+    g = sub.add_parser("groups", parents=[common], help="show a model's coupled channel groups",
+                       description="Print the coupled-channel groups and the connectivity "
+                                   "summary of MODEL; optionally draw the group graph.")
+    _model_args(g)
+    g.add_argument("--graph", metavar="FILE",
+                   help="write the group graph: .dot (always), .svg (needs graphviz), .html")
+    g.add_argument("--json", metavar="FILE", help="write the groups as JSON")
+    g.set_defaults(func=_lazy("cli_graph", "run_groups"))
+    r = sub.add_parser("report", parents=[common], help="print the report of a slim model or plan",
+                       description="Print the report table of a slim model saved with "
+                                   "'fxprune prune --out' (FLOPs/params recounted) or of a plan.")
+    r.add_argument("path", metavar="SLIM_OR_PLAN", help="slim model (.pt) or plan/report (.json)")
+    r.add_argument("--input-size", type=input_size, metavar="C,H,W",
+                   help="input shape when the slim model has no .json sidecar")
+    r.set_defaults(func=_lazy("cli_report", "run_report"))
+    c = sub.add_parser("criteria", parents=[common], help="list the saliency criteria")
+    c.set_defaults(func=_criteria)
+    return parser
+
+
+def _lazy(module: str, name: str):
+    """A command function imported on first use (keeps ``--help`` fast)."""
+    def run(args):
+        """Import the command module and run the command."""
+        import importlib
+        return getattr(importlib.import_module(f"fxprune.{module}"), name)(args)
+    return run
+
+
+def _criteria(args) -> int:
+    """``fxprune criteria``: one line per registered criterion."""
+    from .criteria import list_criteria
+    found = list_criteria()
+    width = max(map(len, found), default=0)
+    for name, description in found.items():
+        default = " (default)" if name == "oba" else ""
+        print(f"{name:<{width}}  {description}{default}")
+    return 0
+
+
+@contextlib.contextmanager
+def _cli_logging(args):
+    """Stage lines from ``fxprune.cli`` (INFO) and library messages from WARNING up to
+    stderr; the previous logging and warning settings are restored on exit (so that
+    ``main()`` can be called in-process, e.g. from tests)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("fxprune: %(message)s"))
+    root, cli = logging.getLogger("fxprune"), logging.getLogger("fxprune.cli")
+    saved = (root.handlers[:], root.propagate, root.level, cli.level)
+    lib_level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
+    root.handlers[:] = [handler]
+    root.propagate = False
+    root.setLevel(lib_level)
+    cli.setLevel(logging.WARNING if args.quiet else min(lib_level, logging.INFO))
+    with warnings.catch_warnings():
+        if not (args.debug or args.verbose):
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            warnings.filterwarnings("ignore", category=DeprecationWarning)
+        try:
+            yield
+        finally:
+            root.handlers[:], root.propagate = saved[0], saved[1]
+            root.setLevel(saved[2])
+            cli.setLevel(saved[3])
+
+
+def _error_line(exc: BaseException) -> (str, int):
+    """The one-line message and exit status for an exception."""
+    from .errors import FxpruneError
+    if isinstance(exc, FxpruneError):
+        return one_line(str(exc)), EXIT_USAGE
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {exc.strerror or exc}", EXIT_USAGE
+    if type(exc).__name__ == "OutOfMemoryError":
+        return ("out of memory; try a smaller --batch-size, fewer --batches or a smaller "
+                "--input-size"), EXIT_INTERNAL
+    detail = one_line(str(exc))[:300]
+    return (f"internal error: {type(exc).__name__}: {detail} "
+            "(re-run with --debug for the traceback)"), EXIT_INTERNAL
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so that the interpreter's final flush cannot fail."""
+    import os
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``fxprune`` command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    with _cli_logging(args):
+        return _run(args)
+
+
+def _run(args) -> int:
+    """Run the sub-command; turn every exception into one line and an exit status."""
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        sys.stderr.write("fxprune: interrupted\n")
+        return 130
+    except BrokenPipeError:  # stdout closed early (fxprune ... | head): not an error
+        _silence_stdout()
+        return EXIT_INTERNAL
+    except Exception as exc:  # noqa: BLE001 - the CLI's one-line error contract
+        if args.debug:
+            raise
+        message, status = _error_line(exc)
+        sys.stderr.write(f"fxprune {args.command}: error: {message}\n")
+        return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

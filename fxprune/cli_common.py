@@ -1,0 +1,191 @@
+"""Helpers shared by the ``fxprune`` commands: messages, argument types, model loading.
+
+Every problem the user can fix (a bad option, a missing file, no CUDA device) is
+raised as :class:`CliError`, an :class:`~fxprune.errors.FxpruneError`, so that
+:func:`fxprune.cli.main` prints it as one line and exits with status 2.
+Stage lines ("analysing", "scoring", ...) go to stderr through the ``fxprune.cli``
+logger; the report itself goes to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import random
+from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
+
+from .errors import CheckpointError, FxpruneError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("fxprune.cli")
+
+#: Criteria tried, in order, when ``--criterion`` is not given.
+DEFAULT_CRITERIA = ("oba", "sosp-h", "taylor", "l2")
+
+
+class CliError(FxpruneError):
+    """A command-line problem the user can fix (exit status 2)."""
+
+
+# ----------------------------------------------------------------------------- argument types
+
+def ratio_list(text: str) -> Union[float, List[float]]:
+    """``--flops``/``--params``: a kept fraction in (0, 1], or a decreasing comma list."""
+    values = _floats(text)
+    for v in values:
+        if not 0.0 < v <= 1.0:
+            raise argparse.ArgumentTypeError(
+                f"{text!r}: a kept fraction must be in (0, 1] (0.5 keeps half)")
+    if any(b >= a for a, b in zip(values, values[1:])):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: iterative budgets must be strictly decreasing, e.g. 0.6,0.5,0.4")
+    return values[0] if len(values) == 1 else values
+
+
+def sparsity_ratio(text: str) -> float:
+    """``--sparsity``: the fraction of every group's channels removed, in [0, 1)."""
+    values = _floats(text)
+    if len(values) != 1 or not 0.0 <= values[0] < 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: sparsity is one number in [0, 1), the fraction of channels removed")
+    return values[0]
+
+
+def _floats(text: str) -> List[float]:
+    """Parse ``0.5`` or ``0.6,0.5`` into finite floats."""
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number or a comma list of numbers")
+    if any(v != v or v in (float("inf"), float("-inf")) for v in values):
+        raise argparse.ArgumentTypeError(f"{text!r}: budgets must be finite numbers")
+    return values
+
+
+def input_size(text: str) -> Tuple[int, ...]:
+    """``--input-size 3,224,224``: one example's shape without the batch dimension."""
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
+    if not dims or any(d < 1 for d in dims):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected comma-separated positive integers like 3,224,224")
+    return dims
+
+
+def positive_int(text: str) -> int:
+    """A strictly positive integer (batch counts, batch sizes)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer")
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: must be at least 1")
+    return value
+
+
+# ----------------------------------------------------------------------------- checks
+
+def check_output(path: Optional[str], option: str, suffixes: Sequence[str]) -> None:
+    """Fail before any work when an output path has a wrong suffix or no directory."""
+    if path is None:
+        return
+    if suffixes and not path.lower().endswith(tuple(suffixes)):
+        raise CliError(f"{option} {path}: the file name must end in {' or '.join(suffixes)}")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise CliError(f"{option} {path}: directory {directory} does not exist")
+    if os.path.isdir(path):
+        raise CliError(f"{option} {path}: is a directory, expected a file name")
+
+
+def check_checkpoint(path: Optional[str]) -> None:
+    """Fail fast on a missing checkpoint (before the model is built)."""
+    if path is not None and not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint file {path!r} does not exist")
+
+
+def resolve_device(name: str) -> "torch.device":
+    """``cpu`` or ``cuda``; ``cuda`` without a CUDA device is a :class:`CliError`."""
+    import torch
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise CliError(f"--device {name}: no CUDA device is present "
+                       "(torch.cuda.is_available() is False); use --device cpu")
+    return torch.device(name)
+
+
+def resolve_criterion(name: Optional[str]):
+    """The :class:`~fxprune.criteria.Criterion` to use; the default is OBA, falling back
+    (with a message) to the first registered one of :data:`DEFAULT_CRITERIA`."""
+    from .criteria import get_criterion, list_criteria
+    if name is not None:
+        return get_criterion(name)  # CriterionError lists the valid names
+    available = list_criteria()
+    for candidate in DEFAULT_CRITERIA:
+        if candidate in available:
+            if candidate != DEFAULT_CRITERIA[0]:
+                log.warning("criterion %r is not available; using %r instead",
+                            DEFAULT_CRITERIA[0], candidate)
+            return get_criterion(candidate)
+    raise CliError("no default criterion is registered; pass --criterion "
+                   f"(valid: {', '.join(available)})")
+
+
+# ----------------------------------------------------------------------------- models
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (CPU and CUDA) for reproducible runs."""
+    import numpy as np
+    import torch
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def load_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int], device):
+    """Build ``spec`` with :func:`fxprune.models.create_model`, load ``checkpoint``,
+    switch to eval mode and move it to ``device``."""
+    from .models import create_model
+    check_checkpoint(checkpoint)
+    kwargs = {"num_classes": num_classes} if num_classes is not None else {}
+    log.info("loading %s%s", spec, f" with weights from {checkpoint}" if checkpoint else
+             " (random weights: pass --checkpoint to prune trained weights)")
+    model = create_model(spec, checkpoint=checkpoint, **kwargs)
+    return model.eval().to(device)
+
+
+def resolve_input_size(spec: str, model, given: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
+    """``--input-size`` if given, else the model's default input size."""
+    if given is not None:
+        return tuple(given)
+    if spec.startswith("timm:"):
+        from timm.data import resolve_data_config
+        return tuple(resolve_data_config({}, model=model)["input_size"])
+    size = getattr(model, "input_size", None)
+    if isinstance(size, (tuple, list)) and size and all(isinstance(d, int) for d in size):
+        return tuple(size)
+    from .models import model_input_size
+    try:
+        return tuple(model_input_size(spec))
+    except FxpruneError:
+        raise CliError(f"cannot tell the input size of {spec}: pass --input-size, "
+                       "e.g. --input-size 3,224,224") from None
+
+
+def public_mode(*paths: str) -> None:
+    """Give written files the usual permissions (0666 minus the umask): atomic writes
+    go through ``mkstemp``, whose files are private (0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for path in paths:
+        if path and os.path.isfile(path):
+            os.chmod(path, 0o666 & ~mask)
+
+
+def one_line(message: str) -> str:
+    """Collapse a multi-line message into one line."""
+    parts = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return " ".join(parts) if parts else ""

@@ -1,0 +1,162 @@
+"""``fxprune prune``: load a model, calibrate, prune to a budget, write the results.
+
+Stages are announced on stderr (loading, analysing, scoring and pruning, verifying,
+writing); the report table goes to stdout. Every output file is written atomically
+(temporary file + ``os.replace``), so an interrupted run never leaves half a file.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Any, Dict, List
+
+from .cli_common import (CliError, check_checkpoint, check_output, load_model, log,
+                         public_mode, resolve_criterion, resolve_device, resolve_input_size,
+                         seed_everything)
+from .cli_data import calibration, parse_source
+from .cli_report import recount, save_module_atomic, write_report, write_sidecar
+
+REPORT_SUFFIXES = (".png", ".svg", ".html", ".htm", ".json")
+
+
+def run_prune(args) -> int:
+    """Entry point of ``fxprune prune`` (see ``fxprune prune --help``)."""
+    _check_args(args)
+    device = resolve_device(args.device)
+    crit = resolve_criterion(args.criterion)
+    source = parse_source(args.data)
+    seed_everything(args.seed)
+    model = load_model(args.model, args.checkpoint, args.num_classes, device)
+    size = resolve_input_size(args.model, model, args.input_size)
+    log.info("calibration data: %s, %s", source.describe(),
+             f"up to {args.batches} batch(es) of {args.batch_size}" if crit.needs_data else
+             f"criterion {crit.name!r} is data-free: the data only gives the input shape")
+    calib = calibration(source, model, size, device, batches=args.batches,
+                        batch_size=args.batch_size, seed=args.seed, labels=crit.needs_data,
+                        workers=args.workers, spec=args.model)
+    _analyse(model, calib.example)
+    result = _compile(model, crit.name, calib, args)
+    summary = _write_outputs(args, result, calib.example, crit.name, size)
+    print(result.report.table())
+    print(summary)
+    return 0
+
+
+def _check_args(args) -> None:
+    """Everything that can be checked before the (slow) model is built."""
+    check_output(args.out, "--out", (".pt", ".pth"))
+    check_output(args.export, "--export", (".pt2",))
+    check_output(args.plan, "--plan", (".json",))
+    check_output(args.report, "--report", REPORT_SUFFIXES)
+    check_checkpoint(args.checkpoint)
+    if args.export and os.path.abspath(args.export) == os.path.abspath(args.out or ""):
+        raise CliError("--out and --export must be different files")
+
+
+def budget_kwargs(args) -> Dict[str, Any]:
+    """``{"flops": r}``, ``{"params": [r1, r2]}`` or ``{"sparsity": r}``."""
+    for kind in ("flops", "params", "sparsity"):
+        value = getattr(args, kind)
+        if value is not None:
+            return {kind: value}
+    raise CliError("give one budget: --flops R, --params R or --sparsity R")
+
+
+def _budget_text(budget: Dict[str, Any]) -> str:
+    """``flops 0.5`` or ``flops 0.6 -> 0.5 (iterative)``."""
+    (kind, value), = budget.items()
+    if isinstance(value, list):
+        return f"{kind} " + " -> ".join(f"{v:g}" for v in value) + " (iterative)"
+    return f"{kind} {value:g}"
+
+
+def _analyse(model, example) -> None:
+    """The "analysing" stage: trace and group the model, report the group counts."""
+    from . import groups
+    log.info("analysing: tracing the model on an input of shape %s", list(example.shape))
+    found = groups(model, example)
+    fixed = [g for g in found if not g.prunable]
+    log.info("analysing: %d coupled channel groups, %d prunable, %d fixed",
+             len(found), len(found) - len(fixed), len(fixed))
+
+
+def _compile(model, criterion: str, calib, args):
+    """Run :func:`fxprune.compile` with stage messages between the steps."""
+    from . import compile as fx_compile
+    budget = budget_kwargs(args)
+    values = next(iter(budget.values()))
+    steps = len(values) if isinstance(values, list) else 1
+    verify = not args.no_verify
+
+    def between_steps(module, step: int) -> None:
+        """Called by compile after each rewrite: announce the next stages."""
+        log.info("pruning: step %d/%d done", step + 1, steps)
+        if step + 1 == steps:
+            if verify:
+                log.info("verifying: slim model against the masked dense model")
+            if args.latency:
+                log.info("measuring latency (median of 10 forward passes, batch 1)")
+
+    n_batches = len(calib.batches) if calib.batches is not None else 0
+    log.info("scoring with %r%s, then pruning to %s", criterion,
+             f" on {n_batches} calibration batch(es)" if n_batches else "", _budget_text(budget))
+    return fx_compile(model, criterion, example_inputs=calib.example, data=calib.batches,
+                      batches=args.batches if calib.batches is not None else None,
+                      progress=not args.quiet, latency=args.latency, verify=verify,
+                      between_steps=between_steps, **budget)
+
+
+def _write_outputs(args, result, example, criterion: str, size) -> str:
+    """Write the plan, report, slim model (+ sidecar) and torch.export program; return
+    the one-line input -> output summary of the slim model."""
+    report, slim = result.report, result.module.cpu().eval()
+    example = example.cpu()
+    meta = {"model": args.model, "checkpoint": args.checkpoint, "criterion": criterion,
+            "input_size": list(size), "budget": result.plan.meta.get("budget"),
+            "seed": args.seed, "data": args.data or "synthetic"}
+    flops, params, out_shape = recount(slim, list(example.shape))
+    written: List[str] = []
+    if args.plan:
+        result.plan.meta.update(model=args.model, report=report.to_dict())
+        result.plan.to_json(args.plan)
+        written.append(f"plan {args.plan}")
+    if args.report:
+        write_report(report, args.report)
+        written.append(f"report {args.report}")
+    if args.out:
+        save_module_atomic(slim, args.out)
+        sidecar = write_sidecar(args.out, report, example.shape, out_shape, meta)
+        written.append(f"slim model {args.out} (+ {os.path.basename(sidecar)})")
+    if args.export:
+        export_program(slim, example, args.export)
+        write_sidecar(args.export, report, example.shape, out_shape, meta)
+        written.append(f"torch.export program {args.export} (+ .json)")
+    public_mode(args.plan, args.report, args.out, args.out and args.out + ".json", args.export,
+                args.export and args.export + ".json")
+    for item in written:
+        log.info("wrote %s", item)
+    if (flops, params) != (report.flops_after, report.params_after):
+        log.warning("recount of the slim model (%d FLOPs, %d params) differs from the "
+                    "report (%d, %d)", flops, params, report.flops_after, report.params_after)
+    return f"slim model: input {list(example.shape)} -> output {out_shape}"
+
+
+def export_program(module, example, path: str) -> None:
+    """``torch.export.export`` the slim model and ``torch.export.save`` it atomically."""
+    import torch
+    log.info("exporting with torch.export")
+    try:
+        program = torch.export.export(module, (example,))
+    except Exception as exc:  # noqa: BLE001 - report it as one line, the rest is saved
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        raise CliError(f"torch.export failed ({type(exc).__name__}: {first}); the other "
+                       "outputs were written; drop --export or pass --debug") from exc
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=".fxprune-", suffix=".pt2")
+    os.close(fd)
+    try:
+        torch.export.save(program, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
