@@ -51,6 +51,7 @@ def main():
             d, s = statistics.median(dense), statistics.median(slim)
             kept = res.report.flops_ratio
             rows.append((name, ratio, kept, d, s, d / s, (d / s) * kept))
+            print(f"# {rows[-1]}", flush=True)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
           f"{args.threads} threads, batch 8, 224x224\n")
     print("| model | target | kept FLOPs | dense ms | slim ms | speedup | speedup ÷ (1/kept) |")
