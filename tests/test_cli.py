@@ -124,7 +124,7 @@ def test_slim_model_loads_with_torch_only(pruned, workdir):
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr
 
 
-def test_report_command_on_plan_and_slim(pruned, workdir):
+def test_report_command_on_plan_and_slim(pruned, workdir, capsys, monkeypatch):
     side = json.loads((workdir / "slim.pt.json").read_text())
     flops_line = next(ln for ln in pruned.stdout.splitlines() if ln.startswith("FLOPs"))
     on_plan = run_cli("report", "plan.json", cwd=workdir)
@@ -135,6 +135,10 @@ def test_report_command_on_plan_and_slim(pruned, workdir):
     assert flops_line in on_slim.stdout and "recounted" in on_slim.stdout
     assert "differ" not in on_slim.stdout
     assert f"{side['report']['flops_after']:,}" in on_slim.stdout
+    monkeypatch.chdir(workdir)
+    on_program = call_main(capsys, "report", "slim.pt2")  # torch.export program + sidecar
+    assert on_program.returncode == 0, on_program.stderr
+    assert flops_line in on_program.stdout and "differ" not in on_program.stdout
 
 
 def test_prune_image_folder_safetensors_iterative(workdir, checkpoints):
@@ -178,7 +182,7 @@ def test_fashion_mnist_idx_files(tmp_path):
         fh.write(struct.pack(">HBB1I", 0, 8, 1, n) + labels.numpy().tobytes())
     from fxprune.cli_data import read_idx
     assert torch.equal(read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")), images)
-    proc = run_cli("prune", "tiny_vgg", "--criterion", "taylor", "--sparsity", "0.25",
+    proc = run_cli("prune", "tiny_vgg", "--criterion", "oba", "--sparsity", "0.25",
                    "--data", f"fashion-mnist:{tmp_path}", "--batch-size", "4", "--batches", "2",
                    "--no-latency", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
@@ -200,6 +204,14 @@ def test_groups_command_graphs(tmp_path):
     assert text.startswith("digraph") and '"stem.0" -> "layer1.conv1"' in text
 
 
+@pytest.mark.skipif(shutil.which("dot") is None, reason="needs Graphviz's dot")
+def test_groups_svg_with_graphviz(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = call_main(capsys, "groups", "tiny_resnet", "--graph", "g.svg")
+    assert result.returncode == 0, result.stderr
+    assert "<svg" in (tmp_path / "g.svg").read_text()
+
+
 def test_criteria_command(capsys):
     proc = call_main(capsys, "criteria")
     assert proc.returncode == 0, proc.stderr
@@ -209,7 +221,7 @@ def test_criteria_command(capsys):
 BAD_ARGS = {  # run in a subprocess: the real entry point
     "flops zero": (["prune", RESNET, "--flops", "0"], ["--flops", "(0, 1]"]),
     "criterion typo": (["prune", RESNET, "--flops", "0.5", "--criterion", "oab"],
-                       ["'oab'", "oba", "l2", "sosp-h"]),
+                       ["'oab'", "oba", "l1", "l2"]),
     "missing checkpoint": (["prune", RESNET, "--flops", "0.5", "--checkpoint", "no.pth"],
                            ["no.pth", "does not exist"]),
     "unknown model": (["prune", "timm:resnet81", "--flops", "0.5"], ["resnet81", "resnet18"]),
