@@ -12,15 +12,16 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .api_score import _progress, prepare_batches, score_analysis, wrap_loss
+from .api_score import (_progress, default_example_inputs, prepare_batches, score_analysis,
+                        wrap_loss)
 from .criteria import get_criterion
 from .errors import BudgetError, DataError, FxpruneError
 from .plan import Plan
 from .passes.count import cost_model, count_flops, count_params
 from .passes.groups import Analysis, analyze
 from .passes.rewrite import rewrite
-from .passes.select import (Budget, global_order, removable_counts, select_budget,
-                            select_uniform)
+from .passes.select import (Budget, global_order, member_spans, removable_counts,
+                            select_budget, select_uniform)
 from .passes.trace import as_input_tuple, propagate_shapes, trace
 from .passes.verify import check, masked_reference, tolerance
 from .report import CompileResult, GroupRow, Report, measure_latency
@@ -49,7 +50,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     if example_inputs is None:
         if batch_list is None:
             raise DataError("pass example_inputs (or data, whose first batch is used)")
-        example_inputs = batch_list[0][0]
+        example_inputs = default_example_inputs(batch_list, model)
     inputs = as_input_tuple(example_inputs)
     loss = wrap_loss(loss_fn, output_fn)
     trace_kw = dict(leaf_modules=leaf_modules, concrete_args=concrete_args)
@@ -59,13 +60,15 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
         return compile_unstructured(model, crit, inputs, batch_list, loss, sparsity,
                                     options, _progress(progress), trace_kw)
     steps = _budget_steps(flops, params, sparsity)
-    dense = analyze(trace(model, inputs, **trace_kw))
+    dense = refuse_broken_ties(analyze(trace(model, inputs, **trace_kw)))
     dense_cost = cost_model(dense, inputs)
     current, analysis, plan_kept = model, dense, None
     for step, budget in enumerate(steps):
         if step:
-            analysis = analyze(trace(current, inputs, **trace_kw))
+            analysis = refuse_broken_ties(analyze(trace(current, inputs, **trace_kw)))
+        log.info("scoring with %s (step %d/%d)", crit.name, step + 1, len(steps))
         sal = score_analysis(analysis, crit, batch_list, loss, options, _progress(progress))
+        log.info("pruning to %s=%s", budget.kind, budget.ratio)
         kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, inputs,
                        max_layer_sparsity, ignore)
         slim = rewrite(analysis, kept)
@@ -153,7 +156,12 @@ def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs
         kept = len(plan.kept.get(g.id, range(g.size)))
         report.groups.append(GroupRow(g.id, g.kind, g.size, kept, g.prunable, g.reason))
     if verify:
+        log.info("verifying against the masked reference")
         report.max_rel_error = check(slim, masked_reference(dense, plan.kept), inputs)
+        if not math.isfinite(report.max_rel_error):
+            raise FxpruneError("verification failed: the model's output on the example "
+                               "inputs is not finite (NaN or inf), so the slim model cannot "
+                               "be checked; check the inputs and the model's weights")
         if report.max_rel_error > tolerance(slim):
             raise FxpruneError(f"verification failed: slim model differs from the masked "
                                f"reference by {report.max_rel_error:.3e} (relative); please "
@@ -174,11 +182,70 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         example_inputs = tuple(torch.zeros(s, dtype=dtype) for s in shapes)
     inputs = as_input_tuple(example_inputs)
-    analysis = analyze(trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args))
+    analysis = refuse_broken_ties(
+        analyze(trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)))
     _check_plan(analysis, plan)
     slim = rewrite(analysis, plan.kept)
     propagate_shapes(slim, inputs)
     return CompileResult(slim, plan, build_report(analysis, slim, plan, inputs, verify, False))
+
+
+def _emptied_members(group, kept: set) -> List[str]:
+    """Members of ``group`` that would lose every index under ``kept`` (a conv with
+    zero output or input channels cannot run)."""
+    out = []
+    for span in member_spans(group):
+        if not span & kept:
+            names = sorted({f"`{m.target}` (dim {m.dim})" for m in group.members
+                            if frozenset(c for c, ix in enumerate(m.index_map) if ix) == span})
+            out.append(f"group {group.id!r}: the plan removes all of channels {sorted(span)}, "
+                       f"every index of {', '.join(names[:3])}; keep at least one of them")
+    return out
+
+
+def refuse_broken_ties(analysis: Analysis) -> Analysis:
+    """Tied tensors (one parameter or buffer reachable under several names) must lose
+    the same slices under every name. Where the analysis does not tie them (it keys
+    tensors by name), the groups they touch are marked unprunable with the reason,
+    so they are never pruned inconsistently. Returns ``analysis``."""
+    gm = analysis.gm
+    slots: Dict[int, List[tuple]] = {}
+    for kind in ("named_parameters", "named_buffers"):
+        for name, t in getattr(gm, kind)(remove_duplicate=False):
+            prefix, _, attr = name.rpartition(".")
+            owner = gm.get_submodule(prefix) if prefix else gm
+            slots.setdefault(id(t), []).append((name, id(owner), attr))
+    records: Dict[str, list] = {}
+    for (target, _dim), rec in analysis.space.records.items():
+        records.setdefault(target, []).append(rec)
+    for aliases in slots.values():
+        if len({(owner, attr) for _, owner, attr in aliases}) < 2:
+            continue  # one module slot reached by several paths: sliced once, still tied
+        names = sorted({name for name, _, _ in aliases})
+        if _ties_consistent(analysis, [records.get(n, []) for n in names]):
+            continue
+        touched = set()
+        for n in names:
+            for rec in records.get(n, []):
+                gids = analysis.element_group[rec.ids]
+                touched.update(int(g) for g in gids[gids >= 0])
+        reason = (f"`{names[0]}` is tied to `{names[1]}` (one tensor under several names) "
+                  "and the analysis does not couple the two uses; tied tensors are kept whole")
+        for gi in sorted(touched):
+            group = analysis.groups[gi]
+            if group.prunable:
+                group.prunable, group.reason = False, reason
+                log.info("group %s: %s", group.id, reason)
+    return analysis
+
+
+def _ties_consistent(analysis: Analysis, recs_per_name) -> bool:
+    """Do all aliases carry the same records, channel for channel?"""
+    def signature(recs):
+        return sorted((r.dim, tuple(analysis.element_group[r.ids].tolist()),
+                       tuple(analysis.element_channel[r.ids].tolist())) for r in recs)
+    first = signature(recs_per_name[0])
+    return all(signature(r) == first for r in recs_per_name[1:])
 
 
 def _check_plan(analysis: Analysis, plan: Plan) -> None:
@@ -194,5 +261,7 @@ def _check_plan(analysis: Analysis, plan: Plan) -> None:
             problems.append(f"group {gid!r} is not prunable here ({g.reason})")
         elif not kept or min(kept) < 0 or max(kept) >= g.size:
             problems.append(f"group {gid!r}: kept indices must be 1..{g.size} channels in range")
+        else:
+            problems += _emptied_members(g, set(kept))
     if problems:
         raise FxpruneError("the plan does not fit this model: " + "; ".join(problems[:5]))

@@ -53,15 +53,39 @@ class Plan:
 
 
 def write_atomic(path: str, text_or_bytes) -> None:
-    """Write a file so that readers never see a half-written one."""
+    """Write a file so that readers never see a half-written one.
+
+    The data goes to a temporary file in the same directory, is flushed to disk and
+    renamed over ``path``; on any failure (including KeyboardInterrupt) the temporary
+    file is removed and an existing ``path`` keeps its old content. The new file gets
+    the permissions a plain ``open(path, "w")`` would give (mode 0666 minus umask;
+    ``mkstemp`` alone would leave it private, 0600)."""
     directory = os.path.dirname(os.path.abspath(path))
     mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fxprune-", suffix=".tmp")
     try:
         with os.fdopen(fd, mode) as fh:
             fh.write(text_or_bytes)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux);
+    elsewhere by the set-and-restore idiom."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask

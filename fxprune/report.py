@@ -108,11 +108,14 @@ def measure_latency(module: torch.nn.Module, inputs: Tuple[Any, ...], repeats: i
                     warmup: int = 2) -> float:
     """Median wall time of a forward pass in milliseconds."""
     module = module.eval()
+    on_cuda = any(torch.is_tensor(x) and x.is_cuda for x in inputs)
     times = []
     with torch.no_grad():
         for i in range(warmup + repeats):
             start = time.perf_counter()
             module(*inputs)
+            if on_cuda:  # kernels run asynchronously: wait before reading the clock
+                torch.cuda.synchronize()
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
