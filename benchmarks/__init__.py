@@ -1,0 +1,1 @@
+"""Benchmarks (speed, quality); run as scripts or `python -m benchmarks.quality.run`."""

@@ -1,0 +1,68 @@
+"""Quick / full settings. Full mode is the benchmark; quick mode is a smoke test that runs
+every code path in minutes (its accuracies are meaningless)."""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List
+
+from .nets import Recipe
+
+EPOCH = 60_000
+CRITERIA = ["oba", "oba-exact", "sosp-h", "sosp-i", "taylor", "obd", "l2", "random"]
+ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
+
+
+@dataclass
+class Config:
+    mode: str
+    train: Dict[str, Recipe]
+    ft: Dict[str, Recipe]
+    budgets: List[float]
+    seeds: int
+    calib_batches: int
+    calib_batch: int
+    test_size: int
+    hessian_samples: int
+    bisect_iters: int
+    iterative: List[float]
+    iter_ft_steps: int
+    criteria: List[str] = field(default_factory=lambda: list(CRITERIA))
+    models: List[str] = field(default_factory=lambda: ["resnet", "vit"])
+
+    def tag(self) -> str:
+        """Hash of everything that changes the numbers (not the job selection)."""
+        keys = {k: v for k, v in asdict(self).items()
+                if k not in ("budgets", "seeds", "criteria", "models")}
+        return hashlib.sha1(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def _train_recipes(epochs_resnet: float, epochs_vit: float) -> Dict[str, Recipe]:
+    sr, sv = int(epochs_resnet * EPOCH / 128), int(epochs_vit * EPOCH / 128)
+    return {"resnet": Recipe("sgd", 0.1, 5e-4, 128, sr, warmup=min(469, sr // 10)),
+            "vit": Recipe("adamw", 1e-3, 0.05, 128, sv, warmup=min(938, sv // 10))}
+
+
+def _ft_recipes(steps: int, batch: int) -> Dict[str, Recipe]:
+    return {"resnet": Recipe("sgd", 0.01, 5e-4, batch, steps),
+            "vit": Recipe("adamw", 1e-4, 0.05, batch, steps)}
+
+
+def full(train_epochs=None, ft_steps=None) -> Config:
+    """The benchmark: ResNet-20 15 epochs, ViT 30 epochs, 1-epoch fine-tuning."""
+    er, ev = (15, 30) if train_epochs is None else (train_epochs, train_epochs)
+    return Config("full", _train_recipes(er, ev), _ft_recipes(ft_steps or EPOCH // 128, 128),
+                  budgets=[0.5, 0.3, 0.14], seeds=2, calib_batches=64, calib_batch=64,
+                  test_size=10_000, hessian_samples=256, bisect_iters=10,
+                  iterative=list(ITERATIVE), iter_ft_steps=100)
+
+
+def quick(train_epochs=None, ft_steps=None) -> Config:
+    """Smoke test: 200 training steps of 64, 4x32 calibration, 10 FT steps, 1k test images."""
+    steps = 200 if train_epochs is None else int(train_epochs * EPOCH / 64)
+    train = {"resnet": Recipe("sgd", 0.05, 5e-4, 64, steps, warmup=20),
+             "vit": Recipe("adamw", 2e-3, 0.05, 64, steps, warmup=20)}
+    return Config("quick", train, _ft_recipes(ft_steps or 10, 64), budgets=[0.3], seeds=1,
+                  calib_batches=4, calib_batch=32, test_size=1000, hessian_samples=16,
+                  bisect_iters=6, iterative=[0.5, 0.3], iter_ft_steps=10)

@@ -1,0 +1,75 @@
+"""Markdown table and accuracy-vs-kept-FLOPs plot from the JSON-lines results."""
+from __future__ import annotations
+
+import statistics
+from collections import OrderedDict
+from typing import Dict, List
+
+
+def _ms(values: List[float], fmt: str = "{:.2f}") -> str:
+    """mean ± std (std over seeds; '' for one seed)."""
+    if not values:
+        return "-"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def _group(records: List[Dict]) -> "OrderedDict[tuple, List[Dict]]":
+    rows: "OrderedDict[tuple, List[Dict]]" = OrderedDict()
+    for r in records:
+        budget = "iter " + "→".join(map(str, r["budget"])) if r["kind"] == "iterative" \
+            else str(r["budget"])
+        rows.setdefault((r["model"], budget, r["criterion"]), []).append(r)
+    return rows
+
+
+def table(records: List[Dict]) -> str:
+    """One row per (model, budget, criterion): means ± std over seeds; errors verbatim."""
+    head = ("| model | budget (kept FLOPs target) | criterion | kept FLOPs | kept params | "
+            "acc before FT (%) | acc after FT (%) | seeds | prune time (s) |")
+    lines = [head, "|" + "---|" * 9]
+    for (model, budget, crit), recs in _group(records).items():
+        ok = [r for r in recs if "error" not in r]
+        if not ok:
+            err = recs[0]["error"].replace("|", "\\|")[:300]
+            lines.append(f"| {model} | {budget} | {crit} | ERROR: {err} | | | | {len(recs)} | |")
+            continue
+        cells = [_ms([r["flops"] for r in ok], "{:.3f}"), _ms([r["params"] for r in ok], "{:.3f}"),
+                 _ms([r["acc_before"] for r in ok]), _ms([r["acc_after"] for r in ok]),
+                 str(len(ok)), _ms([r["prune_s"] for r in ok], "{:.1f}")]
+        lines.append(f"| {model} | {budget} | {crit} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot(records: List[Dict], dense_acc: Dict[str, float], path: str) -> str:
+    """Accuracy after FT (solid) and before FT (dashed) vs kept FLOPs, one panel per model."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    models = sorted({r["model"] for r in records})
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(7 * max(1, len(models)), 5),
+                             squeeze=False)
+    for ax, model in zip(axes[0], models):
+        series: Dict[str, List] = {}
+        for r in records:
+            if r["model"] != model or "error" in r:
+                continue
+            name = r["criterion"] + (" (iterative)" if r["kind"] == "iterative" else "")
+            series.setdefault(name, []).append((r["flops"], r["acc_after"], r["acc_before"]))
+        for i, (name, pts) in enumerate(sorted(series.items())):
+            pts.sort()
+            color = plt.cm.tab20(i % 20)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=name)
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=color, alpha=0.4)
+        if model in dense_acc:
+            ax.axhline(dense_acc[model], color="k", lw=0.8, ls=":", label="dense")
+        ax.set_xlabel("kept FLOPs (fraction of dense)")
+        ax.set_ylabel("test accuracy (%)  — o: after FT, x: before FT")
+        ax.set_title(model)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
