@@ -8,8 +8,8 @@ import torch
 
 from .criteria import Criterion, ScoringContext, get_criterion
 from .criteria.aggregate import channel_scores
-from .criteria.scoring import as_batches, default_loss, make_scoring_copy
-from .errors import DataError
+from .criteria.scoring import as_batches, default_loss, make_scoring_copy, module_device_dtype
+from .errors import DataError, FxpruneError
 from .group import Group
 from .passes.groups import Analysis, analyze
 from .passes.trace import as_input_tuple, trace
@@ -26,11 +26,42 @@ class Saliency:
 
 
 def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable]) -> Callable:
-    """The loss the criteria see: ``loss_fn(output_fn(outputs), targets)``."""
+    """The loss the criteria see: ``loss_fn(output_fn(outputs), targets)``.
+
+    Without ``loss_fn`` and ``output_fn`` a model output that is not a tensor (a dict,
+    tuple or dataclass) raises :class:`DataError` saying to pass ``output_fn``."""
     base = loss_fn or default_loss
-    if output_fn is None:
+    if output_fn is not None:
+        return lambda outputs, targets: base(output_fn(outputs), targets)
+    if loss_fn is not None:
         return base
-    return lambda outputs, targets: base(output_fn(outputs), targets)
+    return _default_loss_of_logits
+
+
+def _default_loss_of_logits(outputs, targets):
+    if not torch.is_tensor(outputs):
+        raise DataError(
+            f"the model returns {_describe_output(outputs)}, not a logits tensor, so the "
+            "default loss (cross-entropy) cannot be computed: pass output_fn= to pick the "
+            "logits (e.g. output_fn=lambda out: out['logits'], out[0] or out.logits), or a "
+            "loss_fn(outputs, targets) that takes the whole output")
+    return default_loss(outputs, targets)
+
+
+def _describe_output(outputs) -> str:
+    if isinstance(outputs, dict):
+        return f"a dict with keys {sorted(map(str, outputs))}"
+    if isinstance(outputs, (tuple, list)):
+        return f"a {type(outputs).__name__} of {len(outputs)}"
+    return f"a {type(outputs).__name__}"
+
+
+def default_example_inputs(batch_list, model: torch.nn.Module):
+    """The first batch's inputs, cast like the calibration batches are: floating
+    tensors take the model's floating dtype (a float16 model fed float32 data)."""
+    _, dtype = module_device_dtype(model)
+    return tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
+                 for x in batch_list[0][0])
 
 
 def prepare_batches(data, batches: Optional[int], needed: bool):
@@ -45,7 +76,12 @@ def prepare_batches(data, batches: Optional[int], needed: bool):
 def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, options,
                    progress: bool) -> Saliency:
     """Score an analysed graph: per-parameter scores, then per-channel scores."""
-    module = make_scoring_copy(analysis.gm) if crit.needs_data else analysis.gm
+    # data-driven criteria always score a copy; data-free ones read the weights, which
+    # low-precision (float16/bfloat16) models only give in a float32 copy (norms of
+    # float16 weights overflow)
+    _, dtype = module_device_dtype(analysis.gm)
+    low = dtype in (torch.float16, torch.bfloat16)
+    module = make_scoring_copy(analysis.gm) if crit.needs_data or low else analysis.gm
     ctx = ScoringContext(module=module, groups=analysis.groups, batches=batches,
                          loss_fn=loss_fn, options=dict(options), progress=progress)
     param_scores = crit.score(ctx)
@@ -53,6 +89,9 @@ def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, option
         group_scores = crit.aggregate(analysis.groups, param_scores, ctx)
     else:
         group_scores = channel_scores(analysis.groups, param_scores)
+    bad = _non_finite(param_scores, group_scores)
+    if bad:
+        raise _explain_non_finite(bad, module, crit, ctx)
     dtypes = {n: p.dtype for n, p in analysis.gm.named_parameters()}
     params = {}
     for name, p in analysis.gm.named_parameters():
@@ -61,6 +100,40 @@ def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, option
     saliency = Saliency(params, group_scores, crit.name)
     saliency.context = ctx  # kept for criteria with their own selection (SOSP-I)
     return saliency
+
+
+def _non_finite(param_scores, group_scores) -> List[str]:
+    bad = [f"parameter `{n}`" for n, t in param_scores.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad += [f"group `{g}`" for g, t in group_scores.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return bad
+
+
+def _explain_non_finite(bad: List[str], module, crit: Criterion, ctx) -> FxpruneError:
+    """Name the first calibration batch whose scores alone are not finite (re-scoring
+    batch by batch: only on this failure path). No partial result is returned."""
+    what = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    if not ctx.batches:
+        return FxpruneError(
+            f"{crit.name}: the scores of {what} are not finite (NaN or inf): the model's "
+            "parameters or buffers hold NaN/inf values (a diverged checkpoint?)")
+    for i, batch in enumerate(ctx.batches):
+        one = ScoringContext(module=module, groups=ctx.groups, batches=[batch],
+                             loss_fn=ctx.loss_fn, options=dict(ctx.options), progress=False)
+        scores = crit.score(one)
+        group_scores = (crit.aggregate(ctx.groups, scores, one) if crit.aggregate is not None
+                        else channel_scores(ctx.groups, scores))
+        if _non_finite(scores, group_scores):
+            return DataError(
+                f"{crit.name}: the gradients or curvature on calibration batch {i} are not "
+                f"finite (NaN or inf) although the loss is, which makes the scores of {what} "
+                "non-finite: check that batch's inputs/targets and the loss_fn (e.g. sqrt or "
+                "log at 0); no scores were returned")
+    return DataError(
+        f"{crit.name}: the scores of {what} are not finite (NaN or inf) although every "
+        "calibration batch alone gives finite scores: the per-batch sums overflow; use "
+        "float32/float64 or fewer batches")
 
 
 def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *,
@@ -78,7 +151,7 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
     if example_inputs is None:
         if batch_list is None:
             raise DataError("pass example_inputs (or data, whose first batch is used)")
-        example_inputs = batch_list[0][0]
+        example_inputs = default_example_inputs(batch_list, model)
     gm = trace(model, as_input_tuple(example_inputs), leaf_modules=leaf_modules,
                concrete_args=concrete_args)
     analysis = analyze(gm)

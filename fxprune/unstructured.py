@@ -3,6 +3,8 @@
 Contract: scores a traced copy of the model with any criterion, then, for every
 Conv/Linear weight, zeroes the fraction ``sparsity`` of entries with the smallest
 |score| (per layer). Shapes do not change; the masks are returned with the module.
+Tied weights (one tensor under several names) get one mask, applied once, listed
+under every name.
 """
 from __future__ import annotations
 
@@ -35,21 +37,27 @@ def compile_unstructured(model, crit, inputs, batch_list, loss, sparsity, option
     sal = score_analysis(analysis, crit, batch_list, loss, options, progress)
     gm = analysis.gm
     masks: Dict[str, torch.Tensor] = {}
+    by_tensor: Dict[int, torch.Tensor] = {}  # tied weights: one mask, applied once
+    scored = {id(p): n for n, p in gm.named_parameters()}
     with torch.no_grad():
         for name in weight_names(gm):
             weight = gm.get_parameter(name)
-            score = sal.parameters[name].abs().reshape(-1).double()
+            if id(weight) in by_tensor:
+                masks[name] = by_tensor[id(weight)]
+                continue
+            score = sal.parameters[scored[id(weight)]].abs().reshape(-1).double()
             n_remove = int(math.floor(sparsity * score.numel()))
             mask = torch.ones(score.numel(), dtype=torch.bool)
             if n_remove:
                 mask[torch.argsort(score, stable=True)[:n_remove]] = False
-            masks[name] = mask.reshape(weight.shape)
+            masks[name] = by_tensor[id(weight)] = mask.reshape(weight.shape)
             weight.mul_(masks[name].to(weight.dtype))
     flops = count_flops(gm, inputs)
     params = count_params(gm)
     report = Report(flops, flops, params, params)
-    kept = sum(int(m.sum()) for m in masks.values())
-    total = sum(m.numel() for m in masks.values())
+    unique = list(by_tensor.values())
+    kept = sum(int(m.sum()) for m in unique)
+    total = sum(m.numel() for m in unique)
     report.notes.append(f"unstructured: {kept:,} of {total:,} Conv/Linear weights kept "
                         f"({kept / max(total, 1):.3f}); shapes and dense FLOPs unchanged")
     plan = Plan({}, {}, {"criterion": crit.name, "unstructured": True, "sparsity": sparsity})

@@ -3,8 +3,10 @@
 Contract: reads the groups, one score tensor per prunable group (higher = more
 important) and a :class:`Budget`; returns ``{group id: sorted kept indices}`` for
 every prunable group. Invariants: every group keeps at least one channel and at
-most ``max_layer_sparsity`` of its channels are removed; ignored and unprunable
-groups keep everything. Global ranking uses scores normalised by their group's
+most ``max_layer_sparsity`` of its channels are removed; every member tensor dim of a
+group keeps at least one index (a group merged from several layers, e.g. a concat
+gated by SE, never loses all channels of one layer: a conv cannot have zero output or
+input channels); ignored and unprunable groups keep everything. Global ranking uses scores normalised by their group's
 maximum so that groups of different sizes compete fairly (design §5.5); the
 removal prefix is found by bisection on the exact cost model (:mod:`.count`).
 """
@@ -52,16 +54,67 @@ def removable_counts(groups: Sequence[Group], max_layer_sparsity: float) -> Dict
             for g in groups if g.prunable}
 
 
+def member_spans(group: Group) -> List[frozenset]:
+    """Channel subsets of which at least one channel must stay: for every member whose
+    ``index_map`` covers only some of the group's channels (one layer of a merged
+    concat, one split piece read by a conv), the channels it covers."""
+    spans = set()
+    for m in group.members:
+        covered = frozenset(c for c, ix in enumerate(m.index_map) if ix)
+        if covered and len(covered) < group.size:
+            spans.add(covered)
+    return sorted(spans, key=sorted)
+
+
+class _SpanGuard:
+    """Tracks removals so that no member span of a group loses its last channel."""
+
+    def __init__(self, groups):
+        self.full: Dict[str, List[int]] = {}
+        self.of_channel: Dict[str, Dict[int, List[int]]] = {}
+        for g in groups:
+            spans = member_spans(g)
+            if not spans:
+                continue
+            self.full[g.id] = [len(s) for s in spans]
+            index: Dict[int, List[int]] = {}
+            for k, span in enumerate(spans):
+                for c in span:
+                    index.setdefault(c, []).append(k)
+            self.of_channel[g.id] = index
+        self.reset()
+
+    def reset(self) -> "_SpanGuard":
+        """Forget all recorded removals."""
+        self.left = {gid: list(n) for gid, n in self.full.items()}
+        return self
+
+    def remove(self, gid: str, c: int) -> bool:
+        """Record removing channel ``c`` of ``gid`` unless it would empty a span."""
+        ks = self.of_channel.get(gid, {}).get(c, ())
+        if any(self.left[gid][k] <= 1 for k in ks):
+            return False
+        for k in ks:
+            self.left[gid][k] -= 1
+        return True
+
+
 def select_uniform(groups, scores: Dict[str, torch.Tensor], sparsity: float,
                    caps: Dict[str, int]) -> Dict[str, List[int]]:
     """Remove ``floor(sparsity * size)`` lowest-scored channels of every group."""
     kept = {}
+    guard = _SpanGuard([g for g in groups if g.id in caps])
     for g in groups:
         if g.id not in caps:
             continue
         n_remove = min(caps[g.id], int(math.floor(sparsity * g.size)))
-        order = _ascending(scores[g.id])
-        kept[g.id] = sorted(order[n_remove:].tolist())
+        removed = set()
+        for c in _ascending(scores[g.id]).tolist():
+            if len(removed) >= n_remove:
+                break
+            if guard.remove(g.id, c):
+                removed.add(c)
+        kept[g.id] = [c for c in range(g.size) if c not in removed]
     return kept
 
 
@@ -91,11 +144,14 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
     """Smallest removal prefix (in ``order``) whose cost is within budget."""
     sizes = {g.id: g.size for g in groups if g.id in caps}
     order = order if order is not None else global_order(groups, scores, caps)
+    spans = _SpanGuard([g for g in groups if g.id in caps])
 
     def kept_after(k: int) -> Dict[str, List[int]]:
         removed: Dict[str, set] = {gid: set() for gid in sizes}
+        guard = spans.reset()
         for gid, c in order[:k]:
-            removed[gid].add(c)
+            if c not in removed[gid] and guard.remove(gid, c):
+                removed[gid].add(c)
         return {gid: [c for c in range(n) if c not in removed[gid]] for gid, n in sizes.items()}
 
     target = budget.ratio * dense

@@ -39,6 +39,7 @@ class FxpruneTracer(torch.fx.Tracer):
         self.leaf_types = tuple(set(leaf_types) | _LEAF_TYPES)
         self.leaf_names = set(leaf_names)
         self.module_stack_names: list = []
+        self.failed_in: Optional[Tuple[str, str]] = None
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
@@ -49,6 +50,12 @@ class FxpruneTracer(torch.fx.Tracer):
         self.module_stack_names.append((self.path_of_module(m), type(m).__name__))
         try:
             return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            # remember the innermost module the failure happened in (the stack is
+            # unwound by the time the caller sees the exception)
+            if self.failed_in is None:
+                self.failed_in = self.module_stack_names[-1]
+            raise
         finally:
             self.module_stack_names.pop()
 
@@ -88,7 +95,7 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, *,
 
 
 def _explain_trace_failure(exc: Exception, tracer: FxpruneTracer, model) -> TraceError:
-    where = tracer.module_stack_names[-1] if tracer.module_stack_names else ("", type(model).__name__)
+    where = tracer.failed_in or ("", type(model).__name__)
     path, type_name = where
     module_txt = f"module `{path or '<root>'}` ({type_name})"
     return TraceError(

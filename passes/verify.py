@@ -3,12 +3,16 @@
 The *reference* is the original graph with every removed channel cut at its
 consumers (their input slices zeroed) and every LayerNorm that normalises across a
 pruned dimension computing its statistics over the kept channels only. The slim
-model must equal it up to float rounding. :func:`masked_reference` builds the
+model must equal it up to float rounding. The producers' output slices of removed
+channels are zeroed too: once every consumer is cut that changes nothing, and a
+tensor that is both (a weight reused transposed, ``F.linear(h, enc.weight.t())``)
+carries one role in the groups but must be cut in both uses. :func:`masked_reference` builds the
 reference (a new GraphModule; the analysed one is untouched); :func:`check` compares.
 """
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any, Dict, List, Tuple
 
 import numpy as np
@@ -40,6 +44,9 @@ def masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, kee
 torch.fx.wrap("masked_layer_norm")
 
 
+_CUT_ROLES = ("consumer", "producer")
+
+
 def masked_reference(analysis: Analysis, kept: Dict[str, List[int]]) -> torch.fx.GraphModule:
     keep = analysis.keep_mask(kept)
     gm = copy.deepcopy(analysis.gm)
@@ -53,7 +60,7 @@ def masked_reference(analysis: Analysis, kept: Dict[str, List[int]]) -> torch.fx
                 continue
             removed = sorted(set(range(group.size)) - set(kept[group.id]))
             for member in group.members:
-                if member.role != "consumer":
+                if member.role not in _CUT_ROLES:
                     continue
                 idx = [i for c in removed for i in member.index_map[c]]
                 if idx:
@@ -92,6 +99,9 @@ def _mask_layer_norms(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
             if isinstance(bias, str):
                 bias = gm.graph.get_attr(bias)
             new = gm.graph.call_function(masked_layer_norm, (x, tuple(shape), weight, bias, eps, mask_node))
+        # the replacement carries the node's label and shape: a later LayerNorm that
+        # reads it (a pre-norm block on the same residual stream) is masked too
+        new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
 
@@ -135,8 +145,16 @@ def max_relative_error(a: Any, b: Any) -> float:
         raise FxpruneError("slim and reference outputs have a different structure")
     err, scale = 0.0, 0.0
     for x, y in zip(fa, fb):
-        err = max(err, (x.double() - y.double()).abs().max().item())
-        scale = max(scale, y.double().abs().max().item())
+        if x.shape != y.shape:
+            raise FxpruneError(f"slim output shape {tuple(x.shape)} differs from the "
+                               f"reference's {tuple(y.shape)}")
+        if x.numel() == 0:
+            continue
+        d = (x.double() - y.double()).abs().max().item()
+        s = y.double().abs().max().item()
+        if math.isnan(d) or math.isnan(s):  # max() would silently drop a NaN
+            return float("nan")
+        err, scale = max(err, d), max(scale, s)
     return err / max(scale, 1e-30)
 
 
