@@ -8,8 +8,9 @@ of the loss) and reports the ratio (goal ≤ 5).
 
 Part ``sosp-i``: a plain conv-BN-ReLU chain of 4 layers of width w (S = 4w structures,
 10 classes, batch 32, 3×16×16 inputs) scored with ``"sosp-i"`` in both Jacobian modes;
-reports seconds and peak memory (resident set of a fresh subprocess per run on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA) as S grows.
+reports seconds and peak memory (growth of the resident set of a fresh subprocess per
+run on CPU, ``torch.cuda.max_memory_allocated`` on CUDA) as S grows. Forward mode
+(S JVPs of the batch) runs only up to ``--forward-max-width``.
 
 Usage::
 
@@ -136,10 +137,15 @@ def bench_sosp_i_one(width: int, mode: str, device: str) -> Dict[str, object]:
             "peak_extra_mb": round(peak_mb, 1)}
 
 
-def bench_sosp_i(widths: List[int], modes: List[str], device: str) -> List[Dict[str, object]]:
+def bench_sosp_i(widths: List[int], modes: List[str], device: str,
+                 forward_max_width: int) -> List[Dict[str, object]]:
+    """One subprocess per (width, mode) so that the peak resident set is per run.
+    Forward mode costs S JVPs of the batch, so it runs only up to ``forward_max_width``."""
     rows = []
     for w in widths:
         for mode in modes:
+            if mode == "forward" and w > forward_max_width:
+                continue
             cmd = [sys.executable, __file__, "--one", str(w), mode, "--device", device,
                    "--threads", str(torch.get_num_threads())]
             out = subprocess.run(cmd, capture_output=True, text=True, check=False)
@@ -167,6 +173,7 @@ def main(argv=None) -> None:
     ap.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
     ap.add_argument("--widths", nargs="+", type=int, default=[16, 32, 64, 128, 256])
     ap.add_argument("--modes", nargs="+", default=["reverse", "forward"])
+    ap.add_argument("--forward-max-width", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--one", nargs=2, metavar=("WIDTH", "MODE"), help=argparse.SUPPRESS)
@@ -181,7 +188,7 @@ def main(argv=None) -> None:
         rows = [bench_hessian(m, args.device, args.repeats) for m in args.models]
         log.info("SOSP-H batch time / gradient pass (goal <= 5):\n%s", _table(rows))
     if args.part in ("all", "sosp-i"):
-        rows = bench_sosp_i(args.widths, args.modes, args.device)
+        rows = bench_sosp_i(args.widths, args.modes, args.device, args.forward_max_width)
         log.info("SOSP-I scaling in S (batch 32, 10 classes):\n%s", _table(rows))
 
 
