@@ -21,8 +21,8 @@ def cat_rule(ctx: RuleContext):
     parts = [(as_tlabel(ctx.label(t), shape_of(t)), shape_of(t)) for t in tensors]
     out_shape = ctx.out_shape
     dim %= len(out_shape)
-    # Non-cat dims: compare as if each input had size 1 along the cat dim.
-    flat = [(lab, shp[:dim] + (1,) + shp[dim + 1:]) for lab, shp in parts]
+    # Non-cat dims: couple like an elementwise op over inputs with nothing along the cat dim.
+    flat = [(_without_dim(ctx, lab, dim), shp[:dim] + (1,) + shp[dim + 1:]) for lab, shp in parts]
     merged = broadcast_labels(ctx, flat, out_shape[:dim] + (1,) + out_shape[dim + 1:])
     pieces = []
     for lab, shp in parts:
@@ -31,6 +31,13 @@ def cat_rule(ctx: RuleContext):
     cat_ids = np.concatenate(pieces)
     merged.dims[dim] = cat_ids if (cat_ids >= 0).any() else None
     return merged
+
+
+def _without_dim(ctx: RuleContext, label: TLabel, dim: int) -> TLabel:
+    if label is None:
+        return None
+    label = ctx.space.collapse(label)
+    return TLabel([None if d == dim else lab for d, lab in enumerate(label.dims)])
 
 
 @RULES.function(torch.stack)

@@ -224,12 +224,13 @@ class ChannelSpace:
 
     def collapse(self, label: TLabel) -> TLabel:
         """Turn a grid into per-dim labels: the outermost grid axis stays labeled and all
-        ids sharing an index along it become one channel (whole attention heads)."""
+        ids sharing an index along it become one channel (whole attention heads; a single
+        head, a size-1 axis, is one channel labeling a size-1 dim)."""
         if label.grid is None:
             return label
         grid = label.grid
         dims = list(label.dims)
-        keep = next((k for k, s in enumerate(grid.ids.shape) if s > 1), 0)
+        keep = 0
         moved = np.moveaxis(grid.ids, keep, 0).reshape(grid.ids.shape[keep], -1)
         reps = np.empty(moved.shape[0], dtype=np.int64)
         for h, row in enumerate(moved):

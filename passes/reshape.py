@@ -77,7 +77,11 @@ def _unflatten(flat: np.ndarray, out_dims: List[int], out_shape, dims_out, grids
         if np.array_equal(np.broadcast_to(np.expand_dims(line, others), arr.shape), arr):
             dims_out[d] = line.copy()
             return
-    grids.append(Grid(tuple(big), arr))
+    # A split into several axes (the head split [3*H*D] -> [3, H, D]) keeps its size-1
+    # axes: with a single head (H = 1) the head axis is still the unit a head group
+    # prunes, and dropping it would leave q, k and v with per-feature channels that a
+    # fused reshape cannot slice independently.
+    grids.append(Grid(tuple(out_dims), flat.reshape([out_shape[d] for d in out_dims])))
 
 
 def reshape_label(space: ChannelSpace, label: TLabel, in_shape, out_shape, where: str) -> TLabel:

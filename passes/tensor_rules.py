@@ -96,8 +96,8 @@ def broadcast_labels(ctx: RuleContext, tensors, out_shape, mark: Optional[str] =
                 continue
             label = ctx.space.collapse(label)
             k = d - (nd - len(shape))
-            if k < 0 or shape[k] == 1:
-                continue
+            if k < 0 or (shape[k] == 1 and out_shape[d] != 1):
+                continue  # broadcast: couples nothing (size 1 everywhere is no broadcast)
             sizes.append(label.dims[k])
         tracked = [s for s in sizes if s is not None]
         if not tracked:
