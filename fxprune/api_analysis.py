@@ -16,6 +16,9 @@ def analyze_model(model: torch.nn.Module, example_inputs: Any, **trace_kwargs) -
     if example_inputs is None:
         raise ValueError("example_inputs are required to analyse a model "
                          "(a tensor or tuple of tensors shaped like one batch)")
+    # The GraphModule stays inside the returned Analysis and nothing writes to its
+    # tensors, so it may read the user's weights instead of copies (see passes/trace.py).
+    trace_kwargs.setdefault("share_params", True)
     return analyze(trace(model, example_inputs, **trace_kwargs))
 
 
@@ -27,4 +30,5 @@ def groups(model: torch.nn.Module, example_inputs: Any, **trace_kwargs) -> List[
 def connectivity(model: torch.nn.Module, example_inputs: Optional[Any] = None,
                  **trace_kwargs) -> Connectivity:
     """Series/parallel table between parameter layers (design §4)."""
+    trace_kwargs.setdefault("share_params", True)
     return build_connectivity(trace(model, example_inputs, **trace_kwargs))

@@ -21,6 +21,7 @@ from ..group import Group, Member
 from . import index_rules, layer_rules, tensor_rules  # noqa: F401  (register rules)
 from .labels import ChannelSpace, components
 from .rule_table import RULES, RuleContext, unknown_rule, untracked_output
+from .trace import gc_paused
 
 log = logging.getLogger(__name__)
 LABEL_KEY = "fxprune_label"
@@ -57,6 +58,7 @@ def label_graph(gm: torch.fx.GraphModule) -> ChannelSpace:
     """Run the channel rules over every node, in graph order."""
     space = ChannelSpace()
     labels: Dict[torch.fx.Node, object] = {}
+    modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "placeholder":
             label = untracked_output(node)
@@ -64,14 +66,14 @@ def label_graph(gm: torch.fx.GraphModule) -> ChannelSpace:
             value = _fetch_attr(gm, node.target)
             label = space.param_label(node.target, tuple(value.shape)) if isinstance(value, torch.Tensor) else None
         elif node.op == "output":
-            ctx = RuleContext(node, space, gm, labels)
+            ctx = RuleContext(node, space, gm, labels, modules)
             space.block_label(ctx.label(node.args[0]) if not isinstance(node.args[0], dict)
                               else [ctx.label(v) for v in node.args[0].values()],
                               "reaches the model output")
             label = None
         else:
-            rule = RULES.lookup(node, gm) or unknown_rule
-            label = rule(RuleContext(node, space, gm, labels))
+            rule = RULES.lookup(node, gm, modules) or unknown_rule
+            label = rule(RuleContext(node, space, gm, labels, modules))
         labels[node] = label
         node.meta[LABEL_KEY] = label
     return space
@@ -86,6 +88,11 @@ def _fetch_attr(gm: torch.fx.GraphModule, target: str):
 
 def analyze(gm: torch.fx.GraphModule) -> Analysis:
     """Label the graph and assemble the groups."""
+    with gc_paused():
+        return _analyze(gm)
+
+
+def _analyze(gm: torch.fx.GraphModule) -> Analysis:
     space = label_graph(gm)
     root = components(space.next_id, space.edges_a, space.edges_b)  # channel per element
     # Channels form one group when a producer (a layer's output dim) spans them.
@@ -104,46 +111,76 @@ def _assemble(gm, space: ChannelSpace, root: np.ndarray, group_key: np.ndarray) 
     producers = {}
     for rec in sorted(space.records.values(), key=lambda r: r.order):
         if rec.role == "producer":
-            for key in np.unique(group_key[rec.ids]):
-                producers.setdefault(int(key), rec)
+            for key in _distinct(group_key[rec.ids]):
+                producers.setdefault(key, rec)
     keys = sorted(producers, key=lambda k: producers[k].order)
-    element_group = np.full(len(root), -1, dtype=np.int64)
-    element_channel = np.full(len(root), -1, dtype=np.int64)
+    element_group, element_channel, sizes = _element_maps(root, group_key, keys)
     groups: List[Group] = []
     used_ids: Dict[str, int] = {}
     for gi, key in enumerate(keys):
-        in_group = group_key == key
-        channel_roots = np.unique(root[in_group])
-        element_group[in_group] = gi
-        element_channel[in_group] = np.searchsorted(channel_roots, root[in_group])
         base = producers[key].target.rsplit(".", 1)[0] if "." in producers[key].target else producers[key].target
         used_ids[base] = used_ids.get(base, 0) + 1
         gid = base if used_ids[base] == 1 else f"{base}#{used_ids[base]}"
-        groups.append(Group(id=gid, size=len(channel_roots)))
+        groups.append(Group(id=gid, size=int(sizes[gi])))
     _add_members(space, groups, element_group, element_channel)
     _mark_status(space, groups, element_group)
     return Analysis(gm, space, groups, element_group, element_channel)
 
 
+def _element_maps(root: np.ndarray, group_key: np.ndarray, keys: List[int]):
+    """Group index and channel index of every element, and the group sizes. Channels of
+    a group are numbered in the order of their root ids (one sort for all groups)."""
+    n = len(root)
+    key_to_group = np.full(n, -1, dtype=np.int64)
+    key_to_group[np.asarray(keys, dtype=np.int64)] = np.arange(len(keys))
+    element_group = key_to_group[group_key]
+    element_channel = np.full(n, -1, dtype=np.int64)
+    member = element_group >= 0
+    pairs, inverse = np.unique(element_group[member] * n + root[member], return_inverse=True)
+    pair_group = pairs // n
+    sizes = np.bincount(pair_group, minlength=len(keys))
+    first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+    element_channel[member] = inverse - first[pair_group[inverse]]
+    return element_group, element_channel, sizes
+
+
+def _distinct(values: np.ndarray) -> List[int]:
+    """Sorted distinct values (most arrays here hold a single one: skip the sort)."""
+    if values.size and (values == values[0]).all():
+        return [int(values[0])]
+    return np.unique(values).tolist()
+
+
 def _add_members(space: ChannelSpace, groups: List[Group], element_group, element_channel) -> None:
     for rec in sorted(space.records.values(), key=lambda r: r.order):
         gids = element_group[rec.ids]
-        for gi in np.unique(gids[gids >= 0]):
+        for gi in _distinct(gids[gids >= 0]):
             group = groups[gi]
-            index_map: List[List[int]] = [[] for _ in range(group.size)]
             positions = np.nonzero(gids == gi)[0]
-            for pos, ch in zip(positions.tolist(), element_channel[rec.ids[positions]].tolist()):
-                index_map[ch].append(pos)
+            channels = element_channel[rec.ids[positions]]
+            index_map = _index_map(positions, channels, group.size)
             group.members.append(Member(rec.target, rec.dim, index_map, rec.role))
+
+
+def _index_map(positions: np.ndarray, channels: np.ndarray, size: int) -> List[List[int]]:
+    """``index_map[c]``: the sorted positions whose channel is ``c`` (vectorised: one
+    stable sort, then plain list slicing)."""
+    if positions.size == size and np.array_equal(channels, np.arange(size)):
+        return [[p] for p in positions.tolist()]  # one index per channel, in order
+    order = np.argsort(channels, kind="stable")
+    flat = positions[order].tolist()
+    ends = np.cumsum(np.bincount(channels, minlength=size)).tolist()
+    starts = [0] + ends[:-1]
+    return [flat[a:b] for a, b in zip(starts, ends)]
 
 
 def _mark_status(space: ChannelSpace, groups: List[Group], element_group) -> None:
     for ids, kind in space.kinds:
-        for gi in np.unique(element_group[ids]):
+        for gi in _distinct(element_group[ids]):
             if gi >= 0 and _KIND_RANK[kind] > _KIND_RANK[groups[gi].kind]:
                 groups[gi].kind = kind
     for ids, reason in space.blocks:
-        for gi in np.unique(element_group[ids]):
+        for gi in _distinct(element_group[ids]):
             if gi >= 0 and groups[gi].prunable:
                 groups[gi].prunable = False
                 groups[gi].reason = reason

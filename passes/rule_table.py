@@ -48,9 +48,11 @@ class RuleTable:
             return rule
         return register
 
-    def lookup(self, node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[Rule]:
+    def lookup(self, node: torch.fx.Node, gm: torch.fx.GraphModule,
+               modules: Optional[Dict[str, torch.nn.Module]] = None) -> Optional[Rule]:
         if node.op == "call_module":
-            for cls in type(gm.get_submodule(node.target)).__mro__:
+            mod = modules[node.target] if modules is not None else gm.get_submodule(node.target)
+            for cls in type(mod).__mro__:
                 if cls in self.modules:
                     return self.modules[cls]
             return None
@@ -64,16 +66,38 @@ class RuleTable:
 RULES = RuleTable()
 
 
+class LazyText:
+    """A string computed on first use (``str()``/f-strings). Rules pass ``ctx.where`` to
+    every ``union`` but it is only spelled out when something is blocked."""
+
+    __slots__ = ("_make", "_text")
+
+    def __init__(self, make: Callable[[], str]):
+        self._make, self._text = make, None
+
+    def __str__(self) -> str:
+        if self._text is None:
+            self._text = self._make()
+        return self._text
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self), spec)
+
+    __repr__ = __str__
+
+
 @dataclass
 class RuleContext:
     node: torch.fx.Node
     space: ChannelSpace
     gm: torch.fx.GraphModule
     labels: Dict[torch.fx.Node, Any]
+    modules: Optional[Dict[str, torch.nn.Module]] = None  # gm.named_modules(), if cached
 
     @property
-    def where(self) -> str:
-        return f"node `{self.node.name}` ({describe_target(self.node, self.gm)})"
+    def where(self) -> LazyText:
+        """``node `name` (op)``: where a block happened (formatted only when used)."""
+        return LazyText(lambda: f"node `{self.node.name}` ({describe_target(self.node, self.gm)})")
 
     def arg(self, index: int, name: str, default: Any = None) -> Any:
         if index < len(self.node.args):
@@ -89,6 +113,8 @@ class RuleContext:
         return None
 
     def module(self) -> torch.nn.Module:
+        if self.modules is not None:
+            return self.modules[self.node.target]
         return self.gm.get_submodule(self.node.target)
 
     @property

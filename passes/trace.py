@@ -1,20 +1,40 @@
 """Front end: model -> FX GraphModule with shapes on every node.
 
-Contract: :func:`trace` reads the user's model and never mutates it (it traces an
-eval-mode deep copy, because ``self.training`` branches are baked in at trace time
-and pruning analyses the inference graph). It writes ``node.meta["tensor_meta"]``
-(shape/dtype, via :class:`torch.fx.passes.shape_prop.ShapeProp`, on fake tensors
-where possible) and returns a GraphModule that computes the same function.
+Contract: :func:`trace` reads the user's model and never mutates it. It traces an
+eval-mode copy (``self.training`` branches are baked in at trace time and pruning
+analyses the inference graph), writes ``node.meta["tensor_meta"]`` (shape/dtype) and
+returns a GraphModule that computes the same function.
+
+Copies, and why they are cheap: tracing needs its own module objects (to switch them
+to eval mode without touching the user's flags), not its own weights, because
+symbolic tracing never reads or writes tensor data. :func:`module_twin` therefore
+copies the module *tree* (every module object and its parameter/buffer/submodule/hook
+containers: microseconds per module) and shares the tensors. The returned
+GraphModule then gets its own copy of every parameter and buffer (one ``clone`` per
+tensor, ties kept), because later passes write to it in place (unstructured masks
+``mul_`` the weights, scoring sets ``requires_grad``) and the user's model must not
+see that. Callers whose GraphModule never escapes and is never written to (the
+analysis API: its results are groups and a connectivity table) pass
+``share_params=True`` and skip that copy. Rewrite passes deep-copy before slicing.
+
+Shapes are propagated on ``meta`` tensors (shape functions only: no data, no copy of
+the weights), falling back to fake tensors and then to real execution for graphs
+whose ops need values.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
+import gc
 import logging
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple, Type
+import operator
+from collections import OrderedDict
+from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.node import map_aggregate
+from torch.fx.passes.shape_prop import _extract_tensor_metadata
 
 from ..errors import TraceError
 
@@ -39,7 +59,24 @@ class FxpruneTracer(torch.fx.Tracer):
         self.leaf_types = tuple(set(leaf_types) | _LEAF_TYPES)
         self.leaf_names = set(leaf_names)
         self.module_stack_names: list = []
+        self._param_names: Dict[int, str] = {}
+        self._names_of: Optional[torch.nn.Module] = None
         self.failed_in: Optional[Tuple[str, str]] = None
+
+    def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]) -> Any:
+        """A parameter read inside a traced module becomes a ``get_attr`` node. torch.fx
+        finds its name by walking ``root.named_parameters()`` on every read (quadratic in
+        model size: a third of the tracing time of a ViT-B); look it up in a map instead."""
+        if isinstance(attr_val, torch.nn.Parameter) and not self.param_shapes_constant:
+            if self._names_of is not self.root:  # built once per traced root
+                self._param_names = {id(p): n for n, p in self.root.named_parameters()}
+                self._names_of = self.root
+            name = self._param_names.get(id(attr_val))
+            if name is not None:
+                if name not in parameter_proxy_cache:
+                    parameter_proxy_cache[name] = self.create_proxy("get_attr", name, (), {})
+                return parameter_proxy_cache[name]
+        return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
         if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
@@ -66,17 +103,41 @@ def as_input_tuple(example_inputs: Any) -> Tuple[Any, ...]:
     return (example_inputs,)
 
 
+@contextlib.contextmanager
+def gc_paused():
+    """Pause the cyclic garbage collector. Tracing (torch.fx disassembles frames for
+    tuple unpacking), shape propagation and group assembly (~10^5 small index lists)
+    allocate in bursts that would otherwise trigger collections walking the whole heap
+    (a timm model's worth of objects): 2-4x slower. Cycles made meanwhile are collected
+    at the next collection after the pause."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def trace(model: torch.nn.Module, example_inputs: Any = None, *,
           concrete_args: Optional[Dict[str, Any]] = None,
-          leaf_modules: Sequence[Any] = ()) -> torch.fx.GraphModule:
+          leaf_modules: Sequence[Any] = (), share_params: bool = False) -> torch.fx.GraphModule:
     """Trace an eval-mode copy of ``model``; propagate shapes if inputs are given.
 
     ``leaf_modules`` may hold module types or qualified names to keep opaque.
+    ``share_params=True``: the GraphModule reads the user's parameter and buffer
+    tensors instead of copies (its module objects and flags are still its own); only
+    for callers that neither return it nor write to its tensors (module docstring).
     """
+    with gc_paused():
+        return _trace(model, example_inputs, concrete_args, leaf_modules, share_params)
+
+
+def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
     if isinstance(model, torch.fx.GraphModule):
         gm = copy.deepcopy(model).eval()
     else:
-        work = copy.deepcopy(model).eval()
+        work = module_twin(model).eval()
         leaf_types = [m for m in leaf_modules if isinstance(m, type)]
         leaf_names = [m for m in leaf_modules if isinstance(m, str)]
         tracer = FxpruneTracer(leaf_types, leaf_names)
@@ -89,6 +150,8 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, *,
         graph._tracer_cls = None
         gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
         gm._tracer_cls = None
+        if not share_params:
+            _own_tensors(gm)
     if example_inputs is not None:
         propagate_shapes(gm, as_input_tuple(example_inputs))
     return gm
@@ -106,20 +169,259 @@ def _explain_trace_failure(exc: Exception, tracer: FxpruneTracer, model) -> Trac
         "depends on, or rewrite the data-dependent branch with torch.where.")
 
 
+def module_twin(module: torch.nn.Module, tensor_fn: Optional[Callable] = None,
+                memo: Optional[dict] = None) -> torch.nn.Module:
+    """A copy of the module tree that shares no module object and no container with
+    ``module``: each module is a shallow copy with its own ``__dict__`` containers
+    (parameters, buffers, submodules, hooks; its own training flag), and each parameter
+    or buffer ``t`` becomes ``tensor_fn(t)`` (the same tensor by default). Tied tensors
+    and shared submodules stay tied. No tensor data is copied unless ``tensor_fn`` does."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {k: _copy_container(v) for k, v in module.__dict__.items()}
+    new.__dict__.update(state)
+    for key in ("_parameters", "_buffers"):
+        tensors = state.get(key) or {}
+        for name, t in tensors.items():
+            if t is not None and tensor_fn is not None:
+                if id(t) not in memo:
+                    memo[id(t)] = tensor_fn(t)
+                tensors[name] = memo[id(t)]
+    children = state.get("_modules") or {}
+    for name, child in children.items():
+        if child is not None:
+            children[name] = module_twin(child, tensor_fn, memo)
+    return new
+
+
+def _copy_container(value: Any) -> Any:
+    """A shallow copy of a dict/list/set (``.copy()`` for the exact builtin types, the
+    common case: 16 hook and member dicts per module), anything else unchanged."""
+    kind = type(value)
+    if kind is dict or kind is OrderedDict or kind is list or kind is set:
+        return value.copy()
+    if isinstance(value, (dict, list, set)):
+        return copy.copy(value)
+    return value
+
+
+def _own_tensors(gm: torch.nn.Module) -> None:
+    """Give ``gm`` its own copy of every parameter and buffer (ties kept)."""
+    memo: dict = {}
+    for mod in gm.modules():
+        for key in ("_parameters", "_buffers"):
+            tensors = mod.__dict__.get(key) or {}
+            for name, t in tensors.items():
+                if t is not None:
+                    tensors[name] = copy.deepcopy(t, memo)
+
+
+class _ShapeRecorder(torch.fx.Interpreter):
+    """Runs ``gm.graph`` with attributes fetched from ``root`` (a twin of ``gm`` holding
+    stand-in tensors) and writes each node's ``tensor_meta`` and ``type``, like
+    :class:`~torch.fx.passes.shape_prop.ShapeProp` but quiet on failure."""
+
+    def __init__(self, gm: torch.fx.GraphModule, root: Optional[torch.nn.Module] = None):
+        super().__init__(gm if root is None else root, graph=gm.graph)
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        result = super().run_node(n)
+        found = False
+
+        def extract(obj: Any) -> Any:
+            nonlocal found
+            if isinstance(obj, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(obj)
+            return obj
+
+        meta = map_aggregate(result, extract)
+        if found:
+            n.meta["tensor_meta"] = meta
+        else:
+            n.meta.pop("tensor_meta", None)
+        n.meta["type"] = type(result)
+        return result
+
+
+_nn, _F = torch.nn, torch.nn.functional
+# Ops whose output has the shape, dtype and strides of their (floating) first input.
+# On meta tensors several of them run Python decompositions (BatchNorm, LayerNorm,
+# GELU: 1-7 ms each), so the meta run answers them with ``empty_like`` instead.
+_SAME_SHAPE_MODULES = {
+    _nn.BatchNorm1d, _nn.BatchNorm2d, _nn.BatchNorm3d, _nn.LayerNorm, _nn.GroupNorm,
+    _nn.ReLU, _nn.ReLU6, _nn.GELU, _nn.SiLU, _nn.Sigmoid, _nn.Tanh, _nn.Hardswish,
+    _nn.Hardsigmoid, _nn.LeakyReLU, _nn.Mish, _nn.ELU, _nn.Softmax,
+}
+_IDENTITY_MODULES = {_nn.Identity, _nn.Dropout}
+_SAME_SHAPE_FUNCTIONS = {
+    _F.relu, _F.relu6, _F.gelu, _F.silu, _F.hardswish, _F.hardsigmoid, _F.sigmoid, _F.tanh,
+    _F.mish, _F.leaky_relu, _F.softmax, torch.relu, torch.sigmoid, torch.tanh,
+}
+_SAME_SHAPE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "softmax"}
+_BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
+                     operator.isub, operator.imul, torch.add, torch.sub, torch.mul, torch.div}
+_BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
+
+
+def _same_shape(args: tuple, kwargs: dict, binary: bool) -> Optional[torch.Tensor]:
+    """``empty_like(args[0])`` when that is provably the op's output metadata, else None."""
+    x = args[0] if args else None
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and _dense(x)):
+        return None
+    if binary:
+        if len(args) != 2 or kwargs:
+            return None
+        y = args[1]
+        same = (isinstance(y, torch.Tensor) and y.shape == x.shape and y.dtype == x.dtype
+                and y.stride() == x.stride())
+        number = isinstance(y, (int, float)) and not isinstance(y, bool)
+        return _empty_as(x) if same or number else None
+    rest = list(args[1:]) + list(kwargs.values())
+    if any(isinstance(a, torch.dtype) for a in rest) or "dtype" in kwargs:
+        return None
+    if any(isinstance(a, torch.Tensor) and a.dtype != x.dtype for a in rest):
+        return None
+    return _empty_as(x)
+
+
+def _empty_as(x: torch.Tensor) -> torch.Tensor:
+    """``empty_like`` for a dense tensor (``empty_like`` itself runs a Python meta
+    registration on meta tensors: 40 us against 3 us)."""
+    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def _dense(x: torch.Tensor) -> bool:
+    """Contiguous or channels-last: ``empty_like`` then copies the strides exactly."""
+    if x.dim() == 0:
+        return False
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _fits(mod: torch.nn.Module, args: tuple) -> bool:
+    """The input has the channel count / normalized shape a norm module expects (so the
+    shortcut never hides a shape error the real kernel would raise)."""
+    x = args[0] if args else None
+    if not isinstance(x, torch.Tensor):
+        return False
+    if isinstance(mod, _nn.modules.batchnorm._BatchNorm):
+        return x.dim() >= 2 and x.shape[1] == mod.num_features
+    if isinstance(mod, _nn.GroupNorm):
+        return x.dim() >= 2 and x.shape[1] == mod.num_channels
+    if isinstance(mod, _nn.LayerNorm):
+        n = len(mod.normalized_shape)
+        return tuple(x.shape[x.dim() - n:]) == tuple(mod.normalized_shape)
+    return True
+
+
+def _float_like(x: Any, *others: Any) -> bool:
+    return (isinstance(x, torch.Tensor) and x.is_floating_point()
+            and all(o is None or (isinstance(o, torch.Tensor) and o.dtype == x.dtype) for o in others))
+
+
+def _linear_shape(x: Any, weight: Any, bias: Any = None) -> Optional[torch.Tensor]:
+    """Linear on a contiguous input: a contiguous ``[..., out_features]`` tensor (the
+    meta kernel decomposes a batched linear into Python ``addmm`` refs: ~5 ms)."""
+    if not (_float_like(x, weight, bias) and x.dim() >= 1 and weight.dim() == 2
+            and x.shape[-1] == weight.shape[1] and x.is_contiguous()):
+        return None
+    return torch.empty(tuple(x.shape[:-1]) + (weight.shape[0],), dtype=x.dtype, device=x.device)
+
+
+def _sdpa_shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """scaled_dot_product_attention with equal batch dims: ``q.shape[:-1] + (Ev,)``
+    (the meta kernel runs a Python softmax decomposition: ~20 ms)."""
+    names = ("query", "key", "value")
+    q, k, v = (args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names))
+    if not (_float_like(q, k, v) and q.dim() >= 2 and k.dim() == q.dim() == v.dim()):
+        return None
+    if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.shape[-1] == k.shape[-1]
+            and k.shape[-2] == v.shape[-2]) or kwargs.get("enable_gqa"):
+        return None
+    return torch.empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=q.dtype, device=q.device)
+
+
+def _function_shape(target: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    if target in _SAME_SHAPE_FUNCTIONS or target in _BINARY_FUNCTIONS:
+        return _same_shape(args, kwargs, target in _BINARY_FUNCTIONS)
+    if target is _F.linear and len(args) >= 2:
+        return _linear_shape(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
+    if target is _F.scaled_dot_product_attention:
+        return _sdpa_shape(args, kwargs)
+    if target is _F.layer_norm and len(args) >= 2:  # timm's norms call it directly
+        x, shape = args[0], tuple(args[1])
+        if isinstance(x, torch.Tensor) and tuple(x.shape[x.dim() - len(shape):]) == shape:
+            return _same_shape(args, kwargs, False)
+    return None
+
+
+class _MetaShapeRecorder(_ShapeRecorder):
+    """:class:`_ShapeRecorder` on meta tensors, with shortcuts for the ops whose meta
+    kernels are slow Python decompositions (their output metadata is computed directly)."""
+
+    def call_function(self, target, args, kwargs):
+        out = _function_shape(target, args, kwargs)
+        return out if out is not None else super().call_function(target, args, kwargs)
+
+    def call_method(self, target, args, kwargs):
+        if target in _SAME_SHAPE_METHODS or target in _BINARY_METHODS:
+            out = _same_shape(args, kwargs, target in _BINARY_METHODS)
+            if out is not None:
+                return out
+        return super().call_method(target, args, kwargs)
+
+    def call_module(self, target, args, kwargs):
+        kind = type(self.fetch_attr(target))
+        if kind in _IDENTITY_MODULES and len(args) == 1 and not kwargs:
+            return args[0]  # what eval-mode Identity/Dropout return: the input itself
+        out = None
+        if kind in _SAME_SHAPE_MODULES and _fits(self.fetch_attr(target), args):
+            out = _same_shape(args, kwargs, False)
+        elif kind is _nn.Linear and len(args) == 1 and not kwargs:
+            mod = self.fetch_attr(target)
+            out = _linear_shape(args[0], mod.weight, mod.bias)
+        return out if out is not None else super().call_module(target, args, kwargs)
+
+
+def _to_meta(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t, device="meta")
+    if isinstance(t, torch.nn.Parameter):
+        out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+    return out
+
+
+def _run_meta(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
+    root = module_twin(gm, _to_meta)
+    args = [_to_meta(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    with torch.no_grad():
+        _MetaShapeRecorder(gm, root).run(*args)
+
+
+def _run_fake(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    root = module_twin(gm, mode.from_tensor)
+    args = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    with torch.no_grad(), mode:
+        _ShapeRecorder(gm, root).run(*args)
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
-    """Write ``tensor_meta`` on every node. Tries fake tensors first (no compute),
-    then falls back to real execution for ops without fake support."""
-    try:
-        from torch._subclasses.fake_tensor import FakeTensorMode
-        mode = FakeTensorMode(allow_non_fake_inputs=True)
-        fake_inputs = [mode.from_tensor(x) if isinstance(x, torch.Tensor) else x for x in inputs]
-        ShapeProp(gm, fake_mode=mode).propagate(*fake_inputs)
-        return
-    except Exception as exc:  # fake mode lacks some ops; real execution is exact
-        log.debug("fake shape propagation failed (%s); running for real", exc)
+    """Write ``tensor_meta`` on every node. Runs on meta tensors first (shape functions
+    only), then on fake tensors, then for real (exact, for ops that need values)."""
+    for name, run in (("meta", _run_meta), ("fake", _run_fake)):
+        try:
+            run(gm, inputs)
+            return
+        except Exception as exc:  # an op without a meta/fake kernel, or one that reads values
+            log.debug("%s shape propagation failed (%s); trying the next mode", name, exc)
     try:
         with torch.no_grad():
-            ShapeProp(gm).propagate(*inputs)
+            _ShapeRecorder(gm).run(*inputs)
     except Exception as exc:
         raise TraceError(f"the traced graph fails on the example inputs: {type(exc).__name__}: "
                          f"{exc}. Check that example_inputs match the model's expected input.") from exc
