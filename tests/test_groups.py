@@ -1,0 +1,704 @@
+"""Channel analysis (design §3): golden groups of every fixture, and properties.
+
+The golden expectations are derived from each fixture's architecture (models/fixtures*.py),
+one group at a time: its id, size, kind, prunability and every member with its role and
+``index_map``. The property test checks the design's invariant numerically: zeroing every
+member slice of a set of channels removes exactly those channels' effect.
+"""
+from __future__ import annotations
+
+import contextlib
+import random
+from typing import Dict, List, Tuple
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxprune
+from fxprune.models import create_model, list_models, model_input_size
+
+FIXTURES = [name for name in list_models() if name.startswith("tiny_")]
+
+
+# --------------------------------------------------------------------------- helpers
+def analysed(name: str, dtype=torch.float32, **kwargs):
+    """(model, example input, {group id: group}) for a registered fixture."""
+    torch.manual_seed(0)
+    model = create_model(name, **kwargs).to(dtype).eval()
+    x = torch.randn(2, *model_input_size(name), dtype=dtype)
+    return model, x, {g.id: g for g in fxprune.groups(model, x)}
+
+
+def ident(n: int, offset: int = 0, per: int = 1) -> List[List[int]]:
+    """``n`` channels owning ``per`` consecutive indices each, starting at ``offset``."""
+    return [list(range(offset + c * per, offset + (c + 1) * per)) for c in range(n)]
+
+
+def prod(target: str, idx, dim: int = 0):
+    return {(target, dim): ("producer", idx)}
+
+
+def cons(target: str, idx, dim: int = 1):
+    return {(target, dim): ("consumer", idx)}
+
+
+def bias(target: str, idx):
+    return {(target, 0): ("bias", idx)}
+
+
+def tensor(target: str, dim: int, idx):
+    return {(target, dim): ("tensor", idx)}
+
+
+def bn(prefix: str, idx):
+    """A BatchNorm's affine parameters and running statistics."""
+    return {(f"{prefix}.{p}", 0): ("norm", idx)
+            for p in ("weight", "bias", "running_mean", "running_var")}
+
+
+def ln(prefix: str, idx):
+    return {(f"{prefix}.{p}", 0): ("norm", idx) for p in ("weight", "bias")}
+
+
+def conv_bn(prefix: str, n: int, idx=None):
+    """Producer rows of ``prefix.0`` (Conv2d, no bias) and its BatchNorm ``prefix.1``."""
+    idx = ident(n) if idx is None else idx
+    return {**prod(f"{prefix}.0.weight", idx), **bn(f"{prefix}.1", idx)}
+
+
+def merge(*parts) -> Dict[Tuple[str, int], Tuple[str, list]]:
+    out: dict = {}
+    for p in parts:
+        assert not set(p) & set(out), f"duplicate member in expectation: {set(p) & set(out)}"
+        out.update(p)
+    return out
+
+
+def members_of(group) -> Dict[Tuple[str, int], Tuple[str, list]]:
+    out = {}
+    for m in group.members:
+        assert (m.target, m.dim) not in out, f"{group.id}: {m.target} dim {m.dim} listed twice"
+        assert len(m.index_map) == group.size, f"{group.id}: {m.target} index_map length"
+        out[(m.target, m.dim)] = (m.role, [list(ix) for ix in m.index_map])
+    return out
+
+
+def check_groups(groups: Dict[str, "fxprune.Group"], expected: List[tuple]) -> None:
+    """``expected``: (id, size, kind, prunable, members) in analysis order."""
+    assert list(groups) == [e[0] for e in expected]
+    for gid, size, kind, prunable, members in expected:
+        g = groups[gid]
+        assert (g.size, g.kind, g.prunable) == (size, kind, prunable), f"group {gid}: {g}"
+        assert g.prunable == (g.reason is None), f"group {gid}: reason {g.reason!r}"
+        got = members_of(g)
+        assert set(got) == set(members), (
+            f"group {gid}: missing {sorted(set(members) - set(got))}, "
+            f"unexpected {sorted(set(got) - set(members))}")
+        for key, want in members.items():
+            assert got[key] == want, f"group {gid} member {key}: got {got[key]}, want {want}"
+
+
+def classifier(gid: str, target: str, n: int = 10) -> tuple:
+    """The classifier: its outputs reach the model output, so it is never pruned."""
+    return (gid, n, "channel", False, merge(prod(f"{target}.weight", ident(n)),
+                                            bias(f"{target}.bias", ident(n))))
+
+
+# --------------------------------------------------------------------------- goldens
+def test_tiny_mlp_chain():
+    """A Linear chain: each hidden layer's rows, bias and the next layer's columns."""
+    _, _, groups = analysed("tiny_mlp")
+    check_groups(groups, [
+        ("fc1", 32, "channel", True, merge(prod("fc1.weight", ident(32)), bias("fc1.bias", ident(32)),
+                                           cons("fc2.weight", ident(32)))),
+        ("fc2", 32, "channel", True, merge(prod("fc2.weight", ident(32)), bias("fc2.bias", ident(32)),
+                                           cons("fc3.weight", ident(32)))),
+        classifier("fc3", "fc3"),
+    ])
+    assert "reaches the model output" in groups["fc3"].reason
+
+
+def test_tiny_vgg_conv_bn_chain_through_pooling():
+    """Conv rows + BN entries + next conv's columns; max pooling passes channels through;
+    global pool -> flatten -> Linear consumes one column per channel."""
+    _, _, groups = analysed("tiny_vgg")
+    f = "features"
+    check_groups(groups, [
+        (f"{f}.0.0", 8, "channel", True, merge(conv_bn(f"{f}.0", 8), cons(f"{f}.1.0.weight", ident(8)))),
+        (f"{f}.1.0", 8, "channel", True, merge(conv_bn(f"{f}.1", 8), cons(f"{f}.3.0.weight", ident(8)))),
+        (f"{f}.3.0", 16, "channel", True, merge(conv_bn(f"{f}.3", 16), cons(f"{f}.5.0.weight", ident(16)))),
+        (f"{f}.5.0", 16, "channel", True, merge(conv_bn(f"{f}.5", 16), cons("head.fc.weight", ident(16)))),
+        classifier("head.fc", "head.fc"),
+    ])
+
+
+def test_tiny_resnet_residual_add_couples_the_stream():
+    """The identity block's add couples the stem with conv2's output; the projection
+    block's add couples its conv2 with the 1x1 shortcut conv."""
+    _, _, groups = analysed("tiny_resnet")
+    i8, i16 = ident(8), ident(16)
+    check_groups(groups, [
+        ("stem.0", 8, "stream", True, merge(
+            conv_bn("stem", 8), cons("layer1.conv1.weight", i8),
+            prod("layer1.conv2.weight", i8), bn("layer1.bn2", i8),
+            cons("layer2.conv1.weight", i8), cons("layer2.shortcut.0.weight", i8))),
+        ("layer1.conv1", 8, "channel", True, merge(
+            prod("layer1.conv1.weight", i8), bn("layer1.bn1", i8), cons("layer1.conv2.weight", i8))),
+        ("layer2.conv1", 16, "channel", True, merge(
+            prod("layer2.conv1.weight", i16), bn("layer2.bn1", i16), cons("layer2.conv2.weight", i16))),
+        ("layer2.conv2", 16, "stream", True, merge(
+            prod("layer2.conv2.weight", i16), bn("layer2.bn2", i16),
+            conv_bn("layer2.shortcut", 16), cons("head.fc.weight", i16))),
+        classifier("head.fc", "head.fc"),
+    ])
+
+
+def test_tiny_bottleneck_projection_and_identity_blocks():
+    _, _, groups = analysed("tiny_bottleneck")
+    b0, b1 = "layer1.0", "layer1.1"
+    i4, i8, i16 = ident(4), ident(8), ident(16)
+    check_groups(groups, [
+        ("stem.0", 8, "channel", True, merge(
+            conv_bn("stem", 8), cons(f"{b0}.conv1.0.weight", i8), cons(f"{b0}.shortcut.0.weight", i8))),
+        (f"{b0}.conv1.0", 4, "channel", True, merge(conv_bn(f"{b0}.conv1", 4), cons(f"{b0}.conv2.0.weight", i4))),
+        (f"{b0}.conv2.0", 4, "channel", True, merge(conv_bn(f"{b0}.conv2", 4), cons(f"{b0}.conv3.0.weight", i4))),
+        (f"{b0}.conv3.0", 16, "stream", True, merge(
+            conv_bn(f"{b0}.conv3", 16), conv_bn(f"{b0}.shortcut", 16), cons(f"{b1}.conv1.0.weight", i16),
+            conv_bn(f"{b1}.conv3", 16), cons("head.fc.weight", i16))),
+        (f"{b1}.conv1.0", 4, "channel", True, merge(conv_bn(f"{b1}.conv1", 4), cons(f"{b1}.conv2.0.weight", i4))),
+        (f"{b1}.conv2.0", 4, "channel", True, merge(conv_bn(f"{b1}.conv2", 4), cons(f"{b1}.conv3.0.weight", i4))),
+        classifier("head.fc", "head.fc"),
+    ])
+
+
+def test_tiny_densenet_concat_offsets():
+    """Every dense layer's 4 channels sit at an offset in every later BN and conv input:
+    8 stem channels, then +4 per layer (offsets 8, 12, 16); the transition restarts at 12."""
+    _, _, groups = analysed("tiny_densenet")
+
+    def readers(layers, idx):  # BN + conv columns of each dense layer reading the concat
+        return merge(*[merge(bn(f"{p}.norm", idx), cons(f"{p}.conv.weight", idx)) for p in layers])
+
+    def transition(idx):
+        return merge(bn("transition.0", idx), cons("transition.2.weight", idx))
+
+    def final(idx):
+        return merge(bn("norm", idx), cons("head.fc.weight", idx))
+
+    b1 = ["block1.0", "block1.1", "block1.2"]
+    check_groups(groups, [
+        ("stem", 8, "channel", True, merge(prod("stem.weight", ident(8)), readers(b1, ident(8)),
+                                           transition(ident(8)))),
+        ("block1.0.conv", 4, "channel", True, merge(prod("block1.0.conv.weight", ident(4)),
+                                                    readers(b1[1:], ident(4, 8)), transition(ident(4, 8)))),
+        ("block1.1.conv", 4, "channel", True, merge(prod("block1.1.conv.weight", ident(4)),
+                                                    readers(b1[2:], ident(4, 12)), transition(ident(4, 12)))),
+        ("block1.2.conv", 4, "channel", True, merge(prod("block1.2.conv.weight", ident(4)),
+                                                    transition(ident(4, 16)))),
+        ("transition.2", 12, "channel", True, merge(prod("transition.2.weight", ident(12)),
+                                                    readers(["block2.0", "block2.1"], ident(12)),
+                                                    final(ident(12)))),
+        ("block2.0.conv", 4, "channel", True, merge(prod("block2.0.conv.weight", ident(4)),
+                                                    readers(["block2.1"], ident(4, 12)), final(ident(4, 12)))),
+        ("block2.1.conv", 4, "channel", True, merge(prod("block2.1.conv.weight", ident(4)),
+                                                    final(ident(4, 16)))),
+        classifier("head.fc", "head.fc"),
+    ])
+
+
+def test_tiny_split_split_chunk_and_concat_offsets():
+    """split(16 -> 6 + 10), chunk(10 -> 5 + 5): stem channels 0-5 feed branch_a, 6-10 go
+    through max pooling straight into fuse's columns 6-10, 11-15 feed branch_c; the cat
+    puts branch_a at columns 0-5 and branch_c's 8 channels at 11-18."""
+    _, _, groups = analysed("tiny_split")
+    none = lambda n: [[] for _ in range(n)]  # noqa: E731
+    check_groups(groups, [
+        ("stem.0", 16, "channel", True, merge(
+            conv_bn("stem", 16),
+            cons("branch_a.0.weight", ident(6) + none(10)),
+            cons("fuse.0.weight", none(6) + ident(5, 6) + none(5)),
+            cons("branch_c.0.weight", none(11) + ident(5)))),
+        ("branch_a.0", 6, "channel", True, merge(conv_bn("branch_a", 6), cons("fuse.0.weight", ident(6)))),
+        ("branch_c.0", 8, "channel", True, merge(conv_bn("branch_c", 8), cons("fuse.0.weight", ident(8, 11)))),
+        ("fuse.0", 16, "channel", True, merge(conv_bn("fuse", 16), cons("head.fc.weight", ident(16)))),
+        classifier("head.fc", "head.fc"),
+    ])
+
+
+def test_tiny_flatten_linear_owns_hw_columns_per_channel():
+    """flatten([B, 8, 4, 4]) -> Linear(128): channel c owns columns 16c .. 16c+15."""
+    _, _, groups = analysed("tiny_flatten")
+    check_groups(groups, [
+        ("conv1.0", 8, "channel", True, merge(conv_bn("conv1", 8), cons("conv2.0.weight", ident(8)))),
+        ("conv2.0", 8, "channel", True, merge(conv_bn("conv2", 8), cons("fc1.weight", ident(8, per=16)))),
+        ("fc1", 32, "channel", True, merge(prod("fc1.weight", ident(32)), bias("fc1.bias", ident(32)),
+                                           cons("fc2.weight", ident(32)))),
+        classifier("fc2", "fc2"),
+    ])
+
+
+def test_tiny_grouped_conv_group_units():
+    """A grouped conv (4 groups) couples its input group k with its output group k, so a
+    channel of the group is a whole conv group: 4 inputs (+ 8 outputs of the widening
+    16 -> 32 conv). The residual stream through the grouped block inherits the units."""
+    _, _, groups = analysed("tiny_grouped")
+    g4, g8 = ident(4, per=4), ident(4, per=8)
+    check_groups(groups, [
+        ("stem.0", 4, "conv-group", True, merge(
+            conv_bn("stem", 4, g4), cons("block.conv1.0.weight", g4), conv_bn("block.conv3", 4, g4),
+            conv_bn("widen", 4, g8), cons("head.fc.weight", g8))),
+        ("block.conv1.0", 4, "conv-group", True, merge(
+            conv_bn("block.conv1", 4, g4), conv_bn("block.conv2", 4, g4), cons("block.conv3.0.weight", g4))),
+        classifier("head.fc", "head.fc"),
+    ])
+    # The grouped convs' per-group input dims (size 4) are no group's member.
+    assert not any(m.target in ("block.conv2.0.weight", "widen.0.weight") and m.dim == 1
+                   for g in groups.values() for m in g.members)
+
+
+def test_tiny_mobilenet_depthwise_and_inverted_residuals():
+    """Depthwise conv: expand's channel i is dw's channel i (one group with two producers);
+    the residual adds couple stem with block 0's projection and block 1 with block 2."""
+    _, _, groups = analysed("tiny_mobilenet")
+
+    def block(i, hidden):
+        b = f"blocks.{i}"
+        return (f"{b}.expand.0", hidden, "channel", True, merge(
+            conv_bn(f"{b}.expand", hidden), conv_bn(f"{b}.dw", hidden),
+            cons(f"{b}.project.0.weight", ident(hidden))))
+
+    check_groups(groups, [
+        ("stem.0", 8, "stream", True, merge(
+            conv_bn("stem", 8), cons("blocks.0.expand.0.weight", ident(8)),
+            conv_bn("blocks.0.project", 8), cons("blocks.1.expand.0.weight", ident(8)))),
+        block(0, 32), block(1, 32),
+        ("blocks.1.project.0", 16, "stream", True, merge(
+            conv_bn("blocks.1.project", 16), cons("blocks.2.expand.0.weight", ident(16)),
+            conv_bn("blocks.2.project", 16), cons("head_conv.0.weight", ident(16)))),
+        block(2, 64),
+        ("head_conv.0", 32, "channel", True, merge(conv_bn("head_conv", 32), cons("head.fc.weight", ident(32)))),
+        classifier("head.fc", "head.fc"),
+    ])
+
+
+def test_tiny_se_gating_multiply_couples():
+    """x * sigmoid(fc2(...)) couples the gated conv's channels with fc2's rows; the mean
+    over H, W keeps channels for fc1's columns; the residual add joins the stem."""
+    _, _, groups = analysed("tiny_se")
+    i16, i4 = ident(16), ident(4)
+    check_groups(groups, [
+        ("stem.0", 16, "stream", True, merge(
+            conv_bn("stem", 16), cons("conv.0.weight", i16), conv_bn("conv", 16),
+            cons("se.fc1.weight", i16), prod("se.fc2.weight", i16), bias("se.fc2.bias", i16),
+            cons("head.fc.weight", i16))),
+        ("se.fc1", 4, "channel", True, merge(prod("se.fc1.weight", i4), bias("se.fc1.bias", i4),
+                                             cons("se.fc2.weight", i4))),
+        classifier("head.fc", "head.fc"),
+    ])
+
+
+def qkv_rows(head: int, heads: int = 2, head_dim: int = 8) -> List[int]:
+    """Rows of a fused qkv Linear owned by one head: head_dim rows of each of q, k, v."""
+    dim = heads * head_dim
+    return [part * dim + head * head_dim + j for part in range(3) for j in range(head_dim)]
+
+
+def attention_group(prefix: str) -> tuple:
+    heads = [qkv_rows(0), qkv_rows(1)]
+    return (f"{prefix}.qkv", 2, "head", True, merge(
+        prod(f"{prefix}.qkv.weight", heads), bias(f"{prefix}.qkv.bias", heads),
+        cons(f"{prefix}.proj.weight", ident(2, per=8))))
+
+
+def test_tiny_vit_heads_stream_and_tokens():
+    """Heads: 3 * head_dim qkv rows and head_dim proj columns per head. The residual
+    stream holds the patch embedding, cls_token and pos_embed (their channel dim 2),
+    every LayerNorm, the proj/fc2 rows, the qkv/fc1 columns and the head's columns."""
+    _, _, groups = analysed("tiny_vit")
+    i16, i32 = ident(16), ident(32)
+    stream = [prod("patch_embed.weight", i16), bias("patch_embed.bias", i16),
+              tensor("cls_token", 2, i16), tensor("pos_embed", 2, i16),
+              ln("norm", i16), cons("head.weight", i16)]
+    for b in ("blocks.0", "blocks.1"):
+        stream += [ln(f"{b}.norm1", i16), cons(f"{b}.attn.qkv.weight", i16),
+                   prod(f"{b}.attn.proj.weight", i16), bias(f"{b}.attn.proj.bias", i16),
+                   ln(f"{b}.norm2", i16), cons(f"{b}.mlp.fc1.weight", i16),
+                   prod(f"{b}.mlp.fc2.weight", i16), bias(f"{b}.mlp.fc2.bias", i16)]
+
+    def mlp(b):
+        return (f"{b}.mlp.fc1", 32, "channel", True, merge(
+            prod(f"{b}.mlp.fc1.weight", i32), bias(f"{b}.mlp.fc1.bias", i32),
+            cons(f"{b}.mlp.fc2.weight", i32)))
+
+    check_groups(groups, [
+        ("patch_embed", 16, "stream", True, merge(*stream)),
+        attention_group("blocks.0.attn"), mlp("blocks.0"),
+        attention_group("blocks.1.attn"), mlp("blocks.1"),
+        classifier("head", "head"),
+    ])
+
+
+def test_tiny_convnext_layer_scale_in_stream():
+    """Depthwise conv couples in/out; the permuted LayerNorm, the LayerScale gamma and the
+    pointwise Linears join the residual stream; mean over H, W keeps channels for the head."""
+    _, _, groups = analysed("tiny_convnext")
+    i16, i64 = ident(16), ident(64)
+    stream = [prod("stem.0.weight", i16), bias("stem.0.bias", i16), bn("stem.1", i16),
+              ln("norm", i16), cons("head.weight", i16)]
+    for b in ("blocks.0", "blocks.1"):
+        stream += [prod(f"{b}.dwconv.weight", i16), bias(f"{b}.dwconv.bias", i16),
+                   ln(f"{b}.norm", i16), cons(f"{b}.pwconv1.weight", i16),
+                   prod(f"{b}.pwconv2.weight", i16), bias(f"{b}.pwconv2.bias", i16),
+                   tensor(f"{b}.gamma", 0, i16)]
+
+    def mlp(b):
+        return (f"{b}.pwconv1", 64, "channel", True, merge(
+            prod(f"{b}.pwconv1.weight", i64), bias(f"{b}.pwconv1.bias", i64),
+            cons(f"{b}.pwconv2.weight", i64)))
+
+    check_groups(groups, [("stem.0", 16, "stream", True, merge(*stream)),
+                          mlp("blocks.0"), mlp("blocks.1"), classifier("head", "head")])
+
+
+def test_tiny_attention_heads_and_token_mean():
+    _, _, groups = analysed("tiny_attention")
+    i16 = ident(16)
+    check_groups(groups, [
+        attention_group("attn"),
+        ("attn.proj", 16, "channel", True, merge(prod("attn.proj.weight", i16), bias("attn.proj.bias", i16),
+                                                 cons("head.weight", i16))),
+        classifier("head", "head"),
+    ])
+
+
+def test_single_head_attention_is_not_prunable():
+    """One head is one channel, and a group never loses all its channels."""
+    _, _, groups = analysed("tiny_attention", heads=1)
+    g = groups["attn.qkv"]
+    assert (g.size, g.kind, g.prunable) == (1, "head", False)
+    assert "single channel" in g.reason
+    assert members_of(g)[("attn.qkv.weight", 0)] == ("producer", [list(range(48))])
+
+
+def test_every_fixture_has_a_golden_test():
+    tested = {"tiny_mlp", "tiny_vgg", "tiny_resnet", "tiny_bottleneck", "tiny_densenet",
+              "tiny_split", "tiny_flatten", "tiny_grouped", "tiny_mobilenet", "tiny_se",
+              "tiny_vit", "tiny_convnext", "tiny_attention"}
+    assert set(FIXTURES) == tested
+
+
+# --------------------------------------------------------------------------- structure
+@pytest.mark.parametrize("name", FIXTURES)
+def test_group_structure_is_consistent(name):
+    """Ids unique; index maps in bounds; no tensor index owned twice (within or across
+    groups); every group has a producer; the result is JSON-safe and printable."""
+    model, _, groups = analysed(name)
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    owned: Dict[Tuple[str, int], set] = {}
+    for g in groups.values():
+        assert g.size >= 1 and g.divisor == 1
+        assert any(m.role == "producer" for m in g.members)
+        for m in g.members:
+            size = tensors[m.target].shape[m.dim]
+            seen = owned.setdefault((m.target, m.dim), set())
+            for ix in m.index_map:
+                assert all(0 <= i < size for i in ix), (g.id, m.target)
+                assert not seen & set(ix), f"{m.target} dim {m.dim}: index owned twice"
+                seen |= set(ix)
+        assert g.to_dict()["members"] and str(g).startswith(f"Group {g.id}")
+
+
+# --------------------------------------------------------------------------- the invariant
+def _randomise_norms(model: nn.Module, gen: torch.Generator) -> None:
+    """Non-trivial BN statistics and affine parameters, so zeroing them matters."""
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.running_mean.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
+                mod.running_var.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+                mod.weight.copy_(torch.rand(mod.num_features, generator=gen) + 0.5)
+                mod.bias.copy_(torch.rand(mod.num_features, generator=gen) - 0.5)
+
+
+@contextlib.contextmanager
+def _zeroed(model: nn.Module, group, channels, keep_roles=None, skip_roles=()):
+    """``model`` with the member slices of ``channels`` zeroed in place (only members whose
+    role is in ``keep_roles``, if given, and not in ``skip_roles``); restored on exit."""
+    tensors = dict(model.named_parameters())
+    tensors.update(dict(model.named_buffers()))
+    saved = []
+    with torch.no_grad():
+        for m in group.members:
+            if (keep_roles is not None and m.role not in keep_roles) or m.role in skip_roles:
+                continue
+            idx = sorted({i for c in channels for i in m.index_map[c]})
+            if idx:
+                t, index = tensors[m.target], torch.tensor(idx)
+                saved.append((t, m.dim, index, t.index_select(m.dim, index)))
+                t.index_fill_(m.dim, index, 0.0)
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for t, dim, index, values in reversed(saved):
+                t.index_copy_(dim, index, values)
+
+
+def _output(model, x, group, channels, **roles) -> torch.Tensor:
+    with _zeroed(model, group, channels, **roles), torch.no_grad():
+        return model(x)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny float64 forwards: one intra-op thread avoids thread hand-off overhead."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _has_layernorm(model: nn.Module, group) -> bool:
+    mods = dict(model.named_modules())
+    return any(isinstance(mods.get(m.target.rpartition(".")[0]), nn.LayerNorm) for m in group.members)
+
+
+@pytest.mark.parametrize("name", FIXTURES + ["cifar_resnet20"])
+def test_zeroing_members_removes_exactly_the_channels(name, one_thread):
+    """float64, eval mode. For every prunable group and a random half of its channels S:
+
+    - A (every member slice of S zeroed) == B (only the consumer columns of S zeroed):
+      the members account for everything S does downstream. Groups with a LayerNorm
+      member are exempt: removing a channel changes its statistics by design (§7).
+    - A == C (every member slice but the consumers zeroed): the producers, biases and norms
+      silence S completely, so the consumer columns see exact zeros (every fixture's
+      activation maps 0 to 0). This also catches a missing producer or norm member.
+    - Zeroing changes the output for at least one group (the test is not vacuous)."""
+    torch.manual_seed(0)
+    model = create_model(name).double().eval()
+    gen = torch.Generator().manual_seed(1)
+    _randomise_norms(model, gen)
+    x = torch.randn(2, *model_input_size(name), dtype=torch.float64)
+    groups = [g for g in fxprune.groups(model, x) if g.prunable]
+    assert groups
+    rng = random.Random(2)
+    with torch.no_grad():
+        dense = model(x)
+    changed = 0
+    for g in groups:
+        channels = rng.sample(range(g.size), max(1, g.size // 2))
+        out_all = _output(model, x, g, channels)
+        if not _has_layernorm(model, g):
+            out_consumers = _output(model, x, g, channels, keep_roles={"consumer"})
+            torch.testing.assert_close(out_all, out_consumers, rtol=1e-9, atol=1e-10,
+                                       msg=lambda m: f"group {g.id}: {m}")
+        out_silenced = _output(model, x, g, channels, skip_roles={"consumer"})
+        torch.testing.assert_close(out_all, out_silenced, rtol=1e-9, atol=1e-10,
+                                   msg=lambda m: f"group {g.id}: {m}")
+        changed += not torch.allclose(out_all, dense)
+    assert changed >= len(groups) // 2
+    with torch.no_grad():
+        assert torch.equal(model(x), dense)  # the in-place zeroing was undone
+
+
+# --------------------------------------------------------------------------- side effects
+@pytest.mark.parametrize("name", ["tiny_resnet", "tiny_vit", "tiny_se"])
+def test_model_is_bit_identical_after_analysis(name):
+    torch.manual_seed(0)
+    model = create_model(name).train()
+    model.fc_marker = nn.Identity()  # an attribute the analysis must not touch
+    model.get_submodule("head").eval()  # mixed flags are preserved too
+    flags = {n: m.training for n, m in model.named_modules()}
+    state = {k: v.clone() for k, v in model.state_dict(keep_vars=True).items()}
+    ptrs = {k: v.data_ptr() for k, v in model.state_dict(keep_vars=True).items()}
+    grads = {n: p.requires_grad for n, p in model.named_parameters()}
+    x = torch.randn(2, *model_input_size(name))
+    fxprune.groups(model, x)
+    fxprune.connectivity(model, x)
+    after = model.state_dict(keep_vars=True)
+    assert list(after) == list(state)
+    for k, v in after.items():
+        assert torch.equal(v, state[k]) and v.dtype == state[k].dtype and v.data_ptr() == ptrs[k], k
+    assert {n: m.training for n, m in model.named_modules()} == flags
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == grads
+    assert all(p.grad is None for p in model.parameters())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+def test_traced_graph_module_owns_its_tensors():
+    """fxprune.passes.trace.trace (what compile/saliency use) copies the weights: writing
+    to the GraphModule must not reach the user's model; ties stay tied."""
+    from fxprune.passes.trace import trace
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+            self.b.weight = self.a.weight
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    model = Tied()
+    before = model.a.weight.detach().clone()
+    gm = trace(model, torch.randn(2, 4))
+    assert gm.a.weight is gm.b.weight
+    with torch.no_grad():
+        gm.a.weight.zero_()
+    assert torch.equal(model.a.weight, before)
+    assert model.training and not gm.training
+
+
+# --------------------------------------------------------------------------- fail closed
+class Doubler(nn.Module):
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * 2 * self.scale
+
+
+class WithLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.odd = Doubler(16)
+        self.fc2 = nn.Linear(16, 16)
+        self.fc3 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc3(torch.relu(self.fc2(self.odd(self.fc1(x)))))
+
+
+def test_custom_leaf_module_makes_its_channels_unprunable():
+    groups = {g.id: g for g in fxprune.groups(WithLeaf(), torch.randn(2, 8), leaf_modules=[Doubler])}
+    assert not groups["fc1"].prunable
+    assert "unknown op" in groups["fc1"].reason
+    assert "Doubler `odd`" in groups["fc1"].reason and "node `odd`" in groups["fc1"].reason
+    assert groups["fc2"].prunable  # untouched neighbours stay prunable
+
+
+class WithFFT(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 16)
+        self.fc3 = nn.Linear(16, 4)
+
+    def forward(self, x):
+        y = torch.fft.fft(self.fc1(x)).abs()
+        return self.fc3(torch.relu(self.fc2(y)))
+
+
+def test_unknown_function_makes_its_channels_unprunable():
+    groups = {g.id: g for g in fxprune.groups(WithFFT(), torch.randn(2, 8))}
+    g = groups["fc1"]
+    assert not g.prunable
+    assert "unknown op" in g.reason and "fft" in g.reason and "node `fft_fft`" in g.reason
+    assert groups["fc2"].prunable
+
+
+class Branchy(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x * 2
+        return x
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gate = Branchy()
+
+    def forward(self, x):
+        return self.gate(self.fc(x))
+
+
+def test_untraceable_model_raises_trace_error_with_advice():
+    with pytest.raises(fxprune.TraceError) as info:
+        fxprune.groups(Untraceable(), torch.randn(2, 4))
+    msg = str(info.value)
+    assert "`gate` (Branchy)" in msg
+    assert "leaf" in msg and "concrete_args" in msg
+    # The advice works: as a leaf module the model traces, and fc's channels are fixed.
+    groups = {g.id: g for g in fxprune.groups(Untraceable(), torch.randn(2, 4), leaf_modules=[Branchy])}
+    assert not groups["fc"].prunable and "Branchy" in groups["fc"].reason
+
+
+def test_example_inputs_are_required():
+    with pytest.raises(ValueError):
+        fxprune.groups(create_model("tiny_mlp"), None)
+
+
+# --------------------------------------------------------------------------- model zoo
+ZOO = [f"timm:{n}" for n in (
+    "resnet50", "resnext50_32x4d", "vit_base_patch16_224", "deit_small_patch16_224",
+    "swin_tiny_patch4_window7_224", "beit_base_patch16_224", "convnext_tiny", "efficientnet_b0",
+    "mobilenetv3_large_100", "regnety_016", "densenet121", "mixer_b16_224", "levit_128")] + [
+    f"torchvision:{n}" for n in ("resnet50", "vit_b_16", "mobilenet_v2")]
+# The heaviest to build (ViT-B/BEiT-B: 86M parameters) or slowest to analyse; deit_small
+# covers plain ViT attention in the default run. Run them with ``-m slow``.
+ZOO_SLOW = {"timm:vit_base_patch16_224", "timm:beit_base_patch16_224", "timm:regnety_016"}
+_TV_CLASSIFIERS = {"resnet50": "fc", "vit_b_16": "heads.head", "mobilenet_v2": "classifier.1"}
+_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+
+
+class ZooResult:
+    """What the zoo tests need from one analysed model (the model itself is dropped)."""
+
+    def __init__(self, spec: str):
+        source, name = spec.split(":")
+        torch.manual_seed(0)
+        if source == "timm":
+            import timm
+            model = timm.create_model(name, pretrained=False)
+            heads = model.get_classifier()
+        else:
+            import torchvision
+            model = torchvision.models.get_model(name, weights=None)
+            heads = model.get_submodule(_TV_CLASSIFIERS[name])
+        heads = heads if isinstance(heads, tuple) else (heads,)
+        head_ids = {id(m) for h in heads for m in h.modules() if isinstance(m, nn.Linear)}
+        self.layers = [n for n, m in model.named_modules() if isinstance(m, _LAYERS)]
+        self.classifiers = [n for n, m in model.named_modules() if id(m) in head_ids]
+        flags = {n: m.training for n, m in model.named_modules()}
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        ptrs = {k: v.data_ptr() for k, v in model.state_dict().items()}
+        self.groups = fxprune.groups(model, torch.randn(1, 3, 224, 224))
+        after = model.state_dict()
+        self.changed = [k for k in state if not (torch.equal(after[k], state[k])
+                                                  and after[k].data_ptr() == ptrs[k])]
+        self.changed += [n for n, m in model.named_modules() if m.training != flags[n]]
+
+
+@pytest.fixture(scope="module", params=[
+    pytest.param(spec, marks=pytest.mark.slow) if spec in ZOO_SLOW else spec for spec in ZOO])
+def zoo(request) -> ZooResult:
+    """One model of the zoo, built and analysed once for all the tests that read it."""
+    return ZooResult(request.param)
+
+
+def test_zoo_every_layer_is_grouped_or_explained(zoo):
+    """Every Conv/Linear output dim belongs to a group (as its producer); a group that is
+    not prunable says why; the classifier's outputs are never pruned."""
+    owner = {}
+    for g in zoo.groups:
+        assert g.prunable or g.reason, g.id
+        for m in g.members:
+            if m.role == "producer" and m.dim == 0:
+                owner[m.target] = g
+    missing = [layer for layer in zoo.layers if f"{layer}.weight" not in owner]
+    assert not missing, f"layers in no group: {missing[:8]}"
+    for layer in zoo.classifiers:
+        g = owner[f"{layer}.weight"]
+        assert not g.prunable and "reaches the model output" in g.reason, (layer, g.reason)
+    assert any(g.prunable for g in zoo.groups)
+
+
+def test_zoo_model_is_unchanged(zoo):
+    assert not zoo.changed, f"modified by the analysis: {zoo.changed[:8]}"
