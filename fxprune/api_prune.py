@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .api_score import (_progress, default_example_inputs, prepare_batches, score_analysis,
+from .api_score import (_progress, prepare_batches, resolve_example_inputs, score_analysis,
                         wrap_loss)
 from .criteria import get_criterion
 from .errors import BudgetError, DataError, FxpruneError
@@ -47,10 +47,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     """
     crit = get_criterion(criterion)
     batch_list = prepare_batches(data, batches, crit.needs_data)
-    if example_inputs is None:
-        if batch_list is None:
-            raise DataError("pass example_inputs (or data, whose first batch is used)")
-        example_inputs = default_example_inputs(batch_list, model)
+    example_inputs = resolve_example_inputs(example_inputs, batch_list, model)
     inputs = as_input_tuple(example_inputs)
     loss = wrap_loss(loss_fn, output_fn)
     trace_kw = dict(leaf_modules=leaf_modules, concrete_args=concrete_args)

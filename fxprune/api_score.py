@@ -136,6 +136,15 @@ def _explain_non_finite(bad: List[str], module, crit: Criterion, ctx) -> Fxprune
         "float32/float64 or fewer batches")
 
 
+def resolve_example_inputs(example_inputs: Any, batch_list, model: torch.nn.Module) -> Any:
+    """``example_inputs`` as given, else the first calibration batch's inputs."""
+    if example_inputs is not None:
+        return example_inputs
+    if batch_list is None:
+        raise DataError("pass example_inputs (or data, whose first batch is used)")
+    return default_example_inputs(batch_list, model)
+
+
 def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *,
              example_inputs: Any = None, loss_fn: Optional[Callable] = None,
              batches: Optional[int] = None, output_fn: Optional[Callable] = None,
@@ -148,10 +157,7 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
     """
     crit = get_criterion(criterion)
     batch_list = prepare_batches(data, batches, crit.needs_data)
-    if example_inputs is None:
-        if batch_list is None:
-            raise DataError("pass example_inputs (or data, whose first batch is used)")
-        example_inputs = default_example_inputs(batch_list, model)
+    example_inputs = resolve_example_inputs(example_inputs, batch_list, model)
     gm = trace(model, as_input_tuple(example_inputs), leaf_modules=leaf_modules,
                concrete_args=concrete_args)
     analysis = analyze(gm)
