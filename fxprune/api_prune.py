@@ -15,7 +15,7 @@ import torch
 from .api_score import (_progress, prepare_batches, resolve_example_inputs, score_analysis,
                         wrap_loss)
 from .criteria import get_criterion
-from .errors import BudgetError, DataError, FxpruneError
+from .errors import BudgetError, FxpruneError
 from .plan import Plan
 from .passes.count import cost_model, count_flops, count_params
 from .passes.groups import Analysis, analyze
