@@ -3,7 +3,6 @@
 Everything runs in float64 on models traced with ``torch.fx.symbolic_trace`` after
 ``.double().eval()``.
 """
-import math
 import sys
 import textwrap
 
@@ -418,47 +417,6 @@ def test_tangent_rules_agree_with_forward_ad(monkeypatch):
     want = oba_scores(gm, [batch])
     for n in want:
         torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-14)
-
-
-# ----------------------------------------------------------------------------- sdpa
-class SdpaBlock(nn.Module):
-    def __init__(self, dim=8, heads=2, fused=True, causal=False):
-        super().__init__()
-        self.heads, self.fused, self.causal = heads, fused, causal
-        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), \
-            nn.Linear(dim, 3)
-
-    def forward(self, x, attn_mask=None):
-        b, n, d = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads) \
-            .permute(2, 0, 3, 1, 4).unbind(0)
-        if self.fused:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                               is_causal=self.causal)
-        else:
-            s = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5
-            if self.causal:
-                s = s.masked_fill(~torch.ones_like(s, dtype=torch.bool).tril(), -math.inf)
-            o = s.softmax(-1) @ v
-        o = self.proj(o.transpose(1, 2).reshape(b, n, d))
-        return self.head(o.mean(1))
-
-
-@pytest.mark.parametrize("causal", [False, True])
-def test_sdpa_lowered_matches_explicit_math(causal):
-    fused, plain = seeded(SdpaBlock(causal=causal)), seeded(SdpaBlock(fused=False,
-                                                                       causal=causal))
-    plain.load_state_dict(fused.state_dict())
-    batch = data((2, 5, 8), 3)[0]
-    gm = make_scoring_copy(trace(fused))
-    assert not any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes)
-    got, want = oba_scores(gm, [batch]), oba_scores(trace(plain), [batch])
-    for n in want:
-        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-14)
-    ex_got = oba_exact_scores(gm, [batch])
-    ex_want = oba_exact_scores(trace(plain), [batch])
-    for n in ex_want:
-        torch.testing.assert_close(ex_got[n], ex_want[n], rtol=1e-10, atol=1e-14)
 
 
 # ----------------------------------------------------------------------------- DDP

@@ -1,4 +1,6 @@
 """The shared scoring infrastructure (fxprune.criteria.scoring)."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -6,6 +8,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from fxprune.criteria import scoring
+from fxprune.criteria.oba import oba_exact_scores, oba_scores
 from fxprune.errors import DataError, FxpruneError
 
 
@@ -123,3 +126,54 @@ def test_lower_sdpa_matches_fused_and_supports_forward_ad(kw, mask):
     (g,) = torch.autograd.grad(gm(qq, k, v, m).square().sum(), qq, create_graph=True)
     (h,) = torch.autograd.grad(g.sum(), qq)
     assert torch.isfinite(h).all()
+
+
+def _seeded(model):
+    torch.manual_seed(0)
+    return model.double().eval()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    return ((torch.randn(2, 5, 8, generator=g, dtype=torch.float64),),
+            torch.randint(0, 3, (2,), generator=g))
+
+
+class SdpaBlock(nn.Module):
+    def __init__(self, dim=8, heads=2, fused=True, causal=False):
+        super().__init__()
+        self.heads, self.fused, self.causal = heads, fused, causal
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), \
+            nn.Linear(dim, 3)
+
+    def forward(self, x, attn_mask=None):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.heads, d // self.heads) \
+            .permute(2, 0, 3, 1, 4).unbind(0)
+        if self.fused:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                               is_causal=self.causal)
+        else:
+            s = q @ k.transpose(-2, -1) * (d // self.heads) ** -0.5
+            if self.causal:
+                s = s.masked_fill(~torch.ones_like(s, dtype=torch.bool).tril(), -math.inf)
+            o = s.softmax(-1) @ v
+        o = self.proj(o.transpose(1, 2).reshape(b, n, d))
+        return self.head(o.mean(1))
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sdpa_lowered_matches_explicit_math(causal):
+    fused, plain = _seeded(SdpaBlock(causal=causal)), _seeded(SdpaBlock(fused=False,
+                                                                       causal=causal))
+    plain.load_state_dict(fused.state_dict())
+    batch = _batch()
+    gm = scoring.make_scoring_copy(torch.fx.symbolic_trace(fused))
+    assert not any(n.target is F.scaled_dot_product_attention for n in gm.graph.nodes)
+    got, want = oba_scores(gm, [batch]), oba_scores(torch.fx.symbolic_trace(plain), [batch])
+    for n in want:
+        torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-14)
+    ex_got = oba_exact_scores(gm, [batch])
+    ex_want = oba_exact_scores(torch.fx.symbolic_trace(plain), [batch])
+    for n in ex_want:
+        torch.testing.assert_close(ex_got[n], ex_want[n], rtol=1e-10, atol=1e-14)

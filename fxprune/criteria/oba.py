@@ -109,7 +109,8 @@ def _oba_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index
     for rec in recs:
         rec.request(wanted)
     extra = params if first_order else []
-    got = torch.autograd.grad(loss, wanted + extra, retain_graph=True, allow_unused=True)
+    got = (torch.autograd.grad(loss, wanted + extra, retain_graph=True, allow_unused=True)
+           if wanted or extra else [])
     cot = {id(t): g for t, g in zip(wanted, got)}
     outs: List[Tensor] = []
     couts: List[Tensor] = []

@@ -183,8 +183,9 @@ def module_device_dtype(module: nn.Module) -> Tuple[torch.device, torch.dtype]:
 
 
 def cast_batch(batch: Batch, module: nn.Module) -> Batch:
-    """Move a batch to ``module``'s device; floating inputs and targets take the module's
-    floating dtype (integer class labels keep theirs)."""
+    """Move an ``(inputs, targets)`` batch to ``module``'s device; floating inputs and
+    targets take the module's floating dtype (integer class labels keep theirs). Returns
+    ``(inputs_tuple, targets)``; a single input tensor becomes a 1-tuple."""
     device, dtype = module_device_dtype(module)
 
     def cast(x):
@@ -195,6 +196,7 @@ def cast_batch(batch: Batch, module: nn.Module) -> Batch:
         return x
 
     inputs, targets = batch
+    inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     return tuple(cast(x) for x in inputs), cast(targets)
 
 

@@ -1,0 +1,164 @@
+"""Benchmark: OBA scoring time per batch ÷ one plain gradient pass (design §5.1 cost).
+
+For each timm model (pretrained=False, traced with ``torch.fx.symbolic_trace``, scored on
+a :func:`~fxprune.criteria.scoring.make_scoring_copy`) and one random batch, the same run
+times, interleaved per repeat:
+
+* ``grad``: one plain gradient pass -- forward + backward of the same mean
+  cross-entropy loss w.r.t. all parameters, same batch;
+* ``oba``: :func:`~fxprune.criteria.oba.oba_scores` on that batch (one call = one batch);
+* ``oba-exact``: :func:`~fxprune.criteria.oba.oba_exact_scores` (double backward).
+
+Times are medians over ``--repeats`` after one warm-up; the ratio is the median of the
+per-repeat ratios. Peak memory is measured in a fresh subprocess per (model, method): on
+CPU, after set-up (the model, its scoring copy and the batch) the kernel's peak-RSS mark
+is reset (``/proc/self/clear_refs``) and the figure is its growth (``VmHWM`` of
+``/proc/self/status``, the per-process value behind ``getrusage().ru_maxrss``, which
+itself cannot be reset once a thread has exited) over the resident set size at that
+point; on CUDA ``torch.cuda.max_memory_allocated`` above the post-set-up allocation.
+
+    python benchmarks/bench_oba.py
+    python benchmarks/bench_oba.py --models resnet50 --batch 8 --repeats 5 --no-memory
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from fxprune.criteria.oba import oba_exact_scores, oba_scores
+from fxprune.criteria.scoring import default_loss, make_scoring_copy
+
+METHODS = ("grad", "oba", "oba-exact")
+
+
+def build(name: str, batch: int, device: str):
+    """(scoring copy of the traced timm model, [(inputs, targets)])."""
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False).eval().to(device)
+    # timm models trace with plain symbolic_trace (ViT gets two extra placeholders,
+    # attn_mask/is_causal, with defaults; its fused attention is lowered by the copy).
+    gm = make_scoring_copy(torch.fx.symbolic_trace(model))
+    size = model.pretrained_cfg.get("input_size", (3, 224, 224))
+    x = torch.randn(batch, *size, device=device)
+    y = torch.randint(0, model.num_classes, (batch,), device=device)
+    return gm, [((x,), y)]
+
+
+def run_method(method: str, gm, batches) -> None:
+    """One call of ``method`` on ``batches`` (a single batch)."""
+    if method == "grad":
+        (inputs, targets), = batches
+        params = [p for p in gm.parameters() if p.requires_grad]
+        torch.autograd.grad(default_loss(gm(*inputs), targets), params)
+    elif method == "oba":
+        oba_scores(gm, batches)
+    else:
+        oba_exact_scores(gm, batches)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_model(name: str, args) -> dict:
+    """Median seconds per method and median ratios to ``grad``."""
+    gm, batches = build(name, args.batch, args.device)
+    methods = [m for m in METHODS if m != "oba-exact" or args.exact]
+    for m in methods:                                   # warm-up
+        run_method(m, gm, batches)
+    times = {m: [] for m in methods}
+    for _ in range(args.repeats):
+        for m in methods:
+            _sync(args.device)
+            t0 = time.perf_counter()
+            run_method(m, gm, batches)
+            _sync(args.device)
+            times[m].append(time.perf_counter() - t0)
+    out = {m: statistics.median(v) for m, v in times.items()}
+    for m in methods[1:]:
+        out[f"{m}/grad"] = statistics.median(a / b for a, b in zip(times[m], times["grad"]))
+    return out
+
+
+def _status_mib(field: str) -> float:
+    """A memory field (``VmRSS``, ``VmHWM``) of ``/proc/self/status`` in MiB."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def memory_child(name: str, method: str, args) -> float:
+    """Peak memory (MiB) of one ``method`` call above the post-set-up level."""
+    gm, batches = build(name, args.batch, args.device)
+    if args.device.startswith("cuda"):
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        run_method(method, gm, batches)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:   # reset the peak-RSS mark
+            f.write("5")
+    except OSError:
+        print("warning: cannot reset the peak RSS; figures include set-up",
+              file=sys.stderr)
+    base = _status_mib("VmRSS")
+    run_method(method, gm, batches)
+    return _status_mib("VmHWM") - base
+
+
+def memory(name: str, method: str, args) -> float:
+    cmd = [sys.executable, __file__, "--_memory", name, method, "--batch", str(args.batch),
+           "--device", args.device, "--threads", str(args.threads)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-exact", dest="exact", action="store_false")
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--_memory", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args._memory:
+        print(json.dumps(memory_child(*args._memory, args)))
+        return
+    print(f"command: python benchmarks/bench_oba.py {' '.join(sys.argv[1:])}".rstrip())
+    print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
+          f"batch {args.batch}, {args.repeats} repeats (median)\n")
+    mem_kind = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS growth"
+    print(f"| model | grad pass (s) | OBA (s) | OBA ÷ grad | OBA-exact (s) | exact ÷ grad "
+          f"| {mem_kind} grad / OBA / exact (MiB) |")
+    print("|---|---|---|---|---|---|---|")
+    for name in args.models:
+        r = time_model(name, args)
+        mem = "n/a"
+        if args.memory:
+            methods = [m for m in METHODS if m != "oba-exact" or args.exact]
+            mem = " / ".join(f"{memory(name, m, args):.0f}" for m in methods)
+        ex = (f"{r['oba-exact']:.2f} | {r['oba-exact/grad']:.2f}" if args.exact
+              else "- | -")
+        print(f"| {name} | {r['grad']:.2f} | {r['oba']:.2f} | {r['oba/grad']:.2f} | {ex} "
+              f"| {mem} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
