@@ -419,6 +419,26 @@ def test_tangent_rules_agree_with_forward_ad(monkeypatch):
         torch.testing.assert_close(got[n], want[n], rtol=1e-10, atol=1e-14)
 
 
+class LeafMHA(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.mha = nn.MultiheadAttention(4, 2, batch_first=True)   # an FX leaf
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(self.mha(h, h, h)[0].mean(1))
+
+
+def test_opaque_leaf_module_warns_and_scores_zero(caplog):
+    model = seeded(LeafMHA())
+    with caplog.at_level("WARNING"):
+        scores = oba_scores(trace(model), data((2, 5, 4), 3))
+    assert "mha" in caplog.text
+    assert all(torch.count_nonzero(v) == 0 for n, v in scores.items() if "mha" in n)
+    assert torch.count_nonzero(scores["fc.weight"]) > 0
+
+
 # ----------------------------------------------------------------------------- DDP
 WORKER = textwrap.dedent('''
     import torch, torch.distributed as dist, torch.nn as nn

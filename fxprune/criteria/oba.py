@@ -202,13 +202,39 @@ def _dual_value(plan: GraphPlan, node, ex, value, largs, lkw, dargs, dkw):
     rule = plan.rules.get(node)
     with torch.no_grad():
         t = rule(value, largs, lkw, dargs, dkw) if rule is not None else FALLBACK
-        if t is FALLBACK:
-            return ex.fn(*dargs, **dkw)
+    if t is FALLBACK:
+        return _forward_ad(node, ex, dargs, dkw)
     if t is None:
         return _detach(value)
     if isinstance(value, Tensor):
         return fwAD.make_dual(value.detach(), t)
     return type(value)(fwAD.make_dual(v.detach(), ti) for v, ti in zip(value, t))
+
+
+def _forward_ad(node, ex, dargs, dkw):
+    """Run ``node`` on dual values under ``no_grad``; ops whose no-grad path is a fused
+    kernel without forward AD (``nn.MultiheadAttention``) are retried with grad on."""
+    try:
+        with torch.no_grad():
+            return ex.fn(*dargs, **dkw)
+    except (NotImplementedError, RuntimeError) as exc:
+        if "forward AD" not in str(exc):
+            raise
+        first = exc
+    try:
+        out = ex.fn(*dargs, **dkw)
+    except (NotImplementedError, RuntimeError) as exc:
+        raise CriterionError(
+            f"OBA: node {node.name!r} ({node.target}) does not support forward-mode AD "
+            f"({first}); trace through that module or lower the op before scoring"
+        ) from exc
+
+    def redual(v):
+        if not isinstance(v, Tensor):
+            return v
+        p, t = fwAD.unpack_dual(v)
+        return fwAD.make_dual(p.detach(), t.detach()) if t is not None else p.detach()
+    return tree_map(redual, out)
 
 
 def _make_record(plan: GraphPlan, node, ex, largs, lkw, value, dargs):

@@ -193,6 +193,14 @@ def _dependencies(gm: GraphModule, plan: GraphPlan):
     return act, pdeps
 
 
+def _standard_forward(mod: nn.Module) -> bool:
+    """True when a Conv/Linear (sub)class keeps torch's ``Y = F(X; W) + b`` forward; a
+    leaf subclass with its own forward is opaque to OBA."""
+    return any(type(mod).forward is cls.forward for cls in
+               (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d,
+                nn.ConvTranspose2d, nn.ConvTranspose3d))
+
+
 def _find_layers(gm: GraphModule, plan: GraphPlan, act, pdeps) -> None:
     """Fill ``plan.layers``, ``plan.bilinear`` and ``plan.dtheta``."""
     module_params = {plan.canon[id(p)] for m in gm.modules() if isinstance(m, LAYER_MODULES)
@@ -201,11 +209,11 @@ def _find_layers(gm: GraphModule, plan: GraphPlan, act, pdeps) -> None:
     for node, ex in plan.execs.items():
         if node.op == "call_module":
             mod = gm.get_submodule(node.target)
-            if isinstance(mod, LAYER_MODULES):
+            if isinstance(mod, LAYER_MODULES) and _standard_forward(mod):
                 for p in mod.parameters(recurse=False):
                     plan.add(p)
                 plan.layers[node] = Layer(0, None, None, True, mod, plan.add(mod.weight))
-            elif any(isinstance(m, LAYER_MODULES) for m in mod.modules()):
+            elif any(isinstance(m, LAYER_MODULES) for m in mod.modules()):  # opaque leaf
                 opaque.append(node.target)
             continue
         slots = _operands(node, ex)
