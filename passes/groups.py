@@ -64,7 +64,8 @@ def label_graph(gm: torch.fx.GraphModule) -> ChannelSpace:
             label = untracked_output(node)
         elif node.op == "get_attr":
             value = _fetch_attr(gm, node.target)
-            label = space.param_label(node.target, tuple(value.shape)) if isinstance(value, torch.Tensor) else None
+            label = (space.param_label(node.target, tuple(value.shape), value)
+                     if isinstance(value, torch.Tensor) else None)
         elif node.op == "output":
             ctx = RuleContext(node, space, gm, labels, modules)
             space.block_label(ctx.label(node.args[0]) if not isinstance(node.args[0], dict)

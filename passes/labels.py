@@ -142,6 +142,8 @@ class ChannelSpace:
     space_of: List[np.ndarray] = field(default_factory=list)  # per allocation chunk
     records: Dict[Tuple[str, int], Record] = field(default_factory=dict)
     param_labels: Dict[str, TLabel] = field(default_factory=dict)
+    owners: Dict[int, str] = field(default_factory=dict)       # id(tensor) -> first name
+    aliases: Dict[str, List[str]] = field(default_factory=dict)  # other names of a tensor
     edges_a: List[np.ndarray] = field(default_factory=list)
     edges_b: List[np.ndarray] = field(default_factory=list)
     blocks: List[Tuple[np.ndarray, str]] = field(default_factory=list)
@@ -156,26 +158,44 @@ class ChannelSpace:
         self.n_spaces += 1
         return ids
 
-    def param_label(self, target: str, shape: Sequence[int]) -> TLabel:
-        """Label of a parameter/buffer read by the graph; one set of ids per target,
-        so a tensor used twice (tied weights) couples all its uses."""
+    def param_label(self, target: str, shape: Sequence[int], tensor=None) -> TLabel:
+        """Label of a parameter/buffer read by the graph; one set of ids per tensor, so
+        a tensor used twice, or tied under two names, couples all its uses. ``tensor``
+        (the object itself) lets a second name of a tied tensor share the first's ids."""
         if target not in self.param_labels:
-            dims: List[Optional[np.ndarray]] = []
-            for d, size in enumerate(shape):
-                if size > 1:
-                    ids = self.fresh(size)
-                    self.records[(target, d)] = Record(target, d, ids, order=len(self.records))
-                    dims.append(ids)
-                else:
-                    dims.append(None)
-            self.param_labels[target] = TLabel(dims)
+            first = self.owners.setdefault(id(tensor), target) if tensor is not None else target
+            if first != target:
+                self._alias(target, first, shape)
+            else:
+                dims: List[Optional[np.ndarray]] = []
+                for d, size in enumerate(shape):
+                    if size > 1:
+                        ids = self.fresh(size)
+                        self.records[(target, d)] = Record(target, d, ids, order=len(self.records))
+                        dims.append(ids)
+                    else:
+                        dims.append(None)
+                self.param_labels[target] = TLabel(dims)
         return self.param_labels[target].copy()
 
+    def _alias(self, target: str, first: str, shape: Sequence[int]) -> None:
+        """``target`` names the same tensor as ``first``: same ids, its own records."""
+        base = self.param_label(first, shape)
+        for d, ids in enumerate(base.dims):
+            if ids is not None:
+                self.records[(target, d)] = Record(target, d, ids, self.records[(first, d)].role,
+                                                   order=len(self.records))
+        self.param_labels[target] = base
+        self.aliases.setdefault(first, []).append(target)
+        self.aliases.setdefault(target, []).append(first)
+
     def set_role(self, target: str, dim: int, role: str) -> None:
-        """Upgrade a record's role; a producer stays a producer wherever else it is used."""
-        rec = self.records.get((target, dim))
-        if rec is not None and _ROLE_RANK[role] > _ROLE_RANK[rec.role]:
-            rec.role = role
+        """Upgrade a record's role (on every name of a tied tensor); a producer stays a
+        producer wherever else it is used."""
+        for name in [target] + self.aliases.get(target, []):
+            rec = self.records.get((name, dim))
+            if rec is not None and _ROLE_RANK[role] > _ROLE_RANK[rec.role]:
+                rec.role = role
 
     def union(self, a: Optional[np.ndarray], b: Optional[np.ndarray], where: str) -> None:
         """Couple ``a[i]`` with ``b[i]``. A tracked index facing an untracked one is blocked:

@@ -23,13 +23,14 @@ from .tensor_rules import broadcast_labels
 class Param:
     """A parameter operand: its label and, when it is a named tensor, its target."""
 
-    def __init__(self, ctx: RuleContext, value, target: Optional[str] = None, shape=None):
+    def __init__(self, ctx: RuleContext, value, target: Optional[str] = None, shape=None,
+                 tensor=None):
         self.ctx = ctx
         if target is None and isinstance(value, torch.fx.Node) and value.op == "get_attr":
             target = value.target
         self.target = target
         if target is not None and shape is not None:
-            self.label = ctx.space.param_label(target, shape)
+            self.label = ctx.space.param_label(target, shape, tensor)
         elif value is not None:
             self.label = as_tlabel(ctx.label(value), shape_of(value))
         else:
@@ -51,7 +52,7 @@ def _module_params(ctx: RuleContext, *names: str):
         for part in name.split("."):
             tensor = getattr(tensor, part, None)
         if isinstance(tensor, torch.Tensor):
-            out.append(Param(ctx, None, f"{ctx.node.target}.{name}", tuple(tensor.shape)))
+            out.append(Param(ctx, None, f"{ctx.node.target}.{name}", tuple(tensor.shape), tensor))
         else:
             out.append(Param(ctx, None))
     return out

@@ -64,9 +64,13 @@ def _slice_tensors(gm: torch.fx.GraphModule, analysis: Analysis, keep: np.ndarra
     by_target: Dict[str, list] = {}
     for rec in analysis.space.records.values():
         by_target.setdefault(rec.target, []).append(rec)
+    replaced: Dict[int, torch.Tensor] = {}  # tied tensors stay tied: slice once, reuse
     for target, recs in by_target.items():
         module, name = _owner(gm, target)
         tensor = getattr(module, name)
+        if id(tensor) in replaced:
+            _assign(module, name, replaced[id(tensor)])
+            continue
         new = tensor.detach()
         for rec in recs:
             positions = np.nonzero(keep[rec.ids])[0]
@@ -75,9 +79,18 @@ def _slice_tensors(gm: torch.fx.GraphModule, analysis: Analysis, keep: np.ndarra
         if new.shape == tensor.shape:
             continue
         if isinstance(tensor, nn.Parameter):
-            setattr(module, name, nn.Parameter(new.clone(), requires_grad=tensor.requires_grad))
+            new = nn.Parameter(new.clone(), requires_grad=tensor.requires_grad)
         else:
-            module._buffers[name] = new.clone()
+            new = new.clone()
+        replaced[id(tensor)] = new
+        _assign(module, name, new)
+
+
+def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    if isinstance(tensor, nn.Parameter):
+        setattr(module, name, tensor)
+    else:
+        module._buffers[name] = tensor
 
 
 def _update_modules(gm: torch.fx.GraphModule, old_gm: torch.fx.GraphModule) -> None:

@@ -366,32 +366,28 @@ def test_low_precision_model_with_float32_example_inputs_is_a_trace_error():
 
 
 # ----------------------------------------------------------------------------- ties / buffers
-def test_tied_parameters_are_refused_with_a_reason():
+def test_tied_parameters_are_pruned_consistently():
+    """One Parameter under two names shares one set of channel ids: its uses couple
+    (a's input, a's output and b's output are one group), it is sliced once and stays
+    tied in the slim model, and the oracle holds."""
     model = make(TiedLinear())
     x = torch.randn(4, 5, dtype=torch.float64)
     with Unchanged(model):
         res = fxprune.compile(model, "l2", example_inputs=x, sparsity=0.5)
-        rows = {r.id: r for r in res.report.groups}
-        for gid in ("stem", "a", "b"):
-            assert not rows[gid].prunable and "tied" in rows[gid].reason
-        assert res.plan.removed_count() == 0
-        with pytest.raises(fxprune.BudgetError, match="best reachable ratio is 1.000"):
-            fxprune.compile(model, "l2", example_inputs=x, flops=0.5)
-        with pytest.raises(fxprune.FxpruneError, match="tied"):
-            fxprune.apply_plan(model, fxprune.Plan({"a": [0, 1, 2]}), x)
-        # unstructured: one mask per tensor, listed under both names (was a KeyError)
+        assert res.report.max_rel_error <= 1e-6
+        assert res.plan.removed_count() == 3
+        slim = res.module
+        assert slim.a.weight is slim.b.weight and slim.a.weight.shape == (3, 3)
+        assert slim.stem.out_features == 3 and slim.fc.in_features == 3
+        replay = fxprune.apply_plan(model, res.plan, x)
+        torch.testing.assert_close(replay.module(x), slim(x))
+        # unstructured: one mask per tensor, listed under both names
         un = fxprune.compile(model, "l2", example_inputs=x, unstructured=True, sparsity=0.5)
     assert torch.equal(un.masks["a.weight"], un.masks["b.weight"])
     assert un.module.a.weight is un.module.b.weight
     assert float((un.module.a.weight == 0).double().mean()) == 0.5
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "analysis keys parameters by name (passes/labels.py ChannelSpace.param_label, "
-    "layer_rules._module_params): a Parameter tied under two names gets two id sets, so "
-    "fxprune.groups puts a.weight and b.weight in different groups; compile/apply_plan "
-    "refuse those groups (api_prune.refuse_broken_ties) but fxprune.groups reports them "
-    "prunable"))
 def test_tied_parameters_groups_are_consistent():
     model = make(TiedLinear())
     groups = fxprune.groups(model, torch.randn(4, 5, dtype=torch.float64))
