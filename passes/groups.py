@@ -130,18 +130,20 @@ def _assemble(gm, space: ChannelSpace, root: np.ndarray, group_key: np.ndarray) 
 
 def _element_maps(root: np.ndarray, group_key: np.ndarray, keys: List[int]):
     """Group index and channel index of every element, and the group sizes. Channels of
-    a group are numbered in the order of their root ids (one sort for all groups)."""
+    a group are numbered in the order of their root ids. Every root is an element of
+    its own channel, so only the roots need sorting (by group, stably)."""
     n = len(root)
     key_to_group = np.full(n, -1, dtype=np.int64)
     key_to_group[np.asarray(keys, dtype=np.int64)] = np.arange(len(keys))
     element_group = key_to_group[group_key]
-    element_channel = np.full(n, -1, dtype=np.int64)
-    member = element_group >= 0
-    pairs, inverse = np.unique(element_group[member] * n + root[member], return_inverse=True)
-    pair_group = pairs // n
-    sizes = np.bincount(pair_group, minlength=len(keys))
+    roots = np.nonzero((root == np.arange(n)) & (element_group >= 0))[0]
+    root_group = element_group[roots]
+    order = np.argsort(root_group, kind="stable")
+    sizes = np.bincount(root_group, minlength=len(keys))
     first = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    element_channel[member] = inverse - first[pair_group[inverse]]
+    channel_of_root = np.full(n, -1, dtype=np.int64)
+    channel_of_root[roots[order]] = np.arange(roots.size) - first[root_group[order]]
+    element_channel = np.where(element_group >= 0, channel_of_root[root], -1)
     return element_group, element_channel, sizes
 
 

@@ -249,57 +249,79 @@ class _ShapeRecorder(torch.fx.Interpreter):
 
 
 _nn, _F = torch.nn, torch.nn.functional
-# Ops whose output has the shape, dtype and strides of their (floating) first input.
-# On meta tensors several of them run Python decompositions (BatchNorm, LayerNorm,
-# GELU: 1-7 ms each), so the meta run answers them with ``empty_like`` instead.
-_SAME_SHAPE_MODULES = {
-    _nn.BatchNorm1d, _nn.BatchNorm2d, _nn.BatchNorm3d, _nn.LayerNorm, _nn.GroupNorm,
-    _nn.ReLU, _nn.ReLU6, _nn.GELU, _nn.SiLU, _nn.Sigmoid, _nn.Tanh, _nn.Hardswish,
-    _nn.Hardsigmoid, _nn.LeakyReLU, _nn.Mish, _nn.ELU, _nn.Softmax,
+# Direct output metadata for common ops on meta tensors: several meta kernels are Python
+# decompositions (BatchNorm, LayerNorm, GELU: 1-7 ms each; a batched linear or SDPA
+# 5-20 ms), which made shape propagation the slowest part of the analysis. Layouts are
+# the real kernels' (checked against CPU execution): elementwise ops and BatchNorm keep
+# a dense input's strides ("preserve"); LayerNorm and softmax return contiguous tensors.
+_PRESERVE, _CONTIGUOUS = "preserve", "contiguous"
+_ELEMENTWISE_MODULES = (_nn.ReLU, _nn.ReLU6, _nn.GELU, _nn.SiLU, _nn.Sigmoid, _nn.Tanh,
+                        _nn.Hardswish, _nn.Hardsigmoid, _nn.LeakyReLU, _nn.Mish, _nn.ELU)
+_MODULE_LAYOUT = {
+    **{t: _PRESERVE for t in _ELEMENTWISE_MODULES},
+    _nn.BatchNorm1d: _PRESERVE, _nn.BatchNorm2d: _PRESERVE, _nn.BatchNorm3d: _PRESERVE,
+    _nn.LayerNorm: _CONTIGUOUS, _nn.Softmax: _CONTIGUOUS,
 }
 _IDENTITY_MODULES = {_nn.Identity, _nn.Dropout}
-_SAME_SHAPE_FUNCTIONS = {
-    _F.relu, _F.relu6, _F.gelu, _F.silu, _F.hardswish, _F.hardsigmoid, _F.sigmoid, _F.tanh,
-    _F.mish, _F.leaky_relu, _F.softmax, torch.relu, torch.sigmoid, torch.tanh,
+_FUNCTION_LAYOUT = {
+    **{f: _PRESERVE for f in (_F.relu, _F.relu6, _F.gelu, _F.silu, _F.hardswish, _F.hardsigmoid,
+                              _F.sigmoid, _F.tanh, _F.mish, _F.leaky_relu, torch.relu,
+                              torch.sigmoid, torch.tanh)},
+    _F.softmax: _CONTIGUOUS,
 }
-_SAME_SHAPE_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "softmax"}
+_METHOD_LAYOUT = {"relu": _PRESERVE, "relu_": _PRESERVE, "sigmoid": _PRESERVE,
+                  "sigmoid_": _PRESERVE, "tanh": _PRESERVE, "softmax": _CONTIGUOUS}
 _BINARY_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, operator.iadd,
                      operator.isub, operator.imul, torch.add, torch.sub, torch.mul, torch.div}
 _BINARY_METHODS = {"add", "add_", "sub", "sub_", "mul", "mul_", "div", "div_"}
 
 
-def _same_shape(args: tuple, kwargs: dict, binary: bool) -> Optional[torch.Tensor]:
-    """``empty_like(args[0])`` when that is provably the op's output metadata, else None."""
-    x = args[0] if args else None
-    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and _dense(x)):
+def _dense(x: torch.Tensor) -> bool:
+    """Contiguous or channels-last: copying the strides is then exactly what the
+    elementwise kernels do."""
+    if x.dim() == 0:
+        return False
+    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+
+
+def _empty(x: torch.Tensor, layout: str, shape=None) -> Optional[torch.Tensor]:
+    """An empty tensor shaped like ``x`` (or ``shape``) in ``layout``, or None when the
+    layout cannot be told without running the kernel. ``torch.empty_like`` itself runs a
+    Python meta registration on meta tensors (40 us against 3 us)."""
+    shape = tuple(x.shape) if shape is None else shape
+    if layout == _CONTIGUOUS:
+        return torch.empty(shape, dtype=x.dtype, device=x.device)
+    if not _dense(x):
         return None
-    if binary:
-        if len(args) != 2 or kwargs:
-            return None
-        y = args[1]
-        same = (isinstance(y, torch.Tensor) and y.shape == x.shape and y.dtype == x.dtype
-                and y.stride() == x.stride())
-        number = isinstance(y, (int, float)) and not isinstance(y, bool)
-        return _empty_as(x) if same or number else None
+    return torch.empty_strided(shape, x.stride(), dtype=x.dtype, device=x.device)
+
+
+def _unary(args: tuple, kwargs: dict, layout: str) -> Optional[torch.Tensor]:
+    """Output of a shape-preserving op on a floating tensor (no dtype change requested,
+    every tensor operand of the same dtype), else None."""
+    x = args[0] if args else None
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0):
+        return None
     rest = list(args[1:]) + list(kwargs.values())
     if any(isinstance(a, torch.dtype) for a in rest) or "dtype" in kwargs:
         return None
     if any(isinstance(a, torch.Tensor) and a.dtype != x.dtype for a in rest):
         return None
-    return _empty_as(x)
+    return _empty(x, layout)
 
 
-def _empty_as(x: torch.Tensor) -> torch.Tensor:
-    """``empty_like`` for a dense tensor (``empty_like`` itself runs a Python meta
-    registration on meta tensors: 40 us against 3 us)."""
-    return torch.empty_strided(x.shape, x.stride(), dtype=x.dtype, device=x.device)
-
-
-def _dense(x: torch.Tensor) -> bool:
-    """Contiguous or channels-last: ``empty_like`` then copies the strides exactly."""
-    if x.dim() == 0:
-        return False
-    return x.is_contiguous() or (x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last))
+def _binary(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """``x op y`` for a floating ``x`` and a ``y`` of the same shape, dtype and strides
+    (or a Python number)."""
+    if len(args) != 2 or kwargs:
+        return None
+    x, y = args
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and x.dim() > 0):
+        return None
+    same = (isinstance(y, torch.Tensor) and y.shape == x.shape and y.dtype == x.dtype
+            and y.stride() == x.stride())
+    number = isinstance(y, (int, float)) and not isinstance(y, bool)
+    return _empty(x, _PRESERVE) if same or number else None
 
 
 def _fits(mod: torch.nn.Module, args: tuple) -> bool:
@@ -310,8 +332,6 @@ def _fits(mod: torch.nn.Module, args: tuple) -> bool:
         return False
     if isinstance(mod, _nn.modules.batchnorm._BatchNorm):
         return x.dim() >= 2 and x.shape[1] == mod.num_features
-    if isinstance(mod, _nn.GroupNorm):
-        return x.dim() >= 2 and x.shape[1] == mod.num_channels
     if isinstance(mod, _nn.LayerNorm):
         n = len(mod.normalized_shape)
         return tuple(x.shape[x.dim() - n:]) == tuple(mod.normalized_shape)
@@ -323,18 +343,16 @@ def _float_like(x: Any, *others: Any) -> bool:
             and all(o is None or (isinstance(o, torch.Tensor) and o.dtype == x.dtype) for o in others))
 
 
-def _linear_shape(x: Any, weight: Any, bias: Any = None) -> Optional[torch.Tensor]:
-    """Linear on a contiguous input: a contiguous ``[..., out_features]`` tensor (the
-    meta kernel decomposes a batched linear into Python ``addmm`` refs: ~5 ms)."""
+def _linear(x: Any, weight: Any, bias: Any = None) -> Optional[torch.Tensor]:
+    """Linear on a contiguous input: a contiguous ``[..., out_features]`` tensor."""
     if not (_float_like(x, weight, bias) and x.dim() >= 1 and weight.dim() == 2
             and x.shape[-1] == weight.shape[1] and x.is_contiguous()):
         return None
-    return torch.empty(tuple(x.shape[:-1]) + (weight.shape[0],), dtype=x.dtype, device=x.device)
+    return _empty(x, _CONTIGUOUS, tuple(x.shape[:-1]) + (weight.shape[0],))
 
 
-def _sdpa_shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    """scaled_dot_product_attention with equal batch dims: ``q.shape[:-1] + (Ev,)``
-    (the meta kernel runs a Python softmax decomposition: ~20 ms)."""
+def _sdpa(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """scaled_dot_product_attention with equal batch dims: ``q.shape[:-1] + (Ev,)``."""
     names = ("query", "key", "value")
     q, k, v = (args[i] if i < len(args) else kwargs.get(n) for i, n in enumerate(names))
     if not (_float_like(q, k, v) and q.dim() >= 2 and k.dim() == q.dim() == v.dim()):
@@ -342,48 +360,72 @@ def _sdpa_shape(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
     if not (q.shape[:-2] == k.shape[:-2] == v.shape[:-2] and q.shape[-1] == k.shape[-1]
             and k.shape[-2] == v.shape[-2]) or kwargs.get("enable_gqa"):
         return None
-    return torch.empty(tuple(q.shape[:-1]) + (v.shape[-1],), dtype=q.dtype, device=q.device)
+    return _empty(q, _CONTIGUOUS, tuple(q.shape[:-1]) + (v.shape[-1],))
+
+
+def _layer_norm(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """F.layer_norm(x, normalized_shape, ...), as timm's norms call it."""
+    if len(args) < 2 or not isinstance(args[0], torch.Tensor):
+        return None
+    x, shape = args[0], tuple(args[1])
+    if tuple(x.shape[x.dim() - len(shape):]) != shape:
+        return None
+    return _unary(args[:1] + args[2:], kwargs, _CONTIGUOUS)
+
+
+def _batch_norm(args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
+    """F.batch_norm(x, running_mean, running_var, weight, bias, ...), as timm's
+    BatchNormAct calls it: every statistic/affine tensor has x's channel count."""
+    x = args[0] if args else None
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 2):
+        return None
+    stats = [a for a in list(args[1:5]) + list(kwargs.values()) if isinstance(a, torch.Tensor)]
+    if any(t.shape != (x.shape[1],) for t in stats):
+        return None
+    return _unary(args, kwargs, _PRESERVE)
 
 
 def _function_shape(target: Any, args: tuple, kwargs: dict) -> Optional[torch.Tensor]:
-    if target in _SAME_SHAPE_FUNCTIONS or target in _BINARY_FUNCTIONS:
-        return _same_shape(args, kwargs, target in _BINARY_FUNCTIONS)
+    if target in _FUNCTION_LAYOUT:
+        return _unary(args, kwargs, _FUNCTION_LAYOUT[target])
+    if target in _BINARY_FUNCTIONS:
+        return _binary(args, kwargs)
     if target is _F.linear and len(args) >= 2:
-        return _linear_shape(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
+        return _linear(args[0], args[1], args[2] if len(args) > 2 else kwargs.get("bias"))
     if target is _F.scaled_dot_product_attention:
-        return _sdpa_shape(args, kwargs)
-    if target is _F.layer_norm and len(args) >= 2:  # timm's norms call it directly
-        x, shape = args[0], tuple(args[1])
-        if isinstance(x, torch.Tensor) and tuple(x.shape[x.dim() - len(shape):]) == shape:
-            return _same_shape(args, kwargs, False)
+        return _sdpa(args, kwargs)
+    if target is _F.layer_norm:
+        return _layer_norm(args, kwargs)
+    if target is _F.batch_norm:
+        return _batch_norm(args, kwargs)
     return None
 
 
 class _MetaShapeRecorder(_ShapeRecorder):
-    """:class:`_ShapeRecorder` on meta tensors, with shortcuts for the ops whose meta
-    kernels are slow Python decompositions (their output metadata is computed directly)."""
+    """:class:`_ShapeRecorder` on meta tensors, answering the ops above directly."""
 
     def call_function(self, target, args, kwargs):
         out = _function_shape(target, args, kwargs)
         return out if out is not None else super().call_function(target, args, kwargs)
 
     def call_method(self, target, args, kwargs):
-        if target in _SAME_SHAPE_METHODS or target in _BINARY_METHODS:
-            out = _same_shape(args, kwargs, target in _BINARY_METHODS)
-            if out is not None:
-                return out
-        return super().call_method(target, args, kwargs)
+        out = None
+        if target in _METHOD_LAYOUT:
+            out = _unary(args, kwargs, _METHOD_LAYOUT[target])
+        elif target in _BINARY_METHODS:
+            out = _binary(args, kwargs)
+        return out if out is not None else super().call_method(target, args, kwargs)
 
     def call_module(self, target, args, kwargs):
-        kind = type(self.fetch_attr(target))
+        mod = self.fetch_attr(target)
+        kind = type(mod)
         if kind in _IDENTITY_MODULES and len(args) == 1 and not kwargs:
             return args[0]  # what eval-mode Identity/Dropout return: the input itself
         out = None
-        if kind in _SAME_SHAPE_MODULES and _fits(self.fetch_attr(target), args):
-            out = _same_shape(args, kwargs, False)
+        if kind in _MODULE_LAYOUT and _fits(mod, args):
+            out = _unary(args, kwargs, _MODULE_LAYOUT[kind])
         elif kind is _nn.Linear and len(args) == 1 and not kwargs:
-            mod = self.fetch_attr(target)
-            out = _linear_shape(args[0], mod.weight, mod.bias)
+            out = _linear(args[0], mod.weight, mod.bias)
         return out if out is not None else super().call_module(target, args, kwargs)
 
 
