@@ -50,6 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="override the number of calibration batches (a reduced run)")
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
     p.add_argument("--no-iterative", action="store_true", help="skip the iterative schedule")
+    p.add_argument("--report-only", action="store_true",
+                   help="write the table/plot from the finished jobs, run nothing new")
     p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     return p.parse_args(argv)
 
@@ -175,6 +177,8 @@ def main(argv=None) -> None:
         f"{sorted(fxprune.list_criteria())}")
     train_data, test = load_split("train"), load_split("test")
     test_data = (test[0][:c.test_size], test[1][:c.test_size])
+    if a.report_only:
+        store.run = lambda key, meta, fn: store.records.get(key)  # finished jobs only
     dense = {m: model_jobs(m, c, a, store, train_data, test_data) for m in c.models}
     md = write_outputs(c, a, store, dense, time.time() - start, argv)
     log(f"wrote {md} in {(time.time() - start) / 60:.1f} min")
