@@ -358,13 +358,10 @@ _ACTS = st.sampled_from(["relu", "gelu", "silu", "none"])
 _NORMS = st.sampled_from(["bn", "gn", "none"])
 
 
-# Known analysis bugs (the strict-xfail tests test_known_bug_* in test_fuzz.py) that
-# the strategy steers around until they are fixed:
-#  * elementwise ops between width-1 slices of a larger group (chunk/split pieces of
-#    one channel added or gated) do not couple the channels (tensor_rules.py);
-#  * attention with a single head mislabels the q/k/v rows (reshape.py / labels.py).
-# When both are fixed: drop the xfail markers and set this to False.
-AVOID_KNOWN_BUGS = True
+# Analysis bugs the fuzzer found, now fixed (see the regression tests in test_fuzz.py):
+# elementwise ops between width-1 slices of a larger group, and single-head attention.
+# Set to True to steer the strategy around them again (e.g. when bisecting).
+AVOID_KNOWN_BUGS = False
 
 
 def _steer(block):

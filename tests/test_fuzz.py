@@ -12,15 +12,17 @@ subset of every prunable group, nothing else respected):
 * ``torch.export.export(slim)`` works and computes the same function;
 * the input model is bit-identical (state_dict, training flag).
 
-Failing examples that hypothesis found are pinned below with ``@example`` (fixed bugs)
-or as strict-xfail tests (bugs in files owned elsewhere).
+Failing examples that hypothesis found are pinned below with ``@example`` or as plain
+regression tests.
 """
 import importlib.util
 import pathlib
 
 import pytest
 import torch
-from hypothesis import HealthCheck, event, example, given, settings
+from hypothesis import HealthCheck, example, given, settings
+from hypothesis import event as _hypothesis_event
+from hypothesis.control import currently_in_test_context
 from hypothesis import strategies as st
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -47,6 +49,12 @@ SLOW = settings(FAST, max_examples=300)
 
 
 # ----------------------------------------------------------------------------- helpers
+def event(text):
+    """hypothesis statistics (--hypothesis-show-statistics); a no-op in plain tests."""
+    if currently_in_test_context():
+        _hypothesis_event(text)
+
+
 def snapshot(model):
     return ({k: v.clone() for k, v in model.state_dict().items()}, model.training,
             {n: p.requires_grad for n, p in model.named_parameters()})
@@ -191,16 +199,12 @@ def test_random_architecture_flops_budget_long(spec, ratio):
     check_budget(spec, ratio)
 
 
-# ----------------------------------------------------------------------------- known bugs
-# Bugs in the analysis rules (passes/tensor_rules.py, passes/reshape.py / labels.py),
-# owned elsewhere. The generator avoids them (fuzz_arch.AVOID_KNOWN_BUGS); these strict
-# xfails turn green (and fail as XPASS) once they are fixed.
-@pytest.mark.xfail(strict=True, reason=(
-    "tensor_rules.broadcast_labels skips every operand whose dim has size 1, even when "
-    "the output dim has size 1 too (no broadcast): adding two width-1 chunks of one conv "
-    "does not couple their channels, so a plan can keep one and drop the other and the "
-    "slim add broadcasts a 0-channel tensor"))
-def test_known_bug_width1_chunks_added():
+# ----------------------------------------------------------------------------- ex-bugs
+# Bugs the fuzzer found in the analysis rules (fixed there since; these were strict
+# xfails until then): width-1 slices added elementwise were not coupled
+# (tensor_rules.broadcast_labels skipped every size-1 operand dim, even without
+# broadcasting), and a single attention head lost its head axis (reshape.py/labels.py).
+def test_width1_chunks_added_are_one_channel():
     spec = {"seed": 0, "in_ch": 2, "hw": 2, "train": False,
             "blocks": (("conv", 2, 1, "plain", "none", "relu"), ("chunk", 2, 1, "add"),
                        ("conv", 2, 1, "plain", "none", "none")), "head": "gap"}
@@ -216,12 +220,7 @@ def test_known_bug_width1_chunks_added():
         check_pipeline(spec, plan_seed)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "attention with a single head: the size-1 head axis of reshape(B, N, 3, 1, D) gets "
-    "no grid ids, so the q/k/v rows become independent channels of one group and the "
-    "residual stream collapses into one channel; pruning some q/k/v rows breaks the "
-    "reshape (passes/reshape.py / labels.py Grid handling of size-1 axes)"))
-def test_known_bug_single_head_attention():
+def test_single_head_attention():
     spec = {"seed": 0, "in_ch": 1, "hw": 2, "train": False,
             "blocks": (("conv", 4, 1, "plain", "none", "none"), ("tokens",),
                        ("attn", 1, 2, "none", "lit")), "head": "mean"}
