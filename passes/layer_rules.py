@@ -89,7 +89,8 @@ def conv_core(ctx: RuleContext, x: TLabel, w: Param, b: Param, groups: int, tran
         if units.shape[1] > 2:
             ctx.space.mark_kind(units.reshape(-1), "conv-group")
     for d in range(2, x.ndim):
-        ctx.space.block(x.dims[d], f"conv over a channel-carrying spatial dim at {ctx.where}")
+        if x.dims[d] is not None:  # (the reason is only formatted when there is a block)
+            ctx.space.block(x.dims[d], f"conv over a channel-carrying spatial dim at {ctx.where}")
     return TLabel([x.dims[0], out_ids] + [None] * (x.ndim - 2))
 
 
@@ -310,7 +311,8 @@ def spatial_rule(ctx: RuleContext):
         touched = range(x.ndim - _SPATIAL[ctx.node.target], x.ndim)
     dims = list(x.dims)
     for d in touched:
-        ctx.space.block(x.dims[d], f"spatial op over a channel dim at {ctx.where}")
+        if x.dims[d] is not None:
+            ctx.space.block(x.dims[d], f"spatial op over a channel dim at {ctx.where}")
         dims[d] = None
     return TLabel(dims)
 
