@@ -14,7 +14,9 @@ it times, in the same process and interleaved run by run,
 
 It reports the median wall-clock time and the median process CPU time (all threads) of
 ``--repeats`` runs after one warm-up, the ratio Torch-Pruning / fxprune, and prints a
-markdown table. CPU time is the steadier number on a shared machine.
+markdown table, then fxprune's time per stage (trace, shape propagation, groups,
+connectivity). CPU time is the steadier number on a shared machine; Torch-Pruning's
+includes its real forward pass on all intra-op threads.
 Torch-Pruning is an optional benchmark dependency (``pip install torch-pruning``);
 without it only fxprune is timed.
 
@@ -50,6 +52,22 @@ def fxprune_pipeline(model: torch.nn.Module, x: torch.Tensor) -> int:
     return len(groups)
 
 
+def fxprune_stages(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, float]:
+    """CPU seconds of each stage of :func:`fxprune_pipeline` (one run)."""
+    from fxprune.passes.trace import propagate_shapes
+    clock = time.process_time
+    t0 = clock()
+    gm = trace(model, None, share_params=True)
+    t1 = clock()
+    propagate_shapes(gm, (x,))
+    t2 = clock()
+    analyze(gm)
+    t3 = clock()
+    build_connectivity(gm)
+    t4 = clock()
+    return {"trace": t1 - t0, "shapes": t2 - t1, "groups": t3 - t2, "connectivity": t4 - t3}
+
+
 def fxprune_api(model: torch.nn.Module, x: torch.Tensor) -> int:
     groups = fxprune.groups(model, x)
     fxprune.connectivity(model, x)
@@ -81,10 +99,13 @@ def bench_model(name: str, tools: Dict[str, Callable], repeats: int) -> Dict[str
     for _ in range(repeats):  # interleaved, so load changes hit every tool alike
         for k, fn in tools.items():
             runs[k].append(timed(lambda: fn(model, x)))
-    return {k: {"wall_s": statistics.median(r[0] for r in rs),
-                "cpu_s": statistics.median(r[1] for r in rs),
-                "groups": rs[-1][2], "runs_wall_s": [r[0] for r in rs]}
-            for k, rs in runs.items()}
+    out = {k: {"wall_s": statistics.median(r[0] for r in rs),
+               "cpu_s": statistics.median(r[1] for r in rs),
+               "groups": rs[-1][2], "runs_wall_s": [r[0] for r in rs]}
+           for k, rs in runs.items()}
+    stages = [fxprune_stages(model, x) for _ in range(repeats)]
+    out["fxprune"]["stages_cpu_s"] = {k: statistics.median(s[k] for s in stages) for k in stages[0]}
+    return out
 
 
 def markdown(results: Dict[str, Dict[str, dict]]) -> str:
@@ -106,6 +127,12 @@ def markdown(results: Dict[str, Dict[str, dict]]) -> str:
                       f"{tp_['wall_s'] / fx['wall_s']:.1f}x", f"{tp_['cpu_s'] / fx['cpu_s']:.1f}x"]
             groups += f" / {tp_['groups']}"
         rows.append("| " + " | ".join(cells + [groups]) + " |")
+    stage_names = list(next(iter(results.values()))["fxprune"]["stages_cpu_s"])
+    rows += ["", "fxprune stages, median CPU ms:", "",
+             "| model | " + " | ".join(stage_names) + " |", "|" + "---|" * (len(stage_names) + 1)]
+    for name, r in results.items():
+        st = r["fxprune"]["stages_cpu_s"]
+        rows.append(f"| {name} | " + " | ".join(f"{st[k] * 1e3:.0f}" for k in stage_names) + " |")
     return "\n".join(rows)
 
 

@@ -503,6 +503,110 @@ def test_zeroing_members_removes_exactly_the_channels(name, one_thread):
         assert torch.equal(model(x), dense)  # the in-place zeroing was undone
 
 
+class _GLU(nn.Module):
+    """chunk(2) of one Linear's output, one half gating the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 32), nn.Linear(16, 4)
+
+    def forward(self, x):
+        a, b = self.fc1(x).chunk(2, -1)
+        return self.fc2(a * torch.sigmoid(b))
+
+
+class _UNetish(nn.Module):
+    """A skip connection concatenated with an upsampled deeper feature map."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.c3 = nn.Conv2d(16, 4, 1)
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        up = nn.functional.interpolate(torch.relu(self.c2(a)), scale_factor=2.0)
+        return self.fc(self.c3(torch.cat([a, up], 1)).mean((2, 3)))
+
+
+class _ConvSE(nn.Module):
+    """timm-style squeeze-excite with 1x1 convs on a keepdim mean; view-flatten head."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.r, self.e = nn.Conv2d(8, 2, 1), nn.Conv2d(2, 8, 1)
+        self.fc = nn.Linear(8 * 4 * 4, 3)
+
+    def forward(self, x):
+        y = torch.relu(self.c(x))
+        gate = torch.sigmoid(self.e(torch.relu(self.r(y.mean((2, 3), keepdim=True)))))
+        y = y * gate
+        return self.fc(y.view(y.size(0), -1))
+
+
+class _NormsAndTransposed(nn.Module):
+    """GroupNorm (pruned in whole norm groups) and a transposed conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.gn = nn.GroupNorm(4, 8)
+        self.t = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.t(torch.relu(self.gn(self.c(x))))).mean((2, 3)))
+
+
+class _SeparateHeads(nn.Module):
+    """Separate q/k/v Linears split into 2 heads."""
+
+    def __init__(self, d: int = 8, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
+        self.fc = nn.Linear(d, 3)
+
+    def forward(self, x):
+        b, n, d = x.shape
+
+        def split(t):
+            return t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
+
+        p = (split(self.q(x)) @ split(self.k(x)).transpose(-2, -1)).softmax(-1)
+        return self.fc(self.o((p @ split(self.v(x))).transpose(1, 2).reshape(b, n, d)).mean(1))
+
+
+SMALL = {
+    "glu": (_GLU, (8,), {"fc1": (16, "channel")}),
+    "unet": (_UNetish, (3, 8, 8), {"c1": (8, "channel"), "c2": (8, "channel"), "c3": (4, "channel")}),
+    "conv_se": (_ConvSE, (3, 8, 8), {"c": (8, "channel"), "r": (2, "channel")}),
+    "groupnorm_transposed": (_NormsAndTransposed, (3, 8, 8), {"c": (4, "channel"), "t": (6, "channel")}),
+    "separate_heads": (_SeparateHeads, (5, 8), {"q": (2, "head"), "o": (8, "channel")}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SMALL))
+def test_small_modules_groups_and_invariant(name, one_thread):
+    """More coupling patterns: the groups' sizes/kinds, and the zeroing invariant."""
+    make, shape, expected = SMALL[name]
+    torch.manual_seed(0)
+    model = make().double().eval()
+    x = torch.randn(2, *shape, dtype=torch.float64)
+    groups = {g.id: g for g in fxprune.groups(model, x)}
+    assert {k: (g.size, g.kind) for k, g in groups.items() if g.prunable} == expected
+    rng = random.Random(0)
+    for g in groups.values():
+        if g.prunable:
+            channels = rng.sample(range(g.size), max(1, g.size // 2))
+            out_all = _output(model, x, g, channels)
+            torch.testing.assert_close(out_all, _output(model, x, g, channels, keep_roles={"consumer"}))
+            torch.testing.assert_close(out_all, _output(model, x, g, channels, skip_roles={"consumer"}))
+
+
 # --------------------------------------------------------------------------- side effects
 @pytest.mark.parametrize("name", ["tiny_resnet", "tiny_vit", "tiny_se"])
 def test_model_is_bit_identical_after_analysis(name):
