@@ -65,6 +65,7 @@ def run_method(method: str, gm, batches) -> None:
 
 
 def _sync(device: str) -> None:
+    """Wait for queued CUDA work so wall-clock timings are complete."""
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
@@ -120,6 +121,7 @@ def memory_child(name: str, method: str, args) -> float:
 
 
 def memory(name: str, method: str, args) -> float:
+    """Peak memory (MiB) of ``method`` on ``name``, measured in a fresh subprocess."""
     cmd = [sys.executable, __file__, "--_memory", name, method, "--batch", str(args.batch),
            "--device", args.device, "--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -127,6 +129,7 @@ def memory(name: str, method: str, args) -> float:
 
 
 def main(argv=None) -> None:
+    """Parse the command line, time every model, print the markdown table."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
     p.add_argument("--batch", type=int, default=8)

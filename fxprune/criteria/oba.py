@@ -33,6 +33,7 @@ from torch.utils._pytree import tree_map
 from ..errors import CriterionError
 from . import Criterion, ScoringContext, register_criterion
 from .oba_graph import GraphPlan, Layer, build_plan, scoring_state, tangent
+from .oba_graph import detach_tree as _detach
 from .oba_tangents import FALLBACK
 from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
                       progress_iter)
@@ -128,10 +129,6 @@ def _oba_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index
             total = total + got[len(wanted) + k]
         scores[name] = p.detach() * total
     return scores
-
-
-def _detach(value):
-    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, value)
 
 
 def _forward(gm, plan: GraphPlan, inputs):
@@ -277,12 +274,16 @@ class _LayerRec:
         self.kwargs = _detach(lkw) if t_x is not None else None
 
     def request(self, wanted: List[Tensor]) -> None:
+        """Append the tensors whose loss cotangents this record needs."""
         if self.t_x is not None:
             wanted.append(self.y)
         if self.up:
             wanted.append(self.x)
 
     def inject(self, cot, outs, couts, direct) -> None:
+        """Given the cotangents ``cot`` (by tensor id), add (tensor, cotangent) pairs to
+        ``outs``/``couts`` for the final backward and direct parameter terms to
+        ``direct``."""
         g_y = cot.get(id(self.y)) if self.t_x is not None else None
         if g_y is not None:
             c = self._weight_vjp(g_y)
@@ -294,6 +295,7 @@ class _LayerRec:
             couts.append(g_x)
 
     def _weight_vjp(self, g_y: Tensor) -> Tensor:
+        """``VJP_W[F(T_X; ·)](g_Y)``: a weight gradient with T_X in place of X."""
         mod, t_x, w = self.layer.module, self.t_x, self.weight.detach()
         if isinstance(mod, nn.Linear):
             return g_y.reshape(-1, g_y.shape[-1]).t() @ t_x.reshape(-1, t_x.shape[-1])
@@ -329,6 +331,7 @@ class _BilinearRec:
         self.args, self.kwargs = [_detach(a) for a in largs], _detach(lkw)
 
     def _call(self, a: Tensor, b: Tensor) -> Tensor:
+        """The node's op with operands ``a``, ``b`` (and no bias)."""
         full = list(self.args)
         full[self.slots[0]], full[self.slots[1]] = a, b
         if self.bias is not None:
@@ -336,9 +339,11 @@ class _BilinearRec:
         return self.ex.fn(*full, **self.kwargs)
 
     def request(self, wanted: List[Tensor]) -> None:
+        """Append the tensors whose loss cotangents this record needs."""
         wanted.append(self.z)
 
     def inject(self, cot, outs, couts, direct) -> None:
+        """Add the (operand, local VJP) pairs of this node to ``outs``/``couts``."""
         g = cot.get(id(self.z))
         if g is None:
             return
@@ -384,6 +389,7 @@ def _exact_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, ind
 
 # ----------------------------------------------------------------------------- registry
 def _check_module(ctx: ScoringContext) -> torch.fx.GraphModule:
+    """``ctx.module``, which must be a traced scoring copy."""
     if not isinstance(ctx.module, torch.fx.GraphModule):
         raise CriterionError("the OBA criteria score a traced model: pass a "
                              "torch.fx.GraphModule scoring copy")
@@ -391,12 +397,14 @@ def _check_module(ctx: ScoringContext) -> torch.fx.GraphModule:
 
 
 def _score_oba(ctx: ScoringContext) -> Dict[str, Tensor]:
+    """Registry entry of ``"oba"``: :func:`oba_scores` on the context."""
     return oba_scores(_check_module(ctx), ctx.batches, ctx.loss_fn,
                       first_order=bool(ctx.options.get("first_order", False)),
                       progress=ctx.progress)
 
 
 def _score_oba_exact(ctx: ScoringContext) -> Dict[str, Tensor]:
+    """Registry entry of ``"oba-exact"``: :func:`oba_exact_scores` on the context."""
     return oba_exact_scores(_check_module(ctx), ctx.batches, ctx.loss_fn,
                             first_order=bool(ctx.options.get("first_order", False)),
                             progress=ctx.progress)

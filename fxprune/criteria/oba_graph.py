@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
+from torch.utils._pytree import tree_map
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,14 @@ class Exec:
     rebind: Optional[Node] = None
 
     def args(self, env: Dict) -> tuple:
+        """(positional list, keyword dict) with every node replaced by ``env[node]``."""
         look = env.__getitem__
         return ([map_arg(a, look) for a in self.nargs],
                 {k: map_arg(v, look) for k, v in self.kwargs.items()})
 
 
 def _method(name: str) -> Callable:
+    """A function calling the tensor method ``name`` on its first argument."""
     def call(self, *args, **kwargs):
         return getattr(self, name)(*args, **kwargs)
     call.__name__ = name
@@ -139,6 +142,7 @@ def _operands(node: Node, ex: Exec) -> Optional[List[int]]:
 
 
 def _is_mul(node: Node, ex: Exec) -> bool:
+    """True for an elementwise product node (``*``, ``torch.mul``, ``.mul``)."""
     if node.op == "call_method":
         return ex.fn.__name__ in MUL_METHODS
     return node.op == "call_function" and ex.fn in MUL_FUNCTIONS
@@ -164,6 +168,7 @@ class GraphPlan:
         return self._attrs[node]
 
     def add(self, param: Tensor) -> Optional[str]:
+        """Put ``param`` into δθ; returns its canonical name (None if not a parameter)."""
         name = self.canon.get(id(param))
         if name is not None:
             self.dtheta[name] = param
@@ -171,6 +176,7 @@ class GraphPlan:
 
 
 def _fetch(gm: nn.Module, target: str):
+    """The attribute at the dotted path ``target`` of ``gm`` (what ``get_attr`` reads)."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)
@@ -316,6 +322,11 @@ def scoring_state(model: nn.Module, params: Iterable[Tensor]):
             m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
+
+
+def detach_tree(value):
+    """``value`` with every tensor in it (tuples, lists, dicts) detached."""
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, value)
 
 
 def tangent(value) -> Optional[Tensor]:

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import Node
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from .oba_graph import (MATMUL_FUNCTIONS, MATMUL_METHODS, MUL_FUNCTIONS, MUL_METHODS,
                         Exec, tangent)
+from .oba_graph import detach_tree as _detach
 
 FALLBACK = object()
 
@@ -49,15 +50,13 @@ _LINEAR_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.Dropout, nn.Dropout
 _RELU = {F.relu, torch.relu}
 
 
-def _detach(value):
-    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, value)
-
-
 def _has_tangent(values) -> bool:
+    """True when any tensor in ``values`` carries a forward-AD tangent."""
     return any(tangent(leaf) is not None for leaf in tree_flatten(values)[0])
 
 
 def _linear_first(fn: Callable) -> Callable:
+    """Rule of an op linear in its first argument: ``T = fn(T_x, *rest)``."""
     def rule(value, largs, lkw, dargs, dkw):
         if not isinstance(dargs[0], Tensor) or _has_tangent((dargs[1:], dkw)):
             return FALLBACK
@@ -67,6 +66,7 @@ def _linear_first(fn: Callable) -> Callable:
 
 
 def _add(sign: int) -> Callable:
+    """Rule of ``a + b`` (sign 1) or ``a - b`` (sign -1)."""
     def rule(value, largs, lkw, dargs, dkw):
         if len(dargs) != 2 or dkw or not isinstance(value, Tensor):
             return FALLBACK
@@ -81,6 +81,7 @@ def _add(sign: int) -> Callable:
 
 
 def _product(fn: Callable, slots) -> Callable:
+    """Product rule of a multiplicative op whose operands sit in ``slots``."""
     def rule(value, largs, lkw, dargs, dkw):
         others = [a for i, a in enumerate(dargs) if i not in slots]
         if not isinstance(value, Tensor) or _has_tangent((others, dkw)):
@@ -101,6 +102,7 @@ def _product(fn: Callable, slots) -> Callable:
 
 
 def _divide(value, largs, lkw, dargs, dkw):
+    """Rule of ``x / c`` with a constant divisor."""
     if len(dargs) != 2 or dkw or _has_tangent(dargs[1]):
         return FALLBACK
     t = tangent(dargs[0])
@@ -108,6 +110,7 @@ def _divide(value, largs, lkw, dargs, dkw):
 
 
 def _relu(value, largs, lkw, dargs, dkw):
+    """Rule of ReLU: the tangent where the output is positive."""
     if _has_tangent((dargs[1:], dkw)) or not isinstance(dargs[0], Tensor):
         return FALLBACK
     t = tangent(dargs[0])
@@ -115,6 +118,7 @@ def _relu(value, largs, lkw, dargs, dkw):
 
 
 def _batch_norm(mod: nn.modules.batchnorm._BatchNorm) -> Callable:
+    """Rule of an eval-mode BatchNorm module: a per-channel scale."""
     def rule(value, largs, lkw, dargs, dkw):
         if mod.training or mod.running_var is None or len(dargs) != 1:
             return FALLBACK
@@ -129,6 +133,7 @@ def _batch_norm(mod: nn.modules.batchnorm._BatchNorm) -> Callable:
 
 
 def _gelu(approximate: Optional[str]) -> Callable:
+    """Rule of GELU: ``gelu'(x) T_x`` (one ``gelu_backward`` call)."""
     def rule(value, largs, lkw, dargs, dkw):
         if len(dargs) != 1 or _has_tangent(dkw) or not isinstance(dargs[0], Tensor):
             return FALLBACK
@@ -140,6 +145,7 @@ def _gelu(approximate: Optional[str]) -> Callable:
 
 
 def _softmax(value, largs, lkw, dargs, dkw):
+    """Rule of softmax along ``dim``: ``y ⊙ (T - Σ y ⊙ T)``."""
     dim = largs[1] if len(largs) > 1 else lkw.get("dim")
     if (dim is None or _has_tangent((dargs[1:], dkw)) or not isinstance(dargs[0], Tensor)
             or lkw.get("dtype") is not None or len(largs) > 2):
@@ -166,6 +172,7 @@ def _layer_norm(shape, weight, eps, value, x, dx, dextra):
 
 
 def _layer_norm_module(mod: nn.LayerNorm) -> Callable:
+    """Rule of an ``nn.LayerNorm`` module."""
     def rule(value, largs, lkw, dargs, dkw):
         if len(dargs) != 1:
             return FALLBACK
@@ -175,6 +182,7 @@ def _layer_norm_module(mod: nn.LayerNorm) -> Callable:
 
 
 def _layer_norm_function(value, largs, lkw, dargs, dkw):
+    """Rule of ``F.layer_norm`` (positional or keyword arguments)."""
     names = ("input", "normalized_shape", "weight", "bias", "eps")
     a = dict(zip(names, largs), **lkw)
     d = dict(zip(names, dargs), **dkw)
@@ -185,6 +193,7 @@ def _layer_norm_function(value, largs, lkw, dargs, dkw):
 
 
 def _cat(value, largs, lkw, dargs, dkw):
+    """Rule of ``torch.cat``: concatenated tangents, zeros where an input has none."""
     if not isinstance(dargs[0], (list, tuple)) or _has_tangent((dargs[1:], dkw)):
         return FALLBACK
     ts = [tangent(d) for d in dargs[0]]

@@ -189,6 +189,7 @@ def cast_batch(batch: Batch, module: nn.Module) -> Batch:
     device, dtype = module_device_dtype(module)
 
     def cast(x):
+        """Move/cast one input or target (recursing into tuples/lists)."""
         if isinstance(x, Tensor):
             return x.to(device=device, dtype=dtype if x.is_floating_point() else x.dtype)
         if isinstance(x, (tuple, list)):
