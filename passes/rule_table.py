@@ -138,7 +138,7 @@ def shape_of(node: Any) -> Optional[Tuple[int, ...]]:
     meta = node.meta.get("tensor_meta")
     if meta is None or not hasattr(meta, "shape"):
         return None
-    return tuple(int(s) for s in meta.shape)
+    return tuple(map(int, meta.shape))
 
 
 def describe_target(node: torch.fx.Node, gm: torch.fx.GraphModule) -> str:
