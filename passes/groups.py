@@ -155,14 +155,21 @@ def _distinct(values: np.ndarray) -> List[int]:
 
 
 def _add_members(space: ChannelSpace, groups: List[Group], element_group, element_channel) -> None:
+    """One member per (record, group) it has elements in. Members with equal index maps
+    (a conv's rows, its BN entries and the next conv's columns, typically) share one
+    list object: the maps are read-only by convention, and building ~10^5 small lists
+    per model was the largest cost of the analysis."""
+    shared: Dict[tuple, List[List[int]]] = {}
     for rec in sorted(space.records.values(), key=lambda r: r.order):
         gids = element_group[rec.ids]
         for gi in _distinct(gids[gids >= 0]):
             group = groups[gi]
             positions = np.nonzero(gids == gi)[0]
             channels = element_channel[rec.ids[positions]]
-            index_map = _index_map(positions, channels, group.size)
-            group.members.append(Member(rec.target, rec.dim, index_map, rec.role))
+            key = (group.size, positions.tobytes(), channels.tobytes())
+            if key not in shared:
+                shared[key] = _index_map(positions, channels, group.size)
+            group.members.append(Member(rec.target, rec.dim, shared[key], rec.role))
 
 
 def _index_map(positions: np.ndarray, channels: np.ndarray, size: int) -> List[List[int]]:
