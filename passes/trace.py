@@ -26,16 +26,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dis
 import gc
 import logging
 import operator
+import types
 from collections import OrderedDict
 from typing import Any, Callable, Dict, Iterable, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.fx
 from torch.fx.node import map_aggregate
-from torch.fx.passes.shape_prop import _extract_tensor_metadata
+from torch.fx.passes.shape_prop import TensorMetadata, _extract_tensor_metadata
 
 from ..errors import TraceError
 
@@ -143,7 +145,8 @@ def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
         leaf_names = [m for m in leaf_modules if isinstance(m, str)]
         tracer = FxpruneTracer(leaf_types, leaf_names)
         try:
-            graph = tracer.trace(work, concrete_args=concrete_args)
+            with _memoised_disassembly():
+                graph = tracer.trace(work, concrete_args=concrete_args)
         except Exception as exc:  # torch.fx raises plain TraceError/TypeError/...
             raise _explain_trace_failure(exc, tracer, model) from exc
         # Forget the tracer class: GraphModule pickles a reference to it, and a saved
@@ -156,6 +159,41 @@ def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
     if example_inputs is not None:
         propagate_shapes(gm, as_input_tuple(example_inputs))
     return gm
+
+
+class _MemoDis:
+    """The ``dis`` module with ``get_instructions`` memoised per code object. torch.fx
+    disassembles the calling function on every tuple unpacking of a proxy
+    (``B, N, C = x.shape``, ``q, k, v = qkv.unbind(0)``): once per block of a ViT, the
+    same code each time, a third of its tracing time."""
+
+    def __init__(self):
+        self._cache: Dict[types.CodeType, list] = {}
+
+    def get_instructions(self, x, *args, **kwargs):
+        if args or kwargs or not isinstance(x, types.CodeType):
+            return dis.get_instructions(x, *args, **kwargs)
+        if x not in self._cache:
+            self._cache[x] = list(dis.get_instructions(x))
+        return iter(self._cache[x])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(dis, name)
+
+
+@contextlib.contextmanager
+def _memoised_disassembly():
+    """Within one trace, torch.fx.proxy sees :class:`_MemoDis` as its ``dis`` (the
+    same results: instructions of an immutable code object; restored afterwards)."""
+    import torch.fx.proxy as fx_proxy
+    if getattr(fx_proxy, "dis", None) is not dis:  # another trace holds it, or torch changed
+        yield
+        return
+    fx_proxy.dis = _MemoDis()
+    try:
+        yield
+    finally:
+        fx_proxy.dis = dis
 
 
 def _graph_module_class(lazy: bool) -> type:
@@ -250,7 +288,7 @@ class _ShapeRecorder(torch.fx.Interpreter):
             nonlocal found
             if isinstance(obj, torch.Tensor):
                 found = True
-                return _extract_tensor_metadata(obj)
+                return _tensor_metadata(obj)
             return obj
 
         meta = map_aggregate(result, extract)
@@ -260,6 +298,20 @@ class _ShapeRecorder(torch.fx.Interpreter):
             n.meta.pop("tensor_meta", None)
         n.meta["type"] = type(result)
         return result
+
+
+_FORMATS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _tensor_metadata(t: torch.Tensor) -> TensorMetadata:
+    """What ShapeProp's ``_extract_tensor_metadata`` returns, with the memory format found
+    by the C++ ``is_contiguous`` (the helper's Python contiguity checks were a third of
+    the shape propagation time). Quantized, sparse and subclass tensors use the helper."""
+    if type(t) is not torch.Tensor and type(t) is not torch.nn.Parameter or t.is_quantized \
+            or t.layout != torch.strided:
+        return _extract_tensor_metadata(t)
+    fmt = next((f for f in _FORMATS if t.is_contiguous(memory_format=f)), None)
+    return TensorMetadata(t.shape, t.dtype, t.requires_grad, t.stride(), fmt, False, {})
 
 
 _nn, _F = torch.nn, torch.nn.functional
