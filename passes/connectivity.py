@@ -6,8 +6,9 @@ functional conv/linear/matmul nodes with a parameter operand. ``series``: a dire
 path runs from one layer's output to the other's input. ``parallel``: no such path,
 but their outputs reach the two operands of one product of two activation-dependent
 tensors (Q·Kᵀ, P·V, gating). Everything else, and a layer with itself, is ``None``.
-Reachability is computed once for all layers with bitsets over a networkx DiGraph
-in topological order, so the cost is linear in graph size times layers/64.
+Reachability is computed once for all layers with bitsets over a networkx DiGraph,
+one sweep forward (ancestors) and one backward (descendants) in topological order,
+so the cost is linear in graph size times layers/64.
 """
 from __future__ import annotations
 
@@ -101,10 +102,13 @@ def build_connectivity(gm: torch.fx.GraphModule) -> Connectivity:
             bit_of_node[node] = 1 << index[name]
     # upstream[n]: layers whose output reaches n (n's own layer included);
     # live[n]: n depends on a model input (an activation, not a constant).
+    # anc[j] / desc[name]: layers upstream / downstream of a layer, from one forward and
+    # one backward sweep in topological order (no per-pair bit loops).
+    order = list(nx.topological_sort(graph))
     upstream: Dict[torch.fx.Node, int] = {}
     live: Dict[torch.fx.Node, bool] = {}
-    desc = {name: 0 for name in layers}
-    for node in nx.topological_sort(graph):
+    anc = [0] * len(layers)
+    for node in order:
         preds = list(graph.predecessors(node))
         up = 0
         for p in preds:
@@ -112,31 +116,42 @@ def build_connectivity(gm: torch.fx.GraphModule) -> Connectivity:
         live[node] = node.op == "placeholder" or any(live[p] for p in preds)
         if node in bit_of_node:
             own = bit_of_node[node]
-            for i in _bits(up & ~own):
-                desc[layers[i]] |= own
+            anc[own.bit_length() - 1] |= up & ~own
             up |= own
         upstream[node] = up
-    anc = [0] * len(layers)  # anc[j]: layers upstream of layer j
-    for name, bits in desc.items():
-        for j in _bits(bits):
-            anc[j] |= 1 << index[name]
-    parallel = set()
+    downstream: Dict[torch.fx.Node, int] = {}
+    desc = {name: 0 for name in layers}
+    for node in reversed(order):
+        down = 0
+        for succ in graph.successors(node):
+            down |= downstream[succ] | bit_of_node.get(succ, 0)
+        downstream[node] = down
+        if node in bit_of_node:
+            own = bit_of_node[node]
+            desc[layers[own.bit_length() - 1]] |= down & ~own
+    # related[i]: layers in series with layer i, and i itself.
+    related = [desc[name] | anc[i] | (1 << i) for i, name in enumerate(layers)]
+    parallel: set = set()
+    seen: set = set()
     for node in gm.graph.nodes:
         if _is_product(node) and node not in bit_of_node:
             operands = [a for a in node.all_input_nodes if live.get(a)]
             if len(operands) >= 2:
-                _add_parallel(parallel, layers, desc, anc, upstream, operands)
+                _add_parallel(parallel, seen, layers, related, [upstream[o] for o in operands])
     return Connectivity(layers, desc, index, parallel)
 
 
-def _add_parallel(parallel: set, layers, desc, anc, upstream, operands) -> None:
-    """Pairs (one layer upstream of each operand) not related in series."""
-    masks = [upstream[o] for o in operands]
+def _add_parallel(parallel: set, seen: set, layers, related, masks) -> None:
+    """Pairs (one layer upstream of each operand) not related in series. Operand masks
+    repeat (q, k and v of one attention share their upstream layers): each pair of
+    masks is examined once."""
     for k, left in enumerate(masks):
         for right in masks[k + 1:]:
+            if (left, right) in seen:
+                continue
+            seen.add((left, right))
             for i in _bits(left):
-                unrelated = right & ~desc[layers[i]] & ~anc[i] & ~(1 << i)
-                for j in _bits(unrelated):
+                for j in _bits(right & ~related[i]):
                     a, b = layers[i], layers[j]
                     parallel.add((min(a, b), max(a, b)))
 
