@@ -268,12 +268,14 @@ def components(n: int, edges_a: List[np.ndarray], edges_b: List[np.ndarray]) -> 
     """Connected components of ``n`` nodes: root (smallest member id) per node.
 
     Vectorised min-label propagation with pointer jumping; rounds grow with the log
-    of the component diameter, each round is a handful of numpy passes."""
-    parent = np.arange(n, dtype=np.int64)
+    of the component diameter, each round is a handful of numpy passes (on int32 when
+    the ids fit: half the memory traffic, twice as fast; the result is int64)."""
+    dtype = np.int32 if n < 2 ** 31 else np.int64
+    parent = np.arange(n, dtype=dtype)
     if not edges_a:
-        return parent
-    a = np.concatenate(edges_a).astype(np.int64)
-    b = np.concatenate(edges_b).astype(np.int64)
+        return parent.astype(np.int64)
+    a = np.concatenate(edges_a).astype(dtype)
+    b = np.concatenate(edges_b).astype(dtype)
     while True:
         pa, pb = parent[a], parent[b]
         low = np.minimum(pa, pb)
@@ -286,4 +288,4 @@ def components(n: int, edges_a: List[np.ndarray], edges_b: List[np.ndarray]) -> 
                 break
             parent = jumped
         if np.array_equal(parent, before):
-            return parent
+            return parent.astype(np.int64)
