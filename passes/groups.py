@@ -96,6 +96,7 @@ def analyze(gm: torch.fx.GraphModule) -> Analysis:
 def _analyze(gm: torch.fx.GraphModule) -> Analysis:
     space = label_graph(gm)
     root = components(space.next_id, space.edges_a, space.edges_b)  # channel per element
+    space.check_same(root)
     # Channels form one group when a producer (a layer's output dim) spans them.
     # Only producer dims bridge: a consumer's input dim spans a concat of groups.
     bridge_a, bridge_b = [], []

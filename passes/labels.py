@@ -148,6 +148,7 @@ class ChannelSpace:
     edges_b: List[np.ndarray] = field(default_factory=list)
     blocks: List[Tuple[np.ndarray, str]] = field(default_factory=list)
     kinds: List[Tuple[np.ndarray, str]] = field(default_factory=list)
+    same: List[Tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
     n_spaces: int = 0
 
     def fresh(self, n: int) -> np.ndarray:
@@ -241,6 +242,22 @@ class ChannelSpace:
 
     def mark_kind(self, ids: np.ndarray, kind: str) -> None:
         self.kinds.append((ids[ids >= 0], kind))
+
+    def require_same(self, a: np.ndarray, b: np.ndarray, reason: str) -> None:
+        """``a`` and ``b`` must end up the same channels, index by index (known only once
+        all edges are in: :func:`check_same`); otherwise both are blocked."""
+        self.same.append((a, b, reason))
+
+    def check_same(self, root: np.ndarray) -> None:
+        """Block the :meth:`require_same` pairs whose channels differ under ``root``."""
+        for a, b, reason in self.same:
+            ok = a.size == b.size and np.array_equal(a >= 0, b >= 0)
+            if ok:
+                tracked = a >= 0
+                ok = np.array_equal(root[a[tracked]], root[b[tracked]])
+            if not ok:
+                self.block(a, reason)
+                self.block(b, reason)
 
     def collapse(self, label: TLabel) -> TLabel:
         """Turn a grid into per-dim labels: the outermost grid axis stays labeled and all

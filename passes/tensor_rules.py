@@ -180,7 +180,128 @@ def reshape_rule(ctx: RuleContext):
     label = as_tlabel(ctx.label(x), shape_of(x))
     if label is None or ctx.out_shape is None:
         return untracked_output(ctx.node)
-    return reshape_label(ctx.space, label, shape_of(x), ctx.out_shape, ctx.where)
+    out = reshape_label(ctx.space, label, shape_of(x), ctx.out_shape, ctx.where)
+    check_computed_sizes(ctx, out)
+    return out
+
+
+# ------------------------------------------------------------- sizes computed at run time
+# ``x.reshape(B, N, 3, H, C // H)`` with ``C = h.shape[-1]``: the rewrite patches literal
+# sizes only, and a size read from another tensor's shape follows *that* tensor's
+# pruning. It is sound only when the size is exactly ``t.shape[k]`` of a dim that ends
+# up carrying the very channels of the output dim (Swin's ``view(-1, 7, 7, C)`` of the
+# attention output with C read from the residual stream: the same channels once the
+# residual add is seen, hence a deferred check). Otherwise the channels on both sides
+# are blocked (fail closed): BEiT's ``reshape(B, N, C)`` of its heads with the stream's C.
+_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv,
+                    operator.truediv, operator.mod, operator.neg, int, math.sqrt}
+
+
+def _shape_read(node: torch.fx.Node):
+    """(tensor, dim) when ``node`` is ``t.shape[k]``, ``t.size(k)`` or ``t.size()[k]``."""
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+        return (node.args[0], node.args[1]) if isinstance(node.args[1], int) else None
+    if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
+        base = node.args[0]
+        if isinstance(base, torch.fx.Node) and (
+                (base.op == "call_function" and base.target is getattr and base.args[1] == "shape")
+                or (base.op == "call_method" and base.target == "size" and len(base.args) == 1)):
+            return base.args[0], node.args[1]
+    return None
+
+
+def _size_sources(value):
+    """The (tensor, dim) shape reads a computed size depends on; None if it depends on
+    anything else (a data-dependent value, an unknown function)."""
+    if isinstance(value, (int, float)):
+        return []
+    if not isinstance(value, torch.fx.Node):
+        return None
+    read = _shape_read(value)
+    if read is not None:
+        return [read]
+    if value.op != "call_function" or value.target not in _SIZE_ARITHMETIC:
+        return None
+    out = []
+    for a in value.args:
+        sources = _size_sources(a)
+        if sources is None:
+            return None
+        out += sources
+    return out
+
+
+def _size_args(ctx: RuleContext) -> list:
+    """Target sizes of a view/reshape/expand/broadcast_to, one per output dim ([] else)."""
+    node = ctx.node
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    if name not in ("view", "reshape", "expand", "broadcast_to"):
+        return []
+    sizes = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]
+    if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+        sizes = list(sizes[0])
+    whole = sizes[0] if len(sizes) == 1 and isinstance(sizes[0], torch.fx.Node) else None
+    if whole is not None and _whole_shape_of(whole) is not None:  # x.view(y.shape)
+        t = _whole_shape_of(whole)
+        sizes = [_ShapeRead(t, k) for k in range(len(shape_of(t) or ()))]
+    return sizes
+
+
+class _ShapeRead:
+    """``t.shape[k]`` read implicitly (``x.view(t.shape)``)."""
+
+    def __init__(self, t: torch.fx.Node, k: int):
+        self.t, self.k, self.name = t, k, f"{t.name}.shape[{k}]"
+
+
+def _whole_shape_of(node: torch.fx.Node):
+    if node.op == "call_function" and node.target is getattr and node.args[1] == "shape":
+        return node.args[0]
+    if node.op == "call_method" and node.target == "size" and len(node.args) == 1:
+        return node.args[0]
+    return None
+
+
+def _dim_ids(label, d: int):
+    if not isinstance(label, TLabel) or d >= label.ndim:
+        return None
+    if label.grid is not None and d in label.grid.axes:
+        return label.grid.ids.ravel()
+    return label.dims[d]
+
+
+def check_computed_sizes(ctx: RuleContext, out: TLabel) -> None:
+    """Block the channels of output dims sized by a run-time value that the rewrite
+    cannot keep in step, and the channels that value is read from."""
+    for d, size in enumerate(_size_args(ctx)):
+        if isinstance(size, _ShapeRead):
+            sources, exact = [(size.t, size.k)], True
+        elif isinstance(size, torch.fx.Node) and shape_of(size) is None:
+            sources, exact = _size_sources(size), _shape_read(size) is not None
+        else:
+            continue
+        out_ids = _dim_ids(out, d)
+        src_ids = [_dim_ids(ctx.label(t), k % max(len(shape_of(t) or ()), 1))
+                   for t, k in sources or ()]
+        fixed = out_ids is None or _inner_grid_axis(out, d)  # pruning keeps its size
+        if sources is not None and all(ids is None for ids in src_ids) and fixed:
+            continue  # a constant under pruning, sizing a dim pruning does not resize
+        reason = f"a size computed at run time (node `{size.name}`) sizes channels at {ctx.where}"
+        if exact and not fixed and src_ids[0] is not None:
+            ctx.space.require_same(src_ids[0], out_ids, reason)  # decided once all edges are in
+            continue
+        if not fixed:
+            ctx.space.block(out_ids, reason)
+        for ids in src_ids:
+            ctx.space.block(ids, reason)
+        if fixed and out_ids is not None and any(ids is not None for ids in src_ids):
+            ctx.space.block(out_ids, reason)
+
+
+def _inner_grid_axis(label: TLabel, d: int) -> bool:
+    """A grid axis other than the outermost: whole heads are pruned along the outermost
+    axis, so the others (head_dim) keep their size."""
+    return label.grid is not None and d in label.grid.axes and d != label.grid.axes[0]
 
 
 @RULES.method("permute", "transpose", "t", "swapaxes", "movedim")
@@ -214,6 +335,7 @@ def expand_rule(ctx: RuleContext):
     label, in_shape = as_tlabel(ctx.label(x), shape_of(x)), shape_of(x)
     out = ctx.out_shape
     dims = [None] * (len(out) - len(in_shape)) + list(ctx.space.collapse(label).dims)
+    check_computed_sizes(ctx, TLabel(dims))
     return TLabel(dims)
 
 

@@ -562,11 +562,12 @@ class _NormsAndTransposed(nn.Module):
 
 
 class _SeparateHeads(nn.Module):
-    """Separate q/k/v Linears split into 2 heads."""
+    """Separate q/k/v Linears split into 2 heads; head_dim is computed at run time from
+    the (never pruned) input width, the merge back uses a literal width."""
 
     def __init__(self, d: int = 8, heads: int = 2):
         super().__init__()
-        self.heads = heads
+        self.heads, self.dim = heads, d
         self.q, self.k, self.v, self.o = (nn.Linear(d, d) for _ in range(4))
         self.fc = nn.Linear(d, 3)
 
@@ -577,7 +578,7 @@ class _SeparateHeads(nn.Module):
             return t.reshape(b, n, self.heads, d // self.heads).transpose(1, 2)
 
         p = (split(self.q(x)) @ split(self.k(x)).transpose(-2, -1)).softmax(-1)
-        return self.fc(self.o((p @ split(self.v(x))).transpose(1, 2).reshape(b, n, d)).mean(1))
+        return self.fc(self.o((p @ split(self.v(x))).transpose(1, 2).reshape(b, n, self.dim)).mean(1))
 
 
 SMALL = {
@@ -605,6 +606,64 @@ def test_small_modules_groups_and_invariant(name, one_thread):
             out_all = _output(model, x, g, channels)
             torch.testing.assert_close(out_all, _output(model, x, g, channels, keep_roles={"consumer"}))
             torch.testing.assert_close(out_all, _output(model, x, g, channels, skip_roles={"consumer"}))
+
+
+class _ComputedSizes(nn.Module):
+    """Attention written with sizes read at run time: ``C // H`` from the stream sizes
+    the qkv head split (unsound to prune either: fail closed), while the windowing
+    ``y.view(B, H, W, C)`` with C read from the tensor's own channel dim is sound."""
+
+    def __init__(self, d: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Conv2d(3, d, 2, 2)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        y = self.embed(x).permute(0, 2, 3, 1)  # [B, H, W, C]
+        b, h, w, c = y.shape
+        t = y.view(b, h * w, c)  # C read from y itself: fine
+        qkv = self.qkv(t).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        a = (q @ k.transpose(-2, -1)).softmax(-1)
+        t = t + self.proj((a @ v).transpose(1, 2).reshape(b, h * w, c))
+        return self.head(self.fc2(torch.relu(self.fc1(t))).mean(1))
+
+
+def test_sizes_computed_at_run_time_fail_closed():
+    model = _ComputedSizes().eval()
+    x = torch.randn(2, 3, 8, 8)
+    groups = {g.id: g for g in fxprune.groups(model, x)}
+    for gid in ("embed", "qkv"):  # the stream's C and the heads' head_dim are tied by C // H
+        assert not groups[gid].prunable, gid
+        assert "a size computed at run time" in groups[gid].reason
+        assert "`floordiv`" in groups[gid].reason
+    assert groups["fc1"].prunable
+    res = fxprune.compile(model, "l1", example_inputs=x, sparsity=0.25)  # no invalid reshape
+    assert res.module(x).shape == (2, 3)
+
+
+def test_size_read_from_the_same_channels_stays_prunable():
+    """``view(-1, C)`` of a branch output with C read from the residual stream it is
+    added to (Swin's windows): the same channels once the add is seen."""
+    class Windowed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Linear(4, 8)
+            self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 8)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.embed(x)  # [B, N, C]
+            c = h.shape[-1]
+            y = self.b(torch.relu(self.a(h))).view(-1, c)  # C from the stream
+            h = h + y.view(h.shape[0], -1, c)
+            return self.head(h.mean(1))
+
+    groups = {g.id: g for g in fxprune.groups(Windowed().eval(), torch.randn(2, 5, 4))}
+    assert groups["embed"].prunable and groups["a"].prunable
 
 
 # --------------------------------------------------------------------------- side effects
