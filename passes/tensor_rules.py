@@ -284,9 +284,12 @@ def check_computed_sizes(ctx: RuleContext, out: TLabel) -> None:
         src_ids = [_dim_ids(ctx.label(t), k % max(len(shape_of(t) or ()), 1))
                    for t, k in sources or ()]
         fixed = out_ids is None or _inner_grid_axis(out, d)  # pruning keeps its size
-        if sources is not None and all(ids is None for ids in src_ids) and fixed:
-            continue  # a constant under pruning, sizing a dim pruning does not resize
         reason = f"a size computed at run time (node `{size.name}`) sizes channels at {ctx.where}"
+        if sources is None:  # derived from something other than shapes: assume it may change
+            ctx.space.block(out_ids, reason)
+            continue
+        if fixed and all(ids is None for ids in src_ids):
+            continue  # a constant under pruning, sizing a dim pruning does not resize
         if exact and not fixed and src_ids[0] is not None:
             ctx.space.require_same(src_ids[0], out_ids, reason)  # decided once all edges are in
             continue
