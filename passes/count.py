@@ -24,11 +24,26 @@ from .labels import TLabel
 
 
 def count_flops(module: torch.nn.Module, inputs: Tuple[Any, ...]) -> int:
-    """Total FLOPs of one forward pass, as FlopCounterMode counts them."""
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        module(*inputs)
-    return int(counter.get_total_flops())
+    """Total FLOPs of one forward pass, as FlopCounterMode counts them (on fake
+    tensors when possible: same count, no arithmetic)."""
+    def run(args):
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            module(*args)
+        return int(counter.get_total_flops())
+    return _with_fake_inputs(run, inputs)
+
+
+def _with_fake_inputs(fn, inputs: Tuple[Any, ...]):
+    """``fn(inputs)`` under FakeTensorMode, falling back to real tensors for ops that
+    have no fake implementation."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    try:
+        with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+            fake = tuple(mode.from_tensor(x) if torch.is_tensor(x) else x for x in inputs)
+            return fn(fake)
+    except Exception:  # noqa: BLE001 - any fake-mode gap: count for real
+        return fn(inputs)
 
 
 def count_params(module: torch.nn.Module) -> int:
@@ -79,9 +94,13 @@ class _FlopInterpreter(torch.fx.Interpreter):
 
 def cost_model(analysis: Analysis, inputs: Tuple[Any, ...]) -> CostModel:
     gm = analysis.gm
-    interp = _FlopInterpreter(gm)
-    with torch.no_grad():
-        interp.run(*inputs)
+
+    def run(args):
+        interp = _FlopInterpreter(gm)
+        with torch.no_grad():
+            interp.run(*args)
+        return interp
+    interp = _with_fake_inputs(run, inputs)
     model = CostModel()
     fixed = 0
     for node, flops in interp.per_node.items():

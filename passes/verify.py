@@ -169,9 +169,19 @@ def _flatten(out: Any) -> List[torch.Tensor]:
 
 
 def check(slim: nn.Module, reference: nn.Module, inputs: Tuple[Any, ...]) -> float:
-    """Relative max error between slim and reference on ``inputs`` (float64)."""
-    slim64 = copy.deepcopy(slim).double().eval()
-    ref64 = copy.deepcopy(reference).double().eval()
-    inputs = tuple(x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in inputs)
-    with torch.no_grad():
-        return max_relative_error(slim64(*inputs), ref64(*inputs))
+    """Relative max error between slim and reference on ``inputs``, in the models'
+    own dtype (tests use float64 models for the 1e-6 oracle)."""
+    was = slim.training
+    slim.eval()
+    reference.eval()
+    try:
+        with torch.no_grad():
+            return max_relative_error(slim(*inputs), reference(*inputs))
+    finally:
+        slim.train(was)
+
+
+def tolerance(module: nn.Module) -> float:
+    """Rounding tolerance of the masked-equivalence check for a model's dtype."""
+    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    return {torch.float64: 1e-6, torch.float32: 1e-4}.get(dtype, 5e-2)
