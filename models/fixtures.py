@@ -364,3 +364,22 @@ def tiny_grouped(num_classes: int = 10, **kwargs) -> nn.Module:
 def tiny_mlp(num_classes: int = 10, in_features: int = 16, hidden: int = 32) -> nn.Module:
     """Two hidden layers of ``hidden`` units; input ``[B, in_features]``."""
     return TinyMLP(in_features, hidden, num_classes)
+
+
+def randomize_norms(model: nn.Module, seed: int = 0) -> nn.Module:
+    """``model`` in float64 eval mode with non-trivial norm layers, for oracle tests.
+
+    Fresh BatchNorm statistics (mean 0, var 1) and affine parameters (1, 0) hide
+    mistakes in how a criterion differentiates through a norm; this draws running
+    statistics and affine parameters from fixed ranges instead (seeded; in place)."""
+    torch.manual_seed(seed)
+    model = model.double().eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.running_mean.uniform_(-0.5, 0.5)
+                m.running_var.uniform_(0.5, 2.0)
+            if isinstance(m, (nn.modules.batchnorm._BatchNorm, nn.LayerNorm)) and m.weight is not None:
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.3, 0.3)
+    return model

@@ -15,6 +15,7 @@ from torch.func import functional_call, jvp
 from fxprune.criteria import ScoringContext, get_criterion
 from fxprune.criteria.oba import oba_exact_scores, oba_scores
 from fxprune.criteria.scoring import make_scoring_copy
+from fxprune.models.fixtures import randomize_norms
 
 D = torch.float64
 
@@ -93,17 +94,7 @@ class Attention(nn.Module):
         return self.head((o + x).mean(1))
 
 
-def seeded(model, seed=0):
-    """float64, eval, random BN statistics and affine parameters."""
-    torch.manual_seed(seed)
-    model = model.double().eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-    return model
+seeded = randomize_norms
 
 
 def trace(model):

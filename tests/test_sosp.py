@@ -19,18 +19,13 @@ from fxprune.criteria.scoring import make_scoring_copy
 from fxprune.criteria.sosp import greedy_order
 from fxprune.errors import CriterionError, DataError
 from fxprune.passes.trace import trace
+from fxprune.models.fixtures import randomize_norms
 
 D = torch.float64
 ROLES = ("producer", "bias", "norm")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny nets: intra-op threads only add synchronisation (badly so on a loaded CPU)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- models
@@ -82,19 +77,7 @@ class MLP(nn.Module):
         return self.l3(torch.tanh(self.l2(F.gelu(self.ln(self.l1(x))))))
 
 
-def seeded(model, seed=0):
-    torch.manual_seed(seed)
-    model = model.double().eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-        if isinstance(m, nn.LayerNorm):
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
-    return model
+seeded = randomize_norms
 
 
 def make(name):

@@ -10,7 +10,7 @@ import torch
 
 import fxprune
 
-from .nets import evaluate, log, train
+from .nets import accuracy_after_bn_recalibration, evaluate, log, train
 
 
 def _finetune(module: torch.nn.Module, ctx, seed: int, steps=None) -> None:
@@ -48,6 +48,7 @@ def fx_job(model: torch.nn.Module, criterion: str, budget: float, seed: int, ctx
            "prune_s": prune_s, "max_rel_error": res.report.max_rel_error,
            "notes": res.report.notes}
     rec["acc_before"] = evaluate(res.module, *ctx.test_data)
+    rec["acc_recal"] = accuracy_after_bn_recalibration(res.module, calib, ctx.test_data)
     t0 = time.time()
     _finetune(res.module, ctx, seed)
     rec["ft_s"] = time.time() - t0

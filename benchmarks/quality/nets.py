@@ -99,6 +99,23 @@ def evaluate(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: in
     return 100.0 * correct / len(x)
 
 
+@torch.no_grad()
+def accuracy_after_bn_recalibration(model: torch.nn.Module, calib, test_data) -> float:
+    """Test accuracy after re-estimating BatchNorm running statistics on the calibration
+    inputs (no gradient step), on a copy. Separates what a criterion keeps from the stale
+    BN statistics that pruning leaves; equals the plain accuracy for a model without BN."""
+    import copy
+    probe = copy.deepcopy(model)
+    norms = [m for m in probe.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    probe.train()
+    for x, _ in calib:
+        probe(x)
+    return evaluate(probe, *test_data)
+
+
 def trained_model(name: str, r: Recipe, data, cache_dir: str, seed: int = 0,
                   eval_fn: Optional[Callable] = None) -> torch.nn.Module:
     """Train ``name`` with recipe ``r`` (seeded) or load it from the checkpoint cache."""

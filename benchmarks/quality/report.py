@@ -27,16 +27,19 @@ def _group(records: List[Dict]) -> "OrderedDict[tuple, List[Dict]]":
 def table(records: List[Dict]) -> str:
     """One row per (model, budget, criterion): means ± std over seeds; errors verbatim."""
     head = ("| model | budget (kept FLOPs target) | criterion | kept FLOPs | kept params | "
-            "acc before FT (%) | acc after FT (%) | seeds | prune time (s) |")
-    lines = [head, "|" + "---|" * 9]
+            "acc before FT (%) | acc after BN recal. (%) | acc after FT (%) | seeds | "
+            "prune time (s) |")
+    lines = [head, "|" + "---|" * 10]
     for (model, budget, crit), recs in _group(records).items():
         ok = [r for r in recs if "error" not in r]
         if not ok:
             err = recs[0]["error"].replace("|", "\\|")[:300]
-            lines.append(f"| {model} | {budget} | {crit} | ERROR: {err} | | | | {len(recs)} | |")
+            lines.append(f"| {model} | {budget} | {crit} | ERROR: {err} | | | | | {len(recs)} | |")
             continue
         cells = [_ms([r["flops"] for r in ok], "{:.3f}"), _ms([r["params"] for r in ok], "{:.3f}"),
-                 _ms([r["acc_before"] for r in ok]), _ms([r["acc_after"] for r in ok]),
+                 _ms([r["acc_before"] for r in ok]),
+                 _ms([r["acc_recal"] for r in ok if "acc_recal" in r]),
+                 _ms([r["acc_after"] for r in ok]),
                  str(len(ok)), _ms([r["prune_s"] for r in ok], "{:.1f}")]
         lines.append(f"| {model} | {budget} | {crit} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -17,20 +17,16 @@ from dataclasses import asdict
 from types import SimpleNamespace
 from typing import Dict, List
 
-if __package__ in (None, ""):  # `python benchmarks/quality/run.py`
-    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    __package__ = "benchmarks.quality"
+import torch
 
-import torch  # noqa: E402
+import fxprune
 
-import fxprune  # noqa: E402
-
-from . import config as cfg_mod  # noqa: E402
-from .data import calibration_batches, load_split  # noqa: E402
-from .fx_runs import fx_job, iterative_job  # noqa: E402
-from .nets import evaluate, log, trained_model  # noqa: E402
-from .report import plot, table  # noqa: E402
-from .tp_runs import tp_job, tp_names, tp_version  # noqa: E402
+from . import config as cfg_mod
+from .data import calibration_batches, load_split
+from .fx_runs import fx_job, iterative_job
+from .nets import evaluate, log, trained_model
+from .report import plot, table
+from .tp_runs import tp_job, tp_names, tp_version
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
@@ -123,11 +119,9 @@ def model_jobs(name: str, c, a, store: Store, train_data, test_data) -> float:
                           lambda: tp_job(model, imp, budget, seed, ctx, name == "vit"))
     if name == "resnet" and not a.no_iterative:
         for crit in ("oba", "l2"):
-            for verify in (True, False):  # verify=False: see RESULTS.md (fxprune issue)
-                meta = dict(model=name, budget=c.iterative, kind="iterative", seed=0,
-                            criterion=crit + ("" if verify else " (verify=False)"))
-                store.run(f"{name}|iter{c.iterative}|{crit}|0" + ("" if verify else "|noverify"),
-                          meta, lambda: iterative_job(model, crit, c.iterative, 0, ctx, verify))
+            meta = dict(model=name, budget=c.iterative, kind="iterative", seed=0, criterion=crit)
+            store.run(f"{name}|iter{c.iterative}|{crit}|0", meta,
+                      lambda: iterative_job(model, crit, c.iterative, 0, ctx))
     return dense
 
 

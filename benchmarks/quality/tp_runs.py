@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .fx_runs import _error_record, _finetune
-from .nets import evaluate, log
+from .nets import accuracy_after_bn_recalibration, evaluate, log
 
 TP_IMPORTANCES = ("tp-magnitude", "tp-taylor", "tp-hessian")
 
@@ -137,6 +137,7 @@ def tp_job(model, name: str, budget: float, seed: int, ctx, is_vit: bool) -> Dic
     rec = {"flops": flops, "params": params, "flops_tp": kept_tp, "tp_ratio": ratio,
            "prune_s": prune_s, "score_s": score_s}
     rec["acc_before"] = evaluate(slim, *ctx.test_data)
+    rec["acc_recal"] = accuracy_after_bn_recalibration(slim, calib, ctx.test_data)
     _finetune(slim, ctx, seed)
     rec["acc_after"] = evaluate(slim, *ctx.test_data)
     return rec
