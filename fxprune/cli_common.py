@@ -145,16 +145,35 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int], device):
+def load_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int], device,
+               input_size: Optional[Tuple[int, ...]] = None):
     """Build ``spec`` with :func:`fxprune.models.create_model`, load ``checkpoint``,
-    switch to eval mode and move it to ``device``."""
+    switch to eval mode and move it to ``device``. A timm model is built for
+    ``input_size`` (``in_chans``, and ``img_size`` where the architecture takes one:
+    a ViT's position embedding is sized by it)."""
     from .models import create_model
     check_checkpoint(checkpoint)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     log.info("loading %s%s", spec, f" with weights from {checkpoint}" if checkpoint else
              " (random weights: pass --checkpoint to prune trained weights)")
-    model = create_model(spec, checkpoint=checkpoint, **kwargs)
+    size_kwargs = _timm_size_kwargs(spec, input_size)
+    try:
+        model = create_model(spec, checkpoint=checkpoint, **kwargs, **size_kwargs)
+    except TypeError as exc:  # architectures without an img_size argument (CNNs)
+        if "img_size" not in str(exc):
+            raise
+        size_kwargs.pop("img_size")
+        model = create_model(spec, checkpoint=checkpoint, **kwargs, **size_kwargs)
     return model.eval().to(device)
+
+
+def _timm_size_kwargs(spec: str, input_size: Optional[Tuple[int, ...]]) -> dict:
+    if not spec.startswith("timm:") or input_size is None or len(input_size) != 3:
+        return {}
+    kwargs = {"img_size": tuple(input_size[1:])}
+    if input_size[0] != 3:
+        kwargs["in_chans"] = input_size[0]
+    return kwargs
 
 
 def resolve_input_size(spec: str, model, given: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:

@@ -26,7 +26,7 @@ def run_prune(args) -> int:
     crit = resolve_criterion(args.criterion)
     source = parse_source(args.data)
     seed_everything(args.seed)
-    model = load_model(args.model, args.checkpoint, args.num_classes, device)
+    model = load_model(args.model, args.checkpoint, args.num_classes, device, args.input_size)
     size = resolve_input_size(args.model, model, args.input_size)
     log.info("calibration data: %s, %s", source.describe(),
              f"up to {args.batches} batch(es) of {args.batch_size}" if crit.needs_data else

@@ -212,6 +212,18 @@ def test_groups_svg_with_graphviz(tmp_path, capsys, monkeypatch):
     assert "<svg" in (tmp_path / "g.svg").read_text()
 
 
+def test_timm_vit_built_for_the_input_size(tmp_path, capsys, monkeypatch):
+    """A ViT's position embedding is sized by img_size: --input-size builds it to fit
+    (and in_chans for a 1-channel input)."""
+    monkeypatch.chdir(tmp_path)
+    result = call_main(capsys, "groups", "timm:vit_tiny_patch16_224", "--input-size", "1,32,32",
+                       "--json", "g.json")
+    assert result.returncode == 0, result.stderr
+    members = {m["target"]: m for g in json.loads((tmp_path / "g.json").read_text())
+               for m in g["members"]}
+    assert "patch_embed.proj.weight" in members and "pos_embed" in members
+
+
 def test_criteria_command(capsys):
     proc = call_main(capsys, "criteria")
     assert proc.returncode == 0, proc.stderr
