@@ -20,7 +20,7 @@ from .plan import Plan
 from .passes.count import cost_model, count_flops, count_params
 from .passes.groups import Analysis, analyze
 from .passes.rewrite import rewrite
-from .passes.select import (Budget, global_order, member_spans, removable_counts,
+from .passes.select import (Budget, member_spans, removable_counts,
                             select_budget, select_uniform)
 from .passes.trace import as_input_tuple, propagate_shapes, trace
 from .passes.verify import check, masked_reference, tolerance

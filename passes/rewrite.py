@@ -172,15 +172,31 @@ def _patch_literals(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
 
 
 def _patch_shape_args(node: torch.fx.Node, keep: np.ndarray) -> None:
+    """Literal sizes become kept sizes; a size computed at run time that sizes a channel
+    dim (read from another tensor's shape, which may be pruned differently) becomes -1
+    where view/reshape can infer it, else its kept size (channel dims are static)."""
     label = node.meta.get(LABEL_KEY)
     shape = node.meta["tensor_meta"].shape
     args = list(node.args)
     packed = len(args) == 2 and isinstance(args[1], (list, tuple))
     sizes = list(args[1]) if packed else args[1:]
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    can_infer = name in ("view", "reshape") and -1 not in [s for s in sizes if isinstance(s, int)]
     for i, s in enumerate(sizes):
-        if isinstance(s, int) and s not in (-1,) and i < len(shape):
+        if i >= len(shape) or (isinstance(s, int) and s == -1):
+            continue
+        if isinstance(s, int):
             sizes[i] = kept_size(label, i, int(shape[i]), keep)
+        elif isinstance(s, torch.fx.Node) and _carries_channels(label, i):
+            sizes[i] = -1 if can_infer else kept_size(label, i, int(shape[i]), keep)
+            can_infer = False
     node.args = (args[0], tuple(sizes)) if packed else (args[0], *sizes)
+
+
+def _carries_channels(label: Optional[TLabel], dim: int) -> bool:
+    if not isinstance(label, TLabel) or dim >= label.ndim:
+        return False
+    return (label.grid is not None and dim in label.grid.axes) or label.dims[dim] is not None
 
 
 def _patch_unflatten(node: torch.fx.Node, keep: np.ndarray) -> None:

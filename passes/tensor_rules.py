@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import List, Optional, Sequence
+from typing import List, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .labels import UNTRACKED, Grid, TLabel
+from .labels import TLabel
 from .rule_table import RULES, RuleContext, as_tlabel, shape_of, untracked_output
 from .reshape import reshape_label
 
@@ -89,7 +89,7 @@ def broadcast_labels(ctx: RuleContext, tensors, out_shape, mark: Optional[str] =
     nd = len(out_shape)
     dims: List[Optional[np.ndarray]] = [None] * nd
     for d in range(nd):
-        base, base_tracked = None, False
+        base = None
         sizes = []
         for label, shape in tensors:
             if label is None or shape is None:
@@ -186,13 +186,15 @@ def reshape_rule(ctx: RuleContext):
 
 
 # ------------------------------------------------------------- sizes computed at run time
-# ``x.reshape(B, N, 3, H, C // H)`` with ``C = h.shape[-1]``: the rewrite patches literal
-# sizes only, and a size read from another tensor's shape follows *that* tensor's
-# pruning. It is sound only when the size is exactly ``t.shape[k]`` of a dim that ends
-# up carrying the very channels of the output dim (Swin's ``view(-1, 7, 7, C)`` of the
-# attention output with C read from the residual stream: the same channels once the
-# residual add is seen, hence a deferred check). Otherwise the channels on both sides
-# are blocked (fail closed): BEiT's ``reshape(B, N, C)`` of its heads with the stream's C.
+# ``x.reshape(B, N, 3, H, C // H)`` with ``C = h.shape[-1]``: a size read from another
+# tensor's shape follows *that* tensor's pruning. Where such a size (positional
+# argument of view/reshape/expand) sizes a dim that carries channels, the rewrite
+# replaces it (rewrite._patch_shape_args): the size of a channel dim does not depend on
+# the input, so it becomes -1 (inferred) or the kept size as a literal, and the tensors
+# it was read from stay free to prune (BEiT's ``reshape(B, N, C)`` of its heads with the
+# stream's C). Sizes of dims without channels must not change under pruning: the
+# channels they are read from are blocked (fail closed). ``x.view(t.shape)`` is sound
+# only when t's dims carry the very channels of the output (checked once all edges are in).
 _SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv,
                     operator.truediv, operator.mod, operator.neg, int, math.sqrt}
 
@@ -273,6 +275,7 @@ def _dim_ids(label, d: int):
 def check_computed_sizes(ctx: RuleContext, out: TLabel) -> None:
     """Block the channels of output dims sized by a run-time value that the rewrite
     cannot keep in step, and the channels that value is read from."""
+    positional = len(ctx.node.args) > 1  # the rewrite patches positional sizes only
     for d, size in enumerate(_size_args(ctx)):
         if isinstance(size, _ShapeRead):
             sources, exact = [(size.t, size.k)], True
@@ -288,6 +291,8 @@ def check_computed_sizes(ctx: RuleContext, out: TLabel) -> None:
         if sources is None:  # derived from something other than shapes: assume it may change
             ctx.space.block(out_ids, reason)
             continue
+        if out_ids is not None and positional and not isinstance(size, _ShapeRead):
+            continue  # a channel dim: the rewrite writes its kept size (or -1)
         if fixed and all(ids is None for ids in src_ids):
             continue  # a constant under pruning, sizing a dim pruning does not resize
         if exact and not fixed and src_ids[0] is not None:

@@ -38,7 +38,6 @@ tokens ``"mean"`` / ``"flatten"``.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, Tuple
 
 import torch

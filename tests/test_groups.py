@@ -610,12 +610,14 @@ def test_small_modules_groups_and_invariant(name, one_thread):
 
 class _ComputedSizes(nn.Module):
     """Attention written with sizes read at run time: ``C // H`` from the stream sizes
-    the qkv head split (unsound to prune either: fail closed), while the windowing
-    ``y.view(B, H, W, C)`` with C read from the tensor's own channel dim is sound."""
+    the qkv head split and the stream's C sizes the merged heads (BEiT). Each sizes a
+    channel dim, so the rewrite replaces it (-1 or the kept size) and both the stream
+    and the heads stay prunable. ``numel_sizes``: head_dim derived from ``numel()``,
+    which is not a shape read: fail closed."""
 
-    def __init__(self, d: int = 16, heads: int = 2):
+    def __init__(self, d: int = 16, heads: int = 2, numel_sizes: bool = False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.numel_sizes = heads, numel_sizes
         self.embed = nn.Conv2d(3, d, 2, 2)
         self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
         self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
@@ -624,22 +626,34 @@ class _ComputedSizes(nn.Module):
     def forward(self, x):
         y = self.embed(x).permute(0, 2, 3, 1)  # [B, H, W, C]
         b, h, w, c = y.shape
-        t = y.view(b, h * w, c)  # C read from y itself: fine
-        qkv = self.qkv(t).reshape(b, h * w, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        t = y.view(b, h * w, c)
+        qkv = self.qkv(t)
+        head_dim = qkv.numel() // (b * h * w * 3 * self.heads) if self.numel_sizes else c // self.heads
+        qkv = qkv.reshape(b, h * w, 3, self.heads, head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         a = (q @ k.transpose(-2, -1)).softmax(-1)
         t = t + self.proj((a @ v).transpose(1, 2).reshape(b, h * w, c))
         return self.head(self.fc2(torch.relu(self.fc1(t))).mean(1))
 
 
-def test_sizes_computed_at_run_time_fail_closed():
-    model = _ComputedSizes().eval()
+def test_sizes_computed_at_run_time_are_rewritten():
+    model = _ComputedSizes().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    groups = {g.id: g for g in fxprune.groups(model, x)}
+    assert all(groups[gid].prunable for gid in ("embed", "qkv", "fc1"))
+    res = fxprune.compile(model, "l1", example_inputs=x, sparsity=0.5)  # masked oracle inside
+    kept = {row.id: row.kept for row in res.report.groups}
+    assert kept["embed"] == 8 and kept["qkv"] == 1 and res.report.max_rel_error <= 1e-6
+    bigger = torch.randn(3, 3, 12, 12, dtype=torch.float64)  # spatial sizes stay run-time values
+    assert res.module(bigger).shape == (3, 3)
+
+
+def test_size_from_a_non_shape_value_fails_closed():
+    model = _ComputedSizes(numel_sizes=True).eval()
     x = torch.randn(2, 3, 8, 8)
     groups = {g.id: g for g in fxprune.groups(model, x)}
-    for gid in ("embed", "qkv"):  # the stream's C and the heads' head_dim are tied by C // H
-        assert not groups[gid].prunable, gid
-        assert "a size computed at run time" in groups[gid].reason
-        assert "`floordiv`" in groups[gid].reason
+    assert not groups["qkv"].prunable
+    assert "a size computed at run time" in groups["qkv"].reason
     assert groups["fc1"].prunable
     res = fxprune.compile(model, "l1", example_inputs=x, sparsity=0.25)  # no invalid reshape
     assert res.module(x).shape == (2, 3)

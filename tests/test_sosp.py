@@ -5,7 +5,6 @@ BN statistics): the exact Hessian from ``torch.autograd.functional.hessian``, th
 output Jacobian Φ from ``torch.autograd.functional.jacobian`` and R from the softmax.
 Structures are rebuilt here from the groups' members (roles producer/bias/norm).
 """
-import math
 
 import pytest
 import torch

@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
-from typing import Dict, List
+from typing import Dict
 
 import torch
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from .fx_runs import _error_record, _finetune
-from .nets import accuracy_after_bn_recalibration, evaluate, log
+from .nets import accuracy_after_bn_recalibration, evaluate
 
 TP_IMPORTANCES = ("tp-magnitude", "tp-taylor", "tp-hessian")
 

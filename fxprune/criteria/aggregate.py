@@ -8,7 +8,7 @@ criterion does not score, contribute zero.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 

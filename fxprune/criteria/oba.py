@@ -27,12 +27,13 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from ..errors import CriterionError
 from . import Criterion, ScoringContext, register_criterion
-from .oba_graph import GraphPlan, Layer, build_plan, scoring_state, tangent
+from .oba_graph import GraphPlan, build_plan, scoring_state, tangent
+from .oba_records import make_record
 from .oba_graph import detach_tree as _detach
 from .oba_tangents import FALLBACK
 from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
@@ -188,7 +189,7 @@ def _run_node(plan: GraphPlan, node, live, dual, recs) -> None:
     if ex.rebind is not None:                  # functionalised in-place op
         live[ex.rebind], dual[ex.rebind] = value, dvalue
     if special:
-        rec = _make_record(plan, node, ex, largs, lkw, value, dargs)
+        rec = make_record(plan, node, ex, largs, lkw, value, dargs)
         if rec is not None:
             recs.append(rec)
 
@@ -232,137 +233,6 @@ def _forward_ad(node, ex, dargs, dkw):
         p, t = fwAD.unpack_dual(v)
         return fwAD.make_dual(p.detach(), t.detach()) if t is not None else p.detach()
     return tree_map(redual, out)
-
-
-def _make_record(plan: GraphPlan, node, ex, largs, lkw, value, dargs):
-    """The record of an executed bilinear node (None when it contributes nothing)."""
-    layer = plan.layers.get(node)
-    if layer is not None and layer.fast:
-        return _LayerRec(layer, ex, largs, lkw, value, tangent(dargs[layer.x]),
-                         plan.dtheta[layer.weight])
-    slots = plan.bilinear.get(node)
-    if slots is None:
-        return None
-    u, v = largs[slots[0]], largs[slots[1]]
-    if not (isinstance(u, Tensor) and isinstance(v, Tensor) and isinstance(value, Tensor)):
-        return None
-    rec = _BilinearRec(ex, slots, layer.b if layer is not None else None, largs, lkw,
-                       value, tangent(dargs[slots[0]]), tangent(dargs[slots[1]]))
-    return rec if (rec.need_u or rec.need_v) else None
-
-
-def _local_vjp(call: Callable, operands: list, which: int, cot: Tensor) -> Tensor:
-    """VJP of ``call(*operands)`` w.r.t. ``operands[which]`` at ``cot`` (operands are
-    detached; the op is linear in the differentiated operand)."""
-    ops = list(operands)
-    ops[which] = ops[which].detach().requires_grad_(True)
-    with torch.enable_grad():
-        out = call(*ops)
-    return torch.autograd.grad(out, ops[which], cot)[0]
-
-
-class _LayerRec:
-    """A parameter layer ``Y = F(X; W) + b`` with W used directly: its downward term
-    ``VJP_W[F(T_X; ·)](g_Y)`` goes straight to W, its upward term is the backward message
-    from Y to the alias of X (injected there)."""
-
-    def __init__(self, layer: Layer, ex, largs, lkw, y, t_x, weight: Tensor):
-        self.layer, self.ex, self.y, self.t_x, self.weight = layer, ex, y, t_x, weight
-        self.x = largs[layer.x]
-        self.up = isinstance(self.x, Tensor) and self.x.requires_grad
-        self.args = [_detach(a) for a in largs] if t_x is not None else None
-        self.kwargs = _detach(lkw) if t_x is not None else None
-
-    def request(self, wanted: List[Tensor]) -> None:
-        """Append the tensors whose loss cotangents this record needs."""
-        if self.t_x is not None:
-            wanted.append(self.y)
-        if self.up:
-            wanted.append(self.x)
-
-    def inject(self, cot, outs, couts, direct) -> None:
-        """Given the cotangents ``cot`` (by tensor id), add (tensor, cotangent) pairs to
-        ``outs``/``couts`` for the final backward and direct parameter terms to
-        ``direct``."""
-        g_y = cot.get(id(self.y)) if self.t_x is not None else None
-        if g_y is not None:
-            c = self._weight_vjp(g_y)
-            name = self.layer.weight
-            direct[name] = direct[name] + c if name in direct else c
-        g_x = cot.get(id(self.x)) if self.up else None
-        if g_x is not None:
-            outs.append(self.x)
-            couts.append(g_x)
-
-    def _weight_vjp(self, g_y: Tensor) -> Tensor:
-        """``VJP_W[F(T_X; ·)](g_Y)``: a weight gradient with T_X in place of X."""
-        mod, t_x, w = self.layer.module, self.t_x, self.weight.detach()
-        if isinstance(mod, nn.Linear):
-            return g_y.reshape(-1, g_y.shape[-1]).t() @ t_x.reshape(-1, t_x.shape[-1])
-        if (isinstance(mod, nn.modules.conv._ConvNd) and mod.padding_mode == "zeros"
-                and not isinstance(mod.padding, str) and t_x.dim() == w.dim()):
-            return torch.ops.aten.convolution_backward(
-                g_y, t_x, w, None, mod.stride, mod.padding, mod.dilation, mod.transposed,
-                mod.output_padding, mod.groups, [False, True, False])[1]
-        if mod is not None:
-            return _local_vjp(lambda a: torch.func.functional_call(mod, {"weight": a},
-                                                                   (t_x,)), [w], 0, g_y)
-        args, kw, lay = self.args, self.kwargs, self.layer
-
-        def call(a):
-            full = list(args)
-            full[lay.x], full[lay.w] = t_x, a
-            if lay.b is not None:
-                full[lay.b] = None
-            return self.ex.fn(*full, **kw)
-        return _local_vjp(call, [w], 0, g_y)
-
-
-class _BilinearRec:
-    """A bilinear node ``z = u ⋆ v``: injects ``VJP_u[· ⋆ T_v](g_z)`` at u and
-    ``VJP_v[T_u ⋆ ·](g_z)`` at v."""
-
-    def __init__(self, ex, slots, bias, largs, lkw, z, t_u, t_v):
-        self.ex, self.slots, self.bias, self.z, self.t_u, self.t_v = (
-            ex, slots, bias, z, t_u, t_v)
-        self.u, self.v = largs[slots[0]], largs[slots[1]]
-        self.need_u = t_v is not None and self.u.requires_grad
-        self.need_v = t_u is not None and self.v.requires_grad
-        self.args, self.kwargs = [_detach(a) for a in largs], _detach(lkw)
-
-    def _call(self, a: Tensor, b: Tensor) -> Tensor:
-        """The node's op with operands ``a``, ``b`` (and no bias)."""
-        full = list(self.args)
-        full[self.slots[0]], full[self.slots[1]] = a, b
-        if self.bias is not None:
-            full[self.bias] = None
-        return self.ex.fn(*full, **self.kwargs)
-
-    def request(self, wanted: List[Tensor]) -> None:
-        """Append the tensors whose loss cotangents this record needs."""
-        wanted.append(self.z)
-
-    def inject(self, cot, outs, couts, direct) -> None:
-        """Add the (operand, local VJP) pairs of this node to ``outs``/``couts``."""
-        g = cot.get(id(self.z))
-        if g is None:
-            return
-        plain = self._plain_matmul()
-        if self.need_u:
-            outs.append(self.u)
-            couts.append(g @ self.t_v.transpose(-2, -1) if plain
-                         else _local_vjp(self._call, [self.u, self.t_v], 0, g))
-        if self.need_v:
-            outs.append(self.v)
-            couts.append(self.t_u.transpose(-2, -1) @ g if plain
-                         else _local_vjp(self._call, [self.t_u, self.v], 1, g))
-
-    def _plain_matmul(self) -> bool:
-        """A matmul/bmm without broadcasting: its VJPs are one product each."""
-        name = getattr(self.ex.fn, "__name__", "")
-        u, v = self.u, self.v
-        return (name in ("matmul", "bmm") and self.slots == [0, 1] and u.dim() >= 2
-                and u.dim() == v.dim() and u.shape[:-2] == v.shape[:-2])
 
 
 # ----------------------------------------------------------------------------- exact
