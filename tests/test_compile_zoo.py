@@ -70,3 +70,17 @@ def test_vit_heads_pruned_without_manual_patching():
     head_counts = [n.args[4] for n in slim.graph.nodes if n.target == "reshape" and len(n.args) == 6]
     assert head_counts == [3, 3]
     torch.export.export(slim, (x,))
+
+
+def test_beit_heads_and_stream_pruned():
+    """BEiT merges its heads with ``reshape(B, N, C)``, C read from the residual stream's
+    shape at run time: the rewrite infers that size, so heads and stream both prune."""
+    model = build("timm:beit_base_patch16_224", {"img_size": 64, "depth": 2}).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    groups = {g.id: g for g in fxprune.groups(model, x)}
+    assert groups["patch_embed.proj"].prunable and groups["blocks.0.attn.qkv"].prunable
+    res = fxprune.compile(model, "l2", example_inputs=x, sparsity=0.25)
+    assert res.report.max_rel_error <= 1e-6
+    kept = {row.id: row.kept for row in res.report.groups}
+    assert kept["patch_embed.proj"] == 576 and kept["blocks.1.attn.qkv"] == 9
+    torch.export.export(res.module, (x,))
