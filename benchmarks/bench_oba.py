@@ -33,6 +33,7 @@ import torch
 
 from fxprune.criteria.oba import oba_exact_scores, oba_scores
 from fxprune.criteria.scoring import default_loss, make_scoring_copy
+from peak_memory import peak_growth_mib
 
 METHODS = ("grad", "oba", "oba-exact")
 
@@ -90,34 +91,10 @@ def time_model(name: str, args) -> dict:
     return out
 
 
-def _status_mib(field: str) -> float:
-    """A memory field (``VmRSS``, ``VmHWM``) of ``/proc/self/status`` in MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"/proc/self/status has no {field}")
-
-
 def memory_child(name: str, method: str, args) -> float:
     """Peak memory (MiB) of one ``method`` call above the post-set-up level."""
     gm, batches = build(name, args.batch, args.device)
-    if args.device.startswith("cuda"):
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        run_method(method, gm, batches)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-    try:
-        with open("/proc/self/clear_refs", "w") as f:   # reset the peak-RSS mark
-            f.write("5")
-    except OSError:
-        print("warning: cannot reset the peak RSS; figures include set-up",
-              file=sys.stderr)
-    base = _status_mib("VmRSS")
-    run_method(method, gm, batches)
-    return _status_mib("VmHWM") - base
+    return peak_growth_mib(lambda: run_method(method, gm, batches), args.device)
 
 
 def memory(name: str, method: str, args) -> float:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import resource
 import subprocess
 import sys
 import time
@@ -38,6 +37,7 @@ from fxprune.criteria import ScoringContext, get_criterion
 from fxprune.criteria.scoring import make_scoring_copy
 from fxprune.criteria.sosp import sosp_h_terms
 from fxprune.passes.trace import trace
+from peak_memory import peak_growth_mib
 
 log = logging.getLogger("bench_sosp")
 
@@ -114,24 +114,23 @@ def bench_sosp_i_one(width: int, mode: str, device: str) -> Dict[str, object]:
     ctx = ScoringContext(make_scoring_copy(trace(model, x)).to(device), groups,
                          [((x.to(device),), y.to(device))], None,
                          options={"jacobian": mode})
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     crit = get_criterion("sosp-i")
-    _sync(device)
-    t0 = time.perf_counter()
-    crit.score(ctx)
-    _sync(device)
-    t_score = time.perf_counter() - t0
+    timing = {}
+
+    def score():
+        _sync(device)
+        t0 = time.perf_counter()
+        crit.score(ctx)
+        _sync(device)
+        timing["score"] = time.perf_counter() - t0
+
+    peak_mb = peak_growth_mib(score, device)
+    t_score = timing["score"]
     state = ctx.state["sosp"]
     caps = {g.id: g.size - 1 for g in groups if g.prunable}
     t0 = time.perf_counter()
     crit.select([g for g in groups if g.prunable], {}, ctx, caps)
     t_greedy = time.perf_counter() - t0
-    if device.startswith("cuda"):
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
     return {"width": width, "S": len(state["ids"]), "mode": mode,
             "score_s": round(t_score, 3), "greedy_s": round(t_greedy, 3),
             "peak_extra_mb": round(peak_mb, 1)}
