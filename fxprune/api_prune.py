@@ -20,7 +20,7 @@ from .plan import Plan
 from .passes.count import cost_model, count_flops, count_params
 from .passes.groups import Analysis, analyze
 from .passes.rewrite import rewrite
-from .passes.select import (Budget, member_spans, removable_counts,
+from .passes.select import (NORMALIZERS, Budget, member_spans, removable_counts,
                             select_budget, select_uniform)
 from .passes.trace import as_input_tuple, propagate_shapes, trace
 from .passes.verify import check, masked_reference, tolerance
@@ -37,15 +37,20 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
             unstructured: bool = False, between_steps: Optional[Callable] = None,
             output_fn: Optional[Callable] = None, verify: bool = True,
             latency: bool = False, progress: Optional[bool] = None,
-            leaf_modules=(), concrete_args=None, **options) -> CompileResult:
+            normalize: Optional[str] = "max", leaf_modules=(), concrete_args=None,
+            **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
     Exactly one budget: ``flops=r`` / ``params=r`` (kept fraction of the dense count;
     a decreasing list runs iterative pruning, re-scoring between steps and calling
     ``between_steps(module, step)``) or ``sparsity=r`` (remove ``floor(r*size)``
     channels of every group). ``unstructured=True`` with ``sparsity=r`` masks weights.
+    ``normalize``: ``"max"`` ranks channels globally by score ÷ their group's maximum
+    (design §5.5), ``None`` by raw score magnitude.
     """
     crit = get_criterion(criterion)
+    if normalize not in NORMALIZERS:  # before scoring, which can take minutes
+        raise BudgetError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
     batch_list = prepare_batches(data, batches, crit.needs_data)
     example_inputs = resolve_example_inputs(example_inputs, batch_list, model)
     inputs = as_input_tuple(example_inputs)
@@ -67,7 +72,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
         sal = score_analysis(analysis, crit, batch_list, loss, options, _progress(progress))
         log.info("pruning to %s=%s", budget.kind, budget.ratio)
         kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, inputs,
-                       max_layer_sparsity, ignore)
+                       max_layer_sparsity, ignore, normalize)
         slim = rewrite(analysis, kept)
         propagate_shapes(slim, inputs)
         if verify:  # per step: between_steps may fine-tune, so only this step's input is the reference
@@ -111,7 +116,7 @@ def _budget_steps(flops, params, sparsity) -> List[Budget]:
 
 
 def _select(analysis: Analysis, sal, budget: Budget, dense: Analysis, dense_cost, plan_kept,
-            inputs, max_layer_sparsity, ignore) -> Dict[str, List[int]]:
+            inputs, max_layer_sparsity, ignore, normalize="max") -> Dict[str, List[int]]:
     groups = [g for g in analysis.groups if g.prunable and not _ignored(g, ignore)]
     caps = removable_counts(groups, max_layer_sparsity)
     if plan_kept is not None:  # iterative: the cap is relative to the dense size
@@ -129,7 +134,8 @@ def _select(analysis: Analysis, sal, budget: Budget, dense: Analysis, dense_cost
     if crit.select is not None:
         order = crit.select(groups, sal.groups, sal.context, caps)
     return select_budget(groups, sal.groups, budget, caps,
-                         lambda kept: measure(analysis.keep_mask(kept)), dense_total, order)
+                         lambda kept: measure(analysis.keep_mask(kept)), dense_total, order,
+                         normalize)
 
 
 def _ignored(group, ignore: Sequence[str]) -> bool:

@@ -103,7 +103,8 @@ def _compile(model, criterion: str, calib, args):
     return fx_compile(model, criterion, example_inputs=calib.example, data=calib.batches,
                       batches=args.batches if calib.batches is not None else None,
                       progress=not args.quiet, latency=args.latency, verify=verify,
-                      between_steps=between_steps, **budget)
+                      between_steps=between_steps,
+                      normalize=None if args.normalize == "none" else args.normalize, **budget)
 
 
 def _write_outputs(args, result, example, criterion: str, size) -> str:

@@ -123,15 +123,23 @@ def _ascending(score: torch.Tensor) -> np.ndarray:
     return np.argsort(values, kind="stable")
 
 
-def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int]):
+NORMALIZERS = ("max", None)
+
+
+def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int],
+                 normalize: Optional[str] = "max"):
     """All removable channels as (group id, channel), least important first; each
-    group contributes only its ``cap`` lowest channels."""
+    group contributes only its ``cap`` lowest channels. ``normalize="max"`` ranks
+    scores relative to their group's maximum (design §5.5); ``None`` ranks the raw
+    |scores| (absolute loss-change estimates of second-order criteria compete as is)."""
+    if normalize not in NORMALIZERS:
+        raise BudgetError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
     entries = []
     for g in groups:
         if g.id not in caps or caps[g.id] == 0:
             continue
         s = scores[g.id].detach().double().abs().cpu().numpy()
-        top = s.max() if s.size and s.max() > 0 else 1.0
+        top = s.max() if normalize == "max" and s.size and s.max() > 0 else 1.0
         order = np.argsort(s, kind="stable")[:caps[g.id]]
         entries.extend((s[c] / top, g.id, int(c)) for c in order)
     entries.sort(key=lambda e: e[0])
@@ -140,10 +148,11 @@ def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int]):
 
 def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
                   cost: Callable[[Dict[str, List[int]]], float], dense: float,
-                  order: Optional[list] = None) -> Dict[str, List[int]]:
+                  order: Optional[list] = None, normalize: Optional[str] = "max"
+                  ) -> Dict[str, List[int]]:
     """Smallest removal prefix (in ``order``) whose cost is within budget."""
     sizes = {g.id: g.size for g in groups if g.id in caps}
-    order = order if order is not None else global_order(groups, scores, caps)
+    order = order if order is not None else global_order(groups, scores, caps, normalize)
     spans = _SpanGuard([g for g in groups if g.id in caps])
 
     def kept_after(k: int) -> Dict[str, List[int]]:

@@ -145,6 +145,25 @@ def test_bad_budgets_raise(kwargs):
         fxprune.compile(model, "l2", example_inputs=x, **kwargs)
 
 
+def test_global_ranking_normalised_or_raw():
+    """normalize="max" compares channels within their group's scale; None compares raw
+    magnitudes, so a group whose every score is small goes first."""
+    from types import SimpleNamespace
+    from fxprune.passes.select import global_order
+    groups = [SimpleNamespace(id="big"), SimpleNamespace(id="small")]
+    scores = {"big": torch.tensor([10.0, 40.0, 20.0]), "small": torch.tensor([0.3, 0.1, 0.2])}
+    caps = {"big": 2, "small": 2}
+    assert global_order(groups, scores, caps, None) == [
+        ("small", 1), ("small", 2), ("big", 0), ("big", 2)]
+    assert global_order(groups, scores, caps, "max") == [
+        ("big", 0), ("small", 1), ("big", 2), ("small", 2)]  # 0.25, 1/3, 0.5, 2/3
+    model, x = fixture("tiny_vgg")
+    with pytest.raises(fxprune.BudgetError, match="normalize"):
+        fxprune.compile(model, "l2", example_inputs=x, flops=0.5, normalize="sum")
+    raw = fxprune.compile(model, "l2", example_inputs=x, flops=0.5, normalize=None)
+    assert raw.report.max_rel_error <= 1e-4 and raw.report.flops_ratio <= 0.5
+
+
 def test_plan_round_trip_and_apply_plan(tmp_path):
     model, x = fixture("tiny_densenet")
     res = fxprune.compile(model, "l2", example_inputs=x, params=0.6)
