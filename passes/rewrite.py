@@ -182,12 +182,13 @@ def _patch_shape_args(node: torch.fx.Node, keep: np.ndarray) -> None:
     sizes = list(args[1]) if packed else args[1:]
     name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
     can_infer = name in ("view", "reshape") and -1 not in [s for s in sizes if isinstance(s, int)]
+    per_dim = len(sizes) == len(shape)  # not ``x.view(t.shape)`` (one node for all dims)
     for i, s in enumerate(sizes):
         if i >= len(shape) or (isinstance(s, int) and s == -1):
             continue
         if isinstance(s, int):
             sizes[i] = kept_size(label, i, int(shape[i]), keep)
-        elif isinstance(s, torch.fx.Node) and _carries_channels(label, i):
+        elif per_dim and isinstance(s, torch.fx.Node) and _carries_channels(label, i):
             sizes[i] = -1 if can_infer else kept_size(label, i, int(shape[i]), keep)
             can_infer = False
     node.args = (args[0], tuple(sizes)) if packed else (args[0], *sizes)
