@@ -175,29 +175,34 @@ def test_oba_equals_functional_hessian_on_piecewise_linear_nets(name):
     assert rel_err(got, ref) <= 1e-8
 
 
+def attention_forward(model, x, params):
+    """The oracle Attention block written out with ``params``: (logits, activations).
+    Shared with test_oba_blocks.py (hand-written references of OBA's surrogate)."""
+    def L(n, t):
+        return F.linear(t, params[f"{n}.weight"], params[f"{n}.bias"])
+    m, (b, n, d) = model, x.shape
+    split = lambda t: t.reshape(b, n, m.heads, m.hd).permute(0, 2, 1, 3)  # noqa: E731
+    qo, ko, vo = L("q", x), L("k", x), L("v", x)
+    q, k, v = split(qo), split(ko), split(vo)
+    s = q @ k.transpose(-2, -1)
+    p = (s * m.hd ** -0.5).softmax(dim=-1)
+    pv = p @ v
+    o_in = pv.permute(0, 2, 1, 3).reshape(b, n, d)
+    o = L("proj", o_in)
+    h_in = (o + x).mean(1)
+    out = L("head", h_in)
+    return out, {"q_in": x, "k_in": x, "v_in": x, "proj_in": o_in, "head_in": h_in,
+                 "q": q, "k": k, "v": v, "p": p, "s": s, "pv": pv,
+                 "q_out": qo, "k_out": ko, "v_out": vo, "proj_out": o, "head_out": out}
+
+
 def _attention_reference(model, x, y):
     """OBA's surrogate S written out by hand for the Attention block."""
     fl = Flat(model)
     lin = ["q", "k", "v", "proj", "head"]
 
     def forward(params):
-        def L(n, t):
-            return F.linear(t, params[f"{n}.weight"], params[f"{n}.bias"])
-        m, (b, n, d) = model, x.shape
-        split = lambda t: t.reshape(b, n, m.heads, m.hd).permute(0, 2, 1, 3)  # noqa: E731
-        qo, ko, vo = L("q", x), L("k", x), L("v", x)
-        q, k, v = split(qo), split(ko), split(vo)
-        s = q @ k.transpose(-2, -1)
-        p = (s * m.hd ** -0.5).softmax(dim=-1)
-        pv = p @ v
-        o_in = pv.permute(0, 2, 1, 3).reshape(b, n, d)
-        o = L("proj", o_in)
-        h_in = (o + x).mean(1)
-        out = L("head", h_in)
-        return out, {"q_in": x, "k_in": x, "v_in": x, "proj_in": o_in, "head_in": h_in,
-                     "q": q, "k": k, "v": v, "p": p, "s": s, "pv": pv,
-                     "q_out": qo, "k_out": ko, "v_out": vo,
-                     "proj_out": o, "head_out": out}
+        return attention_forward(model, x, params)
 
     def acts(vec):
         return forward(fl.unflat(vec))[1]

@@ -64,20 +64,7 @@ def surrogate_hessian_attention(model, x, y):
     params0 = fl.unflat(fl.vec)
 
     def forward(params):
-        def L(n, t):
-            return F.linear(t, params[f"{n}.weight"], params[f"{n}.bias"])
-        m, (b, n, d) = model, x.shape
-        split = lambda t: t.reshape(b, n, m.heads, m.hd).permute(0, 2, 1, 3)  # noqa: E731
-        q, k, v = split(L("q", x)), split(L("k", x)), split(L("v", x))
-        s = q @ k.transpose(-2, -1)
-        p = (s * m.hd ** -0.5).softmax(dim=-1)
-        pv = p @ v
-        o_in = pv.permute(0, 2, 1, 3).reshape(b, n, d)
-        o = L("proj", o_in)
-        h_in = (o + x).mean(1)
-        return L("head", h_in), {"q": q, "k": k, "v": v, "p": p, "s": s, "pv": pv,
-                                  "q_in": x, "k_in": x, "v_in": x, "proj_in": o_in,
-                                  "head_in": h_in, "proj_out": o}
+        return oracles.attention_forward(model, x, params)
 
     live = {k: t.detach().requires_grad_(True) for k, t in params0.items()}
     out, inter = forward(live)
