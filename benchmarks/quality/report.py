@@ -15,9 +15,19 @@ def _ms(values: List[float], fmt: str = "{:.2f}") -> str:
     return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
 
 
+def _sort_key(r: Dict):
+    """Model, one-shot before iterative, larger budgets first, criteria in a fixed order
+    (fxprune's, then Torch-Pruning's)."""
+    from .config import CRITERIA
+    methods = CRITERIA + ["tp-magnitude", "tp-taylor", "tp-hessian"]
+    rank = methods.index(r["criterion"]) if r["criterion"] in methods else len(methods)
+    budget = -r["budget"] if r["kind"] != "iterative" else 0
+    return (r["model"], r["kind"] == "iterative", budget, rank, r["criterion"])
+
+
 def _group(records: List[Dict]) -> "OrderedDict[tuple, List[Dict]]":
     rows: "OrderedDict[tuple, List[Dict]]" = OrderedDict()
-    for r in records:
+    for r in sorted(records, key=_sort_key):
         budget = "iter " + "→".join(map(str, r["budget"])) if r["kind"] == "iterative" \
             else str(r["budget"])
         rows.setdefault((r["model"], budget, r["criterion"]), []).append(r)
@@ -43,6 +53,38 @@ def table(records: List[Dict]) -> str:
                  str(len(ok)), _ms([r["prune_s"] for r in ok], "{:.1f}")]
         lines.append(f"| {model} | {budget} | {crit} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def summary(records: List[Dict]) -> str:
+    """Per model: one row per method, one column per budget, cells "after FT (after BN
+    recalibration)"; the best after-FT mean of each column in bold."""
+    out = []
+    for model in sorted({r["model"] for r in records}):
+        recs = [r for r in records if r["model"] == model and r["kind"] != "iterative"
+                and "error" not in r]
+        budgets = sorted({r["budget"] for r in recs}, reverse=True)
+        methods: "OrderedDict[str, Dict[float, List[Dict]]]" = OrderedDict()
+        for r in sorted(recs, key=_sort_key):
+            methods.setdefault(r["criterion"], {}).setdefault(r["budget"], []).append(r)
+        best = {b: max((statistics.mean(x["acc_after"] for x in by[b])
+                        for by in methods.values() if b in by), default=None) for b in budgets}
+        out += [f"**{model}**: test accuracy (%) after fine-tuning, and in parentheses after BN "
+                "recalibration only (no gradient step); mean over seeds; best per column in bold", "",
+                "| method | " + " | ".join(f"kept FLOPs {b}" for b in budgets) + " |",
+                "|---|" + "---|" * len(budgets)]
+        for name, by in methods.items():
+            cells = []
+            for b in budgets:
+                if b not in by:
+                    cells.append("-")
+                    continue
+                after = statistics.mean(x["acc_after"] for x in by[b])
+                recal = [x["acc_recal"] for x in by[b] if "acc_recal" in x]
+                text = f"{after:.2f}" + (f" ({statistics.mean(recal):.1f})" if recal else "")
+                cells.append(f"**{text}**" if after == best[b] else text)
+            out.append(f"| {name} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
 
 
 def plot(records: List[Dict], dense_acc: Dict[str, float], path: str) -> str:

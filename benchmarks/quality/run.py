@@ -25,7 +25,7 @@ from . import config as cfg_mod
 from .data import calibration_batches, load_split
 from .fx_runs import fx_job, iterative_job
 from .nets import evaluate, log, trained_model
-from .report import plot, table
+from .report import plot, summary, table
 from .tp_runs import tp_job, tp_names, tp_version
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -155,7 +155,7 @@ def write_outputs(c, a, store: Store, dense: Dict[str, float], wall: float, argv
             "statistics + bisection.", ""]
     md = os.path.join(HERE, f"results-{label}.md")
     with open(md, "w") as f:
-        f.write("\n".join(head) + table(recs) + "\n")
+        f.write("\n".join(head) + summary(recs) + "\nAll rows:\n\n" + table(recs) + "\n")
     return md
 
 
