@@ -68,8 +68,10 @@ def summary(records: List[Dict]) -> str:
             methods.setdefault(r["criterion"], {}).setdefault(r["budget"], []).append(r)
         best = {b: max((statistics.mean(x["acc_after"] for x in by[b])
                         for by in methods.values() if b in by), default=None) for b in budgets}
-        out += [f"**{model}**: test accuracy (%) after fine-tuning, and in parentheses after BN "
-                "recalibration only (no gradient step); mean over seeds; best per column in bold", "",
+        out += [f"**{model}**: test accuracy (%) after fine-tuning; in parentheses, one-shot "
+                "accuracy before fine-tuning with the BN statistics re-estimated (no gradient "
+                "step; the plain one-shot accuracy for a model without BN); mean over seeds; "
+                "best after-FT mean per column in bold", "",
                 "| method | " + " | ".join(f"kept FLOPs {b}" for b in budgets) + " |",
                 "|---|" + "---|" * len(budgets)]
         for name, by in methods.items():
