@@ -98,17 +98,26 @@ def plot(records: List[Dict], dense_acc: Dict[str, float], path: str) -> str:
     fig, axes = plt.subplots(1, max(1, len(models)), figsize=(7 * max(1, len(models)), 5),
                              squeeze=False)
     for ax, model in zip(axes[0], models):
-        series: Dict[str, List] = {}
+        series: Dict[str, Dict] = {}
         for r in records:
             if r["model"] != model or "error" in r:
                 continue
             name = r["criterion"] + (" (iterative)" if r["kind"] == "iterative" else "")
-            series.setdefault(name, []).append((r["flops"], r["acc_after"], r["acc_before"]))
-        for i, (name, pts) in enumerate(sorted(series.items())):
-            pts.sort()
+            budget = str(r["budget"])
+            series.setdefault(name, {}).setdefault(budget, []).append(r)
+        for i, (name, by_budget) in enumerate(sorted(series.items())):
+            # one point per budget: the means over seeds, the seeds' range as error bars
+            pts = sorted((statistics.mean(r["flops"] for r in rs),
+                          [r["acc_after"] for r in rs],
+                          statistics.mean(r["acc_before"] for r in rs))
+                         for rs in by_budget.values())
+            xs = [p[0] for p in pts]
+            after = [statistics.mean(p[1]) for p in pts]
+            spread = [[a - min(p[1]) for a, p in zip(after, pts)],
+                      [max(p[1]) - a for a, p in zip(after, pts)]]
             color = plt.cm.tab20(i % 20)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color, label=name)
-            ax.plot([p[0] for p in pts], [p[2] for p in pts], "x--", color=color, alpha=0.4)
+            ax.errorbar(xs, after, yerr=spread, fmt="o-", color=color, capsize=2, label=name)
+            ax.plot(xs, [p[2] for p in pts], "x--", color=color, alpha=0.4)
         if model in dense_acc:
             ax.axhline(dense_acc[model], color="k", lw=0.8, ls=":", label="dense")
         ax.set_xlabel("kept FLOPs (fraction of dense)")
