@@ -198,6 +198,13 @@ class ChannelSpace:
             if rec is not None and _ROLE_RANK[role] > _ROLE_RANK[rec.role]:
                 rec.role = role
 
+    @staticmethod
+    def _untracked_reason(where: str) -> str:
+        return (f"channels meet, at {where}, a dim of the same size that no channel "
+                "tracks (spatial positions or tokens of the input, or the output of an op "
+                "the analysis does not know); removing one would change values that no "
+                "parameter slice accounts for")
+
     def union(self, a: Optional[np.ndarray], b: Optional[np.ndarray], where: str) -> None:
         """Couple ``a[i]`` with ``b[i]``. A tracked index facing an untracked one is blocked:
         removing it would change a value that no parameter slice can account for."""
@@ -205,7 +212,7 @@ class ChannelSpace:
             return
         if a is None or b is None:
             self.block(a if a is not None else b,
-                       f"channels meet an untracked tensor of the same size at {where}")
+                       self._untracked_reason(where))
             return
         both = (a >= 0) & (b >= 0)
         self.edges_a.append(a[both])
@@ -213,7 +220,7 @@ class ChannelSpace:
         lone = (a >= 0) ^ (b >= 0)
         if lone.any():
             self.block(np.where(a >= 0, a, b)[lone],
-                       f"channels meet an untracked tensor of the same size at {where}")
+                       self._untracked_reason(where))
 
     def union_all(self, ids: np.ndarray) -> None:
         """Make all (tracked) ids one channel."""
