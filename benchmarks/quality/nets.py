@@ -1,6 +1,7 @@
 """Models, the training recipes, evaluation and the shared fine-tuning recipe."""
 from __future__ import annotations
 
+import copy
 import math
 import os
 import time
@@ -104,7 +105,6 @@ def accuracy_after_bn_recalibration(model: torch.nn.Module, calib, test_data) ->
     """Test accuracy after re-estimating BatchNorm running statistics on the calibration
     inputs (no gradient step), on a copy. Separates what a criterion keeps from the stale
     BN statistics that pruning leaves; equals the plain accuracy for a model without BN."""
-    import copy
     probe = copy.deepcopy(model)
     norms = [m for m in probe.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for m in norms:
