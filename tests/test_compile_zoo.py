@@ -84,3 +84,30 @@ def test_beit_heads_and_stream_pruned():
     kept = {row.id: row.kept for row in res.report.groups}
     assert kept["patch_embed.proj"] == 576 and kept["blocks.1.attn.qkv"] == 9
     torch.export.export(res.module, (x,))
+
+
+OBA_FAST = [("timm:vit_small_patch16_224", {"img_size": 32, "depth": 2}, 32),
+            ("timm:swin_tiny_patch4_window7_224", {"img_size": 56, "depths": (2, 2, 2, 2)}, 56),
+            ("timm:convnext_tiny", {"depths": (1, 1, 1, 1)}, 32),
+            ("timm:efficientnet_b0", {}, 32), ("timm:mobilenetv3_large_100", {}, 32)]
+
+
+def _oba_prune(model, size):
+    torch.manual_seed(1)
+    x = torch.randn(2, 3, size, size)
+    data = [(x, torch.randint(0, 1000, (2,)))]
+    return check_prune(model, x, "oba", data=data, progress=False)
+
+
+@pytest.mark.parametrize("spec,kwargs,size", OBA_FAST, ids=[s for s, _, _ in OBA_FAST])
+def test_zoo_oba_half_flops(spec, kwargs, size):
+    """OBA end to end (attention products, LayerScale, SE gating, hard-swish), on
+    shallower/smaller variants of the zoo models so the default run stays fast."""
+    res = _oba_prune(build(spec, kwargs), size)
+    assert res.saliency.criterion == "oba"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec", FULL)
+def test_zoo_full_oba_half_flops(spec):
+    _oba_prune(build(spec, {}), 224)
