@@ -8,7 +8,8 @@ import torch
 
 from .criteria import Criterion, ScoringContext, get_criterion
 from .criteria.aggregate import channel_scores
-from .criteria.scoring import as_batches, default_loss, make_scoring_copy, module_device_dtype
+from .criteria.scoring import (as_batches, default_loss, make_scoring_copy, math_attention,
+                               module_device_dtype)
 from .errors import DataError, FxpruneError
 from .group import Group
 from .passes.groups import Analysis, analyze
@@ -84,7 +85,8 @@ def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, option
     module = make_scoring_copy(analysis.gm) if crit.needs_data or low else analysis.gm
     ctx = ScoringContext(module=module, groups=analysis.groups, batches=batches,
                          loss_fn=loss_fn, options=dict(options), progress=progress)
-    param_scores = crit.score(ctx)
+    with math_attention():
+        param_scores = crit.score(ctx)
     if crit.aggregate is not None:
         group_scores = crit.aggregate(analysis.groups, param_scores, ctx)
     else:
@@ -121,7 +123,8 @@ def _explain_non_finite(bad: List[str], module, crit: Criterion, ctx) -> Fxprune
     for i, batch in enumerate(ctx.batches):
         one = ScoringContext(module=module, groups=ctx.groups, batches=[batch],
                              loss_fn=ctx.loss_fn, options=dict(ctx.options), progress=False)
-        scores = crit.score(one)
+        with math_attention():
+            scores = crit.score(one)
         group_scores = (crit.aggregate(ctx.groups, scores, one) if crit.aggregate is not None
                         else channel_scores(ctx.groups, scores))
         if _non_finite(scores, group_scores):

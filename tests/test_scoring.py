@@ -7,6 +7,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
+import fxprune
 from fxprune.criteria import scoring
 from fxprune.criteria.oba import oba_exact_scores, oba_scores
 from fxprune.errors import DataError, FxpruneError
@@ -177,3 +178,32 @@ def test_sdpa_lowered_matches_explicit_math(causal):
     ex_want = oba_exact_scores(torch.fx.symbolic_trace(plain), [batch])
     for n in ex_want:
         torch.testing.assert_close(ex_got[n], ex_want[n], rtol=1e-10, atol=1e-14)
+
+
+class _MHABlock(nn.Module):
+    """nn.MultiheadAttention is a leaf: its fused fast path and SDPA kernel run inside."""
+
+    def __init__(self, d=8):
+        super().__init__()
+        self.fc1, self.attn = nn.Linear(4, d), nn.MultiheadAttention(d, 2, batch_first=True)
+        self.fc2, self.head = nn.Linear(d, 16), nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = h + self.attn(h, h, h, need_weights=False)[0]
+        return self.head(torch.relu(self.fc2(h)).mean(1))
+
+
+@pytest.mark.parametrize("criterion", ["oba", "oba-exact", "sosp-h"])
+def test_leaf_attention_scored_through_math_kernels(criterion):
+    """Forward AD / double backward through a leaf nn.MultiheadAttention in eval mode
+    (whose fast path and fused SDPA support neither): scored with the math kernels, the
+    global switches restored afterwards."""
+    torch.manual_seed(0)
+    model = _MHABlock().eval()
+    x, y = torch.randn(2, 5, 4), torch.randint(0, 3, (2,))
+    fast_path = torch.backends.mha.get_fastpath_enabled()
+    sal = fxprune.saliency(model, criterion, data=[(x, y)])
+    assert all(torch.isfinite(s).all() for s in sal.groups.values())
+    assert sal.groups["fc2"].abs().sum() > 0
+    assert torch.backends.mha.get_fastpath_enabled() == fast_path

@@ -13,6 +13,7 @@ statistics are summed, :func:`all_reduce_sums` adds the sums of all data-paralle
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -139,6 +140,27 @@ def lower_sdpa(gm: torch.fx.GraphModule) -> int:
 
 
 # ----------------------------------------------------------------------------- data
+@contextlib.contextmanager
+def math_attention():
+    """Attention through its math kernels while scoring. ``lower_sdpa`` rewrites the
+    graph's own ``scaled_dot_product_attention`` calls, but leaf modules call it (and
+    ``nn.MultiheadAttention`` its fused fast path) internally. The fused kernels support
+    neither forward-mode AD (OBA) nor double backward (OBA-exact, SOSP), so the math
+    backend is forced and the MHA fast path switched off here; both settings are restored."""
+    with contextlib.ExitStack() as stack:
+        try:
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            stack.enter_context(sdpa_kernel([SDPBackend.MATH]))
+        except ImportError:  # torch < 2.3: no backend selection
+            pass
+        mha = getattr(torch.backends, "mha", None)
+        if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+            was = mha.get_fastpath_enabled()
+            mha.set_fastpath_enabled(False)
+            stack.callback(mha.set_fastpath_enabled, was)
+        yield
+
+
 def as_batches(data: Iterable, batches: Optional[int] = None) -> List[Batch]:
     """Materialise calibration data as a list of ``(inputs_tuple, targets)``.
 
