@@ -20,7 +20,7 @@ from .plan import Plan
 from .passes.count import cost_model, count_flops, count_params
 from .passes.groups import Analysis, analyze
 from .passes.rewrite import rewrite
-from .passes.select import (NORMALIZERS, Budget, member_spans, removable_counts,
+from .passes.select import (Budget, check_normalize, member_spans, removable_counts,
                             select_budget, select_uniform)
 from .passes.trace import as_input_tuple, propagate_shapes, trace
 from .passes.verify import check, masked_reference, tolerance
@@ -49,8 +49,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     (design §5.5), ``None`` by raw score magnitude.
     """
     crit = get_criterion(criterion)
-    if normalize not in NORMALIZERS:  # before scoring, which can take minutes
-        raise BudgetError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
+    check_normalize(normalize)  # before scoring, which can take minutes
     batch_list = prepare_batches(data, batches, crit.needs_data)
     example_inputs = resolve_example_inputs(example_inputs, batch_list, model)
     inputs = as_input_tuple(example_inputs)

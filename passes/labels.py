@@ -113,6 +113,16 @@ class TLabel:
         return TLabel(dims, grid)
 
 
+def dim_ids(label, d: int) -> Optional[np.ndarray]:
+    """The channel ids along dim ``d`` of ``label`` (a grid axis: all of the grid's ids),
+    or None when the dim carries no channels or ``label`` is not a tensor label."""
+    if not isinstance(label, TLabel) or d >= label.ndim:
+        return None
+    if label.grid is not None and d in label.grid.axes:
+        return label.grid.ids.ravel()
+    return label.dims[d]
+
+
 def _simplify(grid: Grid, dims: List[Optional[np.ndarray]]) -> Optional[Grid]:
     """A grid left with one axis becomes a plain labeled dim (written into ``dims``)."""
     if grid.ids.ndim == 0:

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .groups import LABEL_KEY, Analysis
-from .labels import TLabel
+from .labels import TLabel, dim_ids
 
 log = logging.getLogger(__name__)
 
@@ -188,16 +188,11 @@ def _patch_shape_args(node: torch.fx.Node, keep: np.ndarray) -> None:
             continue
         if isinstance(s, int):
             sizes[i] = kept_size(label, i, int(shape[i]), keep)
-        elif per_dim and isinstance(s, torch.fx.Node) and _carries_channels(label, i):
+        elif per_dim and isinstance(s, torch.fx.Node) and dim_ids(label, i) is not None:
             sizes[i] = -1 if can_infer else kept_size(label, i, int(shape[i]), keep)
             can_infer = False
     node.args = (args[0], tuple(sizes)) if packed else (args[0], *sizes)
 
-
-def _carries_channels(label: Optional[TLabel], dim: int) -> bool:
-    if not isinstance(label, TLabel) or dim >= label.ndim:
-        return False
-    return (label.grid is not None and dim in label.grid.axes) or label.dims[dim] is not None
 
 
 def _patch_unflatten(node: torch.fx.Node, keep: np.ndarray) -> None:

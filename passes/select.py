@@ -126,14 +126,19 @@ def _ascending(score: torch.Tensor) -> np.ndarray:
 NORMALIZERS = ("max", None)
 
 
+def check_normalize(normalize) -> None:
+    """Raise ``BudgetError`` unless ``normalize`` names a global-ranking normaliser."""
+    if normalize not in NORMALIZERS:
+        raise BudgetError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
+
+
 def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int],
                  normalize: Optional[str] = "max"):
     """All removable channels as (group id, channel), least important first; each
     group contributes only its ``cap`` lowest channels. ``normalize="max"`` ranks
     scores relative to their group's maximum (design §5.5); ``None`` ranks the raw
     |scores| (absolute loss-change estimates of second-order criteria compete as is)."""
-    if normalize not in NORMALIZERS:
-        raise BudgetError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
+    check_normalize(normalize)
     entries = []
     for g in groups:
         if g.id not in caps or caps[g.id] == 0:

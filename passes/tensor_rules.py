@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .labels import TLabel
+from .labels import TLabel, dim_ids
 from .rule_table import RULES, RuleContext, as_tlabel, shape_of, untracked_output
 from .reshape import reshape_label
 
@@ -264,14 +264,6 @@ def _whole_shape_of(node: torch.fx.Node):
     return None
 
 
-def _dim_ids(label, d: int):
-    if not isinstance(label, TLabel) or d >= label.ndim:
-        return None
-    if label.grid is not None and d in label.grid.axes:
-        return label.grid.ids.ravel()
-    return label.dims[d]
-
-
 def check_computed_sizes(ctx: RuleContext, out: TLabel) -> None:
     """Block the channels of output dims sized by a run-time value that the rewrite
     cannot keep in step, and the channels that value is read from."""
@@ -283,8 +275,8 @@ def check_computed_sizes(ctx: RuleContext, out: TLabel) -> None:
             sources, exact = _size_sources(size), _shape_read(size) is not None
         else:
             continue
-        out_ids = _dim_ids(out, d)
-        src_ids = [_dim_ids(ctx.label(t), k % max(len(shape_of(t) or ()), 1))
+        out_ids = dim_ids(out, d)
+        src_ids = [dim_ids(ctx.label(t), k % max(len(shape_of(t) or ()), 1))
                    for t, k in sources or ()]
         fixed = out_ids is None or _inner_grid_axis(out, d)  # pruning keeps its size
         reason = f"a size computed at run time (node `{size.name}`) sizes channels at {ctx.where}"
