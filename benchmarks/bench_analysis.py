@@ -54,7 +54,7 @@ def fxprune_pipeline(model: torch.nn.Module, x: torch.Tensor) -> int:
 
 def fxprune_stages(model: torch.nn.Module, x: torch.Tensor) -> Dict[str, float]:
     """CPU seconds of each stage of :func:`fxprune_pipeline` (one run)."""
-    from fxprune.passes.trace import propagate_shapes
+    from fxprune.passes.shape_prop import propagate_shapes
     clock = time.process_time
     t0 = clock()
     gm = trace(model, None, share_params=True)

@@ -22,7 +22,8 @@ from .passes.groups import Analysis, analyze
 from .passes.rewrite import rewrite
 from .passes.select import (Budget, check_normalize, member_spans, removable_counts,
                             select_budget, select_uniform)
-from .passes.trace import as_input_tuple, propagate_shapes, trace
+from .passes.shape_prop import propagate_shapes
+from .passes.trace import as_input_tuple, trace
 from .passes.verify import check, masked_reference, tolerance
 from .report import CompileResult, GroupRow, Report, measure_latency
 from .unstructured import compile_unstructured
@@ -46,7 +47,8 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     ``between_steps(module, step)``) or ``sparsity=r`` (remove ``floor(r*size)``
     channels of every group). ``unstructured=True`` with ``sparsity=r`` masks weights.
     ``normalize``: ``"max"`` ranks channels globally by score ÷ their group's maximum
-    (design §5.5), ``None`` by raw score magnitude.
+    (design §5.5), ``"mean"`` by score ÷ their group's mean |score|, ``None`` by raw
+    score magnitude.
     """
     crit = get_criterion(criterion)
     check_normalize(normalize)  # before scoring, which can take minutes

@@ -123,7 +123,7 @@ def _ascending(score: torch.Tensor) -> np.ndarray:
     return np.argsort(values, kind="stable")
 
 
-NORMALIZERS = ("max", None)
+NORMALIZERS = ("max", "mean", None)
 
 
 def check_normalize(normalize) -> None:
@@ -132,11 +132,19 @@ def check_normalize(normalize) -> None:
         raise BudgetError(f"normalize must be one of {NORMALIZERS}, got {normalize!r}")
 
 
+def _group_scale(s: np.ndarray, normalize: Optional[str]) -> float:
+    """The divisor that makes one group's |scores| comparable with other groups'."""
+    scale = {"max": s.max, "mean": s.mean}.get(normalize) if s.size else None
+    value = scale() if scale is not None else 1.0
+    return value if value > 0 else 1.0
+
+
 def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int],
                  normalize: Optional[str] = "max"):
     """All removable channels as (group id, channel), least important first; each
     group contributes only its ``cap`` lowest channels. ``normalize="max"`` ranks
-    scores relative to their group's maximum (design §5.5); ``None`` ranks the raw
+    scores relative to their group's maximum (design §5.5); ``"mean"`` relative to the
+    group's mean |score| (Torch-Pruning's default normaliser); ``None`` ranks the raw
     |scores| (absolute loss-change estimates of second-order criteria compete as is)."""
     check_normalize(normalize)
     entries = []
@@ -144,7 +152,7 @@ def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int],
         if g.id not in caps or caps[g.id] == 0:
             continue
         s = scores[g.id].detach().double().abs().cpu().numpy()
-        top = s.max() if normalize == "max" and s.size and s.max() > 0 else 1.0
+        top = _group_scale(s, normalize)
         order = np.argsort(s, kind="stable")[:caps[g.id]]
         entries.extend((s[c] / top, g.id, int(c)) for c in order)
     entries.sort(key=lambda e: e[0])

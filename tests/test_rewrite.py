@@ -146,8 +146,8 @@ def test_bad_budgets_raise(kwargs):
 
 
 def test_global_ranking_normalised_or_raw():
-    """normalize="max" compares channels within their group's scale; None compares raw
-    magnitudes, so a group whose every score is small goes first."""
+    """normalize="max"/"mean" compare channels within their group's scale; None compares
+    raw magnitudes, so a group whose every score is small goes first."""
     from types import SimpleNamespace
     from fxprune.passes.select import global_order
     groups = [SimpleNamespace(id="big"), SimpleNamespace(id="small")]
@@ -157,6 +157,13 @@ def test_global_ranking_normalised_or_raw():
         ("small", 1), ("small", 2), ("big", 0), ("big", 2)]
     assert global_order(groups, scores, caps, "max") == [
         ("big", 0), ("small", 1), ("big", 2), ("small", 2)]  # 0.25, 1/3, 0.5, 2/3
+    # "mean" (Torch-Pruning's normaliser) and "max" disagree when one group has an outlier:
+    # by max, "spiky" ranks 0.05 < 0.2; by mean, 0.5 / 1.45 = 0.34 > 0.2 / 0.73 = 0.27
+    groups = [SimpleNamespace(id="flat"), SimpleNamespace(id="spiky")]
+    scores = {"flat": torch.tensor([0.2, 1.0, 1.0]), "spiky": torch.tensor([0.5] * 9 + [10.0])}
+    caps = {"flat": 1, "spiky": 1}
+    assert global_order(groups, scores, caps, "max") == [("spiky", 0), ("flat", 0)]
+    assert global_order(groups, scores, caps, "mean") == [("flat", 0), ("spiky", 0)]
     model, x = fixture("tiny_vgg")
     with pytest.raises(fxprune.BudgetError, match="normalize"):
         fxprune.compile(model, "l2", example_inputs=x, flops=0.5, normalize="sum")

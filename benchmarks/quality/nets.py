@@ -19,7 +19,9 @@ VIT_KW = dict(img_size=28, patch=4, dim=64, depth=4, heads=4, mlp_ratio=2.0)
 
 def log(msg: str) -> None:
     """Timestamped progress line, flushed so a long run can be watched."""
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    worker = os.environ.get("QUALITY_WORKER")
+    tag = f" w{worker}" if worker else ""
+    print(f"[{time.strftime('%H:%M:%S')}{tag}] {msg}", flush=True)
 
 
 def build_model(name: str) -> torch.nn.Module:

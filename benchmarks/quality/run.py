@@ -11,11 +11,12 @@ import argparse
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from dataclasses import asdict
 from types import SimpleNamespace
-from typing import Dict
+from typing import Dict, List, Optional, Set
 
 import torch
 
@@ -23,10 +24,10 @@ import fxprune
 
 from . import config as cfg_mod
 from .data import calibration_batches, load_split
-from .fx_runs import fx_job, iterative_job
+from .jobs import Job, Store, WorkQueue, job_list
 from .nets import evaluate, log, trained_model
 from .report import plot, summary, table
-from .tp_runs import tp_job, tp_names, tp_version
+from .tp_runs import tp_version
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
@@ -48,8 +49,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-iterative", action="store_true", help="skip the iterative schedule")
     p.add_argument("--report-only", action="store_true",
                    help="write the table/plot from the finished jobs, run nothing new")
-    p.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    return p.parse_args(argv)
+    p.add_argument("--workers", type=int, default=1,
+                   help="worker processes sharing the jobs (e.g. 2 on a 2-core machine)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch threads per process (default: cores / workers)")
+    p.add_argument("--train-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    a = p.parse_args(argv)
+    if a.workers < 1:
+        p.error("--workers must be >= 1")
+    if a.threads is None:
+        a.threads = max(1, (os.cpu_count() or 1) // a.workers)
+    return a
 
 
 def make_config(a: argparse.Namespace):
@@ -67,62 +78,42 @@ def make_config(a: argparse.Namespace):
     return c
 
 
-class Store:
-    """Append-only JSON-lines results keyed by job; lets a rerun resume."""
-
-    def __init__(self, path: str):
-        self.path = path
-        self.records: Dict[str, Dict] = {}
-        if os.path.exists(path):
-            for line in open(path):
-                if line.strip():
-                    r = json.loads(line)
-                    self.records[r["key"]] = r
-
-    def run(self, key: str, meta: Dict, fn) -> Dict:
-        if key in self.records:
-            return self.records[key]
-        log(f"job {key}")
-        t0 = time.time()
-        rec = {**meta, **fn(), "key": key, "wall_s": time.time() - t0}
-        with open(self.path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        self.records[key] = rec
-        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in rec.items()
-                 if k in ("flops", "params", "acc_before", "acc_after", "prune_s", "error")}
-        log(f"  done {key}: {shown}")
-        return rec
-
-
-def model_jobs(name: str, c, a, store: Store, train_data, test_data) -> float:
-    """All jobs for one model; returns the dense test accuracy."""
+def model_context(name: str, c, train_data, test_data):
+    """The trained dense model (from the checkpoint cache) and what every job of it shares."""
     model = trained_model(name, c.train[name], train_data, os.path.join(CACHE, "checkpoints"))
-    dense = evaluate(model, *test_data)
-    log(f"{name}: dense test accuracy {dense:.2f}% on {len(test_data[0])} images")
-    ctx = SimpleNamespace(train_data=train_data, test_data=test_data, ft_recipe=c.ft[name],
-                          iter_ft_steps=c.iter_ft_steps, hessian_samples=c.hessian_samples,
-                          bisect_iters=c.bisect_iters,
+    ctx = SimpleNamespace(name=name, train_data=train_data, test_data=test_data,
+                          ft_recipe=c.ft[name], iter_ft_steps=c.iter_ft_steps,
+                          hessian_samples=c.hessian_samples, bisect_iters=c.bisect_iters,
                           calib={s: calibration_batches(*train_data, c.calib_batches,
                                                         c.calib_batch, s) for s in range(c.seeds)})
-    tp_models = ["resnet"] if c.mode == "quick" else ["resnet", "vit"]
-    for budget in c.budgets:
-        for seed in range(c.seeds):
-            for crit in c.criteria:
-                meta = dict(model=name, budget=budget, criterion=crit, seed=seed, kind="oneshot")
-                store.run(f"{name}|{budget}|{crit}|{seed}", meta,
-                          lambda: fx_job(model, crit, budget, seed, ctx))
-            if a.no_tp or name not in tp_models or (c.mode == "quick" and seed > 0):
-                continue
-            for imp in tp_names():
-                meta = dict(model=name, budget=budget, criterion=imp, seed=seed, kind="oneshot")
-                store.run(f"{name}|{budget}|{imp}|{seed}", meta,
-                          lambda: tp_job(model, imp, budget, seed, ctx, name == "vit"))
-    if name == "resnet" and not a.no_iterative:
-        for crit in ("oba", "l2"):
-            meta = dict(model=name, budget=c.iterative, kind="iterative", seed=0, criterion=crit)
-            store.run(f"{name}|iter{c.iterative}|{crit}|0", meta,
-                      lambda: iterative_job(model, crit, c.iterative, 0, ctx))
-    return dense
+    return model, ctx
+
+
+def run_jobs(jobs: List[Job], store: Store, queue: Optional[WorkQueue], c, data) -> None:
+    """Run the jobs not in the store; with a queue, only those this process claims."""
+    contexts: Dict[str, tuple] = {}
+    todo = queue.claim(jobs, store) if queue else (j for j in jobs if j.key not in store.records)
+    for job in todo:
+        if job.model not in contexts:
+            contexts[job.model] = model_context(job.model, c, *data)
+        store.run(job, *contexts[job.model])
+
+
+def run_workers(argv: List[str], a: argparse.Namespace, c, queue: WorkQueue) -> None:
+    """``--workers N``: train the dense models in parallel (one process each), then let N
+    worker processes claim jobs from the shared queue. Later flags override earlier ones."""
+    base = [sys.executable, "-m", "benchmarks.quality.run", *argv, "--workers", "1",
+            "--threads", str(a.threads)]
+
+    def wait_all(procs):
+        failed = [p.args for p in procs if p.wait() != 0]
+        if failed:
+            raise SystemExit(f"{len(failed)} worker process(es) failed: {failed[0]}")
+
+    wait_all([subprocess.Popen(base + ["--train-only", "--models", m]) for m in c.models])
+    queue.reset()
+    wait_all([subprocess.Popen(base + ["--worker"], env={**os.environ, "QUALITY_WORKER": str(k)})
+              for k in range(a.workers)])
 
 
 def machine() -> str:
@@ -137,8 +128,9 @@ def machine() -> str:
             f"{tp_version()}, load average at the end {load:.1f}")
 
 
-def write_outputs(c, a, store: Store, dense: Dict[str, float], wall: float, argv) -> str:
-    recs = [r for r in store.records.values() if r["model"] in c.models]
+def write_outputs(c, a, store: Store, keys: Set[str], dense: Dict[str, float], wall: float,
+                  argv) -> str:
+    recs = [r for k, r in store.records.items() if k in keys]
     reduced = (a.train_epochs, a.ft_steps, a.calib_batches) != (None, None, None)
     label = c.mode + ("-reduced" if reduced else "")
     png = plot(recs, dense, os.path.join(HERE, f"accuracy-{label}.png"))
@@ -167,14 +159,30 @@ def main(argv=None) -> None:
     os.makedirs(os.path.join(CACHE, "checkpoints"), exist_ok=True)
     start = time.time()
     store = Store(os.path.join(CACHE, f"{c.mode}-{c.tag()}.jsonl"))
-    log(f"mode {c.mode}, results -> {store.path}; criteria registered: "
-        f"{sorted(fxprune.list_criteria())}")
+    queue = WorkQueue(store.path + ".claims")
     train_data, test = load_split("train"), load_split("test")
     test_data = (test[0][:c.test_size], test[1][:c.test_size])
-    if a.report_only:
-        store.run = lambda key, meta, fn: store.records.get(key)  # finished jobs only
-    dense = {m: model_jobs(m, c, a, store, train_data, test_data) for m in c.models}
-    md = write_outputs(c, a, store, dense, time.time() - start, argv)
+    if a.train_only:
+        for m in c.models:
+            trained_model(m, c.train[m], train_data, os.path.join(CACHE, "checkpoints"))
+        return
+    jobs = job_list(c, a.no_tp, a.no_iterative)
+    done = sum(j.key in store.records for j in jobs)
+    log(f"mode {c.mode}: {len(jobs)} jobs, {done} already done -> {store.path}; "
+        f"criteria registered: {sorted(fxprune.list_criteria())}")
+    if a.worker:
+        return run_jobs(jobs, store, queue, c, (train_data, test_data))
+    if a.workers > 1 and not a.report_only:
+        run_workers(argv, a, c, queue)
+        store.reload()
+    elif not a.report_only:
+        run_jobs(jobs, store, None, c, (train_data, test_data))
+    dense = {}
+    for m in c.models:
+        model = trained_model(m, c.train[m], train_data, os.path.join(CACHE, "checkpoints"))
+        dense[m] = evaluate(model, *test_data)
+        log(f"{m}: dense test accuracy {dense[m]:.2f}% on {len(test_data[0])} images")
+    md = write_outputs(c, a, store, {j.key for j in jobs}, dense, time.time() - start, argv)
     log(f"wrote {md} in {(time.time() - start) / 60:.1f} min")
 
 

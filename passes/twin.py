@@ -1,0 +1,66 @@
+"""Module-tree twins: copies of a model's module objects that share (or map) its tensors.
+
+Contract: :func:`module_twin` never copies tensor data unless its ``tensor_fn`` does, and
+never shares a module object or a container (hooks, parameters, submodules) with the
+original, so flipping a twin's training flag or swapping its tensors leaves the user's
+model untouched. :func:`own_tensors` then gives a twin its own parameter and buffer
+copies (ties kept) when later passes will write to them.
+"""
+from __future__ import annotations
+
+import copy
+from collections import OrderedDict
+from typing import Any, Callable, Optional
+
+import torch
+
+
+def module_twin(module: torch.nn.Module, tensor_fn: Optional[Callable] = None,
+                memo: Optional[dict] = None) -> torch.nn.Module:
+    """A copy of the module tree that shares no module object and no container with
+    ``module``: each module is a shallow copy with its own ``__dict__`` containers
+    (parameters, buffers, submodules, hooks; its own training flag), and each parameter
+    or buffer ``t`` becomes ``tensor_fn(t)`` (the same tensor by default). Tied tensors
+    and shared submodules stay tied. No tensor data is copied unless ``tensor_fn`` does."""
+    memo = {} if memo is None else memo
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = type(module)
+    new = cls.__new__(cls)
+    memo[id(module)] = new
+    state = {k: _copy_container(v) for k, v in module.__dict__.items()}
+    new.__dict__.update(state)
+    for key in ("_parameters", "_buffers"):
+        tensors = state.get(key) or {}
+        for name, t in tensors.items():
+            if t is not None and tensor_fn is not None:
+                if id(t) not in memo:
+                    memo[id(t)] = tensor_fn(t)
+                tensors[name] = memo[id(t)]
+    children = state.get("_modules") or {}
+    for name, child in children.items():
+        if child is not None:
+            children[name] = module_twin(child, tensor_fn, memo)
+    return new
+
+
+def _copy_container(value: Any) -> Any:
+    """A shallow copy of a dict/list/set (``.copy()`` for the exact builtin types, the
+    common case: 16 hook and member dicts per module), anything else unchanged."""
+    kind = type(value)
+    if kind is dict or kind is OrderedDict or kind is list or kind is set:
+        return value.copy()
+    if isinstance(value, (dict, list, set)):
+        return copy.copy(value)
+    return value
+
+
+def own_tensors(gm: torch.nn.Module) -> None:
+    """Give ``gm`` its own copy of every parameter and buffer (ties kept)."""
+    memo: dict = {}
+    for mod in gm.modules():
+        for key in ("_parameters", "_buffers"):
+            tensors = mod.__dict__.get(key) or {}
+            for name, t in tensors.items():
+                if t is not None:
+                    tensors[name] = copy.deepcopy(t, memo)
