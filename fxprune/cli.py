@@ -96,9 +96,9 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--plan", metavar="PLAN.json", help="write the pruning plan (JSON)")
     p.add_argument("--report", metavar="FILE",
                    help="write the report: .png/.svg keep-ratio plot, .html page or .json")
-    p.add_argument("--normalize", choices=("max", "mean", "none"), default="max",
-                   help="global ranking: channel score / its group's max (default), "
-                        "/ its group's mean, or raw scores ('none')")
+    p.add_argument("--normalize", choices=("mean", "max", "none"), default="mean",
+                   help="global ranking: channel score / its group's mean |score| "
+                        "(default), / its group's max, or raw scores ('none')")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the slim model against the masked dense model")
     p.add_argument("--no-latency", dest="latency", action="store_false",

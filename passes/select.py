@@ -140,11 +140,11 @@ def _group_scale(s: np.ndarray, normalize: Optional[str]) -> float:
 
 
 def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int],
-                 normalize: Optional[str] = "max"):
+                 normalize: Optional[str] = "mean"):
     """All removable channels as (group id, channel), least important first; each
-    group contributes only its ``cap`` lowest channels. ``normalize="max"`` ranks
-    scores relative to their group's maximum (design §5.5); ``"mean"`` relative to the
-    group's mean |score| (Torch-Pruning's default normaliser); ``None`` ranks the raw
+    group contributes only its ``cap`` lowest channels. ``normalize="mean"`` ranks
+    scores relative to their group's mean |score| (Torch-Pruning's default normaliser);
+    ``"max"`` relative to the group's maximum (design §5.5); ``None`` ranks the raw
     |scores| (absolute loss-change estimates of second-order criteria compete as is)."""
     check_normalize(normalize)
     entries = []
@@ -161,7 +161,7 @@ def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int],
 
 def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
                   cost: Callable[[Dict[str, List[int]]], float], dense: float,
-                  order: Optional[list] = None, normalize: Optional[str] = "max"
+                  order: Optional[list] = None, normalize: Optional[str] = "mean"
                   ) -> Dict[str, List[int]]:
     """Smallest removal prefix (in ``order``) whose cost is within budget."""
     sizes = {g.id: g.size for g in groups if g.id in caps}
