@@ -20,8 +20,8 @@ from .plan import Plan
 from .passes.count import cost_model, count_flops, count_params
 from .passes.groups import Analysis, analyze
 from .passes.rewrite import rewrite
-from .passes.select import (Budget, check_normalize, member_spans, removable_counts,
-                            select_budget, select_uniform)
+from .passes.select import (DEFAULT_NORMALIZE, Budget, check_normalize, member_spans,
+                            removable_counts, select_budget, select_uniform)
 from .passes.shape_prop import propagate_shapes
 from .passes.trace import as_input_tuple, trace
 from .passes.verify import check, masked_reference, tolerance
@@ -38,7 +38,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
             unstructured: bool = False, between_steps: Optional[Callable] = None,
             output_fn: Optional[Callable] = None, verify: bool = True,
             latency: bool = False, progress: Optional[bool] = None,
-            normalize: Optional[str] = "mean", leaf_modules=(), concrete_args=None,
+            normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
             **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
@@ -119,7 +119,7 @@ def _budget_steps(flops, params, sparsity) -> List[Budget]:
 
 
 def _select(analysis: Analysis, sal, budget: Budget, dense: Analysis, dense_cost, plan_kept,
-            inputs, max_layer_sparsity, ignore, normalize="mean") -> Dict[str, List[int]]:
+            inputs, max_layer_sparsity, ignore, normalize) -> Dict[str, List[int]]:
     groups = [g for g in analysis.groups if g.prunable and not _ignored(g, ignore)]
     caps = removable_counts(groups, max_layer_sparsity)
     if plan_kept is not None:  # iterative: the cap is relative to the dense size

@@ -194,7 +194,6 @@ def _patch_shape_args(node: torch.fx.Node, keep: np.ndarray) -> None:
     node.args = (args[0], tuple(sizes)) if packed else (args[0], *sizes)
 
 
-
 def _patch_unflatten(node: torch.fx.Node, keep: np.ndarray) -> None:
     label = node.meta.get(LABEL_KEY)
     shape = node.meta["tensor_meta"].shape

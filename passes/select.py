@@ -124,6 +124,7 @@ def _ascending(score: torch.Tensor) -> np.ndarray:
 
 
 NORMALIZERS = ("max", "mean", None)
+DEFAULT_NORMALIZE = "mean"  # kept more accuracy than "max" (benchmarks/quality/RESULTS.md)
 
 
 def check_normalize(normalize) -> None:
@@ -140,7 +141,7 @@ def _group_scale(s: np.ndarray, normalize: Optional[str]) -> float:
 
 
 def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int],
-                 normalize: Optional[str] = "mean"):
+                 normalize: Optional[str] = DEFAULT_NORMALIZE):
     """All removable channels as (group id, channel), least important first; each
     group contributes only its ``cap`` lowest channels. ``normalize="mean"`` ranks
     scores relative to their group's mean |score| (Torch-Pruning's default normaliser);
@@ -161,7 +162,7 @@ def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int],
 
 def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
                   cost: Callable[[Dict[str, List[int]]], float], dense: float,
-                  order: Optional[list] = None, normalize: Optional[str] = "mean"
+                  order: Optional[list] = None, normalize: Optional[str] = DEFAULT_NORMALIZE
                   ) -> Dict[str, List[int]]:
     """Smallest removal prefix (in ``order``) whose cost is within budget."""
     sizes = {g.id: g.size for g in groups if g.id in caps}

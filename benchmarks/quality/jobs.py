@@ -28,6 +28,11 @@ class Job:
     model: str  # which dense model the job prunes
     fn: Callable  # fn(model, ctx) -> the row's measured columns
 
+    @property
+    def claim_id(self) -> str:
+        """The key without spaces: one whitespace-free token per line of the claims file."""
+        return self.key.replace(" ", "")
+
 
 def job_list(c, no_tp: bool, no_iterative: bool) -> List[Job]:
     """Every job of the config, the longest first (iterative schedules, then Torch-Pruning's
@@ -123,10 +128,10 @@ class WorkQueue:
                 f.seek(0)
                 claimed = set(f.read().split())
                 store.reload()
-                job = next((j for j in jobs if j.key.replace(" ", "") not in claimed
+                job = next((j for j in jobs if j.claim_id not in claimed
                             and j.key not in store.records), None)
                 if job is not None:
-                    f.write(job.key.replace(" ", "") + "\n")
+                    f.write(job.claim_id + "\n")
                 fcntl.flock(f, fcntl.LOCK_UN)
             if job is None:
                 return

@@ -80,9 +80,14 @@ def make_config(a: argparse.Namespace):
     return c
 
 
+def dense_model(name: str, c, train_data) -> torch.nn.Module:
+    """The trained dense model: from the checkpoint cache, or trained now and cached."""
+    return trained_model(name, c.train[name], train_data, os.path.join(CACHE, "checkpoints"))
+
+
 def model_context(name: str, c, train_data, test_data):
-    """The trained dense model (from the checkpoint cache) and what every job of it shares."""
-    model = trained_model(name, c.train[name], train_data, os.path.join(CACHE, "checkpoints"))
+    """The trained dense model and what every job of it shares."""
+    model = dense_model(name, c, train_data)
     ctx = SimpleNamespace(name=name, train_data=train_data, test_data=test_data,
                           ft_recipe=c.ft[name], iter_ft_steps=c.iter_ft_steps,
                           hessian_samples=c.hessian_samples, bisect_iters=c.bisect_iters,
@@ -166,7 +171,7 @@ def main(argv=None) -> None:
     test_data = (test[0][:c.test_size], test[1][:c.test_size])
     if a.train_only:
         for m in c.models:
-            trained_model(m, c.train[m], train_data, os.path.join(CACHE, "checkpoints"))
+            dense_model(m, c, train_data)
         return
     jobs = job_list(c, a.no_tp, a.no_iterative)
     done = sum(j.key in store.records for j in jobs)
@@ -181,8 +186,7 @@ def main(argv=None) -> None:
         run_jobs(jobs, store, None, c, (train_data, test_data))
     dense = {}
     for m in c.models:
-        model = trained_model(m, c.train[m], train_data, os.path.join(CACHE, "checkpoints"))
-        dense[m] = evaluate(model, *test_data)
+        dense[m] = evaluate(dense_model(m, c, train_data), *test_data)
         log(f"{m}: dense test accuracy {dense[m]:.2f}% on {len(test_data[0])} images")
     md = write_outputs(c, a, store, {j.key for j in jobs}, dense, time.time() - start, argv)
     log(f"wrote {md} in {(time.time() - start) / 60:.1f} min")
