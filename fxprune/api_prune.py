@@ -12,13 +12,21 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from .api_score import (_progress, prepare_batches, resolve_example_inputs, score_analysis,
-                        wrap_loss)
-from .criteria import get_criterion
-from .errors import BudgetError, FxpruneError
-from .plan import Plan
+from .api_score import (_progress, check_not_empty, prepare_batches, resolve_example_inputs,
+                        score_analysis, wrap_loss)
+from .criteria import check_options, get_criterion, keywords_of
+from .criteria.aggregate import weight_norms
+from .criteria.scoring import module_device_dtype
+from .degenerate import check_scores
+from .errors import BudgetError, DataError, FxpruneError
+from .errors import PlanError
+from .ignore import ignored as _ignored
+from .ignore import resolve_ignore
+from .plan import Plan, fingerprint, fingerprint_differences
 from .passes.count import cost_model, count_flops, count_params
 from .passes.groups import Analysis, analyze
+from .passes.repair import REPAIR_MODES
+from .passes.repair import repair as repair_pass
 from .passes.rewrite import rewrite
 from .passes.select import (DEFAULT_NORMALIZE, Budget, check_normalize, member_spans,
                             removable_counts, select_budget, select_uniform)
@@ -39,7 +47,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
             output_fn: Optional[Callable] = None, verify: bool = True,
             latency: bool = False, progress: Optional[bool] = None,
             normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
-            **options) -> CompileResult:
+            repair: Optional[str] = "auto", **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
     Exactly one budget: ``flops=r`` / ``params=r`` (kept fraction of the dense count;
@@ -51,13 +59,22 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     score magnitude. "mean" is the default because it kept more accuracy than "max" for
     both OBA and l2 in the quality benchmark (benchmarks/quality/RESULTS.md): a group
     with one outlier score no longer loses all its other channels first.
+    ``repair``: after each verified rewrite, ``"full"`` re-estimates batch-norm statistics
+    and re-fits every layer that lost input channels to the dense model's outputs on the
+    calibration inputs, ``"bn"`` only re-estimates batch norms, ``None`` leaves the slim
+    model as the rewrite made it (design §7b). ``"auto"`` (default): ``"full"`` when
+    ``data`` is given, else ``None``. The report's ``repair`` says what it did.
     """
     crit = get_criterion(criterion)
+    check_options(crit, options, keywords_of(compile), "compile")
+    ignore = resolve_ignore(model, ignore)
     check_normalize(normalize)  # before scoring, which can take minutes
     batch_list = prepare_batches(data, batches, crit.needs_data)
     example_inputs = resolve_example_inputs(example_inputs, batch_list, model)
     inputs = as_input_tuple(example_inputs)
+    check_not_empty(inputs)
     loss = wrap_loss(loss_fn, output_fn)
+    repair_mode = resolve_repair(repair, batch_list, unstructured)
     trace_kw = dict(leaf_modules=leaf_modules, concrete_args=concrete_args)
     if unstructured:
         if sparsity is None or flops is not None or params is not None:
@@ -68,6 +85,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     dense = refuse_broken_ties(analyze(trace(model, inputs, **trace_kw)))
     dense_cost = cost_model(dense, inputs)
     current, analysis, plan_kept, errors = model, dense, None, []
+    notes: List[str] = []  # tied-score warnings of every step, for report.notes
     for step, budget in enumerate(steps):
         if step:
             analysis = refuse_broken_ties(analyze(trace(current, inputs, **trace_kw)))
@@ -75,23 +93,59 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
         sal = score_analysis(analysis, crit, batch_list, loss, options, _progress(progress))
         log.info("pruning to %s=%s", budget.kind, budget.ratio)
         kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, inputs,
-                       max_layer_sparsity, ignore, normalize)
+                       max_layer_sparsity, ignore, normalize, notes)
         slim = rewrite(analysis, kept)
         propagate_shapes(slim, inputs)
         if verify:  # per step: between_steps may fine-tune, so only this step's input is the reference
             errors.append(verify_rewrite(analysis, slim, kept, inputs))
+        repaired = repair_slim(analysis, slim, kept, batch_list, repair_mode)
         plan_kept = _compose(plan_kept, kept)
         if between_steps is not None:
             between_steps(slim, step)
         current = slim
     plan = Plan(plan_kept, {g.id: g.size for g in dense.groups if g.id in plan_kept},
                 {"criterion": criterion, "budget": [b.__dict__ for b in steps],
-                 "input_shapes": [list(x.shape) for x in inputs if torch.is_tensor(x)]})
+                 "input_shapes": [list(x.shape) for x in inputs if torch.is_tensor(x)],
+                 "fingerprint": dense_fingerprint(dense, model, inputs)})
     report = build_report(dense, current, plan, inputs, False, latency,
                           predicted=dense_cost.flops(dense.keep_mask(plan.kept)))
     report.max_rel_error = max(errors) if errors else None
+    report.notes.extend(dict.fromkeys(notes))
+    report.repair = repaired
     _note_shortfall(report, steps[-1])
     return CompileResult(current, plan, report, saliency=sal)
+
+
+def resolve_repair(repair: Optional[str], batch_list, unstructured: bool) -> Optional[str]:
+    """The repair mode to run: ``"auto"`` is ``"full"`` with calibration data, else None."""
+    if repair == "auto":
+        return "full" if batch_list is not None and not unstructured else None
+    if repair not in REPAIR_MODES:
+        raise FxpruneError(f"repair={repair!r}: use 'full' (BN re-estimation and least-squares "
+                           "re-fit), 'bn' (BN re-estimation only), None or 'auto'")
+    if repair is not None and unstructured:
+        raise FxpruneError("repair applies to structured pruning; pass repair=None with "
+                           "unstructured=True")
+    if repair is not None and batch_list is None:
+        raise DataError(f"repair={repair!r} needs calibration data: pass data=<iterable of "
+                        "(inputs, targets) batches>, or repair=None")
+    return repair
+
+
+def repair_slim(analysis: Analysis, slim: torch.fx.GraphModule, kept, batch_list,
+                mode: Optional[str]):
+    """Run the repair pass on ``slim`` with the calibration batches' inputs, cast to the
+    model's floating dtype as scoring casts them."""
+    if mode is None:
+        return None
+    inputs = [tuple(_cast_like(x, slim) for x in batch[0]) for batch in batch_list]
+    log.info("repairing the slim model (%s) on %d calibration batches", mode, len(inputs))
+    return repair_pass(analysis.gm, slim, analysis, kept, inputs, mode)
+
+
+def _cast_like(x, module: torch.nn.Module):
+    _, dtype = module_device_dtype(module)
+    return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
 
 
 def _note_shortfall(report: Report, budget: Budget) -> None:
@@ -119,7 +173,7 @@ def _budget_steps(flops, params, sparsity) -> List[Budget]:
 
 
 def _select(analysis: Analysis, sal, budget: Budget, dense: Analysis, dense_cost, plan_kept,
-            inputs, max_layer_sparsity, ignore, normalize) -> Dict[str, List[int]]:
+            inputs, max_layer_sparsity, ignore, normalize, notes) -> Dict[str, List[int]]:
     groups = [g for g in analysis.groups if g.prunable and not _ignored(g, ignore)]
     caps = removable_counts(groups, max_layer_sparsity)
     if plan_kept is not None:  # iterative: the cap is relative to the dense size
@@ -127,8 +181,13 @@ def _select(analysis: Analysis, sal, budget: Budget, dense: Analysis, dense_cost
         for g in groups:
             already = dense_sizes.get(g.id, g.size) - g.size
             caps[g.id] = max(0, min(caps[g.id], math.floor(max_layer_sparsity * dense_sizes.get(g.id, g.size)) - already))
+    # all-zero / all-equal scores: an error when no group can be ranked, else a note;
+    # ties are broken by the channels' weight norms (design §5.5)
+    notes.extend(check_scores(sal.criterion, sal.groups, groups, caps,
+                              getattr(sal, "context", None)))
+    tiebreak = weight_norms(groups, analysis.gm)
     if budget.kind == "sparsity":
-        return select_uniform(groups, sal.groups, budget.ratio, caps)
+        return select_uniform(groups, sal.groups, budget.ratio, caps, tiebreak=tiebreak)
     cost_now = dense_cost if analysis is dense else cost_model(analysis, inputs)
     measure = cost_now.flops if budget.kind == "flops" else cost_now.params
     dense_total = dense_cost.dense_flops if budget.kind == "flops" else dense_cost.dense_params
@@ -138,12 +197,13 @@ def _select(analysis: Analysis, sal, budget: Budget, dense: Analysis, dense_cost
         order = crit.select(groups, sal.groups, sal.context, caps)
     return select_budget(groups, sal.groups, budget, caps,
                          lambda kept: measure(analysis.keep_mask(kept)), dense_total, order,
-                         normalize)
+                         normalize, tiebreak=tiebreak)
 
 
-def _ignored(group, ignore: Sequence[str]) -> bool:
-    modules = {m.target.rsplit(".", 1)[0] for m in group.members if m.role == "producer"}
-    return any(mod == ig or mod.startswith(ig + ".") for mod in modules for ig in ignore)
+def dense_fingerprint(dense: Analysis, model: torch.nn.Module, inputs) -> Dict[str, Any]:
+    """The plan fingerprint (:func:`fxprune.plan.fingerprint`) of a dense analysis."""
+    shapes = [list(x.shape) for x in inputs if torch.is_tensor(x)]
+    return fingerprint(dense.groups, type(model).__name__, shapes)
 
 
 def _compose(previous: Optional[Dict[str, List[int]]], kept: Dict[str, List[int]]):
@@ -199,9 +259,10 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
         dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
         example_inputs = tuple(torch.zeros(s, dtype=dtype) for s in shapes)
     inputs = as_input_tuple(example_inputs)
+    check_not_empty(inputs)
     analysis = refuse_broken_ties(
         analyze(trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)))
-    _check_plan(analysis, plan)
+    _check_plan(analysis, plan, dense_fingerprint(analysis, model, inputs))
     slim = rewrite(analysis, plan.kept)
     propagate_shapes(slim, inputs)
     return CompileResult(slim, plan, build_report(analysis, slim, plan, inputs, verify, False))
@@ -265,7 +326,15 @@ def _ties_consistent(analysis: Analysis, recs_per_name) -> bool:
     return all(signature(r) == first for r in recs_per_name[1:])
 
 
-def _check_plan(analysis: Analysis, plan: Plan) -> None:
+def _check_plan(analysis: Analysis, plan: Plan, here: Dict[str, Any]) -> None:
+    """Refuse a plan that does not fit this model: made on another architecture (its
+    fingerprint differs from ``here``, this model's), or whose kept lists do not fit
+    the groups (unknown, resized, unprunable, out of range, repeated or emptying)."""
+    differs = fingerprint_differences(plan.meta.get("fingerprint"), here)
+    if differs:
+        raise PlanError("the plan was made on a different model: " + "; ".join(differs)
+                        + ". Apply it to the model (and input size) it was made on, or "
+                        "compile a new plan for this one")
     by_id = {g.id: g for g in analysis.groups}
     problems = []
     for gid, kept in plan.kept.items():
@@ -278,7 +347,9 @@ def _check_plan(analysis: Analysis, plan: Plan) -> None:
             problems.append(f"group {gid!r} is not prunable here ({g.reason})")
         elif not kept or min(kept) < 0 or max(kept) >= g.size:
             problems.append(f"group {gid!r}: kept indices must be 1..{g.size} channels in range")
+        elif len(set(kept)) != len(kept):
+            problems.append(f"group {gid!r}: kept indices repeat a channel")
         else:
             problems += _emptied_members(g, set(kept))
     if problems:
-        raise FxpruneError("the plan does not fit this model: " + "; ".join(problems[:5]))
+        raise PlanError("the plan does not fit this model: " + "; ".join(problems[:5]))

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import torch
 
 from .plan import Plan
+from .repair_report import RepairSummary
 
 
 @dataclass
@@ -39,6 +40,7 @@ class Report:
     latency_after_ms: Optional[float] = None
     max_rel_error: Optional[float] = None
     notes: List[str] = field(default_factory=list)
+    repair: Optional[RepairSummary] = None  # what the repair pass did (last step)
 
     @property
     def flops_ratio(self) -> float:
@@ -74,6 +76,8 @@ class Report:
             mark = "  bottleneck" if r.id in flagged else ("" if r.prunable else f"  fixed: {r.reason}")
             lines.append(f"{r.id:<44}{r.kind:<11}{r.kept:>7}{r.size:>7}{r.keep_ratio:>7.2f}{mark}")
         lines.extend(self.notes)
+        if self.repair is not None:
+            lines.extend(["", self.repair.table()])
         return "\n".join(lines)
 
     __str__ = table
@@ -83,7 +87,8 @@ class Report:
                 "params_before": self.params_before, "params_after": self.params_after,
                 "latency_before_ms": self.latency_before_ms,
                 "latency_after_ms": self.latency_after_ms, "max_rel_error": self.max_rel_error,
-                "groups": [r.__dict__ for r in self.groups], "notes": self.notes}
+                "groups": [r.__dict__ for r in self.groups], "notes": self.notes,
+                "repair": self.repair.to_dict() if self.repair is not None else None}
 
     def plot(self, path: str) -> str:
         """Bar chart of per-group keep ratios (bottlenecks highlighted) to PNG/SVG."""

@@ -33,6 +33,7 @@ from .tp_runs import tp_version
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
+CHECKPOINTS = os.path.join(HERE, "checkpoints")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -81,8 +82,9 @@ def make_config(a: argparse.Namespace):
 
 
 def dense_model(name: str, c, train_data) -> torch.nn.Module:
-    """The trained dense model: from the checkpoint cache, or trained now and cached."""
-    return trained_model(name, c.train[name], train_data, os.path.join(CACHE, "checkpoints"))
+    """The trained dense model: from the committed checkpoints (``checkpoints/``, a few
+    hundred kB each, so a fresh machine does not retrain for an hour), or trained now."""
+    return trained_model(name, c.train[name], train_data, CHECKPOINTS)
 
 
 def model_context(name: str, c, train_data, test_data):
@@ -163,7 +165,8 @@ def main(argv=None) -> None:
     a = parse_args(argv)
     torch.set_num_threads(a.threads)
     c = make_config(a)
-    os.makedirs(os.path.join(CACHE, "checkpoints"), exist_ok=True)
+    os.makedirs(CACHE, exist_ok=True)
+    os.makedirs(CHECKPOINTS, exist_ok=True)
     start = time.time()
     store = Store(os.path.join(CACHE, f"{c.mode}-{c.tag()}.jsonl"))
     queue = WorkQueue(store.path + ".claims")
