@@ -99,6 +99,11 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--normalize", choices=("mean", "max", "none"), default="mean",
                    help="global ranking: channel score / its group's mean |score| "
                         "(default), / its group's max, or raw scores ('none')")
+    p.add_argument("--repair", choices=("auto", "full", "bn", "none"), default="auto",
+                   help="after pruning: 'full' re-estimates batch norms and re-fits layers "
+                        "that lost inputs to the dense model's outputs, 'bn' only re-estimates "
+                        "batch norms; 'auto' (default): full with --data, none on the "
+                        "synthetic default data (noise inputs would mis-fit a real model)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the slim model against the masked dense model")
     p.add_argument("--no-latency", dest="latency", action="store_false",

@@ -29,10 +29,12 @@ def run_prune(args) -> int:
     model = load_model(args.model, args.checkpoint, args.num_classes, device, args.input_size)
     size = resolve_input_size(args.model, model, args.input_size)
     log.info("calibration data: %s, %s", source.describe(),
-             f"up to {args.batches} batch(es) of {args.batch_size}" if crit.needs_data else
+             f"up to {args.batches} batch(es) of {args.batch_size}"
+             if crit.needs_data or _wants_repair(args) else
              f"criterion {crit.name!r} is data-free: the data only gives the input shape")
     calib = calibration(source, model, size, device, batches=args.batches,
-                        batch_size=args.batch_size, seed=args.seed, labels=crit.needs_data,
+                        batch_size=args.batch_size, seed=args.seed,
+                        labels=crit.needs_data or _wants_repair(args),
                         workers=args.workers, spec=args.model)
     _analyse(model, calib.example)
     result = _compile(model, crit.name, calib, args)
@@ -97,14 +99,31 @@ def _compile(model, criterion: str, calib, args):
             if args.latency:
                 log.info("measuring latency (median of 10 forward passes, batch 1)")
 
+    repair = _repair_mode(args, calib)
     n_batches = len(calib.batches) if calib.batches is not None else 0
     log.info("scoring with %r%s, then pruning to %s", criterion,
              f" on {n_batches} calibration batch(es)" if n_batches else "", _budget_text(budget))
     return fx_compile(model, criterion, example_inputs=calib.example, data=calib.batches,
                       batches=args.batches if calib.batches is not None else None,
                       progress=not args.quiet, latency=args.latency, verify=verify,
-                      between_steps=between_steps,
+                      between_steps=between_steps, repair=repair,
                       normalize=None if args.normalize == "none" else args.normalize, **budget)
+
+
+def _wants_repair(args) -> bool:
+    """``--repair full|bn``, or ``auto`` with real data (noise inputs would mis-fit a
+    real model, so the synthetic default data is not used for repair)."""
+    return args.repair in ("full", "bn") or (args.repair == "auto" and bool(args.data))
+
+
+def _repair_mode(args, calib):
+    """``--repair`` as compile's ``repair=``."""
+    if not _wants_repair(args) or calib.batches is None:
+        if args.repair == "auto":
+            log.info("repair: off on the synthetic default data (pass --data for a repaired "
+                     "model, or --repair full to force it)")
+        return None
+    return "full" if args.repair == "auto" else args.repair
 
 
 def _write_outputs(args, result, example, criterion: str, size) -> str:
