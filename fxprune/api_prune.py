@@ -250,8 +250,16 @@ def verify_rewrite(analysis: Analysis, slim: torch.nn.Module, kept: Dict[str, Li
 
 
 def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *,
-               verify: bool = True, leaf_modules=(), concrete_args=None) -> CompileResult:
-    """Replay a saved plan on a fresh copy of the same model."""
+               data: Any = None, batches: Optional[int] = None,
+               repair: Optional[str] = "auto", verify: bool = True, leaf_modules=(),
+               concrete_args=None) -> CompileResult:
+    """Replay a saved plan on a fresh copy of the same model. With calibration ``data``
+    the slim model is repaired after verification, as :func:`compile` repairs it
+    (``repair="auto"``: ``"full"`` with data, else nothing)."""
+    batch_list = prepare_batches(data, batches, False)
+    repair_mode = resolve_repair(repair, batch_list, False)
+    if example_inputs is None and batch_list is not None:
+        example_inputs = resolve_example_inputs(None, batch_list, model)
     if example_inputs is None:
         shapes = plan.meta.get("input_shapes")
         if not shapes:
@@ -265,7 +273,9 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
     _check_plan(analysis, plan, dense_fingerprint(analysis, model, inputs))
     slim = rewrite(analysis, plan.kept)
     propagate_shapes(slim, inputs)
-    return CompileResult(slim, plan, build_report(analysis, slim, plan, inputs, verify, False))
+    report = build_report(analysis, slim, plan, inputs, verify, False)
+    report.repair = repair_slim(analysis, slim, plan.kept, batch_list, repair_mode)
+    return CompileResult(slim, plan, report)
 
 
 def _emptied_members(group, kept: set) -> List[str]:

@@ -236,3 +236,15 @@ def test_too_little_data_for_a_wide_layer_keeps_its_weights_and_says_how_much():
     row = next(r for r in res.report.repair.layers if r.name == "2")
     assert row.action == "skipped" and "training samples" in row.reason
     assert any("training samples" in n for n in res.report.repair.notes)
+
+
+def test_apply_plan_with_data_repairs_like_compile():
+    model = randomize_norms(ConvBN())
+    data = _data()
+    res = fxprune.compile(model, "l2", data=data, flops=0.5, progress=False)
+    again = fxprune.apply_plan(model, res.plan, data=data)
+    assert again.report.repair.mode == "full"
+    x = data[0][0]
+    torch.testing.assert_close(again.module(x), res.module(x))
+    plain = fxprune.apply_plan(model, res.plan, x)
+    assert plain.report.repair is None
