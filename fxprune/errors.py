@@ -28,3 +28,8 @@ class CheckpointError(FxpruneError):
 
 class CriterionError(FxpruneError):
     """Unknown criterion or bad criterion options."""
+
+
+class DegenerateScoresError(FxpruneError):
+    """A criterion's channel scores cannot rank any channel (all zero or all equal in
+    every prunable group), so a plan would be arbitrary."""

@@ -1,14 +1,25 @@
 """Selection pass: channel scores + a budget -> kept channels per group (design §6).
 
 Contract: reads the groups, one score tensor per prunable group (higher = more
-important) and a :class:`Budget`; returns ``{group id: sorted kept indices}`` for
-every prunable group. Invariants: every group keeps at least one channel and at
-most ``max_layer_sparsity`` of its channels are removed; every member tensor dim of a
-group keeps at least one index (a group merged from several layers, e.g. a concat
-gated by SE, never loses all channels of one layer: a conv cannot have zero output or
-input channels); ignored and unprunable groups keep everything. Global ranking uses scores normalised by their group's
-maximum so that groups of different sizes compete fairly (design §5.5); the
-removal prefix is found by bisection on the exact cost model (:mod:`.count`).
+important), optionally one *tie-break* tensor per group, and a :class:`Budget`; returns
+``{group id: sorted kept indices}`` for every prunable group. Invariants: every group
+keeps at least one channel and at most ``max_layer_sparsity`` of its channels are
+removed; every member tensor dim of a group keeps at least one index (a group merged
+from several layers, e.g. a concat gated by SE, never loses all channels of one layer:
+a conv cannot have zero output or input channels); ignored and unprunable groups keep
+everything.
+
+Ranking: channels go least important first by |score|; globally the scores are first
+divided by their group's mean |score| (``DEFAULT_NORMALIZE``; ÷ group maximum or raw
+scores as options) so that groups of different sizes compete fairly (design §5.5).
+Ties (equal normalised scores) are broken by the tie-break key, lowest first: ``compile``
+passes every channel's weight norm (the L2 norm over all member slices, the ``"l2"``
+criterion's channel score, :func:`fxprune.criteria.aggregate.weight_norms`), normalised
+like the scores. Only channels whose score *and* weight norm are equal fall back to
+group order and channel index. :func:`tied_groups` names the groups whose scores carry
+no ranking at all (all zero or all equal); ``compile`` turns them into an error or a
+warning (:mod:`fxprune.degenerate`). The removal prefix of the global order is found by
+bisection on the exact cost model (:mod:`.count`).
 """
 from __future__ import annotations
 
@@ -21,6 +32,8 @@ import torch
 
 from ..errors import BudgetError
 from ..group import Group
+
+Scores = Dict[str, torch.Tensor]  # group id -> one value per channel
 
 
 @dataclass
@@ -99,9 +112,10 @@ class _SpanGuard:
         return True
 
 
-def select_uniform(groups, scores: Dict[str, torch.Tensor], sparsity: float,
-                   caps: Dict[str, int]) -> Dict[str, List[int]]:
-    """Remove ``floor(sparsity * size)`` lowest-scored channels of every group."""
+def select_uniform(groups, scores: Scores, sparsity: float, caps: Dict[str, int], *,
+                   tiebreak: Optional[Scores] = None) -> Dict[str, List[int]]:
+    """Remove ``floor(sparsity * size)`` lowest-scored channels of every group; equal
+    scores go lowest ``tiebreak`` (weight norm) first."""
     kept = {}
     guard = _SpanGuard([g for g in groups if g.id in caps])
     for g in groups:
@@ -109,7 +123,7 @@ def select_uniform(groups, scores: Dict[str, torch.Tensor], sparsity: float,
             continue
         n_remove = min(caps[g.id], int(math.floor(sparsity * g.size)))
         removed = set()
-        for c in _ascending(scores[g.id]).tolist():
+        for c in _ascending(scores[g.id], _key(tiebreak, g.id)).tolist():
             if len(removed) >= n_remove:
                 break
             if guard.remove(g.id, c):
@@ -118,9 +132,41 @@ def select_uniform(groups, scores: Dict[str, torch.Tensor], sparsity: float,
     return kept
 
 
-def _ascending(score: torch.Tensor) -> np.ndarray:
-    values = score.detach().double().abs().cpu().numpy()
-    return np.argsort(values, kind="stable")
+def _magnitudes(score: Optional[torch.Tensor]) -> Optional[np.ndarray]:
+    return None if score is None else score.detach().double().abs().cpu().numpy()
+
+
+def _key(tiebreak: Optional[Scores], gid: str) -> Optional[np.ndarray]:
+    return _magnitudes(tiebreak.get(gid)) if tiebreak is not None else None
+
+
+def _ascending(score: torch.Tensor, secondary: Optional[np.ndarray] = None) -> np.ndarray:
+    """Channel indices by ascending |score|, equal scores by ascending ``secondary``."""
+    values = _magnitudes(score)
+    if secondary is None:
+        return np.argsort(values, kind="stable")
+    return np.lexsort((secondary, values))  # the last key is the primary one
+
+
+def tied_groups(groups, scores: Scores, caps: Dict[str, int]) -> Dict[str, str]:
+    """``{group id: "zero" | "equal"}`` for the groups with a removable channel whose
+    |scores| are all zero or all equal (up to a few ulps of the scores' dtype): their
+    scores cannot rank their channels."""
+    out = {}
+    for g in groups:
+        if caps.get(g.id, 0) == 0 or g.id not in scores:
+            continue
+        score = scores[g.id].detach()
+        s = _magnitudes(score)
+        if s.size < 2 or not np.isfinite(s).all():
+            continue  # non-finite scores are refused by the scoring API
+        eps = torch.finfo(score.dtype).eps if score.is_floating_point() else 0.0
+        top = float(s.max())
+        if top == 0.0:
+            out[g.id] = "zero"
+        elif top - float(s.min()) <= 8 * eps * top:
+            out[g.id] = "equal"
+    return out
 
 
 NORMALIZERS = ("max", "mean", None)
@@ -140,33 +186,40 @@ def _group_scale(s: np.ndarray, normalize: Optional[str]) -> float:
     return value if value > 0 else 1.0
 
 
-def global_order(groups, scores: Dict[str, torch.Tensor], caps: Dict[str, int],
-                 normalize: Optional[str] = DEFAULT_NORMALIZE):
+def global_order(groups, scores: Scores, caps: Dict[str, int],
+                 normalize: Optional[str] = DEFAULT_NORMALIZE, *,
+                 tiebreak: Optional[Scores] = None):
     """All removable channels as (group id, channel), least important first; each
     group contributes only its ``cap`` lowest channels. ``normalize="mean"`` ranks
     scores relative to their group's mean |score| (Torch-Pruning's default normaliser);
     ``"max"`` relative to the group's maximum (design §5.5); ``None`` ranks the raw
-    |scores| (absolute loss-change estimates of second-order criteria compete as is)."""
+    |scores| (absolute loss-change estimates of second-order criteria compete as is).
+    Equal normalised scores are ordered by ``tiebreak`` (weight norm), normalised the
+    same way, so that tied groups interleave by relative norm."""
     check_normalize(normalize)
     entries = []
     for g in groups:
         if g.id not in caps or caps[g.id] == 0:
             continue
-        s = scores[g.id].detach().double().abs().cpu().numpy()
+        s = _magnitudes(scores[g.id])
         top = _group_scale(s, normalize)
-        order = np.argsort(s, kind="stable")[:caps[g.id]]
-        entries.extend((s[c] / top, g.id, int(c)) for c in order)
-    entries.sort(key=lambda e: e[0])
-    return [(gid, c) for _, gid, c in entries]
+        w = _key(tiebreak, g.id)
+        w = np.zeros_like(s) if w is None else w / _group_scale(w, normalize)
+        order = _ascending(scores[g.id], w)[:caps[g.id]]
+        entries.extend((s[c] / top, w[c], g.id, int(c)) for c in order)
+    entries.sort(key=lambda e: (e[0], e[1]))
+    return [(gid, c) for _, _, gid, c in entries]
 
 
 def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
                   cost: Callable[[Dict[str, List[int]]], float], dense: float,
-                  order: Optional[list] = None, normalize: Optional[str] = DEFAULT_NORMALIZE
-                  ) -> Dict[str, List[int]]:
-    """Smallest removal prefix (in ``order``) whose cost is within budget."""
+                  order: Optional[list] = None, normalize: Optional[str] = DEFAULT_NORMALIZE,
+                  *, tiebreak: Optional[Scores] = None) -> Dict[str, List[int]]:
+    """Smallest removal prefix (in ``order``, by default :func:`global_order` with
+    ``tiebreak``) whose cost is within budget."""
     sizes = {g.id: g.size for g in groups if g.id in caps}
-    order = order if order is not None else global_order(groups, scores, caps, normalize)
+    if order is None:
+        order = global_order(groups, scores, caps, normalize, tiebreak=tiebreak)
     spans = _SpanGuard([g for g in groups if g.id in caps])
 
     def kept_after(k: int) -> Dict[str, List[int]]:

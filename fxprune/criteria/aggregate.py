@@ -4,11 +4,13 @@ Contract: reads groups and ``{parameter name: score tensor of its shape}``; retu
 ``{group id: tensor[group.size]}``. A channel's score is the signed sum of the scores
 of every slice of every member of its group (output rows, input columns, biases,
 norm affine entries), then its absolute value. Members that are buffers, or that a
-criterion does not score, contribute zero.
+criterion does not score, contribute zero. :func:`weight_norms` is the same aggregation
+of squared weights under a square root: the ``"l2"`` criterion's channel score, and the
+tie-break key of selection (design §5.5).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
 
@@ -54,3 +56,19 @@ def channel_scores(groups: Iterable[Group], scores: Dict[str, torch.Tensor],
     sums = signed_channel_sums(groups, scores)
     fn = transform or torch.abs
     return {gid: fn(s) for gid, s in sums.items()}
+
+
+def root_of_sum(s: torch.Tensor) -> torch.Tensor:
+    """sqrt of a per-channel sum of squares (rounding cannot make it negative)."""
+    return s.clamp_min(0).sqrt()
+
+
+def weight_norms(groups: Iterable[Group], module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """``{group id: float64 tensor[size]}``: every channel's L2 norm over all member slices
+    that are parameters of ``module`` (the ``"l2"`` criterion's channel score, computed in
+    float64 so that float16 weights do not overflow)."""
+    groups: List[Group] = list(groups)
+    wanted = {m.target for g in groups for m in g.members}
+    squares = {n: p.detach().double().pow(2) for n, p in module.named_parameters()
+               if n in wanted}
+    return channel_scores(groups, squares, transform=root_of_sum)

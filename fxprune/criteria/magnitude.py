@@ -6,7 +6,7 @@ from typing import Dict
 import torch
 
 from . import Criterion, ScoringContext, register_criterion
-from .aggregate import channel_scores
+from .aggregate import channel_scores, root_of_sum
 
 
 def _params(ctx: ScoringContext):
@@ -27,7 +27,7 @@ def _zeros(ctx: ScoringContext) -> Dict[str, torch.Tensor]:
 
 def _l2_aggregate(groups, scores, ctx):
     # the group's weight norm over all member slices: sqrt of the summed squares
-    return channel_scores(groups, scores, transform=lambda s: s.clamp_min(0).sqrt())
+    return channel_scores(groups, scores, transform=root_of_sum)
 
 
 def _random_aggregate(groups, scores, ctx):
