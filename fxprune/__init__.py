@@ -9,7 +9,7 @@ from .api_prune import apply_plan, compile
 from .api_score import Saliency, saliency
 from .criteria import Criterion, list_criteria, register_criterion
 from .errors import (AnalysisError, BudgetError, CheckpointError, CriterionError, DataError,
-                     FxpruneError, TraceError)
+                     DegenerateScoresError, FxpruneError, TraceError)
 from .group import Group, Member
 from .passes.connectivity import Connectivity
 from .passes.trace import register_leaf
@@ -21,5 +21,5 @@ __all__ = [
     "register_criterion", "Criterion", "Group", "Member", "Connectivity", "Plan",
     "Saliency", "CompileResult", "Report", "register_leaf",
     "FxpruneError", "TraceError", "AnalysisError", "BudgetError", "DataError",
-    "CheckpointError", "CriterionError",
+    "CheckpointError", "CriterionError", "DegenerateScoresError",
 ]

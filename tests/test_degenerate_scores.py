@@ -33,7 +33,8 @@ class Block(nn.Module):
     def __init__(self, width, mid):
         super().__init__()
         self.conv1, self.bn1 = nn.Conv2d(width, mid, 3, padding=1, bias=False), nn.BatchNorm2d(mid)
-        self.conv2, self.bn2 = nn.Conv2d(mid, width, 3, padding=1, bias=False), nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(mid, width, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
 
     def forward(self, x):
         return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
@@ -188,7 +189,7 @@ def test_tied_groups_kinds_and_tolerance():
 
 # --------------------------------------------------------------------------- tie-break
 def test_ties_are_ordered_by_weight_norm_not_index():
-    groups = [SimpleNamespace(id="a", size=4, members=[]), SimpleNamespace(id="b", size=3, members=[])]
+    groups = [SimpleNamespace(id=gid, size=n, members=[]) for gid, n in (("a", 4), ("b", 3))]
     scores = {"a": torch.zeros(4), "b": torch.tensor([3.0, 1.0, 1.0])}
     norms = {"a": torch.tensor([4.0, 1.0, 3.0, 2.0]), "b": torch.tensor([1.0, 5.0, 2.0])}
     caps = {"a": 3, "b": 2}
