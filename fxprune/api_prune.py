@@ -342,7 +342,8 @@ def _check_plan(analysis: Analysis, plan: Plan, here: Dict[str, Any]) -> None:
     the groups (unknown, resized, unprunable, out of range, repeated or emptying)."""
     differs = fingerprint_differences(plan.meta.get("fingerprint"), here)
     if differs:
-        raise PlanError("the plan was made on a different model: " + "; ".join(differs)
+        raise PlanError("the plan does not fit this model, it was made on a different one: "
+                        + "; ".join(differs)
                         + ". Apply it to the model (and input size) it was made on, or "
                         "compile a new plan for this one")
     by_id = {g.id: g for g in analysis.groups}

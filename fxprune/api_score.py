@@ -6,7 +6,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
-from .criteria import Criterion, ScoringContext, get_criterion
+from .criteria import Criterion, ScoringContext, check_options, get_criterion, keywords_of
 from .criteria.aggregate import channel_scores
 from .criteria.scoring import (as_batches, default_loss, make_scoring_copy, math_attention,
                                module_device_dtype)
@@ -139,6 +139,16 @@ def _explain_non_finite(bad: List[str], module, crit: Criterion, ctx) -> Fxprune
         "float32/float64 or fewer batches")
 
 
+def check_not_empty(inputs) -> None:
+    """Refuse example inputs holding an empty batch (a tensor with batch dimension 0):
+    every FLOPs count would be 0, so a budget would "succeed" without pruning anything."""
+    for i, x in enumerate(inputs):
+        if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == 0:
+            raise DataError(f"example input {i} has shape {list(x.shape)}: an empty batch "
+                            "(no samples), on which FLOPs, shapes and scores mean nothing; "
+                            "pass at least one sample (e.g. x[:1] of a real batch)")
+
+
 def resolve_example_inputs(example_inputs: Any, batch_list, model: torch.nn.Module) -> Any:
     """``example_inputs`` as given, else the first calibration batch's inputs."""
     if example_inputs is not None:
@@ -159,8 +169,10 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
     ``(inputs, targets)``; ``example_inputs`` defaults to the first batch's inputs.
     """
     crit = get_criterion(criterion)
+    check_options(crit, options, keywords_of(saliency), "saliency")
     batch_list = prepare_batches(data, batches, crit.needs_data)
     example_inputs = resolve_example_inputs(example_inputs, batch_list, model)
+    check_not_empty(as_input_tuple(example_inputs))
     gm = trace(model, as_input_tuple(example_inputs), leaf_modules=leaf_modules,
                concrete_args=concrete_args)
     analysis = analyze(gm)

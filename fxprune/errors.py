@@ -30,6 +30,22 @@ class CriterionError(FxpruneError):
     """Unknown criterion or bad criterion options."""
 
 
+class PlanError(FxpruneError):
+    """A pruning plan is malformed (e.g. duplicated kept indices) or was made on a
+    different model than the one it is applied to."""
+
+
+class UnknownOptionError(FxpruneError, TypeError):
+    """A keyword argument that neither the function nor the criterion takes (a typo such
+    as ``ignored=`` or ``flop=``). Also a ``TypeError``, as Python raises for an
+    unexpected keyword."""
+
+
+class UnknownNameError(FxpruneError, LookupError):
+    """An argument names a module or parameter that the model does not have (e.g. an
+    ``ignore=`` entry that matches nothing)."""
+
+
 class DegenerateScoresError(FxpruneError):
     """A criterion's channel scores cannot rank any channel (all zero or all equal in
     every prunable group), so a plan would be arbitrary."""

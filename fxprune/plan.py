@@ -5,13 +5,14 @@ replayed on a fresh copy of the same model with :func:`fxprune.apply_plan`.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List
+from typing import Any, Dict, Iterable, List, Optional
 
-from .errors import FxpruneError
+from .errors import FxpruneError, PlanError
 
 PLAN_FORMAT = 1
 
@@ -24,6 +25,11 @@ class Plan:
     kept: Dict[str, List[int]]
     sizes: Dict[str, int] = field(default_factory=dict)
     meta: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        """Refuse kept lists with repeated or non-integer indices (a repeated index would
+        build a slim model with fewer channels than the plan and its report count)."""
+        check_kept(self.kept)
 
     def to_json(self, path: str = None) -> str:
         text = json.dumps({"format": PLAN_FORMAT, "kept": self.kept, "sizes": self.sizes,
@@ -44,12 +50,84 @@ class Plan:
             raise FxpruneError(f"not a fxprune plan (invalid JSON): {exc}") from exc
         if not isinstance(data, dict) or "kept" not in data:
             raise FxpruneError("not a fxprune plan: expected a JSON object with a 'kept' key")
+        if not isinstance(data["kept"], dict):
+            raise PlanError("not a fxprune plan: 'kept' must map group ids to index lists")
+        check_kept(data["kept"])
         kept = {gid: sorted(int(c) for c in chans) for gid, chans in data["kept"].items()}
         return Plan(kept, {k: int(v) for k, v in data.get("sizes", {}).items()},
                     data.get("meta", {}))
 
     def removed_count(self) -> int:
         return sum(self.sizes[g] - len(k) for g, k in self.kept.items() if g in self.sizes)
+
+
+def check_kept(kept: Dict[str, Any]) -> None:
+    """Every kept list holds distinct integer channel indices, else :class:`PlanError`."""
+    for gid, chans in kept.items():
+        try:
+            values = [_as_index(c) for c in chans]
+        except (TypeError, ValueError):
+            raise PlanError(f"plan group {gid!r}: kept indices must be a list of integer "
+                            f"channel indices, got {chans!r}") from None
+        if len(set(values)) != len(values):
+            repeated = sorted({c for c in values if values.count(c) > 1})
+            raise PlanError(f"plan group {gid!r}: kept indices {repeated} appear more than "
+                            "once; list each kept channel exactly once (a repeated index "
+                            "would keep fewer channels than the plan counts)")
+
+
+def _as_index(value: Any) -> int:
+    """``value`` as a channel index: an int (or integral number), never a bool."""
+    if isinstance(value, bool) or not float(value).is_integer():
+        raise ValueError(value)
+    return int(value)
+
+
+# ----------------------------------------------------------------------------- fingerprint
+def fingerprint(groups: Iterable[Any], model_name: str, input_shapes) -> Dict[str, Any]:
+    """What identifies the dense model a plan was made on: its class name, the example
+    input shapes, and every group's id and size (the dense analysis), plus a digest."""
+    sizes = {g.id: int(g.size) for g in groups}
+    data = {"model": model_name, "input_shapes": [list(s) for s in input_shapes],
+            "groups": sizes}
+    blob = json.dumps([model_name, sorted(sizes.items())], separators=(",", ":"))
+    data["digest"] = hashlib.sha256(blob.encode()).hexdigest()[:16]
+    return data
+
+
+def fingerprint_differences(recorded: Optional[Dict[str, Any]], current: Dict[str, Any]
+                            ) -> List[str]:
+    """What differs between the fingerprint a plan recorded and the current model's
+    (empty when they match, or when the plan records none: plans from before
+    fingerprints are checked group by group only). Input shapes are compared without
+    the batch dimension and only reported together with another difference (a plan
+    may be replayed at another resolution; the groups decide whether it fits)."""
+    if not isinstance(recorded, dict):
+        return []
+    out = []
+    names = (recorded.get("model"), current["model"])
+    if all(names) and names[0] != names[1] and "GraphModule" not in names:
+        out.append(f"the plan was made on a {recorded['model']}, this model is a "
+                   f"{current['model']}")
+    groups = recorded.get("groups")
+    if isinstance(groups, dict) and recorded.get("digest") != current["digest"]:
+        now = current["groups"]
+        missing = [g for g in groups if g not in now]
+        extra = [g for g in now if g not in groups]
+        resized = [f"{g} ({groups[g]} -> {now[g]} channels)" for g in groups
+                   if g in now and int(groups[g]) != now[g]]
+        for label, names in (("group(s) of the plan's model missing here", missing),
+                             ("group(s) here that the plan's model had not", extra),
+                             ("group(s) of another size", resized)):
+            if names:
+                more = f" and {len(names) - 4} more" if len(names) > 4 else ""
+                out.append(f"{len(names)} {label}: {', '.join(map(str, names[:4]))}{more}")
+    if out:
+        shapes = [list(s)[1:] for s in recorded.get("input_shapes") or []]
+        if shapes and shapes != [list(s)[1:] for s in current["input_shapes"]]:
+            out.append(f"input shapes {recorded['input_shapes']} (plan) vs "
+                       f"{current['input_shapes']} (here)")
+    return out
 
 
 def write_atomic(path: str, text_or_bytes) -> None:

@@ -269,6 +269,22 @@ def _run_fake(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
         _ShapeRecorder(gm, root).run(*args)
 
 
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    out = t.detach().clone()
+    if isinstance(t, torch.nn.Parameter):
+        out = torch.nn.Parameter(out, requires_grad=t.requires_grad)
+    return out
+
+
+def _run_real(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
+    """Real execution on copies of the weights and inputs: the graph may update a buffer
+    or an input in place, and ``gm`` may share its tensors with the user's model."""
+    root = module_twin(gm, _copy)
+    args = [_copy(x) if isinstance(x, torch.Tensor) else x for x in inputs]
+    with torch.no_grad():
+        _ShapeRecorder(gm, root).run(*args)
+
+
 def propagate_shapes(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
     """Write ``tensor_meta`` on every node. Runs on meta tensors first (shape functions
     only), then on fake tensors, then for real (exact, for ops that need values)."""
@@ -279,8 +295,7 @@ def propagate_shapes(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]) -> None:
         except Exception as exc:  # an op without a meta/fake kernel, or one that reads values
             log.debug("%s shape propagation failed (%s); trying the next mode", name, exc)
     try:
-        with torch.no_grad():
-            _ShapeRecorder(gm).run(*inputs)
+        _run_real(gm, inputs)
     except Exception as exc:
         raise TraceError(f"the traced graph fails on the example inputs: {type(exc).__name__}: "
                          f"{exc}. Check that example_inputs match the model's expected input.") from exc

@@ -35,7 +35,7 @@ import torch.fx
 
 from ..errors import TraceError
 from .shape_prop import propagate_shapes
-from .twin import module_twin, own_tensors
+from .twin import drop_user_hooks, module_twin, own_tensors
 
 log = logging.getLogger(__name__)
 
@@ -135,8 +135,12 @@ def trace(model: torch.nn.Module, example_inputs: Any = None, *,
 def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
     if isinstance(model, torch.fx.GraphModule):
         gm = copy.deepcopy(model).eval()
+        _note_dropped_hooks(drop_user_hooks(gm), model)
     else:
-        work = module_twin(model).eval()
+        copies: list = []
+        work = module_twin(model, _private_buffer(copies)).eval()
+        _private_tensor_attributes(work, copies)
+        _note_dropped_hooks(drop_user_hooks(work), model)
         leaf_types = [m for m in leaf_modules if isinstance(m, type)]
         leaf_names = [m for m in leaf_modules if isinstance(m, str)]
         tracer = FxpruneTracer(leaf_types, leaf_names)
@@ -145,6 +149,7 @@ def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
                 graph = tracer.trace(work, concrete_args=concrete_args)
         except Exception as exc:  # torch.fx raises plain TraceError/TypeError/...
             raise _explain_trace_failure(exc, tracer, model) from exc
+        _reset_copies(copies)
         # Forget the tracer class: GraphModule pickles a reference to it, and a saved
         # slim model must load without fxprune installed.
         graph._tracer_cls = None
@@ -155,6 +160,54 @@ def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
     if example_inputs is not None:
         propagate_shapes(gm, as_input_tuple(example_inputs))
     return gm
+
+
+def _private_buffer(copies: list):
+    """``tensor_fn`` for :func:`module_twin`: parameters are shared (symbolic tracing
+    turns their reads into graph nodes), buffers are copied, because a forward that
+    updates a buffer in place (``self.calls.add_(1)``) runs that update for real while
+    it is traced. ``(original, copy)`` pairs are appended to ``copies``."""
+    def private(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.nn.Parameter):
+            return t
+        out = t.detach().clone()
+        if t.requires_grad:
+            out.requires_grad_(True)
+        copies.append((t, out))
+        return out
+    return private
+
+
+def _private_tensor_attributes(work: torch.nn.Module, copies: list) -> None:
+    """Plain tensor attributes of the twin's modules (neither parameter nor buffer) get
+    copies too, for the same reason as buffers (ties kept)."""
+    seen: Dict[int, torch.Tensor] = {}
+    for mod in work.modules():
+        for key, value in list(mod.__dict__.items()):
+            if type(value) is torch.Tensor:
+                if id(value) not in seen:
+                    seen[id(value)] = value.detach().clone()
+                    copies.append((value, seen[id(value)]))
+                mod.__dict__[key] = seen[id(value)]
+
+
+def _reset_copies(copies: list) -> None:
+    """Give the copies the user's values again: what the forward wrote into them while
+    it was traced is undone, so the traced graph starts from the model's state."""
+    with torch.no_grad():
+        for original, private in copies:
+            if private.shape == original.shape:
+                private.copy_(original)
+
+
+def _note_dropped_hooks(modules: list, model: torch.nn.Module) -> None:
+    """Say once per trace that user hooks are left out (README, Limits)."""
+    if modules:
+        more = f" and {len(modules) - 3} more" if len(modules) > 3 else ""
+        log.warning("%s: the forward/backward hooks of %s%s are not traced: analysis, "
+                    "scoring and verification run without them and the slim model carries "
+                    "none (register them on the slim model if you need them)",
+                    type(model).__name__, ", ".join(modules[:3]), more)
 
 
 class _MemoDis:

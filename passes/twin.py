@@ -55,6 +55,40 @@ def _copy_container(value: Any) -> Any:
     return value
 
 
+# The hook containers of an nn.Module, and the per-hook flags keyed by the same ids.
+HOOK_CONTAINERS = ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks",
+                   "_backward_pre_hooks")
+_HOOK_FLAGS = ("_forward_hooks_with_kwargs", "_forward_hooks_always_called",
+               "_forward_pre_hooks_with_kwargs")
+
+
+def _is_torch_hook(hook: Any) -> bool:
+    """A hook torch itself installs as part of a module's computation (the weight
+    recomputation of ``torch.nn.utils.prune``, ``weight_norm``, ``spectral_norm``)."""
+    fn = getattr(hook, "__func__", hook)
+    owner = getattr(fn, "__module__", None) or type(fn).__module__ or ""
+    return owner == "torch" or owner.startswith("torch.")
+
+
+def drop_user_hooks(twin: torch.nn.Module) -> list:
+    """Remove the user's forward / pre-forward / backward hooks from a twin (from its own
+    hook containers: the original module keeps its hooks) and return the qualified names
+    of the modules that had some. torch's own hooks (:func:`_is_torch_hook`) stay."""
+    dropped = []
+    for name, mod in twin.named_modules(remove_duplicate=False):
+        had = False
+        for key in HOOK_CONTAINERS:
+            hooks = mod.__dict__.get(key)
+            for hid in [h for h, fn in (hooks or {}).items() if not _is_torch_hook(fn)]:
+                del hooks[hid]
+                for flags in _HOOK_FLAGS:
+                    mod.__dict__.get(flags, {}).pop(hid, None)
+                had = True
+        if had:
+            dropped.append(name or "<root>")
+    return dropped
+
+
 def own_tensors(gm: torch.nn.Module) -> None:
     """Give ``gm`` its own copy of every parameter and buffer (ties kept)."""
     memo: dict = {}

@@ -12,11 +12,12 @@ the user's model.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional
+import difflib
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from ..errors import CriterionError
+from ..errors import CriterionError, UnknownOptionError
 from ..group import Group
 
 
@@ -47,6 +48,11 @@ class Criterion:
     # (SOSP-I's greedy selection): (groups, channel_scores, ctx, caps) -> list of
     # (group id, channel) pairs, least important first, at most caps[gid] per group.
     select: Optional[Callable] = None
+    # The keyword options ``score``/``aggregate``/``select`` read from ``ctx.options``
+    # (e.g. ``("first_order",)``). ``None``: not declared (a user criterion registered
+    # before options were declared), so any keyword is passed on unless it is a near
+    # miss of the calling function's own keywords (see :func:`check_options`).
+    options: Optional[Tuple[str, ...]] = None
 
 
 _REGISTRY: Dict[str, Criterion] = {}
@@ -85,3 +91,33 @@ def _load_builtin() -> None:
         except ModuleNotFoundError as exc:  # a criterion module not written yet
             if exc.name != f"{__name__}.{mod}":
                 raise
+
+
+def keywords_of(fn: Callable) -> List[str]:
+    """The names ``fn`` takes as keywords (not its ``*args`` / ``**kwargs``)."""
+    import inspect
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return [p.name for p in inspect.signature(fn).parameters.values() if p.kind in kinds]
+
+
+def check_options(crit: Criterion, options: Mapping[str, Any], own: Iterable[str],
+                  caller: str) -> None:
+    """Refuse keyword arguments that neither ``caller`` (whose own keywords are ``own``)
+    nor ``crit`` takes: a typo such as ``ignored=`` or ``flop=0.5`` would otherwise be
+    passed to the criterion and silently ignored. Raises :class:`UnknownOptionError`
+    (a ``TypeError``) naming the close matches and every valid keyword."""
+    own = sorted(own)
+    declared = crit.options
+    for key in options:
+        if declared is not None and key in declared:
+            continue
+        close = difflib.get_close_matches(key, own + list(declared or ()), n=3, cutoff=0.6)
+        if declared is None and not close:
+            continue  # an undeclared criterion's own option
+        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+        crit_opts = ", ".join(declared) if declared else "none"
+        if declared is None:
+            crit_opts = "not declared (Criterion.options)"
+        raise UnknownOptionError(
+            f"{caller}() got an unexpected keyword argument {key!r}{hint}. Valid keywords: "
+            f"{', '.join(own)}; options of criterion {crit.name!r}: {crit_opts}")

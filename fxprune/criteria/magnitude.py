@@ -36,8 +36,10 @@ def _random_aggregate(groups, scores, ctx):
 
 
 register_criterion(Criterion("l1", "L1 norm of every member slice of a channel (data-free)",
-                             _l1, needs_data=False))
+                             _l1, needs_data=False, options=()))
 register_criterion(Criterion("l2", "L2 norm of every member slice of a channel (data-free)",
-                             _l2, needs_data=False, aggregate=_l2_aggregate))
+                             _l2, needs_data=False, aggregate=_l2_aggregate,
+                             options=()))
 register_criterion(Criterion("random", "uniformly random channel scores (seeded baseline)",
-                             _zeros, needs_data=False, aggregate=_random_aggregate))
+                             _zeros, needs_data=False, aggregate=_random_aggregate,
+                             options=("seed",)))
