@@ -56,6 +56,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
                    help="timm:NAME, torchvision:NAME, path/file.py:factory or a registered name")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="weights to load (.pth/.pt/.bin/.ckpt or .safetensors)")
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="let a --checkpoint that pickles Python objects be unpickled (this "
+                        "runs code stored in the file: only for files you trust)")
     p.add_argument("--num-classes", type=positive_int, metavar="N",
                    help="classifier size, when the checkpoint's differs from the default")
     p.add_argument("--input-size", type=input_size, metavar="C,H,W",
@@ -90,7 +93,9 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--workers", type=int, default=0, metavar="N",
                    help="DataLoader workers for image folders (default: 0)")
     p.add_argument("--out", metavar="SLIM.pt",
-                   help="save the slim GraphModule with torch.save (plus SLIM.pt.json)")
+                   help="save the slim model: SLIM.safetensors writes its weights and the "
+                        "plan (SLIM.plan.json, or --plan), reloaded without pickle by "
+                        "fxprune.load_slim; SLIM.pt a torch.save pickle (plus SLIM.pt.json)")
     p.add_argument("--export", metavar="SLIM.pt2",
                    help="save torch.export.export(slim) with torch.export.save")
     p.add_argument("--plan", metavar="PLAN.json", help="write the pruning plan (JSON)")
@@ -133,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("path", metavar="SLIM_OR_PLAN", help="slim model (.pt) or plan/report (.json)")
     r.add_argument("--input-size", type=input_size, metavar="C,H,W",
                    help="input shape when the slim model has no .json sidecar")
+    r.add_argument("--allow-pickle", action="store_true",
+                   help="unpickle a SLIM.pt to recount it (runs code stored in the file: "
+                        "only for files you trust); without it the recorded report is shown")
     r.set_defaults(func=_lazy("cli_report", "run_report"))
     c = sub.add_parser("criteria", parents=[common], help="list the saliency criteria")
     c.set_defaults(func=_criteria)

@@ -146,11 +146,12 @@ def seed_everything(seed: int) -> None:
 
 
 def load_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int], device,
-               input_size: Optional[Tuple[int, ...]] = None):
+               input_size: Optional[Tuple[int, ...]] = None, allow_pickle: bool = False):
     """Build ``spec`` with :func:`fxprune.models.create_model`, load ``checkpoint``,
     switch to eval mode and move it to ``device``. A timm model is built for
     ``input_size`` (``in_chans``, and ``img_size`` where the architecture takes one:
-    a ViT's position embedding is sized by it)."""
+    a ViT's position embedding is sized by it). A checkpoint that pickles Python objects
+    is refused unless ``allow_pickle`` (``--allow-pickle``)."""
     from .models import create_model
     check_checkpoint(checkpoint)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
@@ -158,12 +159,14 @@ def load_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int],
              " (random weights: pass --checkpoint to prune trained weights)")
     size_kwargs = _timm_size_kwargs(spec, input_size)
     try:
-        model = create_model(spec, checkpoint=checkpoint, **kwargs, **size_kwargs)
+        model = create_model(spec, checkpoint=checkpoint, allow_pickle=allow_pickle, **kwargs,
+                             **size_kwargs)
     except TypeError as exc:  # architectures without an img_size argument (CNNs)
         if "img_size" not in str(exc):
             raise
         size_kwargs.pop("img_size")
-        model = create_model(spec, checkpoint=checkpoint, **kwargs, **size_kwargs)
+        model = create_model(spec, checkpoint=checkpoint, allow_pickle=allow_pickle, **kwargs,
+                             **size_kwargs)
     return model.eval().to(device)
 
 

@@ -38,7 +38,8 @@ def run_groups(args) -> int:
         raise CliError(f"--graph {args.graph}: SVG output needs Graphviz's `dot` "
                        "(apt-get install graphviz); write a .dot or .html graph instead")
     device = resolve_device(args.device)
-    model = load_model(args.model, args.checkpoint, args.num_classes, device, args.input_size)
+    model = load_model(args.model, args.checkpoint, args.num_classes, device, args.input_size,
+                       allow_pickle=args.allow_pickle)
     size = resolve_input_size(args.model, model, args.input_size)
     example = torch.zeros(1, *size, device=device)
     log.info("analysing: tracing the model on an input of shape %s", list(example.shape))

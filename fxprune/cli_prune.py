@@ -26,7 +26,8 @@ def run_prune(args) -> int:
     crit = resolve_criterion(args.criterion)
     source = parse_source(args.data)
     seed_everything(args.seed)
-    model = load_model(args.model, args.checkpoint, args.num_classes, device, args.input_size)
+    model = load_model(args.model, args.checkpoint, args.num_classes, device, args.input_size,
+                       allow_pickle=args.allow_pickle)
     size = resolve_input_size(args.model, model, args.input_size)
     log.info("calibration data: %s, %s", source.describe(),
              f"up to {args.batches} batch(es) of {args.batch_size}"
@@ -46,7 +47,7 @@ def run_prune(args) -> int:
 
 def _check_args(args) -> None:
     """Everything that can be checked before the (slow) model is built."""
-    check_output(args.out, "--out", (".pt", ".pth"))
+    check_output(args.out, "--out", (".pt", ".pth", ".safetensors"))
     check_output(args.export, "--export", (".pt2",))
     check_output(args.plan, "--plan", (".json",))
     check_output(args.report, "--report", REPORT_SUFFIXES)
@@ -107,7 +108,16 @@ def _compile(model, criterion: str, calib, args):
                       batches=args.batches if calib.batches is not None else None,
                       progress=not args.quiet, latency=args.latency, verify=verify,
                       between_steps=between_steps, repair=repair,
-                      normalize=None if args.normalize == "none" else args.normalize, **budget)
+                      normalize=None if args.normalize == "none" else args.normalize,
+                      **_criterion_options(criterion, args), **budget)
+
+
+def _criterion_options(criterion: str, args) -> Dict[str, Any]:
+    """The command-line flags that are options the criterion declares (``--seed`` for
+    ``random``); compile refuses any other keyword."""
+    from .criteria import get_criterion
+    declared = get_criterion(criterion).options or ()
+    return {"seed": args.seed} if "seed" in declared else {}
 
 
 def _wants_repair(args) -> bool:
@@ -143,7 +153,9 @@ def _write_outputs(args, result, example, criterion: str, size) -> str:
     if args.report:
         write_report(report, args.report)
         written.append(f"report {args.report}")
-    if args.out:
+    if args.out and args.out.lower().endswith(".safetensors"):
+        written.append(write_safetensors(result, args, report, list(example.shape)))
+    elif args.out:
         save_module_atomic(slim, args.out)
         sidecar = write_sidecar(args.out, report, example.shape, out_shape, meta)
         written.append(f"slim model {args.out} (+ {os.path.basename(sidecar)})")
@@ -159,6 +171,15 @@ def _write_outputs(args, result, example, criterion: str, size) -> str:
         log.warning("recount of the slim model (%d FLOPs, %d params) differs from the "
                     "report (%d, %d)", flops, params, report.flops_after, report.params_after)
     return f"slim model: input {list(example.shape)} -> output {out_shape}"
+
+
+def write_safetensors(result, args, report, input_shape) -> str:
+    """``--out SLIM.safetensors``: the slim weights plus the plan (``--plan`` or
+    ``SLIM.plan.json``), reloaded with ``fxprune.load_slim`` without unpickling."""
+    from .slim_io import default_plan_path, save_slim
+    result.plan.meta.update(model=args.model, report=report.to_dict(), input_shape=input_shape)
+    weights, plan = save_slim(result, args.out, args.plan or default_plan_path(args.out))
+    return f"slim weights {weights} and plan {plan} (reload: fxprune.load_slim)"
 
 
 def export_program(module, example, path: str) -> None:

@@ -6,6 +6,10 @@ that ``fxprune report slim.pt`` can reload the model, recount its FLOPs / params
 zero input of the recorded shape with ``torch.utils.flop_counter`` and print the same
 table. A plan JSON written by the CLI carries the report in ``meta["report"]``; a plan
 written by the Python API shows kept counts per group.
+
+Nothing is unpickled unless the user says so: a ``.pt`` slim model is a pickle, so
+without ``--allow-pickle`` its sidecar's recorded report is shown (not recounted); a
+``.safetensors`` slim model (weights + plan) shows the plan embedded in it.
 """
 from __future__ import annotations
 
@@ -85,9 +89,12 @@ def run_report(args) -> int:
     path = args.path
     if not os.path.isfile(path):
         raise CliError(f"{path}: no such file (expected a slim model .pt or a plan .json)")
+    if path.lower().endswith(".safetensors"):
+        print(_safetensors_report(path))
+        return 0
     data = _read_json(path)
     if data is None:
-        print(_slim_report(path, args.input_size))
+        print(_slim_report(path, args.input_size, getattr(args, "allow_pickle", False)))
     elif "kept" in data:
         print(plan_text(Plan.from_json(path)))
     elif "report" in data:
@@ -139,9 +146,42 @@ def _budget_text(budget) -> str:
     return ", ".join(f"{b.get('kind')}={b.get('ratio')}" for b in budget if isinstance(b, dict))
 
 
-def _slim_report(path: str, given_size: Optional[Tuple[int, ...]]) -> str:
-    """Reload a slim model, recount its FLOPs / params and print the saved report."""
+def _safetensors_report(path: str) -> str:
+    """The plan embedded in a ``.safetensors`` slim model (read without unpickling)."""
+    from .errors import FxpruneError
+    from .slim_io import read_slim_metadata
+    meta = read_slim_metadata(path)
+    if "fxprune.plan" not in meta:
+        raise CliError(f"{path}: a safetensors file without a fxprune plan (not written by "
+                       "fxprune prune --out SLIM.safetensors)")
+    try:
+        plan = Plan.from_json(meta["fxprune.plan"])
+    except FxpruneError as exc:
+        raise CliError(f"{path}: the embedded plan is not readable: {exc}") from None
+    return f"slim weights {path} (plan embedded; reload with fxprune.load_slim)\n" + \
+        plan_text(plan)
+
+
+def _recorded_report(path: str, sidecar: Optional[Dict[str, Any]]) -> str:
+    """A pickled slim model's sidecar report, without loading (unpickling) the model."""
+    if sidecar is None:
+        raise CliError(f"{path}: a torch.save pickle, and loading it would run code stored in "
+                       "the file; pass --allow-pickle if you trust it (or ship the slim model "
+                       "as --out SLIM.safetensors + plan, or --export SLIM.pt2)")
+    report = report_from_dict(sidecar["report"])
+    report.notes.append(f"recorded report, not recounted: pass --allow-pickle to load {path} "
+                        "(a pickle: only for files you trust) and recount it")
+    return "\n".join([f"slim model {path}: input {sidecar['input_shape']} -> output "
+                      f"{sidecar.get('output_shape')}", report.table()])
+
+
+def _slim_report(path: str, given_size: Optional[Tuple[int, ...]],
+                 allow_pickle: bool = False) -> str:
+    """Reload a slim model, recount its FLOPs / params and print the saved report. A
+    pickled ``.pt`` is only loaded with ``allow_pickle``; else the sidecar is shown."""
     sidecar = _read_sidecar(path + ".json")
+    if not allow_pickle and not path.lower().endswith(".pt2"):
+        return _recorded_report(path, sidecar)
     module, recorded = load_slim(path)
     if given_size is not None:
         shape = [1, *given_size]

@@ -1,7 +1,10 @@
 """Loading local weights into a model with readable mismatch errors.
 
 Supported files: ``.pth`` / ``.pt`` / ``.bin`` / ``.ckpt`` (``torch.load``) and
-``.safetensors``. The file may hold a bare state dict or one wrapped under
+``.safetensors``. ``torch.load`` files are read with ``weights_only=True``: a file that
+pickles a Python object (which unpickling would construct, running code stored in the
+file) is refused unless the caller opts in with ``allow_pickle=True`` (the command
+line's ``--allow-pickle``), as ``torch.load`` itself does since torch 2.6. The file may hold a bare state dict or one wrapped under
 ``state_dict``, ``model``, ``model_ema`` or ``state_dict_ema`` (first found wins); a
 DDP ``module.`` prefix or a ``torch.compile`` ``_orig_mod.`` prefix is stripped.
 """
@@ -38,7 +41,8 @@ def _short_reason(exc: BaseException) -> str:
 def _torch_load(path: str, allow_pickle: bool) -> object:
     """``torch.load(weights_only=True)``; retry with ``weights_only=False`` only when the
     file is readable but pickles a Python global (e.g. an ``argparse.Namespace`` or a
-    whole ``nn.Module`` saved next to the weights) and ``allow_pickle`` is set."""
+    whole ``nn.Module`` saved next to the weights) and the caller opted in with
+    ``allow_pickle=True``. Without it the file is refused and nothing in it runs."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
@@ -48,10 +52,12 @@ def _torch_load(path: str, allow_pickle: bool) -> object:
         reason = f"it pickles the Python object {found.group(1)}"
         if not allow_pickle:
             raise CheckpointError(
-                f"{path}: torch.load(weights_only=True) refused the file: {reason}. Re-save it "
-                "as a plain state dict, or pass allow_pickle=True if you trust the file.") from exc
-        logger.warning("%s: weights_only=True load refused (%s); retrying with weights_only=False "
-                       "(this runs pickled code: only do it for files you trust)", path, reason)
+                f"{path}: refused to unpickle the file: {reason}, and unpickling it would run "
+                "code stored in the file (torch.load(weights_only=True) refused it). If you "
+                "trust the file, opt in with allow_pickle=True (command line: --allow-pickle); "
+                "better, re-save it as a plain state dict or .safetensors") from exc
+        logger.warning("%s: %s; unpickling it with weights_only=False because allow_pickle=True "
+                       "(this runs code stored in the file)", path, reason)
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:
@@ -60,8 +66,9 @@ def _torch_load(path: str, allow_pickle: bool) -> object:
         raise CheckpointError(f"{path}: cannot read checkpoint: {_short_reason(exc)}") from exc
 
 
-def read_state_dict(path: str, allow_pickle: bool = True) -> Dict[str, torch.Tensor]:
-    """Read a checkpoint file and return the flat ``{name: tensor}`` state dict inside it."""
+def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
+    """Read a checkpoint file and return the flat ``{name: tensor}`` state dict inside it.
+    ``allow_pickle=True`` lets ``torch.load`` unpickle Python objects (trusted files only)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint file {path!r} does not exist")
@@ -154,13 +161,13 @@ def mismatch_message(path: str, model: nn.Module, missing, unexpected, mismatche
 
 
 def load_checkpoint(model: nn.Module, path: str, strict: bool = True,
-                    allow_pickle: bool = True) -> nn.Module:
+                    allow_pickle: bool = False) -> nn.Module:
     """Load the weights in ``path`` into ``model`` in place and return ``model``.
 
     Raises :class:`~fxprune.errors.CheckpointError` when the file is missing or
     unreadable, when a tensor's shape differs, or (``strict=True``) when keys are
-    missing or unexpected. ``allow_pickle=False`` forbids the ``weights_only=False``
-    retry for ``torch.load`` files that hold pickled Python objects.
+    missing or unexpected. A ``torch.load`` file that pickles Python objects is refused
+    unless ``allow_pickle=True`` (then it is unpickled: only for files you trust).
     """
     model_sd = model.state_dict()
     state = strip_prefixes(read_state_dict(path, allow_pickle=allow_pickle), model_sd)

@@ -169,11 +169,13 @@ def _create_from_file(path: str, factory: str, **kwargs) -> nn.Module:
     return model
 
 
-def create_model(name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.Module:
+def create_model(name: str, checkpoint: Optional[str] = None, *, allow_pickle: bool = False,
+                 **kwargs) -> nn.Module:
     """Build the model named by ``name`` (see module docstring) with random weights.
 
     ``kwargs`` go to the factory (e.g. ``num_classes``). When ``checkpoint`` is given the
-    weights are loaded strictly with :func:`fxprune.models.load_checkpoint`.
+    weights are loaded strictly with :func:`fxprune.models.load_checkpoint`, which unpickles
+    Python objects only with ``allow_pickle=True``.
     Registered models get an ``input_size`` attribute (shape without batch dim) unless
     their factory already set one.
     """
@@ -191,6 +193,6 @@ def create_model(name: str, checkpoint: Optional[str] = None, **kwargs) -> nn.Mo
     if checkpoint is not None:
         from .checkpoint import load_checkpoint
 
-        load_checkpoint(model, checkpoint)
+        load_checkpoint(model, checkpoint, allow_pickle=allow_pickle)
     logger.debug("created model %s (%s)", name, type(model).__name__)
     return model

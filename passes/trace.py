@@ -9,7 +9,12 @@ Copies, and why they are cheap: tracing needs its own module objects (to switch 
 to eval mode without touching the user's flags), not its own weights, because
 symbolic tracing never reads or writes tensor data. :func:`module_twin` therefore
 copies the module *tree* (every module object and its parameter/buffer/submodule/hook
-containers: microseconds per module) and shares the tensors. The returned
+containers: microseconds per module) and shares the parameters. Buffers and plain tensor
+attributes are copied (they are small), because a forward that updates them in place
+(``self.calls.add_(1)``) runs that update for real while it is traced; the copies get
+the user's values back after tracing. User hooks are dropped from the twin
+(:func:`.twin.drop_user_hooks`): the graph, every pass and the slim model run without
+them, and a warning names the modules. The returned
 GraphModule then gets its own copy of every parameter and buffer (one ``clone`` per
 tensor, ties kept), because later passes write to it in place (unstructured masks
 ``mul_`` the weights, scoring sets ``requires_grad``) and the user's model must not

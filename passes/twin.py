@@ -4,7 +4,9 @@ Contract: :func:`module_twin` never copies tensor data unless its ``tensor_fn`` 
 never shares a module object or a container (hooks, parameters, submodules) with the
 original, so flipping a twin's training flag or swapping its tensors leaves the user's
 model untouched. :func:`own_tensors` then gives a twin its own parameter and buffer
-copies (ties kept) when later passes will write to them.
+copies (ties kept) when later passes will write to them. :func:`drop_user_hooks` empties
+a twin's own hook containers (the user's forward/backward hooks are not traced, not run
+by any pass and not carried into the slim model; torch's own hooks stay).
 """
 from __future__ import annotations
 

@@ -130,7 +130,7 @@ def test_report_command_on_plan_and_slim(pruned, workdir, capsys, monkeypatch):
     on_plan = run_cli("report", "plan.json", cwd=workdir)
     assert on_plan.returncode == 0, on_plan.stderr
     assert flops_line in on_plan.stdout and "layer4.1.conv1" in on_plan.stdout
-    on_slim = run_cli("report", "slim.pt", cwd=workdir)
+    on_slim = run_cli("report", "slim.pt", "--allow-pickle", cwd=workdir)  # a pickle: opt in
     assert on_slim.returncode == 0, on_slim.stderr
     assert flops_line in on_slim.stdout and "recounted" in on_slim.stdout
     assert "differ" not in on_slim.stdout
@@ -311,5 +311,5 @@ def test_prune_on_gpu_with_oba(tmp_path):
                    "3,64,64", "--batch-size", "8", "--batches", "2", "--out", "slim.pt",
                    "--export", "slim.pt2", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    report = run_cli("report", "slim.pt", cwd=tmp_path)
+    report = run_cli("report", "slim.pt", "--allow-pickle", cwd=tmp_path)
     assert report.returncode == 0 and "differ" not in report.stdout, report.stderr

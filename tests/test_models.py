@@ -221,9 +221,11 @@ def test_missing_file_and_pickled_objects(tmp_path):
     torch.save({"state_dict": model.state_dict(), "args": argparse.Namespace(lr=0.1)}, path)
     with pytest.raises(CheckpointError, match="weights_only"):
         load_checkpoint(model, path, allow_pickle=False)
-    load_checkpoint(create_model("tiny_mlp"), path)
+    with pytest.raises(CheckpointError, match="allow_pickle=True"):  # refused by default
+        load_checkpoint(model, path)
+    load_checkpoint(create_model("tiny_mlp"), path, allow_pickle=True)
     torch.save(model, tmp_path / "whole.pt")  # a whole pickled nn.Module
-    load_checkpoint(create_model("tiny_mlp"), tmp_path / "whole.pt")
+    load_checkpoint(create_model("tiny_mlp"), tmp_path / "whole.pt", allow_pickle=True)
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError):
         load_checkpoint(model, tmp_path / "junk.pth")

@@ -273,3 +273,15 @@ def test_user_hooks_are_neither_called_nor_copied(caplog):
     bare = model(x)
     kept = fxprune.apply_plan(model, res.plan, x).module
     assert kept(x).shape == bare.shape
+
+
+def test_cli_forwards_seed_to_the_random_criterion(tmp_path, capsys, monkeypatch):
+    from fxprune.cli import main
+    monkeypatch.chdir(tmp_path)
+    kept = []
+    for seed in ("1", "2"):
+        code = main(["prune", "tiny_vgg", "--criterion", "random", "--sparsity", "0.5",
+                     "--seed", seed, "--no-latency", "-q", "--plan", f"p{seed}.json"])
+        assert code == 0, capsys.readouterr().err
+        kept.append(json.loads((tmp_path / f"p{seed}.json").read_text())["kept"])
+    assert kept[0] != kept[1]
