@@ -21,9 +21,10 @@ import logging
 from typing import Dict, List, Optional, Sequence
 
 import torch
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .criteria import get_criterion
-from .criteria.scoring import cast_batch, math_attention
+from .criteria.scoring import cast_batch, math_attention, module_device_dtype
 from .errors import DegenerateScoresError
 from .passes.select import tied_groups
 
@@ -57,7 +58,11 @@ def check_scores(criterion: str, scores: Dict[str, torch.Tensor], groups: Sequen
     each may lose (groups with a zero cap are not looked at); ``ctx``: the criterion's
     :class:`~fxprune.criteria.ScoringContext` (``None`` for data-free scoring). Raises
     :class:`DegenerateScoresError` when every such group ties; otherwise returns the
-    warning lines (empty when nothing ties), already logged."""
+    warning lines (empty when nothing ties), already logged. Gradient-weighted criteria
+    (oba, taylor, obd) are also refused when the loss is stationary at the dense model up
+    to rounding: their scores are then rounding noise, not exactly zero (fused attention
+    in the dense outputs vs. its math form while scoring)."""
+    _refuse_stationary_loss(criterion, scores, ctx)
     tied = tied_groups(groups, scores, caps)
     if not tied:
         return []
@@ -67,6 +72,66 @@ def check_scores(criterion: str, scores: Dict[str, torch.Tensor], groups: Sequen
     note = _partial_message(criterion, tied, len(live))
     log.warning("%s", note)
     return [note]
+
+
+def _refuse_stationary_loss(criterion: str, scores, ctx) -> None:
+    """Raise when ``criterion`` weights its scores by the loss gradient and the dense
+    model's outputs are a stationary point of the loss (e.g. a distillation loss)."""
+    if criterion not in _ZERO_GRADIENT_FIX or not getattr(ctx, "batches", None):
+        return
+    shift = stationary_shift(ctx)
+    if shift is None or shift > _rounding(ctx.module) ** 0.5:
+        return
+    top = max((float(s.detach().abs().max()) for s in scores.values() if s.numel()),
+              default=0.0)
+    raise DegenerateScoresError(
+        f"{criterion}: the loss gradient is zero at the dense model (up to rounding: the "
+        f"outputs sit {shift:.1e} (relative) from the loss minimum), so the scores (max "
+        f"|score| {top:.1e}) are rounding noise and any plan would be arbitrary; nothing "
+        "was pruned. The loss is one the dense model already minimises, e.g. a "
+        "distillation MSE against the dense model's own outputs. "
+        + _ZERO_GRADIENT_FIX[criterion])
+
+
+def _rounding(module) -> float:
+    _, dtype = module_device_dtype(module)
+    return torch.finfo(dtype).eps
+
+
+def stationary_shift(ctx, tau: float = 1e-3) -> Optional[float]:
+    """How far (relative) the dense outputs on the first calibration batch are from a
+    stationary point of the loss: ``|g(y)| / (|g(y(1+τ)) - g(y)| / τ)`` with ``g`` the
+    loss gradient w.r.t. the outputs ``y`` (a Newton step's length over |y|, about 1 for a
+    task loss, rounding level for a distillation loss at the dense model). ``None``
+    when it cannot be computed (no floating outputs, or a loss linear in them)."""
+    module = ctx.module
+    inputs, targets = cast_batch(ctx.batches[0], module)
+    with torch.no_grad(), math_attention():
+        leaves, spec = tree_flatten(module(*inputs))
+    floating = [i for i, t in enumerate(leaves) if torch.is_tensor(t) and t.is_floating_point()]
+    if not floating:
+        return None
+
+    def gradient(scale: float) -> Optional[torch.Tensor]:
+        parts = list(leaves)
+        wrt = [(leaves[i] * scale).detach().requires_grad_(True) for i in floating]
+        for i, t in zip(floating, wrt):
+            parts[i] = t
+        with torch.enable_grad():
+            loss = ctx.loss_fn(tree_unflatten(parts, spec), targets)
+            if not (torch.is_tensor(loss) and loss.requires_grad):
+                return None
+            grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+        return torch.cat([(torch.zeros_like(t) if g is None else g).reshape(-1).double()
+                          for t, g in zip(wrt, grads)])
+
+    g0, g1 = gradient(1.0), gradient(1.0 + tau)
+    if g0 is None or g1 is None:
+        return None
+    curvature = float((g1 - g0).norm()) / tau
+    if curvature == 0.0:
+        return 0.0 if float(g0.norm()) == 0.0 else None
+    return float(g0.norm()) / curvature
 
 
 def _listing(tied: Dict[str, str], kind: str, limit: int = 4) -> str:
