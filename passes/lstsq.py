@@ -56,10 +56,13 @@ def layer_rows(layer: nn.Module, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
     pad = layer._reversed_padding_repeated_twice  # also covers padding="same"
     if isinstance(layer, nn.Conv1d):
         pad = list(pad) + [0, 0]
-    if any(pad):
-        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-        x = F.pad(x, list(pad), mode=mode)
-    cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [N, C*k, L]
+    if kernel == (1, 1) and stride == (1, 1) and not any(pad):
+        cols = x.reshape(x.shape[0], x.shape[1], -1)  # a 1x1 conv needs no unfold
+    else:
+        if any(pad):
+            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+            x = F.pad(x, list(pad), mode=mode)
+        cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [N, C*k, L]
     n, groups = x.shape[0], layer.groups
     cols = cols.reshape(n, groups, -1, cols.shape[-1]).permute(1, 0, 3, 2)
     out = y.reshape(n, groups, y.shape[1] // groups, -1).permute(1, 0, 3, 2)
@@ -96,15 +99,22 @@ class LayerGram:
     yy: float = 0.0
     rows: int = 0
 
-    def add(self, layer: nn.Module, x: Tensor, y: Tensor) -> None:
-        """Accumulate one batch: ``x`` the layer's input, ``y`` the target output."""
+    def add(self, layer: nn.Module, x: Tensor, y: Tensor, max_rows: Optional[int] = None) -> None:
+        """Accumulate one batch: ``x`` the layer's input, ``y`` the target output.
+        ``max_rows``: use at most this many rows (output positions) of the batch, a
+        seeded uniform sample — neighbouring pixels of one image are nearly redundant
+        rows, and the Gram product costs ``rows x d²``."""
         cols, out = layer_rows(layer, x, y)
+        if max_rows is not None and cols.shape[1] > max_rows:
+            gen = torch.Generator().manual_seed(cols.shape[1])
+            pick = torch.randperm(cols.shape[1], generator=gen)[:max_rows].to(cols.device)
+            cols, out = cols[:, pick], out[:, pick]
         cols = torch.cat([cols, torch.ones_like(cols[..., :1])], dim=-1)
         h = torch.bmm(cols.transpose(1, 2), cols).double()
         c = torch.bmm(out.transpose(1, 2), cols).double()
         self.H = h if self.H is None else self.H + h
         self.C = c if self.C is None else self.C + c
-        self.yy += float(out.double().pow(2).sum())
+        self.yy += float(out.pow(2).sum(dtype=torch.float64))
         self.rows += cols.shape[1]
 
     def __add__(self, other: "LayerGram") -> "LayerGram":
@@ -129,8 +139,10 @@ def solve(gram: LayerGram, w0: Tensor, alpha: float, has_bias: bool = True) -> T
     lam = (alpha * scale).reshape(-1, 1, 1)
     eye = torch.eye(d, dtype=H.dtype, device=H.device)
     rhs = (C + lam * W0).transpose(1, 2)          # [G, d, o]
-    if alpha > 0:
-        sol = torch.linalg.solve(H + lam * eye, rhs)
+    if alpha > 0:  # H + λI is symmetric positive definite: Cholesky, half an LU's work
+        factor, info = torch.linalg.cholesky_ex(H + lam * eye)
+        sol = (torch.cholesky_solve(rhs, factor) if not bool(info.any())
+               else torch.linalg.solve(H + lam * eye, rhs))
     else:
         sol = torch.linalg.lstsq(H, rhs, driver="gelsd" if H.device.type == "cpu" else None).solution
     w = sol.transpose(1, 2)
@@ -141,6 +153,6 @@ def solve(gram: LayerGram, w0: Tensor, alpha: float, has_bias: bool = True) -> T
 
 def error(gram: LayerGram, w_aug: Tensor) -> float:
     """``Σ ‖W x̃ − y‖²`` over the rows summed in ``gram``, from its sums alone."""
-    quad = torch.einsum("god,gde,goe->", w_aug, gram.H, w_aug)
-    cross = torch.einsum("god,god->", w_aug, gram.C)
+    quad = (torch.bmm(w_aug, gram.H) * w_aug).sum()
+    cross = (w_aug * gram.C).sum()
     return max(float(quad - 2 * cross + gram.yy), 0.0)

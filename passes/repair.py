@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 REPAIR_MODES = ("full", "bn", None)
 #: Damping candidates (λ = α · mean diag of the Gram matrix), chosen on held-out batches.
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+#: Rows (output positions) per unknown sampled from each batch for a layer's Gram sums:
+#: a 3x3 conv at 56x56 has ~50 rows per unknown per image, mostly redundant.
+ROWS_PER_UNKNOWN = 8
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -275,7 +278,7 @@ def _moments(xs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     count = 0
     for x in xs:
         dims = [d for d in range(x.dim()) if d != 1]
-        s, q = x.double().sum(dims), x.double().pow(2).sum(dims)
+        s, q = x.sum(dims, dtype=torch.float64), (x * x).sum(dims, dtype=torch.float64)
         total, sq = (s, q) if total is None else (total + s, sq + q)
         count += x.numel() // x.shape[1]
     mean = total / count
@@ -338,30 +341,36 @@ def _refit(sweep: _Sweep, site: _Site, ns, nd, env_s, env_d) -> LayerRepair:
         for b in batches:
             y = y_d[b] if site.positions is None else \
                 y_d[b].index_select(out_dim, site.positions.to(y_d[b].device))
-            g.add(layer, x_s[b], y)
+            g.add(layer, x_s[b], y, max_rows=ROWS_PER_UNKNOWN * unknowns)
         return g
 
-    fit, val = gram(sweep.train), gram(sweep.held)
-    w0, has_bias = augmented_weight(layer), layer.bias is not None
-    rel = lambda w: error(val, w) / max(val.yy, 1e-30)
-    before = rel(w0)
-    if fit.rows < fit.unknowns:
-        per_sample = max(1, fit.rows // max(1, sum(x_s[b].shape[0] for b in sweep.train)))
-        need = -(-fit.unknowns // per_sample)
-        reason = (f"{fit.rows} calibration rows for {fit.unknowns} unknowns per output; a "
-                  f"re-fit needs at least {need} training samples (about "
+    unknowns = _unknowns(layer)
+    rows = sum(y_d[b].numel() // y_d[b].shape[out_dim] for b in sweep.train)
+    if rows < unknowns:  # decided from shapes, before any Gram product is paid for
+        samples = sum(x_s[b].shape[0] for b in sweep.train)
+        need = -(-unknowns // max(1, rows // max(1, samples)))
+        reason = (f"{rows} calibration rows for {unknowns} unknowns per output; a re-fit "
+                  f"needs at least {need} training samples (about "
                   f"{-(-need * len(sweep.inputs) // max(1, len(sweep.train)))} in all with the "
                   "held-out quarter); kept the pruned weights")
         sweep.summary.notes.append(f"{site.name}: {reason}")
         log.warning("repair: %s: %s", site.name, reason)
-        return LayerRepair(site.name, "skipped", before, before, None, fit.rows,
-                           fit.unknowns, reason)
+        return LayerRepair(site.name, "skipped", None, None, None, rows, unknowns, reason)
+    fit, val = gram(sweep.train), gram(sweep.held)
+    w0, has_bias = augmented_weight(layer), layer.bias is not None
+    rel = lambda w: error(val, w) / max(val.yy, 1e-30)
+    before = rel(w0)
     tried = [(rel(w), alpha) for alpha in ALPHAS for w in [solve(fit, w0, alpha, has_bias)]]
     best_err, best_alpha = min(tried)
     if best_err >= before:
         return LayerRepair(site.name, "kept", before, before, None, fit.rows, fit.unknowns)
     set_augmented_weight(layer, solve(fit + val, w0, best_alpha, has_bias))
     return LayerRepair(site.name, "re-fit", before, best_err, best_alpha, fit.rows, fit.unknowns)
+
+
+def _unknowns(layer: nn.Module) -> int:
+    """Input patch size + 1 (the bias) of one output row of ``layer``."""
+    return layer.weight[0].numel() + 1
 
 
 # --------------------------------------------------------------------------- outputs

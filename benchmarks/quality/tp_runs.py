@@ -115,10 +115,11 @@ def _bisect(model, name, stats, example, is_vit, target: float, iters: int):
     return best
 
 
-def tp_job(model, name: str, budget: float, seed: int, ctx, is_vit: bool) -> Dict:
-    """Torch-Pruning with importance ``name`` to the kept-FLOPs target, then shared FT."""
+def tp_prune(model, name: str, budget: float, seed: int, ctx, is_vit: bool) -> Dict:
+    """Torch-Pruning with importance ``name`` to the kept-FLOPs target: the measured
+    columns plus ``"slim"`` (the pruned copy), or an error record."""
     try:
-        import torch_pruning  # noqa: F401
+        import torch_pruning as tp
     except ImportError as exc:
         return {"error": f"torch-pruning not installed: {exc}", "skipped": True}
     calib = ctx.calib[seed]
@@ -135,13 +136,20 @@ def tp_job(model, name: str, budget: float, seed: int, ctx, is_vit: bool) -> Dic
         slim(example)  # the pruned model must still run
     except Exception as exc:
         return _error_record(exc)
-    import torch_pruning as tp
     kept_tp = tp.utils.count_ops_and_params(slim, example)[0] / \
         tp.utils.count_ops_and_params(model, example)[0]
-    rec = {"flops": flops, "params": params, "flops_tp": kept_tp, "tp_ratio": ratio,
-           "prune_s": prune_s, "score_s": score_s}
+    return {"slim": slim, "flops": flops, "params": params, "flops_tp": kept_tp,
+            "tp_ratio": ratio, "prune_s": prune_s, "score_s": score_s}
+
+
+def tp_job(model, name: str, budget: float, seed: int, ctx, is_vit: bool) -> Dict:
+    """Torch-Pruning with importance ``name`` to the kept-FLOPs target, then shared FT."""
+    rec = tp_prune(model, name, budget, seed, ctx, is_vit)
+    if "error" in rec:
+        return rec
+    slim = rec.pop("slim")
     rec["acc_before"] = evaluate(slim, *ctx.test_data)
-    rec["acc_recal"] = accuracy_after_bn_recalibration(slim, calib, ctx.test_data)
+    rec["acc_recal"] = accuracy_after_bn_recalibration(slim, ctx.calib[seed], ctx.test_data)
     _finetune(slim, ctx, seed)
     rec["acc_after"] = evaluate(slim, *ctx.test_data)
     return rec

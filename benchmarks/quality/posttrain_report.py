@@ -1,0 +1,113 @@
+"""Tables and plot of the post-training benchmark (posttrain.py): accuracy per criterion
+x repair mode x budget, mean ± std over seeds."""
+from __future__ import annotations
+
+import statistics
+from collections import OrderedDict
+from typing import Dict, List, Optional
+
+from .report import _ms
+
+REPAIRS = ("none", "bn", "full")
+_STYLE = {"none": ":", "bn": "--", "full": "-"}
+
+
+def _rows(records: List[Dict]) -> "OrderedDict[tuple, List[Dict]]":
+    from .config import CRITERIA
+    order = CRITERIA + ["tp-magnitude", "tp-taylor", "tp-hessian"]
+    rank = lambda c: order.index(c) if c in order else len(order)
+    out: "OrderedDict[tuple, List[Dict]]" = OrderedDict()
+    for r in sorted(records, key=lambda r: (r["model"], -r["budget"], rank(r["criterion"]))):
+        out.setdefault((r["model"], r["budget"], r["criterion"]), []).append(r)
+    return out
+
+
+def _mean(recs: List[Dict], key: str) -> Optional[float]:
+    vals = [r[key] for r in recs if r.get(key) is not None]
+    return statistics.mean(vals) if vals else None
+
+
+def posttrain_table(records: List[Dict]) -> str:
+    lines = ["| model | budget | criterion | kept FLOPs | acc, no repair (%) | acc, BN re-est. (%) "
+             "| acc, full repair (%) | seeds | prune s | full repair s |", "|" + "---|" * 10]
+    for (model, budget, crit), recs in _rows(records).items():
+        ok = [r for r in recs if "error" not in r]
+        if not ok:
+            err = recs[0]["error"].replace("|", "\\|")[:200]
+            lines.append(f"| {model} | {budget} | {crit} | ERROR: {err} | | | | {len(recs)} | | |")
+            continue
+        accs = [_ms([r[f"acc_{m}"] for r in ok if f"acc_{m}" in r]) for m in REPAIRS]
+        lines.append(f"| {model} | {budget} | {crit} | {_ms([r['flops'] for r in ok], '{:.3f}')} | "
+                     + " | ".join(accs) + f" | {len(ok)} | {_ms([r['prune_s'] for r in ok], '{:.1f}')} "
+                     f"| {_ms([r['repair_full_s'] for r in ok if 'repair_full_s' in r], '{:.1f}')} |")
+    return "\n".join(lines)
+
+
+def posttrain_summary(records: List[Dict]) -> str:
+    """Per model: methods x budgets, cells "none / bn / full" (means); the best cell of
+    each budget in bold."""
+    groups = _rows(records)
+    out = []
+    for model in sorted({k[0] for k in groups}):
+        budgets = sorted({k[1] for k in groups if k[0] == model}, reverse=True)
+        methods = list(OrderedDict.fromkeys(k[2] for k in groups if k[0] == model))
+        best = {}
+        for b in budgets:
+            vals = [_mean(groups.get((model, b, m), []), f"acc_{rep}") for m in methods for rep in REPAIRS]
+            vals = [v for v in vals if v is not None]
+            best[b] = max(vals) if vals else None
+        out += [f"### {model}: test accuracy (%) without fine-tuning — no repair / BN "
+                "re-estimated / full repair", "",
+                "| method | " + " | ".join(f"kept FLOPs {b}" for b in budgets) + " |",
+                "|---|" + "---|" * len(budgets)]
+        for m in methods:
+            cells = []
+            for b in budgets:
+                recs = [r for r in groups.get((model, b, m), []) if "error" not in r]
+                parts = []
+                for rep in REPAIRS:
+                    v = _mean(recs, f"acc_{rep}")
+                    text = "–" if v is None else f"{v:.2f}"
+                    parts.append(f"**{text}**" if v is not None and v == best[b] else text)
+                cells.append(" / ".join(parts) if recs else "error")
+            out.append(f"| {m} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)
+
+
+def plot_posttrain(records: List[Dict], dense: Dict[str, float], path: str) -> str:
+    """Accuracy vs kept FLOPs per model; colour = method, line style = repair mode."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    groups = _rows(records)
+    models = sorted({k[0] for k in groups})
+    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
+    methods = list(OrderedDict.fromkeys(k[2] for k in groups))
+    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    for ax, model in zip(axes[0], models):
+        for m in methods:
+            for rep in REPAIRS:
+                pts = []
+                for (mm, b, crit), recs in groups.items():
+                    ok = [r for r in recs if "error" not in r]
+                    v = _mean(ok, f"acc_{rep}")
+                    if mm == model and crit == m and v is not None:
+                        pts.append((_mean(ok, "flops"), v))
+                if pts:
+                    pts.sort()
+                    ax.plot(*zip(*pts), _STYLE[rep], marker="o", ms=3, color=colours[m],
+                            label=f"{m} ({rep})")
+        if model in dense:
+            ax.axhline(dense[model], color="grey", lw=0.8)
+        ax.set_title(f"{model}: no fine-tuning (dotted: no repair, dashed: BN, solid: full)",
+                     fontsize=10)
+        ax.set_xlabel("kept FLOPs (fraction of dense)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1)
+    fig.tight_layout(rect=(0, 0, 0.8, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
