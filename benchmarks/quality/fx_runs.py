@@ -28,8 +28,10 @@ def _error_record(exc: BaseException) -> Dict:
     return {"error": msg[:500]}
 
 
-def fx_job(model: torch.nn.Module, criterion: str, budget: float, seed: int, ctx) -> Dict:
-    """One-shot ``fxprune.compile`` to ``flops=budget``, then the shared fine-tuning."""
+def fx_job(model: torch.nn.Module, criterion: str, budget: float, seed: int, ctx,
+           repair: str = "none") -> Dict:
+    """One-shot ``fxprune.compile`` to ``flops=budget`` (with the repair pass ``repair``),
+    then the shared fine-tuning."""
     if criterion not in fxprune.list_criteria():
         return {"error": f"criterion {criterion!r} is not registered in this fxprune "
                          f"(have {sorted(fxprune.list_criteria())})", "skipped": True}
@@ -40,7 +42,7 @@ def fx_job(model: torch.nn.Module, criterion: str, budget: float, seed: int, ctx
         t0 = time.time()
         res = fxprune.compile(model, criterion, example_inputs=calib[0][0][:2], data=calib,
                               flops=budget, batches=len(calib), progress=False, verify=True,
-                              **opts)
+                              repair=None if repair == "none" else repair, **opts)
         prune_s = time.time() - t0
     except Exception as exc:  # record the failure in the table instead of dropping the row
         return _error_record(exc)
@@ -77,7 +79,7 @@ def iterative_job(model: torch.nn.Module, criterion: str, budgets: List[float], 
         t0 = time.time()
         res = fxprune.compile(model, criterion, example_inputs=calib[0][0][:2], data=calib,
                               flops=list(budgets), batches=len(calib), progress=False,
-                              verify=verify, between_steps=between)
+                              verify=verify, between_steps=between, repair=None)
         total_s = time.time() - t0
     except Exception as exc:
         return _error_record(exc)

@@ -34,7 +34,7 @@ class Job:
         return self.key.replace(" ", "")
 
 
-def job_list(c, no_tp: bool, no_iterative: bool) -> List[Job]:
+def job_list(c, no_tp: bool, no_iterative: bool, repair: str = "none") -> List[Job]:
     """Every job of the config, the longest first (iterative schedules, then Torch-Pruning's
     Hessian, whose per-sample gradients dominate) so parallel workers finish together."""
     jobs: List[Job] = []
@@ -52,11 +52,18 @@ def job_list(c, no_tp: bool, no_iterative: bool) -> List[Job]:
                 if not no_tp and name in tp_models and not (c.mode == "quick" and seed > 0):
                     methods += tp_names()
                 for method in methods:
+                    is_tp = method in tp_names()
                     meta = dict(model=name, budget=budget, criterion=method, seed=seed,
                                 kind="oneshot")
-                    run = _tp if method in tp_names() else _fx
-                    fn = functools.partial(run, method=method, budget=budget, seed=seed)
-                    jobs.append(Job(f"{name}|{budget}|{method}|{seed}", meta, name, fn))
+                    key = f"{name}|{budget}|{method}|{seed}"
+                    if is_tp:
+                        fn = functools.partial(_tp, method=method, budget=budget, seed=seed)
+                    else:
+                        fn = functools.partial(_fx, method=method, budget=budget, seed=seed,
+                                               repair=repair)
+                        if repair != "none":  # rows without the key suffix: no repair
+                            meta["repair"], key = repair, key + f"|repair={repair}"
+                    jobs.append(Job(key, meta, name, fn))
     return sorted(jobs, key=_expected_cost, reverse=True)
 
 
@@ -65,8 +72,8 @@ def _expected_cost(job: Job) -> int:
     return 2 if job.meta["kind"] == "iterative" else int(job.meta["criterion"] == "tp-hessian")
 
 
-def _fx(model, ctx, method, budget, seed):
-    return fx_job(model, method, budget, seed, ctx)
+def _fx(model, ctx, method, budget, seed, repair="none"):
+    return fx_job(model, method, budget, seed, ctx, repair)
 
 
 def _tp(model, ctx, method, budget, seed):

@@ -25,12 +25,17 @@ def _sort_key(r: Dict):
     return (r["model"], r["kind"] == "iterative", budget, rank, r["criterion"])
 
 
+def method_name(r: Dict) -> str:
+    """The row's method: the criterion, with fxprune's repair mode when one ran."""
+    return r["criterion"] + (f" + {r['repair']} repair" if r.get("repair") else "")
+
+
 def _group(records: List[Dict]) -> "OrderedDict[tuple, List[Dict]]":
     rows: "OrderedDict[tuple, List[Dict]]" = OrderedDict()
     for r in sorted(records, key=_sort_key):
         budget = "iter " + "→".join(map(str, r["budget"])) if r["kind"] == "iterative" \
             else str(r["budget"])
-        rows.setdefault((r["model"], budget, r["criterion"]), []).append(r)
+        rows.setdefault((r["model"], budget, method_name(r)), []).append(r)
     return rows
 
 
@@ -65,7 +70,7 @@ def summary(records: List[Dict]) -> str:
         budgets = sorted({r["budget"] for r in recs}, reverse=True)
         methods: "OrderedDict[str, Dict[float, List[Dict]]]" = OrderedDict()
         for r in sorted(recs, key=_sort_key):
-            methods.setdefault(r["criterion"], {}).setdefault(r["budget"], []).append(r)
+            methods.setdefault(method_name(r), {}).setdefault(r["budget"], []).append(r)
         best = {b: max((statistics.mean(x["acc_after"] for x in by[b])
                         for by in methods.values() if b in by), default=None) for b in budgets}
         out += [f"**{model}**: test accuracy (%) after fine-tuning; in parentheses, one-shot "
@@ -102,7 +107,7 @@ def plot(records: List[Dict], dense_acc: Dict[str, float], path: str) -> str:
         for r in records:
             if r["model"] != model or "error" in r:
                 continue
-            name = r["criterion"] + (" (iterative)" if r["kind"] == "iterative" else "")
+            name = method_name(r) + (" (iterative)" if r["kind"] == "iterative" else "")
             budget = str(r["budget"])
             series.setdefault(name, {}).setdefault(budget, []).append(r)
         for i, (name, by_budget) in enumerate(sorted(series.items())):

@@ -34,6 +34,7 @@ from .tp_runs import tp_version
 HERE = os.path.dirname(os.path.abspath(__file__))
 CACHE = os.path.join(HERE, ".cache")
 CHECKPOINTS = os.path.join(HERE, "checkpoints")
+RESULTS = os.path.join(HERE, "results")  # finished rows, committed: a rerun resumes
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -49,6 +50,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-batches", type=int, default=None,
                    help="override the number of calibration batches (a reduced run)")
     p.add_argument("--no-tp", action="store_true", help="skip Torch-Pruning")
+    p.add_argument("--repair", choices=("none", "bn", "full"), default="none",
+                   help="fxprune's repair pass before fine-tuning (rows keyed by it; "
+                        "Torch-Pruning rows are the same for every value)")
     p.add_argument("--no-iterative", action="store_true", help="skip the iterative schedule")
     p.add_argument("--report-only", action="store_true",
                    help="write the table/plot from the finished jobs, run nothing new")
@@ -167,16 +171,17 @@ def main(argv=None) -> None:
     c = make_config(a)
     os.makedirs(CACHE, exist_ok=True)
     os.makedirs(CHECKPOINTS, exist_ok=True)
+    os.makedirs(RESULTS, exist_ok=True)
     start = time.time()
-    store = Store(os.path.join(CACHE, f"{c.mode}-{c.tag()}.jsonl"))
-    queue = WorkQueue(store.path + ".claims")
+    store = Store(os.path.join(RESULTS, f"{c.mode}-{c.tag()}.jsonl"))
+    queue = WorkQueue(os.path.join(CACHE, os.path.basename(store.path) + ".claims"))
     train_data, test = load_split("train"), load_split("test")
     test_data = (test[0][:c.test_size], test[1][:c.test_size])
     if a.train_only:
         for m in c.models:
             dense_model(m, c, train_data)
         return
-    jobs = job_list(c, a.no_tp, a.no_iterative)
+    jobs = job_list(c, a.no_tp, a.no_iterative, a.repair)
     done = sum(j.key in store.records for j in jobs)
     log(f"mode {c.mode}: {len(jobs)} jobs, {done} already done -> {store.path}; "
         f"criteria registered: {sorted(fxprune.list_criteria())}")
