@@ -63,7 +63,7 @@ def label_graph(gm: torch.fx.GraphModule) -> ChannelSpace:
         if node.op == "placeholder":
             label = untracked_output(node)
         elif node.op == "get_attr":
-            value = _fetch_attr(gm, node.target)
+            value = fetch_attr(gm, node.target)
             label = (space.param_label(node.target, tuple(value.shape), value)
                      if isinstance(value, torch.Tensor) else None)
         elif node.op == "output":
@@ -80,7 +80,8 @@ def label_graph(gm: torch.fx.GraphModule) -> ChannelSpace:
     return space
 
 
-def _fetch_attr(gm: torch.fx.GraphModule, target: str):
+def fetch_attr(gm: torch.nn.Module, target: str):
+    """The attribute at the dotted path ``target`` of ``gm`` (what ``get_attr`` reads)."""
     obj = gm
     for part in target.split("."):
         obj = getattr(obj, part)

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..errors import FxpruneError
 from ..repair_report import LayerRepair, OutputMatch, RepairSummary
-from .groups import Analysis
+from .groups import Analysis, fetch_attr
 from .lstsq import (REFIT_TYPES, LayerGram, augmented_weight, error, set_augmented_weight,
                     solve)
 
@@ -50,6 +50,8 @@ ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 #: Rows (output positions) per unknown sampled from each batch for a layer's Gram sums:
 #: a 3x3 conv at 56x56 has ~50 rows per unknown per image, mostly redundant.
 ROWS_PER_UNKNOWN = 8
+#: Relative difference below which a batch norm's input counts as unchanged (rounding).
+_UNCHANGED = {torch.float64: 1e-10, torch.float32: 1e-5}
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -206,7 +208,7 @@ class _Sweep:
 
     def _values(self, gm, mods, node, env) -> list:
         if node.op == "get_attr":
-            value = _fetch(gm, node.target)
+            value = fetch_attr(gm, node.target)
             return [value] * len(self.inputs)
         return [_run_node(gm, mods, node, env, b, self.inputs[b]) for b in range(len(self.inputs))]
 
@@ -233,13 +235,6 @@ def _last_uses(nodes: List[torch.fx.Node]) -> Dict[int, List[int]]:
         if nodes[k].op != "output":
             out.setdefault(step, []).append(k)
     return out
-
-
-def _fetch(gm: nn.Module, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _run_node(gm, mods, node: torch.fx.Node, env, b: int, batch: Tuple[Any, ...]):
@@ -294,9 +289,9 @@ def _repair_bn(sweep: _Sweep, site: _Site, ns, nd, env_s, env_d) -> Optional[Lay
     n = len(sweep.inputs)
     diff = max(float((x_s[b] - _channels(x_d[b], site.positions)).abs().max()) for b in range(n))
     scale = max(float(_channels(x_d[b], site.positions).abs().max()) for b in range(n))
-    if diff <= 1e-6 * max(scale, 1e-30):
-        return None
-    mean_buf, var_buf = (_fetch(sweep.slim, t) for t in site.buffers)
+    if diff <= _UNCHANGED.get(x_s[0].dtype, 1e-3) * max(scale, 1e-30):
+        return None  # rounding only: a producer that lost outputs computes its kept ones
+    mean_buf, var_buf = (fetch_attr(sweep.slim, t) for t in site.buffers)
     if sweep.summary.mode == "bn":
         mean, var = _moments(x_s)
         mean_buf.copy_(mean.to(mean_buf.dtype))

@@ -34,6 +34,8 @@ from torch.fx import GraphModule, Node
 from torch.fx.node import map_arg
 from torch.utils._pytree import tree_map
 
+from ..passes.groups import fetch_attr
+
 log = logging.getLogger(__name__)
 
 LAYER_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
@@ -175,14 +177,6 @@ class GraphPlan:
         return name
 
 
-def _fetch(gm: nn.Module, target: str):
-    """The attribute at the dotted path ``target`` of ``gm`` (what ``get_attr`` reads)."""
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _dependencies(gm: GraphModule, plan: GraphPlan):
     """(nodes depending on a graph input, {other node: parameter names it derives from})."""
     act, pdeps = set(), {}
@@ -281,7 +275,7 @@ def build_plan(gm: nn.Module) -> GraphPlan:
     nodes = list(gm.graph.nodes)
     for node in nodes:
         if node.op == "get_attr":
-            plan._attrs[node] = _fetch(gm, node.target)
+            plan._attrs[node] = fetch_attr(gm, node.target)
         elif node.op in ("call_module", "call_function", "call_method"):
             plan.execs[node] = _resolve(gm, node)
     act, pdeps = _dependencies(gm, plan)
