@@ -22,6 +22,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from .cli_common import CliError, log
 from .plan import Plan, write_atomic
+from .repair_report import RepairSummary
 from .report import GroupRow, Report
 
 SIDECAR_FORMAT = 1
@@ -40,6 +41,8 @@ def report_from_dict(data: Dict[str, Any]) -> Report:
     for key in ("latency_before_ms", "latency_after_ms", "max_rel_error"):
         setattr(report, key, data.get(key))
     report.notes = list(data.get("notes", []))
+    if data.get("repair"):
+        report.repair = RepairSummary.from_dict(data["repair"])
     return report
 
 

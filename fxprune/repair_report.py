@@ -69,3 +69,12 @@ class RepairSummary:
 
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
+
+    @staticmethod
+    def from_dict(data: Dict[str, Any]) -> "RepairSummary":
+        """Inverse of :meth:`to_dict` (a saved report read back)."""
+        match = lambda d: OutputMatch(**d) if d else None
+        return RepairSummary(data["mode"], data["batches"], data["held_out"],
+                             [LayerRepair(**r) for r in data.get("layers", [])],
+                             match(data.get("before")), match(data.get("after")),
+                             list(data.get("notes", [])))

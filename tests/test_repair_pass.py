@@ -248,3 +248,12 @@ def test_apply_plan_with_data_repairs_like_compile():
     torch.testing.assert_close(again.module(x), res.module(x))
     plain = fxprune.apply_plan(model, res.plan, x)
     assert plain.report.repair is None
+
+
+def test_repair_summary_survives_the_json_report():
+    from fxprune.cli_report import report_from_dict
+    res = fxprune.compile(randomize_norms(ConvBN()), "l2", data=_data(), flops=0.5,
+                          progress=False)
+    again = report_from_dict(res.report.to_dict())
+    assert again.repair == res.report.repair
+    assert "repair (full)" in again.table()
