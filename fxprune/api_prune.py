@@ -75,6 +75,9 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     check_not_empty(inputs)
     loss = wrap_loss(loss_fn, output_fn)
     repair_mode = resolve_repair(repair, batch_list, unstructured)
+    if crit.name == "obs":  # its scores assume repair='full''s least-squares compensation
+        from .criteria.obs import warn_unless_repaired
+        warn_unless_repaired(repair_mode)
     trace_kw = dict(leaf_modules=leaf_modules, concrete_args=concrete_args)
     if unstructured:
         if sparsity is None or flops is not None or params is not None:

@@ -85,7 +85,7 @@ def _load_builtin() -> None:
     # Imported lazily so that a criterion module's import cost is paid on first use,
     # and so the built-in modules can import this registry without a cycle.
     import importlib
-    for mod in ("magnitude", "oba", "sosp", "baselines"):
+    for mod in ("magnitude", "oba", "sosp", "baselines", "obs"):
         try:
             importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as exc:  # a criterion module not written yet

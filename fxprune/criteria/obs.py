@@ -1,0 +1,262 @@
+"""``"obs"``: structured Optimal Brain Surgeon on the consumers of every channel (issue 12).
+
+The rewrite removes a channel by deleting its input columns from every layer that
+consumes it; the repair pass (``repair="full"``, compile's default with data) then
+re-fits each such layer by least squares toward the dense layer's output. ``"obs"``
+scores a channel by the error that this removal *with* that compensation leaves:
+
+1. One forward pass over the calibration batches (no backward) with forward hooks on
+   every Linear / Conv1d / Conv2d that consumes a prunable channel; each accumulates its
+   input Gram ``H = Σ x̃x̃ᵀ`` with :class:`fxprune.passes.lstsq.LayerGram` (the repair
+   pass's statistics, bias 1 appended, at most ``ROWS_PER_UNKNOWN`` sampled rows per
+   unknown and batch). A layer called at several places sums all its calls.
+2. Per consumer layer, greedy OBS (:mod:`fxprune.passes.obs_solve`): the input channels
+   (all prunable groups feeding it) are removed cheapest first, each with the optimal
+   update of the kept weights and a block downdate of ``(H + λI)⁻¹``,
+   ``λ = damp · mean diag H`` (option ``damp``, default 1e-2). A channel's layer score is
+   its error increase ``ΔE`` at its greedy step, divided by the dense layer's output
+   energy ``Σ‖y‖²`` over the same rows, and made non-decreasing along the greedy order
+   (running maximum) so that a global ranking removes a layer's channels in that order.
+3. A channel's score sums its layer scores over all consumers of its group (a residual
+   stream has one per block). Higher = more important, as for every criterion.
+
+Why the output-energy scale: ``ΔE / Σ‖y‖²`` is the relative reconstruction error of
+the layer, comparable across layers of any width, scale or position, needs no backward
+pass and no labels, and is what the repair pass minimises. Weighting by the loss (e.g.
+the output's diagonal Fisher) would need a backward pass per batch; which one ranks
+better is issue 12's benchmark question (item 4), not settled here. Note that
+compile's default ``normalize="mean"`` divides each group's scores by their mean, which
+keeps this scale only in the sums over consumers; ``normalize=None`` uses it globally.
+
+What is not measured, and why:
+
+* Grouped and depthwise convs (``groups > 1``) as consumers: they are pruned in whole
+  conv groups, which removes their outputs too, so the removal is no input-column
+  deletion with a compensating re-fit; such a channel is measured at the consumers of
+  the grouped conv's outputs (same group), which is where its removal shows.
+* Consumers that are not the weight of a Linear / Conv1d / Conv2d module (a functional
+  ``F.linear`` on a fetched attribute, an embedding matmul), and layers with more than
+  ``MAX_UNKNOWNS`` inputs (``H`` alone would exceed 2 GiB).
+* A group none of whose consumers can be measured falls back to its channels' weight
+  norms (the ``"l2"`` score) rescaled to the mean obs score of the measured channels,
+  with a warning naming it. Every prunable group has a consumer (a channel that only
+  reaches the model output is not prunable), so this is about odd layer types only.
+* A LayerNorm between a residual stream and its consumers re-normalises over the kept
+  channels after a removal (design §7); ``ΔE`` treats the consumer's input as the
+  stream with the channel's columns deleted, an approximation there.
+
+Contract: :func:`_score` reads ``ctx.module`` (the scoring copy; hooks are removed
+before returning), ``ctx.groups``, ``ctx.batches`` and ``ctx.options["damp"]``; it
+writes ``ctx.state["obs"]`` and returns ``{consumer weight name: float64 tensor}``
+holding each unit's score spread evenly over its input columns (all other parameters
+are absent, i.e. score 0). :func:`_aggregate` sums the consumer columns per channel.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import CriterionError
+from ..passes.lstsq import REFIT_TYPES, LayerGram, augmented_weight
+from ..passes.obs_solve import consumer_columns, damped_inverse, greedy_removal
+from . import Criterion, ScoringContext, register_criterion
+from .aggregate import signed_channel_sums, weight_norms
+from .scoring import all_reduce_sums, cast_batch, check_finite, progress_iter
+
+log = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_DAMP", "MAX_UNKNOWNS", "ROWS_PER_UNKNOWN", "obs_layer_scores",
+           "warn_unless_repaired"]
+
+DEFAULT_DAMP = 1e-2
+#: Rows (output positions) per unknown sampled from each batch, as the repair pass does.
+ROWS_PER_UNKNOWN = 8
+#: Largest input patch (+ bias) measured: ``H`` is ``d²`` float64 (2 GiB at 16384).
+MAX_UNKNOWNS = 16384
+#: The repair mode whose compensation the obs error increases assume.
+REPAIR_ASSUMED = "full"
+
+
+@dataclass
+class _Unit:
+    """One prunable input channel of a consumer layer."""
+
+    group: str
+    channel: int
+    indices: List[int]     # along dim 1 of the weight
+    cols: Tensor           # columns of the layer's design rows
+
+
+@dataclass
+class _Consumer:
+    name: str
+    layer: nn.Module
+    units: List[_Unit] = field(default_factory=list)
+
+
+def warn_unless_repaired(repair_mode: Optional[str]) -> None:
+    """Log a warning when compile will not run the compensation obs scores assume."""
+    if repair_mode != REPAIR_ASSUMED:
+        log.warning("criterion 'obs' scores each channel by the output error left after the "
+                    "least-squares compensation of repair='full', but repair=%r will not "
+                    "apply it: the slim model keeps its uncompensated weights", repair_mode)
+
+
+def _unsupported(target: str, dim: int, mods: Dict[str, nn.Module]) -> Optional[str]:
+    """Why the consumer member ``(target, dim)`` cannot be measured, or None."""
+    name, _, leaf = target.rpartition(".")
+    layer = mods.get(name)
+    if leaf != "weight" or not isinstance(layer, REFIT_TYPES):
+        return "not the weight of a Linear / Conv1d / Conv2d module"
+    if dim != 1:
+        return f"sliced along dim {dim}, not the input dim 1"
+    if getattr(layer, "groups", 1) != 1:
+        return "a grouped conv (pruned in whole conv groups, outputs included)"
+    if layer.weight[0].numel() + 1 > MAX_UNKNOWNS:
+        return f"{layer.weight[0].numel()} inputs (more than {MAX_UNKNOWNS - 1})"
+    return None
+
+
+def find_consumers(module: nn.Module, groups) -> Tuple[Dict[str, _Consumer], Dict[str, str]]:
+    """``({layer name: consumer with its prunable units}, {skipped target: reason})``."""
+    mods = dict(module.named_modules())
+    consumers: Dict[str, _Consumer] = {}
+    skipped: Dict[str, str] = {}
+    for g in groups:
+        if not g.prunable:
+            continue
+        for m in g.members:
+            if m.role != "consumer":
+                continue
+            reason = _unsupported(m.target, m.dim, mods)
+            if reason is not None:
+                skipped[m.target] = reason
+                continue
+            name = m.target.rpartition(".")[0]
+            cons = consumers.setdefault(name, _Consumer(name, mods[name]))
+            for c, idx in enumerate(m.index_map):
+                if idx:
+                    cons.units.append(_Unit(g.id, c, list(idx),
+                                            consumer_columns(cons.layer, idx)))
+    return consumers, skipped
+
+
+def accumulate_grams(module: nn.Module, consumers: Dict[str, _Consumer], batches,
+                     progress: bool = False) -> Dict[str, LayerGram]:
+    """One no-grad forward per batch; every consumer's :class:`LayerGram` (input Gram,
+    dense output energy) summed over batches and data-parallel ranks. Hooks are removed
+    before returning; ``module`` is otherwise untouched."""
+    grams = {name: LayerGram() for name in consumers}
+
+    def hook_for(name: str):
+        rows = ROWS_PER_UNKNOWN * (consumers[name].layer.weight[0].numel() + 1)
+
+        def hook(mod, inputs, output):
+            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows)
+        return hook
+
+    handles = [c.layer.register_forward_hook(hook_for(n)) for n, c in consumers.items()]
+    try:
+        with torch.no_grad():
+            for i, batch in enumerate(progress_iter(batches, progress, "obs")):
+                inputs, _ = cast_batch(batch, module)
+                for k, x in enumerate(inputs):
+                    if torch.is_tensor(x) and x.is_floating_point():
+                        check_finite(x, f"calibration input {k}", i)
+                module(*inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    sums = {}
+    for name, g in grams.items():
+        if g.H is not None:
+            sums[f"{name}:H"] = g.H
+            sums[f"{name}:yy"] = torch.tensor([g.yy], dtype=torch.float64, device=g.H.device)
+    sums, _ = all_reduce_sums(sums, len(batches))
+    for name, g in grams.items():
+        if g.H is not None:
+            g.H, g.yy = sums[f"{name}:H"], float(sums[f"{name}:yy"])
+    return grams
+
+
+def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
+                     damp: float = DEFAULT_DAMP) -> Tensor:
+    """``[len(cols)]`` float64: each unit's greedy ``ΔE`` ÷ the dense output energy,
+    running maximum along the greedy order (module docstring, step 2)."""
+    H, W = gram.H[0], augmented_weight(layer)[0].to(gram.H.device)
+    if layer.bias is None:  # no constant column to compensate with, as in the re-fit
+        H, W = H[:-1, :-1], W[:, :-1]
+    order, increases = greedy_removal(damped_inverse(H, damp), W, cols)
+    scale = max(gram.yy, 1e-30)
+    out = torch.zeros(len(cols), dtype=torch.float64)
+    running = 0.0
+    for u, inc in zip(order, increases):
+        running = max(running, inc)
+        out[u] = running / scale
+    return out
+
+
+def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
+    """Per consumer weight: unit scores spread over the unit's input columns."""
+    damp = float(ctx.options.get("damp", DEFAULT_DAMP))
+    if not damp >= 0:
+        raise CriterionError(f"obs: damp={damp!r}; use a damping factor >= 0 (default "
+                             f"{DEFAULT_DAMP}: λ = damp · mean diag of the Gram matrix)")
+    if not ctx.batches:
+        raise CriterionError("obs needs calibration data (at least one batch)")
+    consumers, skipped = find_consumers(ctx.module, ctx.groups)
+    grams = accumulate_grams(ctx.module, consumers, ctx.batches, ctx.progress)
+    scored, out = set(), {}
+    for name, cons in consumers.items():
+        gram = grams[name]
+        if gram.H is None:
+            skipped[f"{name}.weight"] = "never called on the calibration data"
+            continue
+        values = obs_layer_scores(cons.layer, gram, [u.cols for u in cons.units], damp)
+        weight = cons.layer.weight
+        t = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
+        for u, v in zip(cons.units, values.tolist()):
+            idx = torch.as_tensor(u.indices, device=weight.device)
+            t[:, idx] = v / t[:, idx].numel()
+            scored.add(u.group)
+        out[f"{name}.weight"] = t
+    ctx.state["obs"] = {"scored_groups": scored, "skipped": skipped}
+    for target, reason in skipped.items():
+        log.info("obs: consumer %s not measured: %s", target, reason)
+    return out
+
+
+def _aggregate(groups, scores: Dict[str, Tensor], ctx: ScoringContext) -> Dict[str, Tensor]:
+    """Per channel: the sum of its consumer columns' scores; groups with no measured
+    consumer fall back to rescaled weight norms (module docstring)."""
+    groups = list(groups)
+    out = signed_channel_sums(groups, scores, roles=("consumer",))
+    scored = ctx.state.get("obs", {}).get("scored_groups", set())
+    missing = [g for g in groups if g.prunable and g.id not in scored]
+    if not missing:
+        return out
+    measured = [out[g.id] for g in groups if g.prunable and g.id in scored]
+    if not measured:
+        raise CriterionError(
+            "obs measured no consumer of any prunable group (it needs Linear / Conv1d / "
+            "Conv2d modules that take the channels as inputs); use another criterion")
+    level = float(torch.cat(measured).mean())
+    norms = weight_norms(missing, ctx.module)
+    log.warning("obs: no measurable consumer for group(s) %s; their channels are ranked "
+                "by weight norm, rescaled to the mean obs score",
+                ", ".join(g.id for g in missing))
+    for g in missing:
+        n = norms[g.id]
+        out[g.id] = n * (level / max(float(n.mean()), 1e-30))
+    return out
+
+
+register_criterion(Criterion(
+    name="obs",
+    description="structured Optimal Brain Surgeon: output error each consumer layer keeps "
+                "after removing the channel with the least-squares update (repair='full')",
+    score=_score, needs_data=True, aggregate=_aggregate, options=("damp",)), overwrite=True)
