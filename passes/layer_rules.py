@@ -190,9 +190,12 @@ def layernorm_function_rule(ctx: RuleContext):
 
 
 def groupnorm_core(ctx: RuleContext, x: TLabel, num_groups: int, w: Param, b: Param) -> TLabel:
-    """GroupNorm statistics run over whole norm groups, so it is pruned in whole groups."""
+    """GroupNorm statistics run over whole norm groups, so it is pruned in whole groups.
+    One group (``GroupNorm(1, C)``, PoolFormer) is a LayerNorm over (C, H, W) with a
+    per-channel affine: its channels are pruned one by one like a LayerNorm's, and the
+    verifier computes the statistics over the kept channels (design §7)."""
     ids = x.dims[1]
-    if ids is not None and num_groups < ids.size:
+    if ids is not None and 1 < num_groups < ids.size:
         units = ids.reshape(num_groups, -1)
         ctx.space.edges_a.append(np.repeat(units[:, 0], units.shape[1] - 1))
         ctx.space.edges_b.append(units[:, 1:].reshape(-1))

@@ -112,7 +112,8 @@ def _update_modules(gm: torch.fx.GraphModule, old_gm: torch.fx.GraphModule) -> N
             old = old_gm.get_submodule(name)
             per_group = old.num_channels // old.num_groups
             mod.num_channels = mod.weight.shape[0]
-            mod.num_groups = mod.num_channels // per_group
+            if old.num_groups > 1:  # GroupNorm(1, C) stays one group (layer_rules.groupnorm_core)
+                mod.num_groups = mod.num_channels // per_group
         elif isinstance(mod, nn.Embedding):
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
         elif isinstance(mod, nn.PReLU):
@@ -237,7 +238,8 @@ def _patch_group_norm(node: torch.fx.Node, keep: np.ndarray) -> None:
     x, groups = node.args[0], node.args[1]
     label, in_shape = x.meta.get(LABEL_KEY), x.meta["tensor_meta"].shape
     new_c = kept_size(label, 1, int(in_shape[1]), keep)
-    node.args = (x, groups * new_c // int(in_shape[1]), *node.args[2:])
+    if groups > 1:  # one group stays one group (layer_rules.groupnorm_core)
+        node.args = (x, groups * new_c // int(in_shape[1]), *node.args[2:])
 
 
 def _patch_conv_groups(node: torch.fx.Node, keep: np.ndarray) -> None:

@@ -26,6 +26,9 @@ class RuleTable:
         self.modules: Dict[type, Rule] = {}
         self.functions: Dict[Any, Rule] = {}
         self.methods: Dict[str, Rule] = {}
+        # by qualified name ("torchvision.ops.stochastic_depth.stochastic_depth"): rules
+        # for other libraries' ops without importing those libraries
+        self.named: Dict[str, Rule] = {}
 
     def module(self, *types: type) -> Callable[[Rule], Rule]:
         def register(rule: Rule) -> Rule:
@@ -48,6 +51,14 @@ class RuleTable:
             return rule
         return register
 
+    def by_name(self, *names: str) -> Callable[[Rule], Rule]:
+        """Register for functions or module classes named ``module.qualname``."""
+        def register(rule: Rule) -> Rule:
+            for n in names:
+                self.named[n] = rule
+            return rule
+        return register
+
     def lookup(self, node: torch.fx.Node, gm: torch.fx.GraphModule,
                modules: Optional[Dict[str, torch.nn.Module]] = None) -> Optional[Rule]:
         if node.op == "call_module":
@@ -55,12 +66,21 @@ class RuleTable:
             for cls in type(mod).__mro__:
                 if cls in self.modules:
                     return self.modules[cls]
+                if self.named and _qualname(cls) in self.named:
+                    return self.named[_qualname(cls)]
             return None
         if node.op == "call_function":
-            return self.functions.get(node.target)
+            rule = self.functions.get(node.target)
+            if rule is None and self.named:
+                rule = self.named.get(_qualname(node.target))
+            return rule
         if node.op == "call_method":
             return self.methods.get(node.target)
         return None
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
 
 
 RULES = RuleTable()

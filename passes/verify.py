@@ -29,19 +29,38 @@ def masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, kee
     """LayerNorm whose mean/variance run over the kept entries (``keep`` broadcasts
     against the normalised dims); removed entries pass through as zeros."""
     dims = tuple(range(-len(normalized_shape), 0))
-    keep = keep.to(x.dtype)
-    count = keep.sum()
-    mean = (x * keep).sum(dims, keepdim=True) / count
-    var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / count
-    y = (x - mean) / torch.sqrt(var + eps)
+    y = _masked_standardise(x, dims, eps, keep)
     if weight is not None:
         y = y * weight
     if bias is not None:
         y = y + bias
-    return y * keep
+    return y * keep.to(x.dtype)
+
+
+def masked_channel_norm(x, dims, weight=None, bias=None, eps=1e-5, keep=None):
+    """A norm with a per-channel (dim 1) affine whose statistics run over ``dims``
+    (``GroupNorm(1, C)``: dims 1..; batch norm with batch statistics, as weight
+    standardisation uses it: all dims but 1), over the kept entries only."""
+    y = _masked_standardise(x, tuple(dims), eps, keep)
+    view = [1] * x.dim()
+    view[1] = -1
+    if weight is not None:
+        y = y * weight.reshape(view)
+    if bias is not None:
+        y = y + bias.reshape(view)
+    return y * keep.to(x.dtype)
+
+
+def _masked_standardise(x, dims, eps, keep):
+    keep = keep.to(x.dtype)
+    count = (keep * torch.ones_like(x)).sum(dims, keepdim=True)
+    mean = (x * keep).sum(dims, keepdim=True) / count
+    var = (((x - mean) * keep) ** 2).sum(dims, keepdim=True) / count
+    return (x - mean) / torch.sqrt(var + eps)
 
 
 torch.fx.wrap("masked_layer_norm")
+torch.fx.wrap("masked_channel_norm")
 
 
 _CUT_ROLES = ("consumer", "producer")
@@ -81,13 +100,14 @@ def _is_param(gm: nn.Module, target: str) -> bool:
 
 
 def _mask_layer_norms(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
-    """Replace LayerNorms over pruned dims by :func:`masked_layer_norm`."""
+    """Replace every norm whose statistics run over a pruned dim (LayerNorm,
+    ``GroupNorm(1, C)``, batch norm with batch statistics) by its masked form."""
     for node in list(gm.graph.nodes):
-        ln = _layer_norm_args(gm, node)
-        if ln is None:
+        found = _norm_args(gm, node)
+        if found is None:
             continue
-        x, shape, weight, bias, eps = ln
-        mask = _keep_mask_for(x, len(shape), keep)
+        fn, x, dims, weight, bias, eps = found
+        mask = _keep_mask_for(x, dims, keep)
         if mask is None:
             continue
         name = f"_fxprune_keep_{node.name}"
@@ -98,7 +118,9 @@ def _mask_layer_norms(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
                 weight = gm.graph.get_attr(weight)
             if isinstance(bias, str):
                 bias = gm.graph.get_attr(bias)
-            new = gm.graph.call_function(masked_layer_norm, (x, tuple(shape), weight, bias, eps, mask_node))
+            shape = tuple(x.meta["tensor_meta"].shape[d] for d in dims) \
+                if fn is masked_layer_norm else tuple(dims)
+            new = gm.graph.call_function(fn, (x, shape, weight, bias, eps, mask_node))
         # the replacement carries the node's label and shape: a later LayerNorm that
         # reads it (a pre-norm block on the same residual stream) is masked too
         new.meta.update(node.meta)
@@ -106,34 +128,56 @@ def _mask_layer_norms(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
         gm.graph.erase_node(node)
 
 
-def _layer_norm_args(gm, node):
-    if node.op == "call_module" and isinstance(gm.get_submodule(node.target), nn.LayerNorm):
-        mod = gm.get_submodule(node.target)
+def _norm_args(gm, node):
+    """(masked function, input, statistics dims, weight, bias, eps) of a norm node whose
+    statistics may run over channels, else None. Weights are nodes or target names."""
+    get = lambda i, n, d=None: node.args[i] if len(node.args) > i else node.kwargs.get(n, d)
+    mod = gm.get_submodule(node.target) if node.op == "call_module" else None
+    if isinstance(mod, (nn.LayerNorm, nn.GroupNorm)):
+        if isinstance(mod, nn.GroupNorm) and mod.num_groups != 1:
+            return None
         weight = f"{node.target}.weight" if mod.weight is not None else None
         bias = f"{node.target}.bias" if mod.bias is not None else None
-        return node.args[0], mod.normalized_shape, weight, bias, mod.eps
-    if node.op == "call_function" and node.target is F.layer_norm:
-        get = lambda i, n, d=None: node.args[i] if len(node.args) > i else node.kwargs.get(n, d)
-        return get(0, "input"), get(1, "normalized_shape"), get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
+        nd = len(node.args[0].meta["tensor_meta"].shape)
+        if isinstance(mod, nn.LayerNorm):
+            dims = tuple(range(nd - len(mod.normalized_shape), nd))
+            return masked_layer_norm, node.args[0], dims, weight, bias, mod.eps
+        return masked_channel_norm, node.args[0], tuple(range(1, nd)), weight, bias, mod.eps
+    if node.op != "call_function" or node.target not in (F.layer_norm, F.group_norm, F.batch_norm):
+        return None
+    x = get(0, "input")
+    nd = len(x.meta["tensor_meta"].shape) if isinstance(x, torch.fx.Node) else 0
+    if node.target is F.layer_norm:
+        dims = tuple(range(nd - len(get(1, "normalized_shape")), nd))
+        return masked_layer_norm, x, dims, get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
+    if node.target is F.group_norm and get(1, "num_groups") == 1:
+        return (masked_channel_norm, x, tuple(range(1, nd)), get(2, "weight"), get(3, "bias"),
+                get(4, "eps", 1e-5))
+    if node.target is F.batch_norm and get(5, "training", False) is True:
+        dims = (0,) + tuple(range(2, nd))
+        return (masked_channel_norm, x, dims, get(3, "weight"), get(4, "bias"),
+                get(7, "eps", 1e-5))
     return None
 
 
-def _keep_mask_for(x: torch.fx.Node, k: int, keep: np.ndarray):
+def _keep_mask_for(x: torch.fx.Node, dims, keep: np.ndarray):
+    """Keep mask of ``x`` over ``dims`` (size 1 along the other dims), or None when no
+    index along them is removed."""
     label = x.meta.get(LABEL_KEY)
     if label is None:
         return None
     shape = tuple(x.meta["tensor_meta"].shape)
-    mask = np.ones(shape[-k:], dtype=bool)
+    mask = np.ones([shape[d] if d in dims else 1 for d in range(len(shape))], dtype=bool)
     changed = False
-    for i in range(k):
-        ids = label.dims[len(shape) - k + i]
+    for d in dims:
+        ids = label.dims[d]
         if ids is None:
             continue
         alive = np.where(ids >= 0, keep[np.maximum(ids, 0)], True)
         if not alive.all():
             changed = True
-            view = [1] * k
-            view[i] = -1
+            view = [1] * len(shape)
+            view[d] = -1
             mask = mask & alive.reshape(view)
     return torch.as_tensor(mask, dtype=x.meta["tensor_meta"].dtype) if changed else None
 
