@@ -18,7 +18,7 @@ import torch
 import torch.fx
 
 from ..group import Group, Member
-from . import index_rules, layer_rules, tensor_rules  # noqa: F401  (register rules)
+from . import index_rules, layer_rules, recurrent_rules, tensor_rules  # noqa: F401  (register rules)
 from .labels import ChannelSpace, components
 from .rule_table import RULES, RuleContext, unknown_rule, untracked_output
 from .trace import gc_paused

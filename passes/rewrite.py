@@ -118,6 +118,8 @@ def _update_modules(gm: torch.fx.GraphModule, old_gm: torch.fx.GraphModule) -> N
             mod.num_embeddings, mod.embedding_dim = mod.weight.shape
         elif isinstance(mod, nn.PReLU):
             mod.num_parameters = mod.weight.numel()
+        elif isinstance(mod, nn.RNNBase):  # input features only (recurrent_rules)
+            mod.input_size = mod.weight_ih_l0.shape[1]
 
 
 def _update_conv(mod: nn.Module, old: nn.Module) -> None:
