@@ -189,7 +189,9 @@ class _Sweep:
         if [n.name for n in d_nodes] != [n.name for n in s_nodes]:
             raise FxpruneError("repair: the slim graph's nodes do not match the dense graph's "
                                "(internal error; please report this model)")
-        frees = _last_uses(s_nodes)
+        # the rewrite replaces some uses by literals (head counts in reshapes), so the
+        # dense graph can need a value after the slim graph's last use of it
+        frees = _last_uses(d_nodes, s_nodes)
         env_d: Dict[torch.fx.Node, list] = {}
         env_s: Dict[torch.fx.Node, list] = {}
         out_d = out_s = None
@@ -223,13 +225,16 @@ class _Sweep:
             self.summary.layers.append(_refit(self, site, ns, nd, env_s, env_d))
 
 
-def _last_uses(nodes: List[torch.fx.Node]) -> Dict[int, List[int]]:
-    """Step index -> indices of the nodes whose value is dead after that step."""
-    index = {n: i for i, n in enumerate(nodes)}
+def _last_uses(*graphs: List[torch.fx.Node]) -> Dict[int, List[int]]:
+    """Step index -> indices of the nodes whose value is dead after that step in every
+    one of ``graphs`` (node lists of equal length, in the same order)."""
+    nodes = graphs[0]
     last = {i: i for i in range(len(nodes))}
-    for n in nodes:
-        for user in n.users:
-            last[index[n]] = max(last[index[n]], index[user])
+    for graph in graphs:
+        index = {n: i for i, n in enumerate(graph)}
+        for n in graph:
+            for user in n.users:
+                last[index[n]] = max(last[index[n]], index[user])
     out: Dict[int, List[int]] = {}
     for k, step in last.items():
         if nodes[k].op != "output":
