@@ -98,16 +98,28 @@ def _analyze(gm: torch.fx.GraphModule) -> Analysis:
     space = label_graph(gm)
     root = components(space.next_id, space.edges_a, space.edges_b)  # channel per element
     space.check_same(root)
-    # Channels form one group when a producer (a layer's output dim) spans them.
-    # Only producer dims bridge: a consumer's input dim spans a concat of groups.
+    group_key = components(space.next_id, *_bridges(space, root))[root]
+    return _assemble(gm, space, root, group_key)
+
+
+def _bridges(space: ChannelSpace, root: np.ndarray):
+    """Edges between channels that form one group: those a producer (a layer's output
+    dim) spans. Only producer dims bridge: a consumer's input dim spans a concat of
+    groups. Blocked and free channels of one producer form separate groups, so a layer
+    whose outputs are partly fixed (one part of a split reaches the model output) keeps
+    the rest prunable: every block names the channels it makes unsound to remove."""
+    blocked = np.zeros(space.next_id, dtype=bool)
+    for ids, _ in space.blocks:
+        blocked[root[ids]] = True
     bridge_a, bridge_b = [], []
     for rec in space.records.values():
         if rec.role == "producer" and rec.ids.size > 1:
             roots = root[rec.ids]
-            bridge_a.append(np.repeat(roots[0], roots.size - 1))
-            bridge_b.append(roots[1:])
-    group_key = components(space.next_id, bridge_a, bridge_b)[root]
-    return _assemble(gm, space, root, group_key)
+            for part in (roots[blocked[roots]], roots[~blocked[roots]]):
+                if part.size > 1:
+                    bridge_a.append(np.repeat(part[0], part.size - 1))
+                    bridge_b.append(part[1:])
+    return bridge_a, bridge_b
 
 
 def _assemble(gm, space: ChannelSpace, root: np.ndarray, group_key: np.ndarray) -> Analysis:
