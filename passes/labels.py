@@ -159,6 +159,7 @@ class ChannelSpace:
     blocks: List[Tuple[np.ndarray, str]] = field(default_factory=list)
     kinds: List[Tuple[np.ndarray, str]] = field(default_factory=list)
     same: List[Tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
+    rectangles: List[Tuple[np.ndarray, str]] = field(default_factory=list)
     n_spaces: int = 0
 
     def fresh(self, n: int) -> np.ndarray:
@@ -276,6 +277,35 @@ class ChannelSpace:
                 self.block(a, reason)
                 self.block(b, reason)
 
+    def require_rectangular(self, ids: np.ndarray, where) -> None:
+        """The grid ``ids`` (one dim split into several, ``[3*H*D] -> [3, H, D]``) must
+        stay rectangular under every plan: its channels must be slabs along one axis
+        (whole heads). Enforced once all edges are in (:meth:`rectangular_edges`)."""
+        self.rectangles.append((ids, where))
+
+    def rectangular_edges(self, root: np.ndarray) -> bool:
+        """Make each :meth:`require_rectangular` grid whose channels (under ``root``) are
+        not slabs along one axis into slabs along the axis that keeps the most channels
+        (CaiT's talking heads leave q·k heads and v heads apart: they become one head).
+        Tracked entries sharing a slab with untracked ones are blocked. True if edges
+        were added (the caller recomputes the components)."""
+        added = False
+        for ids, where in self.rectangles:
+            r = np.where(ids >= 0, root[np.maximum(ids, 0)], UNTRACKED)
+            if (r < 0).all() or any(_slabs(r, k) for k in range(r.ndim)):
+                continue
+            k = max(range(r.ndim), key=lambda ax: (_channels_along(r, ax), -ax))
+            lines = np.moveaxis(r, k, 0).reshape(r.shape[k], -1)
+            mixed = (lines >= 0).any(1) & ~(lines >= 0).all(1)
+            if mixed.any():
+                self.block(lines[mixed], f"a reshape at {where} splits channels into "
+                           "parts that are not whole slices of one axis")
+            a, b = _line_edges(lines)
+            self.edges_a.append(a)
+            self.edges_b.append(b)
+            added = True
+        return added
+
     def collapse(self, label: TLabel) -> TLabel:
         """Turn a grid into per-dim labels: the outermost grid axis stays labeled and all
         ids sharing an index along it become one channel (whole attention heads; a single
@@ -296,6 +326,31 @@ class ChannelSpace:
         self.mark_kind(grid.ids.ravel(), "head")
         dims[grid.axes[keep]] = reps if (reps >= 0).any() else None
         return TLabel(dims)
+
+
+def _slabs(r: np.ndarray, k: int) -> bool:
+    """Is the channel of every entry of ``r`` a function of its index along axis ``k``?"""
+    lines = np.moveaxis(r, k, 0).reshape(r.shape[k], -1)
+    return bool((lines == lines[:, :1]).all())
+
+
+def _line_edges(lines: np.ndarray):
+    """Edges making the tracked entries of each row of ``lines`` one channel."""
+    tracked = [row[row >= 0] for row in lines]
+    a = [np.full(t.size - 1, t[0]) for t in tracked if t.size > 1]
+    b = [t[1:] for t in tracked if t.size > 1]
+    empty = np.empty(0, dtype=np.int64)
+    return (np.concatenate(a) if a else empty), (np.concatenate(b) if b else empty)
+
+
+def _channels_along(r: np.ndarray, k: int) -> int:
+    """How many channels ``r`` keeps when made into slabs along axis ``k``."""
+    values, inverse = np.unique(r[r >= 0], return_inverse=True)
+    remap = np.full(r.shape, -1, dtype=np.int64)
+    remap[r >= 0] = inverse
+    a, b = _line_edges(np.moveaxis(remap, k, 0).reshape(r.shape[k], -1))
+    roots = components(values.size, [a], [b])
+    return int(np.unique(roots).size)
 
 
 def components(n: int, edges_a: List[np.ndarray], edges_b: List[np.ndarray]) -> np.ndarray:

@@ -100,6 +100,8 @@ def reshape_label(space: ChannelSpace, label: TLabel, in_shape, out_shape, where
         flat = _flat_ids(space, label, gin, in_shape, where)
         if flat is not None:
             _unflatten(flat, gout, out_shape, dims_out, grids)
+    for g in grids:  # the split must stay a rectangular array under every plan
+        space.require_rectangular(g.ids, where)
     grid = None
     if carried_axes:
         axes = tuple(carried_axes[a] for a in label.grid.axes)
