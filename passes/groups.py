@@ -16,6 +16,8 @@ from typing import Dict, List
 import numpy as np
 import torch
 import torch.fx
+import torch.nn.functional as F
+from torch import nn
 
 from ..group import Group, Member
 from . import index_rules, layer_rules, recurrent_rules, tensor_rules  # noqa: F401  (register rules)
@@ -101,7 +103,51 @@ def _analyze(gm: torch.fx.GraphModule) -> Analysis:
         root = components(space.next_id, space.edges_a, space.edges_b)
     space.check_same(root)
     group_key = components(space.next_id, *_bridges(space, root))[root]
-    return _assemble(gm, space, root, group_key)
+    analysis = _assemble(gm, space, root, group_key)
+    missing = layers_without_group(analysis)
+    if missing:
+        log.warning("parameter layers whose outputs are in no group (a bug in a channel "
+                    "rule; they are not pruned): %s", ", ".join(missing[:8]))
+    return analysis
+
+
+_CONV_FUNCTIONS = {F.conv1d: 0, F.conv2d: 0, F.conv3d: 0, F.conv_transpose1d: 1,
+                   F.conv_transpose2d: 1, F.conv_transpose3d: 1, F.linear: 0,
+                   torch._C._nn.linear: 0}
+
+
+def layers_without_group(analysis: Analysis) -> List[str]:
+    """Conv/Linear layers (modules, or functional calls whose weight is a parameter or
+    computed from one) whose output dim is the producer of no group. Every rule gives a
+    layer's rows a group, prunable or with a reason, so this is empty."""
+    produced = {(m.target, m.dim) for g in analysis.groups for m in g.members
+                if m.role == "producer"}
+    missing = []
+    for node in analysis.gm.graph.nodes:
+        found = _layer_weight(analysis.gm, node)
+        if found is not None and found not in produced:
+            missing.append(node.target if node.op == "call_module" else node.name)
+    return missing
+
+
+def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """(weight target, output dim) of a parameter layer node, else None."""
+    if node.op == "call_module":
+        mod = gm.get_submodule(node.target)
+        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd)):
+            return f"{node.target}.weight", int(getattr(mod, "transposed", False))
+        return None
+    if node.op != "call_function" or node.target not in _CONV_FUNCTIONS:
+        return None
+    w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    while isinstance(w, torch.fx.Node) and w.op != "get_attr":
+        name = w.target if isinstance(w.target, str) else getattr(w.target, "__name__", "")
+        if name in ("t", "transpose", "permute", "swapaxes", "movedim"):
+            return None  # a transposed use (tied weights): its rows are another dim
+        w = next((a for a in w.args if isinstance(a, torch.fx.Node)), None)
+    if not isinstance(w, torch.fx.Node):
+        return None
+    return w.target, _CONV_FUNCTIONS[node.target]
 
 
 def _bridges(space: ChannelSpace, root: np.ndarray):

@@ -43,12 +43,19 @@ def _flat_ids(space: ChannelSpace, label: TLabel, dims: List[int], shape, where:
     in_grid = grid is not None and all(a in dims for a in grid.axes)
     if not labeled and not in_grid:
         return None
-    if len(labeled) + int(in_grid) > 1:
+    if in_grid and labeled:
         for d in labeled:
             space.block(label.dims[d], f"reshape merges two channel dims at {where}")
-        if in_grid:
-            space.block(grid.ids, f"reshape merges two channel dims at {where}")
+        space.block(grid.ids, f"reshape merges two channel dims at {where}")
         return np.full(int(np.prod(sizes)), UNTRACKED, dtype=np.int64)
+    if len(labeled) > 1:
+        # The merged dim carries the outermost dim's channels (like a flatten over
+        # untracked H, W); the other dims may never lose an index: blocked. A block on
+        # ids in no group costs nothing (a conv weight's kernel dims flattened with its
+        # input dim by weight standardisation, [O, I, kh, kw] -> [1, O, I*kh*kw]).
+        for d in labeled[1:]:
+            space.block(label.dims[d], f"reshape merges two channel dims at {where}")
+        labeled = labeled[:1]
     if in_grid:
         expand_shape = [shape[d] if d in grid.axes else 1 for d in dims]
         ids = grid.ids.reshape(expand_shape)
