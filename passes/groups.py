@@ -134,8 +134,9 @@ def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """(weight target, output dim) of a parameter layer node, else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if isinstance(mod, nn.Linear) or (isinstance(mod, nn.modules.conv._ConvNd)):
-            return f"{node.target}.weight", int(getattr(mod, "transposed", False))
+        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and mod.weight is not None:
+            dim = int(getattr(mod, "transposed", False))
+            return (f"{node.target}.weight", dim) if mod.weight.shape[dim] > 1 else None
         return None
     if node.op != "call_function" or node.target not in _CONV_FUNCTIONS:
         return None
@@ -147,7 +148,10 @@ def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node):
         w = next((a for a in w.args if isinstance(a, torch.fx.Node)), None)
     if not isinstance(w, torch.fx.Node):
         return None
-    return w.target, _CONV_FUNCTIONS[node.target]
+    dim, tensor = _CONV_FUNCTIONS[node.target], _fetch_attr(gm, w.target)
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim or tensor.shape[dim] < 2:
+        return None  # one output channel: no channel ids, nothing to group
+    return w.target, dim
 
 
 def _bridges(space: ChannelSpace, root: np.ndarray):

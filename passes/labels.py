@@ -160,6 +160,7 @@ class ChannelSpace:
     kinds: List[Tuple[np.ndarray, str]] = field(default_factory=list)
     same: List[Tuple[np.ndarray, np.ndarray, str]] = field(default_factory=list)
     rectangles: List[Tuple[np.ndarray, str]] = field(default_factory=list)
+    rectangles_done: set = field(default_factory=set)
     n_spaces: int = 0
 
     def fresh(self, n: int) -> np.ndarray:
@@ -290,10 +291,11 @@ class ChannelSpace:
         Tracked entries sharing a slab with untracked ones are blocked. True if edges
         were added (the caller recomputes the components)."""
         added = False
-        for ids, where in self.rectangles:
+        for i, (ids, where) in enumerate(self.rectangles):
             r = np.where(ids >= 0, root[np.maximum(ids, 0)], UNTRACKED)
-            if (r < 0).all() or any(_slabs(r, k) for k in range(r.ndim)):
+            if i in self.rectangles_done or (r < 0).all() or any(_slabs(r, k) for k in range(r.ndim)):
                 continue
+            self.rectangles_done.add(i)  # merging elsewhere only coarsens: slabs stay slabs
             k = max(range(r.ndim), key=lambda ax: (_channels_along(r, ax), -ax))
             lines = np.moveaxis(r, k, 0).reshape(r.shape[k], -1)
             mixed = (lines >= 0).any(1) & ~(lines >= 0).all(1)

@@ -14,14 +14,17 @@ from torch import nn
 
 
 from .layer_rules import _module_params
-from .rule_table import RULES, RuleContext, as_tlabel, shape_of, untracked_output
+from .rule_table import RULES, RuleContext, as_tlabel, shape_of, unknown_rule, untracked_output
 
 
 @RULES.module(nn.RNNBase)
 def recurrent_module_rule(ctx: RuleContext):
     mod = ctx.module()
     x = ctx.node.args[0] if ctx.node.args else ctx.node.kwargs["input"]
-    label = ctx.space.collapse(as_tlabel(ctx.label(x), shape_of(x)))
+    label = as_tlabel(ctx.label(x), shape_of(x))
+    if label is None:  # a PackedSequence, or no shape: nothing is known
+        return unknown_rule(ctx)
+    label = ctx.space.collapse(label)
     reason = (f"hidden state of {type(mod).__name__} `{ctx.node.target}` at node "
               f"`{ctx.node.name}` (a recurrent layer's hidden size is not pruned)")
     inputs = [n for n in ("weight_ih_l0", "weight_ih_l0_reverse") if hasattr(mod, n)]
