@@ -148,7 +148,7 @@ def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node):
         w = next((a for a in w.args if isinstance(a, torch.fx.Node)), None)
     if not isinstance(w, torch.fx.Node):
         return None
-    dim, tensor = _CONV_FUNCTIONS[node.target], _fetch_attr(gm, w.target)
+    dim, tensor = _CONV_FUNCTIONS[node.target], fetch_attr(gm, w.target)
     if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim or tensor.shape[dim] < 2:
         return None  # one output channel: no channel ids, nothing to group
     return w.target, dim
