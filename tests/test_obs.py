@@ -174,6 +174,22 @@ def test_greedy_downdates_equal_recomputing_the_inverse(kind):
         assert Hc[removed].abs().max() == 0 and Hc[:, removed].abs().max() == 0
 
 
+def test_per_step_removes_the_cheapest_units_together():
+    layer, x = _layer_and_data("conv", seed=4)
+    _, W, _, Hinv = _closed_form_inputs(layer, x, 1e-2)
+    units = [consumer_columns(layer, [c]) for c in range(5)]
+    single = removal_errors(Hinv, W, units)
+    order, increases = greedy_removal(Hinv, W, units, per_step=5)
+    assert order == torch.argsort(single, stable=True).tolist()
+    assert increases == pytest.approx(single[order].tolist())
+    order2, inc2 = greedy_removal(Hinv, W, units, per_step=2)
+    assert order2[:2] == order[:2] and inc2[:2] == pytest.approx(increases[:2])
+    W2, H2 = remove_columns(W, Hinv, torch.cat([units[u] for u in order2[:2]]))
+    rest = [u for u in range(5) if u not in order2[:2]]
+    assert inc2[2:4] == pytest.approx(sorted(removal_errors(H2, W2, [units[u] for u in rest])
+                                             .tolist())[:2])
+
+
 def test_layer_scores_are_normalised_running_maxima():
     layer, x = _layer_and_data("linear", seed=2)
     gram = LayerGram()
@@ -299,6 +315,8 @@ def test_bad_damping_and_missing_data_are_refused():
     model, data = _fixture("tiny_grouped")
     with pytest.raises(CriterionError, match="damp"):
         fxprune.saliency(model, "obs", data=data, damp=-1.0, progress=False)
+    with pytest.raises(CriterionError, match="per_step"):
+        fxprune.saliency(model, "obs", data=data, per_step=0, progress=False)
     with pytest.raises(fxprune.FxpruneError, match="calibration data"):
         fxprune.compile(model, "obs", example_inputs=data[0][0], flops=0.5)
 

@@ -13,7 +13,8 @@ scores a channel by the error that this removal *with* that compensation leaves:
 2. Per consumer layer, greedy OBS (:mod:`fxprune.passes.obs_solve`): the input channels
    (all prunable groups feeding it) are removed cheapest first, each with the optimal
    update of the kept weights and a block downdate of ``(H + λI)⁻¹``,
-   ``λ = damp · mean diag H`` (option ``damp``, default 1e-2). A channel's layer score is
+   ``λ = damp · mean diag H`` (option ``damp``, default 1e-2; option ``per_step=k``
+   removes the k cheapest per step, n/k steps instead of n). A channel's layer score is
    its error increase ``ΔE`` at its greedy step, divided by the dense layer's output
    energy ``Σ‖y‖²`` over the same rows, and made non-decreasing along the greedy order
    (running maximum) so that a global ranking removes a layer's channels in that order.
@@ -46,8 +47,8 @@ What is not measured, and why:
   stream with the channel's columns deleted, an approximation there.
 
 Contract: :func:`_score` reads ``ctx.module`` (the scoring copy; hooks are removed
-before returning), ``ctx.groups``, ``ctx.batches`` and ``ctx.options["damp"]``; it
-writes ``ctx.state["obs"]`` and returns ``{consumer weight name: float64 tensor}``
+before returning), ``ctx.groups``, ``ctx.batches`` and ``ctx.options`` (``damp``,
+``per_step``); it writes ``ctx.state["obs"]`` and returns ``{consumer weight name: float64 tensor}``
 holding each unit's score spread evenly over its input columns (all other parameters
 are absent, i.e. score 0). :func:`_aggregate` sums the consumer columns per channel.
 """
@@ -184,13 +185,13 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, _Consumer], batches
 
 
 def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
-                     damp: float = DEFAULT_DAMP) -> Tensor:
+                     damp: float = DEFAULT_DAMP, per_step: int = 1) -> Tensor:
     """``[len(cols)]`` float64: each unit's greedy ``ΔE`` ÷ the dense output energy,
     running maximum along the greedy order (module docstring, step 2)."""
     H, W = gram.H[0], augmented_weight(layer)[0].to(gram.H.device)
     if layer.bias is None:  # no constant column to compensate with, as in the re-fit
         H, W = H[:-1, :-1], W[:, :-1]
-    order, increases = greedy_removal(damped_inverse(H, damp), W, cols)
+    order, increases = greedy_removal(damped_inverse(H, damp), W, cols, per_step)
     scale = max(gram.yy, 1e-30)
     out = torch.zeros(len(cols), dtype=torch.float64)
     running = 0.0
@@ -206,6 +207,10 @@ def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
     if not damp >= 0:
         raise CriterionError(f"obs: damp={damp!r}; use a damping factor >= 0 (default "
                              f"{DEFAULT_DAMP}: λ = damp · mean diag of the Gram matrix)")
+    per_step = ctx.options.get("per_step", 1)
+    if not isinstance(per_step, int) or per_step < 1:
+        raise CriterionError(f"obs: per_step={per_step!r}; use a whole number >= 1 (units "
+                             "removed per greedy step of a layer; 1 is the exact greedy)")
     if not ctx.batches:
         raise CriterionError("obs needs calibration data (at least one batch)")
     consumers, skipped = find_consumers(ctx.module, ctx.groups)
@@ -216,7 +221,8 @@ def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
         if gram.H is None:
             skipped[f"{name}.weight"] = "never called on the calibration data"
             continue
-        values = obs_layer_scores(cons.layer, gram, [u.cols for u in cons.units], damp)
+        values = obs_layer_scores(cons.layer, gram, [u.cols for u in cons.units], damp,
+                                  per_step)
         weight = cons.layer.weight
         t = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
         for u, v in zip(cons.units, values.tolist()):
@@ -259,4 +265,5 @@ register_criterion(Criterion(
     name="obs",
     description="structured Optimal Brain Surgeon: output error each consumer layer keeps "
                 "after removing the channel with the least-squares update (repair='full')",
-    score=_score, needs_data=True, aggregate=_aggregate, options=("damp",)), overwrite=True)
+    score=_score, needs_data=True, aggregate=_aggregate, options=("damp", "per_step")),
+    overwrite=True)
