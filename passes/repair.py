@@ -39,6 +39,7 @@ from ..repair_report import LayerRepair, OutputMatch, RepairSummary
 from .groups import Analysis, fetch_attr
 from .lstsq import (REFIT_TYPES, LayerGram, augmented_weight, error, set_augmented_weight,
                     solve)
+from .sweep import LockstepSweep
 
 __all__ = ["REPAIR_MODES", "repair"]
 
@@ -94,8 +95,8 @@ def repair(dense: torch.fx.GraphModule, slim: torch.fx.GraphModule, analysis: An
         with torch.no_grad():
             measured = held or train
             before = [slim(*inputs[b]) for b in measured]
-            sweep = _Sweep(dense, slim, inputs, train, held, summary)
-            dense_out, slim_out = sweep.run(sites)
+            sweep = LockstepSweep(dense, slim, inputs)
+            dense_out, slim_out = sweep.run(_Repairer(sweep, train, held, summary).hooks(sites))
         summary.before = _match([dense_out[b] for b in measured], before)
         summary.after = _match([dense_out[b] for b in measured], [slim_out[b] for b in measured])
     finally:
@@ -175,96 +176,26 @@ def _functional_bn_buffers(node: torch.fx.Node) -> Optional[Tuple[str, str]]:
 
 
 # ------------------------------------------------------------------------------ sweep
-class _Sweep:
-    """Runs the dense and the slim graph node by node over all batches, repairing the
-    slim model at its sites on the way (see the module docstring)."""
+class _Repairer:
+    """The repair actions at the sweep's sites (see the module docstring)."""
 
-    def __init__(self, dense, slim, inputs, train, held, summary: RepairSummary):
-        self.dense, self.slim, self.inputs = dense, slim, inputs
-        self.train, self.held, self.summary = train, held, summary
-        self.dense_mods, self.slim_mods = dict(dense.named_modules()), dict(slim.named_modules())
+    def __init__(self, sweep: LockstepSweep, train, held, summary: RepairSummary):
+        self.sweep, self.train, self.held, self.summary = sweep, train, held, summary
+        self.slim_mods = dict(sweep.slim.named_modules())
 
-    def run(self, sites: Dict[str, _Site]):
-        d_nodes, s_nodes = list(self.dense.graph.nodes), list(self.slim.graph.nodes)
-        if [n.name for n in d_nodes] != [n.name for n in s_nodes]:
-            raise FxpruneError("repair: the slim graph's nodes do not match the dense graph's "
-                               "(internal error; please report this model)")
-        # the rewrite replaces some uses by literals (head counts in reshapes), so the
-        # dense graph can need a value after the slim graph's last use of it
-        frees = _last_uses(d_nodes, s_nodes)
-        env_d: Dict[torch.fx.Node, list] = {}
-        env_s: Dict[torch.fx.Node, list] = {}
-        out_d = out_s = None
-        for i, (nd, ns) in enumerate(zip(d_nodes, s_nodes)):
-            env_d[nd] = self._values(self.dense, self.dense_mods, nd, env_d)
-            site = sites.get(ns.name)
-            if site is not None:
-                self._apply(site, ns, nd, env_s, env_d)
-            env_s[ns] = self._values(self.slim, self.slim_mods, ns, env_s)
-            if ns.op == "output":
-                out_d, out_s = env_d[nd], env_s[ns]
-            for k in frees.get(i, ()):
-                env_d.pop(d_nodes[k], None)
-                env_s.pop(s_nodes[k], None)
-        return out_d, out_s
+    def hooks(self, sites: Dict[str, _Site]):
+        return {name: (lambda ns, nd, site=site: self._apply(site, ns, nd))
+                for name, site in sites.items()}
 
-    def _values(self, gm, mods, node, env) -> list:
-        if node.op == "get_attr":
-            value = fetch_attr(gm, node.target)
-            return [value] * len(self.inputs)
-        return [_run_node(gm, mods, node, env, b, self.inputs[b]) for b in range(len(self.inputs))]
-
-    def _apply(self, site: _Site, ns, nd, env_s, env_d) -> None:
+    def _apply(self, site: _Site, ns, nd) -> None:
         if site.kind == "skip":
             self.summary.layers.append(LayerRepair(site.name, "skipped", reason=site.reason))
         elif site.kind == "bn":
-            record = _repair_bn(self, site, ns, nd, env_s, env_d)
+            record = _repair_bn(self, site, ns, nd)
             if record is not None:
                 self.summary.layers.append(record)
         else:
-            self.summary.layers.append(_refit(self, site, ns, nd, env_s, env_d))
-
-
-def _last_uses(*graphs: List[torch.fx.Node]) -> Dict[int, List[int]]:
-    """Step index -> indices of the nodes whose value is dead after that step in every
-    one of ``graphs`` (node lists of equal length, in the same order)."""
-    nodes = graphs[0]
-    last = {i: i for i in range(len(nodes))}
-    for graph in graphs:
-        index = {n: i for i, n in enumerate(graph)}
-        for n in graph:
-            for user in n.users:
-                last[index[n]] = max(last[index[n]], index[user])
-    out: Dict[int, List[int]] = {}
-    for k, step in last.items():
-        if nodes[k].op != "output":
-            out.setdefault(step, []).append(k)
-    return out
-
-
-def _run_node(gm, mods, node: torch.fx.Node, env, b: int, batch: Tuple[Any, ...]):
-    if node.op == "placeholder":
-        k = node.meta.get("fxprune_input_index")
-        if k is None:
-            k = [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
-            node.meta["fxprune_input_index"] = k
-        if k < len(batch):
-            return batch[k]
-        if node.args:
-            return node.args[0]  # the forward's default value
-        raise FxpruneError(f"repair: calibration batches give {len(batch)} inputs, the "
-                           f"model needs `{node.target}` too")
-    args = torch.fx.node.map_arg(node.args, lambda n: env[n][b])
-    kwargs = torch.fx.node.map_arg(node.kwargs, lambda n: env[n][b])
-    if node.op == "call_function":
-        return node.target(*args, **kwargs)
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    if node.op == "call_module":
-        return mods[node.target](*args, **kwargs)
-    if node.op == "output":
-        return args[0]
-    raise FxpruneError(f"repair: unexpected node kind {node.op!r} ({node.name})")
+            self.summary.layers.append(_refit(self, site, ns, nd))
 
 
 # ------------------------------------------------------------------------ batch norms
@@ -286,55 +217,54 @@ def _moments(xs: List[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
     return mean, var
 
 
-def _repair_bn(sweep: _Sweep, site: _Site, ns, nd, env_s, env_d) -> Optional[LayerRepair]:
+def _repair_bn(rep: _Repairer, site: _Site, ns, nd) -> Optional[LayerRepair]:
     """Re-estimate a batch norm whose input changed (``bn``), or keep whichever of the
     dense and the re-estimated statistics is closer to the dense output on held-out
     batches (``full``). Returns None when the input did not change."""
-    x_s, x_d = env_s[ns.args[0]], env_d[nd.args[0]]
-    n = len(sweep.inputs)
-    diff = max(float((x_s[b] - _channels(x_d[b], site.positions)).abs().max()) for b in range(n))
-    scale = max(float(_channels(x_d[b], site.positions).abs().max()) for b in range(n))
+    x_s, x_d = rep.sweep.env_slim[ns.args[0]], rep.sweep.env_dense[nd.args[0]]
+    ref = [_channels(x, site.positions) for x in x_d]
+    diff = max(float((a - b).abs().max()) for a, b in zip(x_s, ref))
+    scale = max(float(b.abs().max()) for b in ref)
     if diff <= _UNCHANGED.get(x_s[0].dtype, 1e-3) * max(scale, 1e-30):
         return None  # rounding only: a producer that lost outputs computes its kept ones
-    mean_buf, var_buf = (fetch_attr(sweep.slim, t) for t in site.buffers)
-    if sweep.summary.mode == "bn":
-        mean, var = _moments(x_s)
-        mean_buf.copy_(mean.to(mean_buf.dtype))
-        var_buf.copy_(var.to(var_buf.dtype))
+    buffers = [fetch_attr(rep.sweep.slim, t) for t in site.buffers]
+    if rep.summary.mode == "bn":
+        _set(buffers, _moments(x_s))
         return LayerRepair(site.name, "bn re-estimated")
-    dense_stats = (mean_buf.clone(), var_buf.clone())
-    err_dense = _bn_error(sweep, site, ns, nd, env_s, env_d)
-    mean, var = _moments([x_s[b] for b in sweep.train])
-    mean_buf.copy_(mean.to(mean_buf.dtype))
-    var_buf.copy_(var.to(var_buf.dtype))
-    err_new = _bn_error(sweep, site, ns, nd, env_s, env_d)
+    dense_stats = [b.clone() for b in buffers]
+    err_dense = _bn_error(rep, site, ns, nd)
+    _set(buffers, _moments([x_s[b] for b in rep.train]))
+    err_new = _bn_error(rep, site, ns, nd)
     if err_new >= err_dense:
-        mean_buf.copy_(dense_stats[0])
-        var_buf.copy_(dense_stats[1])
+        _set(buffers, dense_stats)
         return LayerRepair(site.name, "bn kept", err_dense, err_dense)
-    mean, var = _moments(x_s)
-    mean_buf.copy_(mean.to(mean_buf.dtype))
-    var_buf.copy_(var.to(var_buf.dtype))
+    _set(buffers, _moments(x_s))
     return LayerRepair(site.name, "bn re-estimated", err_dense, err_new)
 
 
-def _bn_error(sweep: _Sweep, site: _Site, ns, nd, env_s, env_d) -> float:
+def _set(buffers: List[torch.Tensor], values) -> None:
+    for buf, value in zip(buffers, values):
+        buf.copy_(value.to(buf.dtype))
+
+
+def _bn_error(rep: _Repairer, site: _Site, ns, nd) -> float:
     """Relative squared error of the slim batch norm's output on held-out batches."""
     num = den = 0.0
-    for b in sweep.held:
-        out = _run_node(sweep.slim, sweep.slim_mods, ns, env_s, b, sweep.inputs[b])
-        ref = _channels(env_d[nd][b], site.positions)
+    for b in rep.held:
+        out = rep.sweep.slim_value(ns, b)
+        ref = _channels(rep.sweep.env_dense[nd][b], site.positions)
         num += float((out.double() - ref.double()).pow(2).sum())
         den += float(ref.double().pow(2).sum())
     return num / max(den, 1e-30)
 
 
 # --------------------------------------------------------------------------- re-fits
-def _refit(sweep: _Sweep, site: _Site, ns, nd, env_s, env_d) -> LayerRepair:
+def _refit(rep: _Repairer, site: _Site, ns, nd) -> LayerRepair:
     """Least-squares re-fit of one layer toward the dense layer's output (module doc)."""
-    layer = sweep.slim_mods[ns.target]
+    layer = rep.slim_mods[ns.target]
     out_dim = -1 if isinstance(layer, nn.Linear) else 1
-    x_s, y_d = env_s[ns.args[0]], env_d[nd]
+    x_s, y_d = rep.sweep.env_slim[ns.args[0]], rep.sweep.env_dense[nd]
+    unknowns = _unknowns(layer)
 
     def gram(batches) -> LayerGram:
         g = LayerGram()
@@ -344,19 +274,10 @@ def _refit(sweep: _Sweep, site: _Site, ns, nd, env_s, env_d) -> LayerRepair:
             g.add(layer, x_s[b], y, max_rows=ROWS_PER_UNKNOWN * unknowns)
         return g
 
-    unknowns = _unknowns(layer)
-    rows = sum(y_d[b].numel() // y_d[b].shape[out_dim] for b in sweep.train)
+    rows = sum(y_d[b].numel() // y_d[b].shape[out_dim] for b in rep.train)
     if rows < unknowns:  # decided from shapes, before any Gram product is paid for
-        samples = sum(x_s[b].shape[0] for b in sweep.train)
-        need = -(-unknowns // max(1, rows // max(1, samples)))
-        reason = (f"{rows} calibration rows for {unknowns} unknowns per output; a re-fit "
-                  f"needs at least {need} training samples (about "
-                  f"{-(-need * len(sweep.inputs) // max(1, len(sweep.train)))} in all with the "
-                  "held-out quarter); kept the pruned weights")
-        sweep.summary.notes.append(f"{site.name}: {reason}")
-        log.warning("repair: %s: %s", site.name, reason)
-        return LayerRepair(site.name, "skipped", None, None, None, rows, unknowns, reason)
-    fit, val = gram(sweep.train), gram(sweep.held)
+        return _too_wide(rep, site, rows, unknowns, sum(x_s[b].shape[0] for b in rep.train))
+    fit, val = gram(rep.train), gram(rep.held)
     w0, has_bias = augmented_weight(layer), layer.bias is not None
     rel = lambda w: error(val, w) / max(val.yy, 1e-30)
     before = rel(w0)
@@ -366,6 +287,18 @@ def _refit(sweep: _Sweep, site: _Site, ns, nd, env_s, env_d) -> LayerRepair:
         return LayerRepair(site.name, "kept", before, before, None, fit.rows, fit.unknowns)
     set_augmented_weight(layer, solve(fit + val, w0, best_alpha, has_bias))
     return LayerRepair(site.name, "re-fit", before, best_err, best_alpha, fit.rows, fit.unknowns)
+
+
+def _too_wide(rep: _Repairer, site: _Site, rows: int, unknowns: int, samples: int) -> LayerRepair:
+    """A layer with fewer calibration rows than unknowns is left as pruned, loudly."""
+    need = -(-unknowns // max(1, rows // max(1, samples)))
+    total = -(-need * len(rep.sweep.inputs) // max(1, len(rep.train)))
+    reason = (f"{rows} calibration rows for {unknowns} unknowns per output; a re-fit needs "
+              f"at least {need} training samples (about {total} in all with the held-out "
+              "quarter); kept the pruned weights")
+    rep.summary.notes.append(f"{site.name}: {reason}")
+    log.warning("repair: %s: %s", site.name, reason)
+    return LayerRepair(site.name, "skipped", None, None, None, rows, unknowns, reason)
 
 
 def _unknowns(layer: nn.Module) -> int:

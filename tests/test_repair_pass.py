@@ -257,3 +257,17 @@ def test_repair_summary_survives_the_json_report():
     again = report_from_dict(res.report.to_dict())
     assert again.repair == res.report.repair
     assert "repair (full)" in again.table()
+
+
+def test_vit_repair_refits_heads_mlp_and_stream():
+    """Head counts the rewrite turns into literals must not free values the dense graph
+    still reads (a KeyError once); every Linear that lost inputs is re-fitted."""
+    torch.manual_seed(0)
+    model = fxprune.models.create_model("tiny_vit").double().eval()
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(8, 3, 16, 16, generator=g, dtype=torch.float64),
+             torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
+    res = fxprune.compile(model, "l2", data=data, flops=0.5, progress=False)
+    rep = res.report.repair
+    assert any(r.name.endswith("attn.proj") and r.action == "re-fit" for r in rep.layers)
+    assert rep.after.rel_error < rep.before.rel_error
