@@ -87,7 +87,10 @@ def job_list(models: List[str], criteria: List[str], budgets: List[float], seeds
                                 kind="posttrain")
                     jobs.append(Job(f"{name}|{budget}|{method}|{seed}", meta, name,
                                     _bind(fn, method, budget, seed)))
-    return jobs
+    # seed 0 of every budget first, the tightest budgets (the goals) before 0.7: an
+    # interrupted run then has one full seed of what matters most
+    rank = {b: i for i, b in enumerate(sorted(budgets, key=lambda b: (b > 0.5, -b)))}
+    return sorted(jobs, key=lambda j: (j.meta["seed"], rank[j.meta["budget"]]))
 
 
 def _bind(fn, method, budget, seed):
