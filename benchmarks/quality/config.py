@@ -10,7 +10,7 @@ from typing import Dict, List
 from .nets import Recipe
 
 EPOCH = 60_000
-CRITERIA = ["oba", "oba-exact", "sosp-h", "sosp-i", "taylor", "obd", "l2", "random"]
+CRITERIA = ["obs", "oba", "oba-exact", "sosp-h", "sosp-i", "taylor", "obd", "l2", "random"]
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
 FULL_FT_STEPS = 200
 
