@@ -145,7 +145,8 @@ def write_outputs(c, a, store: Store, keys: Set[str], dense: Dict[str, float], w
                   argv) -> str:
     recs = [r for k, r in store.records.items() if k in keys]
     reduced = (a.train_epochs, a.ft_steps, a.calib_batches) != (None, None, None)
-    label = c.mode + ("-reduced" if reduced else "")
+    label = c.mode + ("-reduced" if reduced else "") + \
+        (f"-repair-{a.repair}" if a.repair != "none" else "")  # not the earlier table's file
     png = plot(recs, dense, os.path.join(HERE, f"accuracy-{label}.png"))
     head = [f"# Quality benchmark — {label} mode" + (" (SMOKE NUMBERS: tiny training, not "
             "meaningful)" if c.mode == "quick" else ""), "",
