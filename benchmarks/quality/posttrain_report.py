@@ -63,13 +63,14 @@ def posttrain_summary(records: List[Dict]) -> str:
         for m in methods:
             cells = []
             for b in budgets:
-                recs = [r for r in groups.get((model, b, m), []) if "error" not in r]
+                tried = groups.get((model, b, m), [])
+                recs = [r for r in tried if "error" not in r]
                 parts = []
                 for rep in REPAIRS:
                     v = _mean(recs, f"acc_{rep}")
                     text = "–" if v is None else f"{v:.2f}"
                     parts.append(f"**{text}**" if v is not None and v == best[b] else text)
-                cells.append(" / ".join(parts) if recs else "error")
+                cells.append(" / ".join(parts) if recs else "error" if tried else "not run")
             out.append(f"| {m} | " + " | ".join(cells) + " |")
         out.append("")
     return "\n".join(out)
