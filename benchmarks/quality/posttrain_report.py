@@ -85,7 +85,7 @@ def plot_posttrain(records: List[Dict], dense: Dict[str, float], path: str) -> s
     models = sorted({k[0] for k in groups})
     fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
     methods = list(OrderedDict.fromkeys(k[2] for k in groups))
-    colours = {m: plt.cm.tab10(i % 10) for i, m in enumerate(methods)}
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}  # 12 methods: no repeats
     for ax, model in zip(axes[0], models):
         for m in methods:
             for rep in REPAIRS:
