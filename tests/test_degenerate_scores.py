@@ -20,6 +20,7 @@ from fxprune.criteria import Criterion, register_criterion
 from fxprune.criteria.aggregate import weight_norms
 from fxprune.degenerate import stationary_shift
 from fxprune.errors import DegenerateScoresError, FxpruneError
+from fxprune.models.fixtures import randomize_norms
 from fxprune.passes.select import global_order, select_uniform, tied_groups
 from fxprune.passes.trace import trace
 
@@ -59,13 +60,7 @@ def make(zero_init=(), seed=0):
     """A float64 ``Net`` in eval mode with random BN statistics; the blocks named in
     ``zero_init`` get ``bn2.weight = 0`` (timm's ``zero_init_last`` for random weights)."""
     torch.manual_seed(seed)
-    model = Net().to(D).eval()
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            m.running_mean.uniform_(-0.5, 0.5)
-            m.running_var.uniform_(0.5, 2.0)
-            m.weight.data.uniform_(0.5, 1.5)
-            m.bias.data.uniform_(-0.3, 0.3)
+    model = randomize_norms(Net(), seed)
     for name in zero_init:
         getattr(model, name).bn2.weight.data.zero_()
     return model
