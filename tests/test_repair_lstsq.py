@@ -7,7 +7,6 @@ for convolutions, so the unfold layout is checked too.
 """
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fxprune.passes.lstsq import LayerGram, augmented_weight, error, set_augmented_weight, solve

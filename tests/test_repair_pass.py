@@ -16,7 +16,6 @@ from torch import nn
 import fxprune
 from fxprune.errors import DataError, FxpruneError
 from fxprune.models.fixtures import randomize_norms
-from fxprune.passes.lstsq import LayerGram, augmented_weight, solve
 from fxprune.passes.repair import ALPHAS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -148,7 +147,6 @@ def test_sequential_refit_of_a_chain_equals_doing_it_by_hand():
     slim = unrepaired.module
     kept1 = res.plan.kept[next(k for k in res.plan.kept if "l1" in k)]
     kept2 = res.plan.kept[next(k for k in res.plan.kept if "l2" in k)]
-    train, held = data[:3], data[3:]
     with torch.no_grad():
         h1 = [torch.tanh(slim.l1(x)) for x, _ in data]
         dense_h2 = [model.l2(torch.tanh(model.l1(x)))[:, kept2] for x, _ in data]
