@@ -18,7 +18,7 @@ from .criteria import check_options, get_criterion, keywords_of
 from .criteria.aggregate import weight_norms
 from .criteria.scoring import module_device_dtype
 from .degenerate import check_scores
-from .errors import BudgetError, DataError, FxpruneError
+from .errors import BudgetError, DataError, FxpruneError, TraceError
 from .errors import PlanError
 from .ignore import ignored as _ignored
 from .ignore import resolve_ignore
@@ -98,7 +98,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
         kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, inputs,
                        max_layer_sparsity, ignore, normalize, notes)
         slim = rewrite(analysis, kept)
-        propagate_shapes(slim, inputs)
+        slim_shapes(slim, inputs)
         if verify:  # per step: between_steps may fine-tune, so only this step's input is the reference
             errors.append(verify_rewrite(analysis, slim, kept, inputs))
         repaired = repair_slim(analysis, slim, kept, batch_list, repair_mode)
@@ -117,6 +117,17 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     report.repair = repaired
     _note_shortfall(report, steps[-1])
     return CompileResult(current, plan, report, saliency=sal)
+
+
+def slim_shapes(slim: torch.fx.GraphModule, inputs) -> None:
+    """Shape propagation of the rewritten model. The dense model already ran on these
+    inputs, so a failure here is the rewrite's, not the user's inputs'."""
+    try:
+        propagate_shapes(slim, inputs)
+    except TraceError as exc:
+        raise FxpruneError(f"the slim model fails on the example inputs that the dense model "
+                           f"runs on ({exc.__cause__ or exc}): a rewrite bug; please report this "
+                           "model (and prune around it meanwhile with ignore=[...])") from exc
 
 
 def resolve_repair(repair: Optional[str], batch_list, unstructured: bool) -> Optional[str]:
@@ -275,7 +286,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
         analyze(trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)))
     _check_plan(analysis, plan, dense_fingerprint(analysis, model, inputs))
     slim = rewrite(analysis, plan.kept)
-    propagate_shapes(slim, inputs)
+    slim_shapes(slim, inputs)
     report = build_report(analysis, slim, plan, inputs, verify, False)
     report.repair = repair_slim(analysis, slim, plan.kept, batch_list, repair_mode)
     return CompileResult(slim, plan, report)

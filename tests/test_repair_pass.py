@@ -269,3 +269,21 @@ def test_vit_repair_refits_heads_mlp_and_stream():
     rep = res.report.repair
     assert any(r.name.endswith("attn.proj") and r.action == "re-fit" for r in rep.layers)
     assert rep.after.rel_error < rep.before.rel_error
+
+
+def test_a_slim_model_that_fails_is_blamed_on_the_rewrite_not_the_inputs(monkeypatch):
+    import fxprune.api_prune as api
+    real_rewrite = api.rewrite
+
+    def broken(analysis, kept):
+        gm = real_rewrite(analysis, kept)
+        for node in gm.graph.nodes:  # make the slim graph fail: a head with wrong in-size
+            if node.op == "call_module" and node.target == "head":
+                gm.head = nn.Linear(gm.head.in_features + 1, gm.head.out_features).double()
+        return gm
+
+    monkeypatch.setattr(api, "rewrite", broken)
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    with pytest.raises(FxpruneError, match="rewrite bug") as info:
+        fxprune.compile(ConvBN().double().eval(), "l2", example_inputs=x, flops=0.5)
+    assert "example_inputs match" not in str(info.value)
