@@ -18,8 +18,7 @@ from .criteria import check_options, get_criterion, keywords_of
 from .criteria.aggregate import weight_norms
 from .criteria.scoring import module_device_dtype
 from .degenerate import check_scores
-from .errors import BudgetError, DataError, FxpruneError, TraceError
-from .errors import PlanError
+from .errors import BudgetError, DataError, FxpruneError, PlanError, TraceError
 from .ignore import ignored as _ignored
 from .ignore import resolve_ignore
 from .plan import Plan, fingerprint, fingerprint_differences
