@@ -16,7 +16,7 @@ from .api_score import (_progress, check_not_empty, prepare_batches, resolve_exa
                         score_analysis, wrap_loss)
 from .criteria import check_options, get_criterion, keywords_of
 from .criteria.aggregate import weight_norms
-from .criteria.scoring import module_device_dtype
+from .criteria.scoring import cast_batch
 from .degenerate import check_scores
 from .errors import BudgetError, DataError, FxpruneError, PlanError, TraceError
 from .ignore import ignored as _ignored
@@ -147,18 +147,13 @@ def resolve_repair(repair: Optional[str], batch_list, unstructured: bool) -> Opt
 
 def repair_slim(analysis: Analysis, slim: torch.fx.GraphModule, kept, batch_list,
                 mode: Optional[str]):
-    """Run the repair pass on ``slim`` with the calibration batches' inputs, cast to the
-    model's floating dtype as scoring casts them."""
+    """Run the repair pass on ``slim`` with the calibration batches' inputs, moved and
+    cast to the model's device and floating dtype as scoring casts them."""
     if mode is None:
         return None
-    inputs = [tuple(_cast_like(x, slim) for x in batch[0]) for batch in batch_list]
+    inputs = [cast_batch(batch, slim)[0] for batch in batch_list]
     log.info("repairing the slim model (%s) on %d calibration batches", mode, len(inputs))
     return repair_pass(analysis.gm, slim, analysis, kept, inputs, mode)
-
-
-def _cast_like(x, module: torch.nn.Module):
-    _, dtype = module_device_dtype(module)
-    return x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
 
 
 def _note_shortfall(report: Report, budget: Budget) -> None:

@@ -37,8 +37,8 @@ from torch import nn
 from ..errors import FxpruneError
 from ..repair_report import LayerRepair, OutputMatch, RepairSummary
 from .groups import Analysis, fetch_attr
-from .lstsq import (REFIT_TYPES, LayerGram, augmented_weight, error, set_augmented_weight,
-                    solve)
+from .lstsq import (LayerGram, augmented_weight, error, set_augmented_weight, solve,
+                    unsupported_reason)
 from .sweep import LockstepSweep
 
 __all__ = ["REPAIR_MODES", "repair"]
@@ -152,9 +152,9 @@ def _lost_inputs(slim_mod: nn.Module, dense_mod: Optional[nn.Module]) -> bool:
 
 
 def _layer_site(mod: nn.Module, target: str, calls: int, positions) -> _Site:
-    if not isinstance(mod, REFIT_TYPES):
-        return _Site("skip", target, positions,
-                     reason=f"{type(mod).__name__} is not re-fitted (Linear, Conv1d, Conv2d are)")
+    unsupported = unsupported_reason(mod)
+    if unsupported is not None:
+        return _Site("skip", target, positions, reason=unsupported)
     if calls > 1:
         return _Site("skip", target, positions,
                      reason=f"called at {calls} places in the graph; re-fitting one call would "

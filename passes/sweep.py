@@ -32,6 +32,9 @@ class LockstepSweep:
                  inputs: Sequence[Tuple[Any, ...]]):
         self.dense, self.slim, self.inputs = dense, slim, inputs
         self.mods = {id(dense): dict(dense.named_modules()), id(slim): dict(slim.named_modules())}
+        # placeholder node -> position among the inputs (same names in both graphs)
+        self.input_index = {n.name: k for k, n in enumerate(
+            n for n in dense.graph.nodes if n.op == "placeholder")}
         self.env_dense: Dict[torch.fx.Node, list] = {}
         self.env_slim: Dict[torch.fx.Node, list] = {}
 
@@ -69,7 +72,7 @@ class LockstepSweep:
     def _run(self, gm, node: torch.fx.Node, env, b: int):
         batch = self.inputs[b]
         if node.op == "placeholder":
-            k = [n for n in gm.graph.nodes if n.op == "placeholder"].index(node)
+            k = self.input_index[node.name]
             if k < len(batch):
                 return batch[k]
             if node.args:

@@ -28,10 +28,9 @@ from .data import load_split
 from .jobs import Job, Store, WorkQueue
 from .nets import accuracy_after_bn_recalibration, evaluate, log
 from .posttrain_report import plot_posttrain, posttrain_summary, posttrain_table
-from .run import HERE, model_context
+from .run import CACHE, HERE, RESULTS, dense_model, run_jobs
 from .tp_runs import tp_names, tp_prune
 
-RESULTS = os.path.join(HERE, "results")
 REPAIRS = ("none", "bn", "full")
 BUDGETS = [0.7, 0.5, 0.3]
 
@@ -123,21 +122,16 @@ def main(argv=None) -> None:
     c.seeds = a.seeds or c.seeds
     models = a.models.split(",")
     os.makedirs(RESULTS, exist_ok=True)
-    os.makedirs(CACHE_DIR, exist_ok=True)
+    os.makedirs(CACHE, exist_ok=True)
     store = Store(os.path.join(RESULTS, f"posttrain-{c.mode}-{c.tag()}.jsonl"))
-    queue = WorkQueue(os.path.join(CACHE_DIR, os.path.basename(store.path) + ".claims"))
+    queue = WorkQueue(os.path.join(CACHE, os.path.basename(store.path) + ".claims"))
     jobs = job_list(models, a.criteria.split(","), [float(b) for b in a.budgets.split(",")],
                     c.seeds, not a.no_tp)
     train_data, test = load_split("train"), load_split("test")
     test_data = (test[0][:c.test_size], test[1][:c.test_size])
     start = time.time()
     if a.worker or (a.workers == 1 and not a.report_only):
-        contexts = {}
-        todo = queue.claim(jobs, store) if a.worker else [j for j in jobs if j.key not in store.records]
-        for job in todo:
-            if job.model not in contexts:
-                contexts[job.model] = model_context(job.model, c, train_data, test_data)
-            store.run(job, *contexts[job.model])
+        run_jobs(jobs, store, queue if a.worker else None, c, (train_data, test_data))
         if a.worker:
             return
     elif not a.report_only:
@@ -149,7 +143,7 @@ def main(argv=None) -> None:
         if any(p.wait() for p in procs):
             raise SystemExit("a worker failed")
         store.reload()
-    dense = {m: evaluate(model_context(m, c, train_data, test_data)[0], *test_data) for m in models}
+    dense = {m: evaluate(dense_model(m, c, train_data), *test_data) for m in models}
     recs = [store.records[j.key] for j in jobs if j.key in store.records]
     png = plot_posttrain(recs, dense, os.path.join(HERE, f"accuracy-posttrain-{c.mode}.png"))
     md = os.path.join(HERE, f"results-posttrain-{c.mode}.md")
@@ -163,9 +157,6 @@ def main(argv=None) -> None:
                 f"`{os.path.basename(png)}`.\n\n"
                 + posttrain_summary(recs) + "\n\nAll rows:\n\n" + posttrain_table(recs) + "\n")
     log(f"wrote {md}")
-
-
-CACHE_DIR = os.path.join(HERE, ".cache")
 
 if __name__ == "__main__":
     main()
