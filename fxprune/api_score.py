@@ -1,161 +1,16 @@
-"""Public scoring API: ``fxprune.saliency`` (design §2, §5)."""
+"""Public scoring API: ``fxprune.saliency`` (design §2, §5): trace -> analyse -> score."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Optional
 
 import torch
 
-from .criteria import Criterion, ScoringContext, check_options, get_criterion, keywords_of
-from .criteria.aggregate import channel_scores
-from .criteria.scoring import (as_batches, default_loss, make_scoring_copy, math_attention,
-                               module_device_dtype)
-from .errors import DataError, FxpruneError
-from .group import Group
-from .passes.groups import Analysis, analyze
-from .passes.trace import as_input_tuple, trace
+from .criteria import check_options, get_criterion, keywords_of
+from .passes.groups import analyze
+from .passes.score import Saliency, example_input_tuple, prepare_batches, score_analysis, wrap_loss
+from .passes.trace import trace
 
-
-@dataclass
-class Saliency:
-    """``parameters``: per-parameter scores (parameter's shape and dtype; zeros where the
-    criterion does not score). ``groups``: per-channel scores, higher = more important."""
-
-    parameters: Dict[str, torch.Tensor]
-    groups: Dict[str, torch.Tensor]
-    criterion: str = ""
-
-
-def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable]) -> Callable:
-    """The loss the criteria see: ``loss_fn(output_fn(outputs), targets)``.
-
-    Without ``loss_fn`` and ``output_fn`` a model output that is not a tensor (a dict,
-    tuple or dataclass) raises :class:`DataError` saying to pass ``output_fn``."""
-    base = loss_fn or default_loss
-    if output_fn is not None:
-        return lambda outputs, targets: base(output_fn(outputs), targets)
-    if loss_fn is not None:
-        return base
-    return _default_loss_of_logits
-
-
-def _default_loss_of_logits(outputs, targets):
-    if not torch.is_tensor(outputs):
-        raise DataError(
-            f"the model returns {_describe_output(outputs)}, not a logits tensor, so the "
-            "default loss (cross-entropy) cannot be computed: pass output_fn= to pick the "
-            "logits (e.g. output_fn=lambda out: out['logits'], out[0] or out.logits), or a "
-            "loss_fn(outputs, targets) that takes the whole output")
-    return default_loss(outputs, targets)
-
-
-def _describe_output(outputs) -> str:
-    if isinstance(outputs, dict):
-        return f"a dict with keys {sorted(map(str, outputs))}"
-    if isinstance(outputs, (tuple, list)):
-        return f"a {type(outputs).__name__} of {len(outputs)}"
-    return f"a {type(outputs).__name__}"
-
-
-def default_example_inputs(batch_list, model: torch.nn.Module):
-    """The first batch's inputs, cast like the calibration batches are: floating
-    tensors take the model's floating dtype (a float16 model fed float32 data)."""
-    _, dtype = module_device_dtype(model)
-    return tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point() else x
-                 for x in batch_list[0][0])
-
-
-def prepare_batches(data, batches: Optional[int], needed: bool):
-    if data is None:
-        if needed:
-            raise DataError("this criterion needs calibration data: pass data=<iterable of "
-                            "(inputs, targets) batches>, e.g. a DataLoader")
-        return None
-    return as_batches(data, batches)
-
-
-def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, options,
-                   progress: bool) -> Saliency:
-    """Score an analysed graph: per-parameter scores, then per-channel scores."""
-    # data-driven criteria always score a copy; data-free ones read the weights, which
-    # low-precision (float16/bfloat16) models only give in a float32 copy (norms of
-    # float16 weights overflow)
-    _, dtype = module_device_dtype(analysis.gm)
-    low = dtype in (torch.float16, torch.bfloat16)
-    module = make_scoring_copy(analysis.gm) if crit.needs_data or low else analysis.gm
-    ctx = ScoringContext(module=module, groups=analysis.groups, batches=batches,
-                         loss_fn=loss_fn, options=dict(options), progress=progress)
-    with math_attention():
-        param_scores = crit.score(ctx)
-    if crit.aggregate is not None:
-        group_scores = crit.aggregate(analysis.groups, param_scores, ctx)
-    else:
-        group_scores = channel_scores(analysis.groups, param_scores)
-    bad = _non_finite(param_scores, group_scores)
-    if bad:
-        raise _explain_non_finite(bad, module, crit, ctx)
-    dtypes = {n: p.dtype for n, p in analysis.gm.named_parameters()}
-    params = {}
-    for name, p in analysis.gm.named_parameters():
-        s = param_scores.get(name)
-        params[name] = (s.detach().to(dtypes[name]) if s is not None else torch.zeros_like(p.detach()))
-    saliency = Saliency(params, group_scores, crit.name)
-    saliency.context = ctx  # kept for criteria with their own selection (SOSP-I)
-    return saliency
-
-
-def _non_finite(param_scores, group_scores) -> List[str]:
-    bad = [f"parameter `{n}`" for n, t in param_scores.items()
-           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    bad += [f"group `{g}`" for g, t in group_scores.items()
-            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
-    return bad
-
-
-def _explain_non_finite(bad: List[str], module, crit: Criterion, ctx) -> FxpruneError:
-    """Name the first calibration batch whose scores alone are not finite (re-scoring
-    batch by batch: only on this failure path). No partial result is returned."""
-    what = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-    if not ctx.batches:
-        return FxpruneError(
-            f"{crit.name}: the scores of {what} are not finite (NaN or inf): the model's "
-            "parameters or buffers hold NaN/inf values (a diverged checkpoint?)")
-    for i, batch in enumerate(ctx.batches):
-        one = ScoringContext(module=module, groups=ctx.groups, batches=[batch],
-                             loss_fn=ctx.loss_fn, options=dict(ctx.options), progress=False)
-        with math_attention():
-            scores = crit.score(one)
-        group_scores = (crit.aggregate(ctx.groups, scores, one) if crit.aggregate is not None
-                        else channel_scores(ctx.groups, scores))
-        if _non_finite(scores, group_scores):
-            return DataError(
-                f"{crit.name}: the gradients or curvature on calibration batch {i} are not "
-                f"finite (NaN or inf) although the loss is, which makes the scores of {what} "
-                "non-finite: check that batch's inputs/targets and the loss_fn (e.g. sqrt or "
-                "log at 0); no scores were returned")
-    return DataError(
-        f"{crit.name}: the scores of {what} are not finite (NaN or inf) although every "
-        "calibration batch alone gives finite scores: the per-batch sums overflow; use "
-        "float32/float64 or fewer batches")
-
-
-def check_not_empty(inputs) -> None:
-    """Refuse example inputs holding an empty batch (a tensor with batch dimension 0):
-    every FLOPs count would be 0, so a budget would "succeed" without pruning anything."""
-    for i, x in enumerate(inputs):
-        if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == 0:
-            raise DataError(f"example input {i} has shape {list(x.shape)}: an empty batch "
-                            "(no samples), on which FLOPs, shapes and scores mean nothing; "
-                            "pass at least one sample (e.g. x[:1] of a real batch)")
-
-
-def resolve_example_inputs(example_inputs: Any, batch_list, model: torch.nn.Module) -> Any:
-    """``example_inputs`` as given, else the first calibration batch's inputs."""
-    if example_inputs is not None:
-        return example_inputs
-    if batch_list is None:
-        raise DataError("pass example_inputs (or data, whose first batch is used)")
-    return default_example_inputs(batch_list, model)
+__all__ = ["saliency", "Saliency", "show_progress"]
 
 
 def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *,
@@ -171,18 +26,13 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
     crit = get_criterion(criterion)
     check_options(crit, options, keywords_of(saliency), "saliency")
     batch_list = prepare_batches(data, batches, crit.needs_data)
-    example_inputs = resolve_example_inputs(example_inputs, batch_list, model)
-    check_not_empty(as_input_tuple(example_inputs))
-    gm = trace(model, as_input_tuple(example_inputs), leaf_modules=leaf_modules,
-               concrete_args=concrete_args)
-    analysis = analyze(gm)
+    inputs = example_input_tuple(example_inputs, batch_list, model)
+    analysis = analyze(trace(model, inputs, leaf_modules=leaf_modules,
+                             concrete_args=concrete_args))
     return score_analysis(analysis, crit, batch_list, wrap_loss(loss_fn, output_fn), options,
-                          _progress(progress))
+                          show_progress(progress))
 
 
-def _progress(progress: Optional[bool]) -> bool:
+def show_progress(progress: Optional[bool]) -> bool:
+    """Progress bars are on unless the caller passes ``progress=False``."""
     return True if progress is None else bool(progress)
-
-
-def groups_of(analysis: Analysis) -> List[Group]:
-    return analysis.groups

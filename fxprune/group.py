@@ -82,3 +82,15 @@ def groups_table(groups: List[Group]) -> str:
 
 def groups_by_id(groups: List[Group]) -> Dict[str, Group]:
     return {g.id: g for g in groups}
+
+
+def member_spans(group: Group) -> List[frozenset]:
+    """Channel subsets of which at least one channel must stay: for every member whose
+    ``index_map`` covers only some of the group's channels (one layer of a merged
+    concat, one split piece read by a conv), the channels it covers."""
+    spans = set()
+    for m in group.members:
+        covered = frozenset(c for c, ix in enumerate(m.index_map) if ix)
+        if covered and len(covered) < group.size:
+            spans.add(covered)
+    return sorted(spans, key=sorted)

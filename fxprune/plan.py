@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
 
 from .errors import FxpruneError, PlanError
+from .group import member_spans
 
 PLAN_FORMAT = 1
 
@@ -84,6 +85,11 @@ def _as_index(value: Any) -> int:
 
 
 # ----------------------------------------------------------------------------- fingerprint
+def input_shapes(inputs) -> List[List[int]]:
+    """The shapes of the tensor inputs, as plans record them."""
+    return [list(x.shape) for x in inputs if hasattr(x, "shape") and hasattr(x, "dtype")]
+
+
 def fingerprint(groups: Iterable[Any], model_name: str, input_shapes) -> Dict[str, Any]:
     """What identifies the dense model a plan was made on: its class name, the example
     input shapes, and every group's id and size (the dense analysis), plus a digest."""
@@ -167,3 +173,47 @@ def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+# ----------------------------------------------------------------------------- checks
+def check_plan(groups: Iterable[Any], plan: Plan, here: Dict[str, Any]) -> None:
+    """Refuse a plan that does not fit this model: made on another architecture (its
+    fingerprint differs from ``here``, this model's), or whose kept lists do not fit
+    the groups (unknown, resized, unprunable, out of range, repeated or emptying)."""
+    differs = fingerprint_differences(plan.meta.get("fingerprint"), here)
+    if differs:
+        raise PlanError("the plan does not fit this model, it was made on a different one: "
+                        + "; ".join(differs)
+                        + ". Apply it to the model (and input size) it was made on, or "
+                        "compile a new plan for this one")
+    by_id = {g.id: g for g in groups}
+    problems = []
+    for gid, kept in plan.kept.items():
+        g = by_id.get(gid)
+        if g is None:
+            problems.append(f"group {gid!r} does not exist in this model")
+        elif plan.sizes.get(gid, g.size) != g.size:
+            problems.append(f"group {gid!r} has {g.size} channels, the plan expects {plan.sizes[gid]}")
+        elif not g.prunable and len(kept) != g.size:
+            problems.append(f"group {gid!r} is not prunable here ({g.reason})")
+        elif not kept or min(kept) < 0 or max(kept) >= g.size:
+            problems.append(f"group {gid!r}: kept indices must be 1..{g.size} channels in range")
+        elif len(set(kept)) != len(kept):
+            problems.append(f"group {gid!r}: kept indices repeat a channel")
+        else:
+            problems += emptied_members(g, set(kept))
+    if problems:
+        raise PlanError("the plan does not fit this model: " + "; ".join(problems[:5]))
+
+
+def emptied_members(group, kept: set) -> List[str]:
+    """Members of ``group`` that would lose every index under ``kept`` (a conv with
+    zero output or input channels cannot run)."""
+    out = []
+    for span in member_spans(group):
+        if not span & kept:
+            names = sorted({f"`{m.target}` (dim {m.dim})" for m in group.members
+                            if frozenset(c for c, ix in enumerate(m.index_map) if ix) == span})
+            out.append(f"group {group.id!r}: the plan removes all of channels {sorted(span)}, "
+                       f"every index of {', '.join(names[:3])}; keep at least one of them")
+    return out

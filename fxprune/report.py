@@ -50,6 +50,18 @@ class Report:
     def params_ratio(self) -> float:
         return self.params_after / max(self.params_before, 1)
 
+    def note_shortfall(self, kind: str, target: float, achieved_attr: Optional[str]) -> None:
+        """Say why the achieved ratio (attribute ``achieved_attr``; None for a budget
+        without one, e.g. sparsity) is well below the target: channel units are coarse."""
+        if achieved_attr is None:
+            return
+        achieved = getattr(self, achieved_attr)
+        if target - achieved > 0.02:
+            self.notes.append(
+                f"{kind}: kept {achieved:.3f} for a target of {target}: channel "
+                "granularity - removing the next lowest-ranked unit (a whole head, conv "
+                "group or channel of a small layer) overshoots the budget")
+
     def bottlenecks(self, factor: float = 0.5) -> List[GroupRow]:
         """Pruned groups whose pruned fraction is below ``factor`` x the median pruned
         fraction (SOSP §3.4: layers the criterion refuses to prune)."""

@@ -23,6 +23,7 @@ from ..group import Group, Member
 from . import index_rules, layer_rules, recurrent_rules, tensor_rules  # noqa: F401  (register rules)
 from .labels import ChannelSpace, components
 from .rule_table import RULES, RuleContext, unknown_rule, untracked_output
+from .ties import refuse_broken_ties
 from .trace import gc_paused
 
 log = logging.getLogger(__name__)
@@ -108,7 +109,7 @@ def _analyze(gm: torch.fx.GraphModule) -> Analysis:
     if missing:
         log.warning("parameter layers whose outputs are in no group (a bug in a channel "
                     "rule; they are not pruned): %s", ", ".join(missing[:8]))
-    return analysis
+    return refuse_broken_ties(analysis)
 
 
 _CONV_FUNCTIONS = {F.conv1d: 0, F.conv2d: 0, F.conv3d: 0, F.conv_transpose1d: 1,

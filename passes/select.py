@@ -18,45 +18,22 @@ criterion's channel score, :func:`fxprune.criteria.aggregate.weight_norms`), nor
 like the scores. Only channels whose score *and* weight norm are equal fall back to
 group order and channel index. :func:`tied_groups` names the groups whose scores carry
 no ranking at all (all zero or all equal); ``compile`` turns them into an error or a
-warning (:mod:`fxprune.degenerate`). The removal prefix of the global order is found by
+warning (:mod:`.degenerate`). The removal prefix of the global order is found by
 bisection on the exact cost model (:mod:`.count`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
 from ..errors import BudgetError
-from ..group import Group
+from ..group import Group, member_spans
+from .budget import Budget
 
 Scores = Dict[str, torch.Tensor]  # group id -> one value per channel
-
-
-@dataclass
-class Budget:
-    kind: str          # "flops", "params" or "sparsity"
-    ratio: float       # kept fraction for flops/params, removed fraction for sparsity
-
-    @staticmethod
-    def parse(flops=None, params=None, sparsity=None) -> "Budget":
-        given = [(k, v) for k, v in (("flops", flops), ("params", params), ("sparsity", sparsity))
-                 if v is not None]
-        if len(given) != 1:
-            raise BudgetError("give exactly one budget: flops=r, params=r or sparsity=r "
-                              f"(got {', '.join(k for k, _ in given) or 'none'})")
-        kind, ratio = given[0]
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio):
-            raise BudgetError(f"{kind}={ratio!r} must be a number")
-        if kind == "sparsity" and not 0.0 <= ratio < 1.0:
-            raise BudgetError(f"sparsity={ratio} must be in [0, 1): the fraction of channels removed")
-        if kind != "sparsity" and not 0.0 < ratio <= 1.0:
-            raise BudgetError(f"{kind}={ratio} must be in (0, 1]: the fraction of dense {kind} kept "
-                              "(0.5 keeps half)")
-        return Budget(kind, float(ratio))
 
 
 def removable_counts(groups: Sequence[Group], max_layer_sparsity: float) -> Dict[str, int]:
@@ -65,18 +42,6 @@ def removable_counts(groups: Sequence[Group], max_layer_sparsity: float) -> Dict
         raise BudgetError(f"max_layer_sparsity={max_layer_sparsity} must be in [0, 1)")
     return {g.id: min(g.size - 1, int(math.floor(max_layer_sparsity * g.size)))
             for g in groups if g.prunable}
-
-
-def member_spans(group: Group) -> List[frozenset]:
-    """Channel subsets of which at least one channel must stay: for every member whose
-    ``index_map`` covers only some of the group's channels (one layer of a merged
-    concat, one split piece read by a conv), the channels it covers."""
-    spans = set()
-    for m in group.members:
-        covered = frozenset(c for c, ix in enumerate(m.index_map) if ix)
-        if covered and len(covered) < group.size:
-            spans.add(covered)
-    return sorted(spans, key=sorted)
 
 
 class _SpanGuard:
@@ -245,3 +210,38 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
         else:
             lo = mid + 1
     return kept_after(lo)
+
+
+def step_caps(groups: Sequence[Group], max_layer_sparsity: float,
+              dense_sizes: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+    """:func:`removable_counts` for one pruning step. In iterative pruning
+    (``dense_sizes`` given: the dense model's group sizes) the cap is relative to the
+    dense size, less what earlier steps removed."""
+    caps = removable_counts(groups, max_layer_sparsity)
+    if dense_sizes is None:
+        return caps
+    for g in groups:
+        if g.id not in caps:
+            continue
+        dense_size = dense_sizes.get(g.id, g.size)
+        already = dense_size - g.size
+        caps[g.id] = max(0, min(caps[g.id],
+                                math.floor(max_layer_sparsity * dense_size) - already))
+    return caps
+
+
+def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], keep_mask,
+                cost_now, dense_cost, *, order: Optional[list] = None,
+                normalize: Optional[str] = DEFAULT_NORMALIZE,
+                tiebreak: Optional[Scores] = None) -> Dict[str, List[int]]:
+    """One step's kept channels under ``budget``: uniform for a kind without a cost
+    (sparsity), else the budget's cost method of ``cost_now`` (the current model's
+    :class:`~fxprune.passes.count.CostModel`, masks built by ``keep_mask``) against
+    the dense total of ``dense_cost`` (:data:`~fxprune.passes.budget.BUDGETS`)."""
+    spec = budget.spec
+    if spec.cost is None:
+        return select_uniform(groups, scores, budget.ratio, caps, tiebreak=tiebreak)
+    measure = getattr(cost_now, spec.cost)
+    return select_budget(groups, scores, budget, caps, lambda kept: measure(keep_mask(kept)),
+                         getattr(dense_cost, spec.dense_total), order, normalize,
+                         tiebreak=tiebreak)

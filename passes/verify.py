@@ -7,11 +7,14 @@ model must equal it up to float rounding. The producers' output slices of remove
 channels are zeroed too: once every consumer is cut that changes nothing, and a
 tensor that is both (a weight reused transposed, ``F.linear(h, enc.weight.t())``)
 carries one role in the groups but must be cut in both uses. :func:`masked_reference` builds the
-reference (a new GraphModule; the analysed one is untouched); :func:`check` compares.
+reference (a new GraphModule; the analysed one is untouched); :func:`check` compares;
+:func:`verify_rewrite` runs the two and refuses a slim model outside the dtype's tolerance,
+and :func:`slim_shapes` propagates the slim model's shapes (a failure is a rewrite bug).
 """
 from __future__ import annotations
 
 import copy
+import logging
 import math
 from typing import Any, Dict, List, Tuple
 
@@ -21,8 +24,14 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import FxpruneError
+from ..errors import FxpruneError, TraceError
 from .groups import LABEL_KEY, Analysis
+from .shape_prop import propagate_shapes
+
+__all__ = ["verify_rewrite", "slim_shapes", "masked_reference", "check", "tolerance",
+           "max_relative_error", "masked_layer_norm", "masked_channel_norm"]
+
+log = logging.getLogger(__name__)
 
 
 def masked_layer_norm(x, normalized_shape, weight=None, bias=None, eps=1e-5, keep=None):
@@ -229,3 +238,31 @@ def tolerance(module: nn.Module) -> float:
     """Rounding tolerance of the masked-equivalence check for a model's dtype."""
     dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
     return {torch.float64: 1e-6, torch.float32: 1e-4}.get(dtype, 5e-2)
+
+
+def verify_rewrite(analysis: Analysis, slim: torch.nn.Module, kept: Dict[str, List[int]],
+                   inputs) -> float:
+    """Masked-equivalence oracle (design §7): ``slim`` must compute what ``analysis.gm``
+    computes with the removed channels masked. Returns the relative error; raises
+    ``FxpruneError`` when it is above the dtype's tolerance or not finite."""
+    log.info("verifying against the masked reference")
+    error = check(slim, masked_reference(analysis, kept), inputs)
+    if not math.isfinite(error):
+        raise FxpruneError("verification failed: the model's output on the example "
+                           "inputs is not finite (NaN or inf), so the slim model cannot "
+                           "be checked; check the inputs and the model's weights")
+    if error > tolerance(slim):
+        raise FxpruneError(f"verification failed: slim model differs from the masked "
+                           f"reference by {error:.3e} (relative); please report this model")
+    return error
+
+
+def slim_shapes(slim: torch.fx.GraphModule, inputs) -> None:
+    """Shape propagation of the rewritten model. The dense model already ran on these
+    inputs, so a failure here is the rewrite's, not the user's inputs'."""
+    try:
+        propagate_shapes(slim, inputs)
+    except TraceError as exc:
+        raise FxpruneError(f"the slim model fails on the example inputs that the dense model "
+                           f"runs on ({exc.__cause__ or exc}): a rewrite bug; please report this "
+                           "model (and prune around it meanwhile with ignore=[...])") from exc

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 import fxprune
 from fxprune.criteria import Criterion, register_criterion
 from fxprune.criteria.aggregate import weight_norms
-from fxprune.degenerate import stationary_shift
+from fxprune.passes.degenerate import stationary_shift
 from fxprune.errors import DegenerateScoresError, FxpruneError
 from fxprune.models.fixtures import randomize_norms
 from fxprune.passes.select import global_order, select_uniform, tied_groups

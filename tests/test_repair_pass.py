@@ -272,7 +272,7 @@ def test_vit_repair_refits_heads_mlp_and_stream():
 
 
 def test_a_slim_model_that_fails_is_blamed_on_the_rewrite_not_the_inputs(monkeypatch):
-    import fxprune.api_prune as api
+    import fxprune.pipeline as api
     real_rewrite = api.rewrite
 
     def broken(analysis, kept):

@@ -1,4 +1,5 @@
-"""The shared scoring infrastructure (fxprune.criteria.scoring)."""
+"""The shared scoring infrastructure (fxprune.criteria.scoring, the scoring pass's batch
+preparation and the attention lowering)."""
 import math
 
 import pytest
@@ -9,30 +10,32 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxprune
 from fxprune.criteria import scoring
+from fxprune.passes import lower_attention
+from fxprune.passes.score import prepare_batches
 from fxprune.criteria.oba import oba_exact_scores, oba_scores
 from fxprune.errors import DataError, FxpruneError
 
 
-def test_as_batches_forms_and_limits():
+def test_prepare_batches_forms_and_limits():
     x, y = torch.randn(10, 3), torch.randint(0, 2, (10,))
     loader = DataLoader(TensorDataset(x, y), batch_size=4)
-    out = scoring.as_batches(loader)
+    out = prepare_batches(loader)
     assert len(out) == 3 and isinstance(out[0][0], tuple) and out[0][0][0].shape == (4, 3)
-    assert len(scoring.as_batches(loader, batches=2)) == 2
+    assert len(prepare_batches(loader, batches=2)) == 2
     pairs = [((x, x), y), ([x], y)]
-    out = scoring.as_batches(pairs)
+    out = prepare_batches(pairs)
     assert len(out[0][0]) == 2 and isinstance(out[1][0], tuple)
 
 
-def test_as_batches_errors():
+def test_prepare_batches_errors():
     with pytest.raises(DataError, match="empty"):
-        scoring.as_batches([])
+        prepare_batches([])
     with pytest.raises(DataError, match="calibration data"):
-        scoring.as_batches(None)
+        prepare_batches(None)
     with pytest.raises(DataError, match="batch 0"):
-        scoring.as_batches([torch.randn(3)])
+        prepare_batches([torch.randn(3)])
     with pytest.raises(FxpruneError):
-        scoring.as_batches([(torch.randn(2), torch.zeros(2))], batches=0)
+        prepare_batches([(torch.randn(2), torch.zeros(2))], batches=0)
 
 
 def test_default_loss_cast_and_finite():
@@ -117,8 +120,8 @@ def test_lower_sdpa_matches_fused_and_supports_forward_ad(kw, mask):
         m[:, 0] = True
     gm = torch.fx.symbolic_trace(Sdpa(**kw))
     want = gm(q, k, v, m)
-    assert scoring.lower_sdpa(gm) == 1
-    assert not any(n.target in scoring.SDPA_TARGETS for n in gm.graph.nodes)
+    assert lower_attention.lower_sdpa(gm) == 1
+    assert not any(n.target in lower_attention.SDPA_TARGETS for n in gm.graph.nodes)
     torch.testing.assert_close(gm(q, k, v, m), want)
     tq = torch.randn_like(q)
     _, t = torch.func.jvp(lambda a: gm(a, k, v, m), (q,), (tq,))

@@ -14,10 +14,10 @@ from typing import Dict
 import torch
 from torch import nn
 
-from .api_score import score_analysis
 from .passes.count import count_flops, count_params
 from .passes.groups import analyze
-from .passes.select import Budget
+from .passes.budget import Budget
+from .passes.score import score_analysis
 from .passes.trace import trace
 from .plan import Plan
 from .report import CompileResult, Report
@@ -30,11 +30,14 @@ def weight_names(gm: torch.fx.GraphModule):
     return [f"{name}.weight" for name, mod in gm.named_modules() if isinstance(mod, _LAYERS)]
 
 
-def compile_unstructured(model, crit, inputs, batch_list, loss, sparsity, options, progress,
-                         trace_kw) -> CompileResult:
+def compile_unstructured(state, sparsity: float) -> CompileResult:
+    """``compile(..., unstructured=True, sparsity=r)`` on a :class:`~fxprune.pipeline.PruneState`
+    holding the call's model, criterion, inputs, batches, loss and options."""
     Budget.parse(sparsity=sparsity)
-    analysis = analyze(trace(model, inputs, **trace_kw))
-    sal = score_analysis(analysis, crit, batch_list, loss, options, progress)
+    crit, inputs = state.crit, state.inputs
+    analysis = analyze(trace(state.model, inputs, **state.trace_kw))
+    sal = score_analysis(analysis, crit, state.batches, state.loss, state.options,
+                         state.progress)
     gm = analysis.gm
     masks: Dict[str, torch.Tensor] = {}
     by_tensor: Dict[int, torch.Tensor] = {}  # tied weights: one mask, applied once

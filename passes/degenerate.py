@@ -9,7 +9,7 @@ A criterion whose channel scores are all zero or all equal cannot rank those cha
 * only some groups -> a ``logging`` warning, returned as a report note; selection then
   ranks those channels by weight norm (:mod:`fxprune.passes.select`).
 
-Non-finite scores never get here: :func:`fxprune.api_score.score_analysis` refuses them.
+Non-finite scores never get here: :func:`fxprune.passes.score.score_analysis` refuses them.
 The reason is found on the failure path only: for data-driven criteria the loss gradient
 is recomputed on the calibration batches, because a loss that is already minimal at the
 dense model (a distillation loss against the dense model's own outputs) makes every
@@ -23,10 +23,11 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .criteria import get_criterion
-from .criteria.scoring import cast_batch, math_attention, module_device_dtype
-from .errors import DegenerateScoresError
-from .passes.select import tied_groups
+from ..criteria import get_criterion
+from ..criteria.scoring import cast_batch, module_device_dtype
+from ..errors import DegenerateScoresError
+from .lower_attention import math_attention
+from .select import tied_groups
 
 log = logging.getLogger(__name__)
 

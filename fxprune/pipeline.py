@@ -1,0 +1,192 @@
+"""The stages of :func:`fxprune.compile`, each reading and writing one :class:`PruneState`.
+
+``compile`` is the stage list (design §1): :func:`analyse` (front end + analysis) ->
+per budget step :func:`score` -> :func:`select` -> :func:`rewrite_and_verify` ->
+:func:`repair` -> :func:`record_step` -> finally :func:`finish` (plan + report). Each stage
+is a thin driver over one pass of ``fxprune.passes``; the state holds what the stages
+hand to each other. The user's model is only ever traced (on a copy), never changed.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+
+from .criteria import Criterion, get_criterion
+from .criteria.aggregate import weight_norms
+from .criteria.scoring import cast_batch
+from .ignore import ignored
+from .plan import Plan, check_plan, fingerprint, input_shapes
+from .passes.budget import Budget
+from .passes.count import CostModel, cost_model, count_flops, count_params
+from .passes.degenerate import check_scores
+from .passes.groups import Analysis, analyze
+from .passes.repair import repair as repair_pass
+from .passes.rewrite import rewrite
+from .passes.score import Saliency, score_analysis
+from .passes.select import select_step, step_caps
+from .passes.trace import trace
+from .passes.verify import slim_shapes, verify_rewrite
+from .report import CompileResult, GroupRow, Report, measure_latency
+
+__all__ = ["PruneState", "analyse", "score", "select", "rewrite_and_verify", "repair",
+           "record_step", "finish", "build_report", "repair_slim"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneState:
+    """Inputs of a ``compile`` call (first block) and what its stages produce."""
+
+    model: torch.nn.Module
+    crit: Criterion
+    inputs: tuple
+    batches: Optional[list]
+    loss: Callable
+    options: Dict[str, Any]
+    trace_kw: Dict[str, Any]
+    ignore: Sequence[str] = ()
+    normalize: Optional[str] = None
+    max_layer_sparsity: float = 0.95
+    repair_mode: Optional[str] = None
+    verify: bool = True
+    progress: bool = True
+    # written by the stages
+    dense: Optional[Analysis] = None          # analyse: the dense model's analysis
+    dense_cost: Optional[CostModel] = None    # analyse: exact cost model of the dense model
+    analysis: Optional[Analysis] = None       # the model this step prunes (dense at step 0)
+    current: Optional[torch.nn.Module] = None  # the latest model (slim after a step)
+    saliency: Optional[Saliency] = None       # score
+    kept: Optional[Dict[str, List[int]]] = None  # select: this step's kept channels
+    plan_kept: Optional[Dict[str, List[int]]] = None  # kept channels in dense numbering
+    slim: Optional[torch.fx.GraphModule] = None  # rewrite_and_verify
+    errors: List[float] = field(default_factory=list)  # verification error per step
+    notes: List[str] = field(default_factory=list)     # tied-score warnings, for the report
+    repaired: Any = None                                # repair: the last RepairSummary
+
+
+def analyse(state: PruneState) -> None:
+    """Trace (a copy of) the current model and analyse its groups; the first call also
+    builds the dense cost model. Writes ``analysis`` (and ``dense``, ``dense_cost``)."""
+    source = state.model if state.current is None else state.current
+    state.analysis = analyze(trace(source, state.inputs, **state.trace_kw))
+    if state.dense is None:
+        state.dense, state.current = state.analysis, state.model
+        state.dense_cost = cost_model(state.dense, state.inputs)
+
+
+def score(state: PruneState, step: int, n_steps: int) -> None:
+    """Score ``analysis`` with the criterion. Writes ``saliency``."""
+    log.info("scoring with %s (step %d/%d)", state.crit.name, step + 1, n_steps)
+    state.saliency = score_analysis(state.analysis, state.crit, state.batches, state.loss,
+                                    state.options, state.progress)
+
+
+def select(state: PruneState, budget: Budget) -> None:
+    """Kept channels of this step under ``budget``: all-zero / all-equal scores are an
+    error when no group can be ranked, else a note; ties are broken by weight norm
+    (design §5.5). Writes ``kept`` (and ``notes``)."""
+    log.info("pruning to %s=%s", budget.kind, budget.ratio)
+    analysis, sal = state.analysis, state.saliency
+    groups = [g for g in analysis.groups if g.prunable and not ignored(g, state.ignore)]
+    iterative = state.plan_kept is not None
+    caps = step_caps(groups, state.max_layer_sparsity,
+                     {g.id: g.size for g in state.dense.groups} if iterative else None)
+    state.notes.extend(check_scores(sal.criterion, sal.groups, groups, caps, sal.context))
+    crit = get_criterion(sal.criterion)
+    order = crit.select(groups, sal.groups, sal.context, caps) if crit.select else None
+    cost_now = state.dense_cost if analysis is state.dense else cost_model(analysis,
+                                                                           state.inputs)
+    state.kept = select_step(groups, sal.groups, budget, caps, analysis.keep_mask, cost_now,
+                             state.dense_cost, order=order, normalize=state.normalize,
+                             tiebreak=weight_norms(groups, analysis.gm))
+
+
+def rewrite_and_verify(state: PruneState) -> None:
+    """Rewrite ``analysis`` to the kept channels and verify it against the masked
+    reference (per step: a ``between_steps`` callback may fine-tune, so only this
+    step's input is the reference). Writes ``slim`` (and ``errors``)."""
+    state.slim = rewrite(state.analysis, state.kept)
+    slim_shapes(state.slim, state.inputs)
+    if state.verify:
+        state.errors.append(verify_rewrite(state.analysis, state.slim, state.kept,
+                                           state.inputs))
+
+
+def repair(state: PruneState) -> None:
+    """Repair the verified slim model (design §7b). Writes ``repaired``."""
+    state.repaired = repair_slim(state.analysis, state.slim, state.kept, state.batches,
+                                 state.repair_mode)
+
+
+def repair_slim(analysis: Analysis, slim: torch.fx.GraphModule, kept, batch_list,
+                mode: Optional[str]):
+    """Run the repair pass on ``slim`` with the calibration batches' inputs, moved and
+    cast to the model's device and floating dtype as scoring casts them."""
+    if mode is None:
+        return None
+    inputs = [cast_batch(batch, slim)[0] for batch in batch_list]
+    log.info("repairing the slim model (%s) on %d calibration batches", mode, len(inputs))
+    return repair_pass(analysis.gm, slim, analysis, kept, inputs, mode)
+
+
+def record_step(state: PruneState) -> None:
+    """The slim model becomes the current one; this step's kept indices are expressed
+    in the dense model's channel numbering. Writes ``current``, ``plan_kept``."""
+    previous, kept = state.plan_kept, state.kept
+    if previous is None:
+        state.plan_kept = {g: sorted(k) for g, k in kept.items()}
+    else:
+        out = dict(previous)
+        for gid, chans in kept.items():
+            base = previous.get(gid)
+            out[gid] = sorted(base[c] for c in chans) if base is not None else sorted(chans)
+        state.plan_kept = out
+    state.current = state.slim
+
+
+def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
+           ) -> CompileResult:
+    """The plan (with the dense model's fingerprint) and the report of the last step."""
+    dense, inputs = state.dense, state.inputs
+    plan = Plan(state.plan_kept, {g.id: g.size for g in dense.groups if g.id in state.plan_kept},
+                {"criterion": criterion, "budget": [b.__dict__ for b in steps],
+                 "input_shapes": input_shapes(inputs),
+                 "fingerprint": fingerprint(dense.groups, type(state.model).__name__,
+                                            input_shapes(inputs))})
+    report = build_report(dense, state.current, plan, inputs, False, latency,
+                          predicted=state.dense_cost.flops(dense.keep_mask(plan.kept)),
+                          dense_flops=state.dense_cost.dense_flops)
+    report.max_rel_error = max(state.errors) if state.errors else None
+    report.notes.extend(dict.fromkeys(state.notes))
+    report.repair = state.repaired
+    report.note_shortfall(steps[-1].kind, steps[-1].ratio, steps[-1].spec.achieved)
+    return CompileResult(state.current, plan, report, saliency=state.saliency)
+
+
+def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
+                 latency: bool, predicted: Optional[float] = None,
+                 dense_flops: Optional[int] = None) -> Report:
+    """Counts (the dense FLOPs from the cost model when given: counted once), one row
+    per dense group, and optionally the verification error and latencies."""
+    before = count_flops(dense.gm, inputs) if dense_flops is None else dense_flops
+    report = Report(before, count_flops(slim, inputs), count_params(dense.gm),
+                    count_params(slim), predicted_flops=predicted)
+    for g in dense.groups:
+        kept = len(plan.kept.get(g.id, range(g.size)))
+        report.groups.append(GroupRow(g.id, g.kind, g.size, kept, g.prunable, g.reason))
+    if verify:
+        report.max_rel_error = verify_rewrite(dense, slim, plan.kept, inputs)
+    if latency:
+        report.latency_before_ms = measure_latency(dense.gm, inputs)
+        report.latency_after_ms = measure_latency(slim, inputs)
+    return report
+
+
+def check_plan_fits(analysis: Analysis, plan: Plan, model: torch.nn.Module, inputs) -> None:
+    """:func:`fxprune.plan.check_plan` against this model's dense fingerprint."""
+    here = fingerprint(analysis.groups, type(model).__name__, input_shapes(inputs))
+    check_plan(analysis.groups, plan, here)

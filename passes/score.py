@@ -1,0 +1,194 @@
+"""Scoring pass (design §5): calibration batches, the loss the criteria see, and the
+dispatch of one criterion over an analysed graph.
+
+Reads: an :class:`~fxprune.passes.groups.Analysis` (its GraphModule and groups), a
+registered criterion, calibration batches and a loss. Writes: nothing on the graph --
+data-driven criteria (and low-precision models) score a scoring copy
+(:func:`~fxprune.criteria.scoring.make_scoring_copy`); returns a :class:`Saliency`.
+Invariant: the analysed graph's parameters and buffers are bit-identical afterwards,
+and every returned score is finite (non-finite scores raise, naming the first batch
+that makes them so).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional
+
+import torch
+
+from ..criteria import Criterion, ScoringContext
+from ..criteria.aggregate import channel_scores
+from ..criteria.scoring import Batch, default_loss, make_scoring_copy, module_device_dtype
+from ..errors import DataError, FxpruneError
+from .groups import Analysis
+from .lower_attention import math_attention
+from .trace import as_input_tuple
+
+__all__ = ["Saliency", "prepare_batches", "example_input_tuple", "check_not_empty",
+           "wrap_loss", "score_analysis"]
+
+
+@dataclass
+class Saliency:
+    """``parameters``: per-parameter scores (parameter's shape and dtype; zeros where the
+    criterion does not score). ``groups``: per-channel scores, higher = more important.
+    ``context``: the scoring context the scores came from (criteria with their own
+    selection, e.g. SOSP-I, and the degenerate-score check read it)."""
+
+    parameters: Dict[str, torch.Tensor]
+    groups: Dict[str, torch.Tensor]
+    criterion: str = ""
+    context: Optional[ScoringContext] = field(default=None, repr=False, compare=False)
+
+
+# ----------------------------------------------------------------------------- batches
+def prepare_batches(data: Any, batches: Optional[int] = None, needed: bool = True
+                    ) -> Optional[List[Batch]]:
+    """Materialise calibration ``data`` as a list of ``(inputs_tuple, targets)``.
+
+    ``data`` is an iterable of ``(inputs, targets)`` pairs (a ``DataLoader`` works);
+    ``inputs`` is a tensor or a tuple/list of tensors. At most ``batches`` batches are
+    taken (all when ``None``). ``None`` data gives ``None``, or :class:`DataError` when
+    the criterion ``needed`` it; so do an empty iterable and a batch that is not a pair.
+    """
+    if data is None:
+        if needed:
+            raise DataError("this criterion needs calibration data: pass data=<iterable of "
+                            "(inputs, targets) batches>, e.g. a DataLoader")
+        return None
+    if batches is not None and batches < 1:
+        raise DataError(f"batches={batches}: ask for at least one calibration batch")
+    out: List[Batch] = []
+    for i, item in enumerate(data):
+        if batches is not None and len(out) >= batches:
+            break
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise DataError(f"calibration batch {i} is a {type(item).__name__}, expected "
+                            "an (inputs, targets) pair")
+        inputs, targets = item
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        out.append((inputs, targets))
+    if not out:
+        raise DataError("the calibration data is empty: data-driven criteria need at "
+                        "least one (inputs, targets) batch")
+    return out
+
+
+def example_input_tuple(example_inputs: Any, batch_list, model: torch.nn.Module) -> tuple:
+    """The example inputs as a tuple: as given, else the first calibration batch's inputs
+    cast to the model's floating dtype (a float16 model fed float32 data). Refuses an
+    empty batch (:func:`check_not_empty`)."""
+    if example_inputs is None:
+        if batch_list is None:
+            raise DataError("pass example_inputs (or data, whose first batch is used)")
+        _, dtype = module_device_dtype(model)
+        example_inputs = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point()
+                               else x for x in batch_list[0][0])
+    inputs = as_input_tuple(example_inputs)
+    check_not_empty(inputs)
+    return inputs
+
+
+def check_not_empty(inputs) -> None:
+    """Refuse example inputs holding an empty batch (a tensor with batch dimension 0):
+    every FLOPs count would be 0, so a budget would "succeed" without pruning anything."""
+    for i, x in enumerate(inputs):
+        if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == 0:
+            raise DataError(f"example input {i} has shape {list(x.shape)}: an empty batch "
+                            "(no samples), on which FLOPs, shapes and scores mean nothing; "
+                            "pass at least one sample (e.g. x[:1] of a real batch)")
+
+
+# ----------------------------------------------------------------------------- loss
+def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable]) -> Callable:
+    """The loss the criteria see: ``loss_fn(output_fn(outputs), targets)``.
+
+    Without ``loss_fn`` and ``output_fn`` a model output that is not a tensor (a dict,
+    tuple or dataclass) raises :class:`DataError` saying to pass ``output_fn``."""
+    base = loss_fn or default_loss
+    if output_fn is not None:
+        return lambda outputs, targets: base(output_fn(outputs), targets)
+    if loss_fn is not None:
+        return base
+    return _default_loss_of_logits
+
+
+def _default_loss_of_logits(outputs, targets):
+    if not torch.is_tensor(outputs):
+        raise DataError(
+            f"the model returns {_describe_output(outputs)}, not a logits tensor, so the "
+            "default loss (cross-entropy) cannot be computed: pass output_fn= to pick the "
+            "logits (e.g. output_fn=lambda out: out['logits'], out[0] or out.logits), or a "
+            "loss_fn(outputs, targets) that takes the whole output")
+    return default_loss(outputs, targets)
+
+
+def _describe_output(outputs) -> str:
+    if isinstance(outputs, dict):
+        return f"a dict with keys {sorted(map(str, outputs))}"
+    if isinstance(outputs, (tuple, list)):
+        return f"a {type(outputs).__name__} of {len(outputs)}"
+    return f"a {type(outputs).__name__}"
+
+
+# ----------------------------------------------------------------------------- scores
+def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, options,
+                   progress: bool) -> Saliency:
+    """Score an analysed graph: per-parameter scores, then per-channel scores."""
+    # data-driven criteria always score a copy; data-free ones read the weights, which
+    # low-precision (float16/bfloat16) models only give in a float32 copy (norms of
+    # float16 weights overflow)
+    _, dtype = module_device_dtype(analysis.gm)
+    low = dtype in (torch.float16, torch.bfloat16)
+    module = make_scoring_copy(analysis.gm) if crit.needs_data or low else analysis.gm
+    ctx = ScoringContext(module=module, groups=analysis.groups, batches=batches,
+                         loss_fn=loss_fn, options=dict(options), progress=progress)
+    param_scores, group_scores = _score(crit, ctx)
+    bad = _non_finite(param_scores, group_scores)
+    if bad:
+        raise _explain_non_finite(bad, module, crit, ctx)
+    params = {}
+    for name, p in analysis.gm.named_parameters():
+        s = param_scores.get(name)
+        params[name] = (s.detach().to(p.dtype) if s is not None else torch.zeros_like(p.detach()))
+    return Saliency(params, group_scores, crit.name, context=ctx)
+
+
+def _score(crit: Criterion, ctx: ScoringContext):
+    """One criterion on one context: (per-parameter scores, per-channel scores)."""
+    with math_attention():
+        param_scores = crit.score(ctx)
+    if crit.aggregate is not None:
+        return param_scores, crit.aggregate(ctx.groups, param_scores, ctx)
+    return param_scores, channel_scores(ctx.groups, param_scores)
+
+
+def _non_finite(param_scores, group_scores) -> List[str]:
+    bad = [f"parameter `{n}`" for n, t in param_scores.items()
+           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    bad += [f"group `{g}`" for g, t in group_scores.items()
+            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    return bad
+
+
+def _explain_non_finite(bad: List[str], module, crit: Criterion, ctx) -> FxpruneError:
+    """Name the first calibration batch whose scores alone are not finite (re-scoring
+    batch by batch: only on this failure path). No partial result is returned."""
+    what = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    if not ctx.batches:
+        return FxpruneError(
+            f"{crit.name}: the scores of {what} are not finite (NaN or inf): the model's "
+            "parameters or buffers hold NaN/inf values (a diverged checkpoint?)")
+    for i, batch in enumerate(ctx.batches):
+        one = ScoringContext(module=module, groups=ctx.groups, batches=[batch],
+                             loss_fn=ctx.loss_fn, options=dict(ctx.options), progress=False)
+        if _non_finite(*_score(crit, one)):
+            return DataError(
+                f"{crit.name}: the gradients or curvature on calibration batch {i} are not "
+                f"finite (NaN or inf) although the loss is, which makes the scores of {what} "
+                "non-finite: check that batch's inputs/targets and the loss_fn (e.g. sqrt or "
+                "log at 0); no scores were returned")
+    return DataError(
+        f"{crit.name}: the scores of {what} are not finite (NaN or inf) although every "
+        "calibration batch alone gives finite scores: the per-batch sums overflow; use "
+        "float32/float64 or fewer batches")
