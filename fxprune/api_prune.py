@@ -27,6 +27,7 @@ from .passes.select import DEFAULT_NORMALIZE, check_normalize
 from .passes.trace import as_input_tuple, trace
 from .passes.groups import analyze
 from .passes.verify import slim_shapes
+from .passes.widths import check_round_to
 from .report import CompileResult
 
 __all__ = ["compile", "apply_plan", "resolve_repair"]
@@ -42,7 +43,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
             output_fn: Optional[Callable] = None, verify: bool = True,
             latency: bool = False, progress: Optional[bool] = None,
             normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
-            repair: Optional[str] = "auto", **options) -> CompileResult:
+            repair: Optional[str] = "auto", round_to: int = 1, **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
     Exactly one budget: ``flops=r`` / ``params=r`` (kept fraction of the dense count;
@@ -60,6 +61,8 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     calibration inputs, ``"bn"`` only re-estimates batch norms, ``None`` leaves the slim
     model as the rewrite made it (design §7b). ``"auto"`` (default): ``"full"`` when
     ``data`` is given, else ``None``. The report's ``repair`` says what it did.
+    ``round_to=N``: every group that loses channels keeps a multiple of N tensor
+    indices (a head of d dims counts d), for fast kernels; the budget is still met.
     """
     crit = get_criterion(criterion)
     check_options(crit, options, keywords_of(compile), "compile")
@@ -70,7 +73,8 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
         wrap_loss(loss_fn, output_fn), dict(options),
         dict(leaf_modules=leaf_modules, concrete_args=concrete_args),
         resolve_ignore(model, ignore), normalize, max_layer_sparsity,
-        resolve_repair(repair, batch_list, unstructured), verify, show_progress(progress))
+        resolve_repair(repair, batch_list, unstructured), verify, show_progress(progress),
+        check_round_to(round_to))
     if unstructured:
         if sparsity is None or flops is not None or params is not None:
             raise BudgetError("unstructured pruning takes sparsity=r only")

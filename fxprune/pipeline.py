@@ -54,6 +54,7 @@ class PruneState:
     repair_mode: Optional[str] = None
     verify: bool = True
     progress: bool = True
+    round_to: int = 1        # kept counts are multiples of this many indices (passes/widths.py)
     # written by the stages
     dense: Optional[Analysis] = None          # analyse: the dense model's analysis
     dense_cost: Optional[CostModel] = None    # analyse: exact cost model of the dense model
@@ -102,7 +103,8 @@ def select(state: PruneState, budget: Budget) -> None:
                                                                            state.inputs)
     state.kept = select_step(groups, sal.groups, budget, caps, analysis.keep_mask, cost_now,
                              state.dense_cost, order=order, normalize=state.normalize,
-                             tiebreak=weight_norms(groups, analysis.gm))
+                             tiebreak=weight_norms(groups, analysis.gm),
+                             round_to=state.round_to)
 
 
 def rewrite_and_verify(state: PruneState) -> None:
@@ -154,6 +156,7 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
     dense, inputs = state.dense, state.inputs
     plan = Plan(state.plan_kept, {g.id: g.size for g in dense.groups if g.id in state.plan_kept},
                 {"criterion": criterion, "budget": [b.__dict__ for b in steps],
+                 "round_to": state.round_to,
                  "input_shapes": input_shapes(inputs),
                  "fingerprint": fingerprint(dense.groups, type(state.model).__name__,
                                             input_shapes(inputs))})

@@ -32,6 +32,7 @@ import torch
 from ..errors import BudgetError
 from ..group import Group, member_spans
 from .budget import Budget
+from .widths import rounded_removal, unit_step
 
 Scores = Dict[str, torch.Tensor]  # group id -> one value per channel
 
@@ -78,15 +79,17 @@ class _SpanGuard:
 
 
 def select_uniform(groups, scores: Scores, sparsity: float, caps: Dict[str, int], *,
-                   tiebreak: Optional[Scores] = None) -> Dict[str, List[int]]:
-    """Remove ``floor(sparsity * size)`` lowest-scored channels of every group; equal
-    scores go lowest ``tiebreak`` (weight norm) first."""
+                   tiebreak: Optional[Scores] = None, round_to: int = 1) -> Dict[str, List[int]]:
+    """Remove ``floor(sparsity * size)`` lowest-scored channels of every group (rounded
+    to keep multiples of ``round_to``: :mod:`.widths`); equal scores go lowest
+    ``tiebreak`` (weight norm) first."""
     kept = {}
     guard = _SpanGuard([g for g in groups if g.id in caps])
     for g in groups:
         if g.id not in caps:
             continue
-        n_remove = min(caps[g.id], int(math.floor(sparsity * g.size)))
+        n_remove = rounded_removal(g.size, min(caps[g.id], int(math.floor(sparsity * g.size))),
+                                   caps[g.id], unit_step(g, round_to))
         removed = set()
         for c in _ascending(scores[g.id], _key(tiebreak, g.id)).tolist():
             if len(removed) >= n_remove:
@@ -179,21 +182,35 @@ def global_order(groups, scores: Scores, caps: Dict[str, int],
 def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
                   cost: Callable[[Dict[str, List[int]]], float], dense: float,
                   order: Optional[list] = None, normalize: Optional[str] = DEFAULT_NORMALIZE,
-                  *, tiebreak: Optional[Scores] = None) -> Dict[str, List[int]]:
+                  *, tiebreak: Optional[Scores] = None, round_to: int = 1
+                  ) -> Dict[str, List[int]]:
     """Smallest removal prefix (in ``order``, by default :func:`global_order` with
-    ``tiebreak``) whose cost is within budget."""
-    sizes = {g.id: g.size for g in groups if g.id in caps}
+    ``tiebreak``) whose cost is within budget. With ``round_to`` > 1 each group's share
+    of the prefix is rounded so that it keeps a multiple of ``round_to`` indices
+    (:mod:`.widths`), taking or leaving its next channels in ``order``."""
+    in_caps = [g for g in groups if g.id in caps]
+    sizes = {g.id: g.size for g in in_caps}
+    steps = {g.id: unit_step(g, round_to) for g in in_caps}
     if order is None:
         order = global_order(groups, scores, caps, normalize, tiebreak=tiebreak)
-    spans = _SpanGuard([g for g in groups if g.id in caps])
+    by_group: Dict[str, List[int]] = {gid: [] for gid in sizes}
+    rank = []  # per prefix entry: (group, how many of its channels the prefix holds)
+    for gid, c in order:
+        by_group[gid].append(c)
+        rank.append((gid, len(by_group[gid])))
+    spans = _SpanGuard(in_caps)
 
     def kept_after(k: int) -> Dict[str, List[int]]:
-        removed: Dict[str, set] = {gid: set() for gid in sizes}
+        wanted = dict.fromkeys(sizes, 0)
+        for gid, n in rank[:k]:
+            wanted[gid] = n
         guard = spans.reset()
-        for gid, c in order[:k]:
-            if c not in removed[gid] and guard.remove(gid, c):
-                removed[gid].add(c)
-        return {gid: [c for c in range(n) if c not in removed[gid]] for gid, n in sizes.items()}
+        kept = {}
+        for gid, n in sizes.items():
+            r = rounded_removal(n, wanted[gid], min(caps[gid], len(by_group[gid])), steps[gid])
+            removed = {c for c in dict.fromkeys(by_group[gid][:r]) if guard.remove(gid, c)}
+            kept[gid] = [c for c in range(n) if c not in removed]
+        return kept
 
     target = budget.ratio * dense
     lo, hi = 0, len(order)
@@ -201,8 +218,9 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
         best = cost(kept_after(hi)) / dense
         raise BudgetError(
             f"{budget.kind}={budget.ratio} cannot be reached: the best reachable ratio is "
-            f"{best:.3f} (limited by max_layer_sparsity, at least one channel per group, and "
-            "groups that are not prunable - see the groups' reasons)")
+            f"{best:.3f} (limited by max_layer_sparsity, at least one channel per group, "
+            + (f"kept widths in multiples of round_to={round_to}, " if round_to > 1 else "")
+            + "and groups that are not prunable - see the groups' reasons)")
     while lo < hi:
         mid = (lo + hi) // 2
         if cost(kept_after(mid)) <= target * (1 + 1e-9):
@@ -233,15 +251,16 @@ def step_caps(groups: Sequence[Group], max_layer_sparsity: float,
 def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], keep_mask,
                 cost_now, dense_cost, *, order: Optional[list] = None,
                 normalize: Optional[str] = DEFAULT_NORMALIZE,
-                tiebreak: Optional[Scores] = None) -> Dict[str, List[int]]:
+                tiebreak: Optional[Scores] = None, round_to: int = 1) -> Dict[str, List[int]]:
     """One step's kept channels under ``budget``: uniform for a kind without a cost
     (sparsity), else the budget's cost method of ``cost_now`` (the current model's
     :class:`~fxprune.passes.count.CostModel`, masks built by ``keep_mask``) against
     the dense total of ``dense_cost`` (:data:`~fxprune.passes.budget.BUDGETS`)."""
     spec = budget.spec
     if spec.cost is None:
-        return select_uniform(groups, scores, budget.ratio, caps, tiebreak=tiebreak)
+        return select_uniform(groups, scores, budget.ratio, caps, tiebreak=tiebreak,
+                              round_to=round_to)
     measure = getattr(cost_now, spec.cost)
     return select_budget(groups, scores, budget, caps, lambda kept: measure(keep_mask(kept)),
                          getattr(dense_cost, spec.dense_total), order, normalize,
-                         tiebreak=tiebreak)
+                         tiebreak=tiebreak, round_to=round_to)
