@@ -49,3 +49,8 @@ class UnknownNameError(FxpruneError, LookupError):
 class DegenerateScoresError(FxpruneError):
     """A criterion's channel scores cannot rank any channel (all zero or all equal in
     every prunable group), so a plan would be arbitrary."""
+
+
+class DuplicateNameError(FxpruneError, ValueError):
+    """A registry key (criterion name, model name, op of a channel rule, leaf type) is
+    registered a second time with a different entry, without ``overwrite=True``."""

@@ -22,7 +22,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch.nn as nn
 
-from ..errors import FxpruneError
+from ..errors import DuplicateNameError, FxpruneError
 
 logger = logging.getLogger(__name__)
 
@@ -58,8 +58,9 @@ def register_model(name: str, description: str, input_size: Tuple[int, ...]):
         raise ValueError(f"registered model names cannot contain ':' ({name!r})")
 
     def decorator(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        if name in _REGISTRY:
-            raise ValueError(f"model {name!r} is already registered")
+        if name in _REGISTRY and _REGISTRY[name].factory is not factory:
+            # the policy of every fxprune registry (fxprune/registry.py)
+            raise DuplicateNameError(f"model {name!r} is already registered")
         _REGISTRY[name] = ModelEntry(name, factory, description, tuple(input_size))
         return factory
 

@@ -16,6 +16,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.fx
 
+from ..registry import Registry
 from .labels import ChannelSpace, TLabel
 
 Rule = Callable[["RuleContext"], Any]
@@ -23,41 +24,25 @@ Rule = Callable[["RuleContext"], Any]
 
 class RuleTable:
     def __init__(self) -> None:
-        self.modules: Dict[type, Rule] = {}
-        self.functions: Dict[Any, Rule] = {}
-        self.methods: Dict[str, Rule] = {}
+        self.modules = Registry("channel rule for module type")
+        self.functions = Registry("channel rule for function")
+        self.methods = Registry("channel rule for method")
         # by qualified name ("torchvision.ops.stochastic_depth.stochastic_depth"): rules
         # for other libraries' ops without importing those libraries
-        self.named: Dict[str, Rule] = {}
+        self.named = Registry("channel rule for qualified name")
 
-    def module(self, *types: type) -> Callable[[Rule], Rule]:
-        def register(rule: Rule) -> Rule:
-            for t in types:
-                self.modules[t] = rule
-            return rule
-        return register
+    def module(self, *types: type, overwrite: bool = False) -> Callable[[Rule], Rule]:
+        return self.modules.register(*types, overwrite=overwrite)
 
-    def function(self, *targets: Any) -> Callable[[Rule], Rule]:
-        def register(rule: Rule) -> Rule:
-            for t in targets:
-                self.functions[t] = rule
-            return rule
-        return register
+    def function(self, *targets: Any, overwrite: bool = False) -> Callable[[Rule], Rule]:
+        return self.functions.register(*targets, overwrite=overwrite)
 
-    def method(self, *names: str) -> Callable[[Rule], Rule]:
-        def register(rule: Rule) -> Rule:
-            for n in names:
-                self.methods[n] = rule
-            return rule
-        return register
+    def method(self, *names: str, overwrite: bool = False) -> Callable[[Rule], Rule]:
+        return self.methods.register(*names, overwrite=overwrite)
 
-    def by_name(self, *names: str) -> Callable[[Rule], Rule]:
+    def by_name(self, *names: str, overwrite: bool = False) -> Callable[[Rule], Rule]:
         """Register for functions or module classes named ``module.qualname``."""
-        def register(rule: Rule) -> Rule:
-            for n in names:
-                self.named[n] = rule
-            return rule
-        return register
+        return self.named.register(*names, overwrite=overwrite)
 
     def lookup(self, node: torch.fx.Node, gm: torch.fx.GraphModule,
                modules: Optional[Dict[str, torch.nn.Module]] = None) -> Optional[Rule]:

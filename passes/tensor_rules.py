@@ -282,7 +282,7 @@ def repeat_rule(ctx: RuleContext):
 
 # --------------------------------------------------------------------------- metadata / creation
 @RULES.function(getattr, torch._assert, operator.eq, operator.ne, operator.lt, operator.gt,
-                operator.le, operator.ge, operator.floordiv, operator.mod, operator.and_,
+                operator.le, operator.ge, operator.mod, operator.and_,
                 operator.or_, operator.not_, len, math.sqrt, int, float)
 @RULES.method("size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full",
               "new_tensor", "zero_", "fill_", "bernoulli_", "bernoulli", "nelement")

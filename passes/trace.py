@@ -39,19 +39,19 @@ import torch
 import torch.fx
 
 from ..errors import TraceError
+from ..registry import Registry
 from .shape_prop import propagate_shapes
 from .twin import drop_user_hooks, module_twin, own_tensors
 
 log = logging.getLogger(__name__)
 
-_LEAF_TYPES: set = set()
+_LEAF_TYPES = Registry("leaf module type")
 
 
 def register_leaf(module_type: Type[torch.nn.Module]) -> Type[torch.nn.Module]:
     """Keep ``module_type`` as one opaque node when tracing (usable as a decorator).
     Its channels are unprunable unless a channel rule is registered for it."""
-    _LEAF_TYPES.add(module_type)
-    return module_type
+    return _LEAF_TYPES.add(module_type, module_type)
 
 
 class FxpruneTracer(torch.fx.Tracer):
@@ -60,7 +60,7 @@ class FxpruneTracer(torch.fx.Tracer):
 
     def __init__(self, leaf_types: Iterable[type] = (), leaf_names: Iterable[str] = ()):
         super().__init__()
-        self.leaf_types = tuple(set(leaf_types) | _LEAF_TYPES)
+        self.leaf_types = tuple(set(leaf_types) | set(_LEAF_TYPES))
         self.leaf_names = set(leaf_names)
         self.module_stack_names: list = []
         self._param_names: Dict[int, str] = {}

@@ -19,6 +19,7 @@ import torch
 
 from ..errors import CriterionError, UnknownOptionError
 from ..group import Group
+from ..registry import Registry
 
 
 @dataclass
@@ -55,23 +56,40 @@ class Criterion:
     options: Optional[Tuple[str, ...]] = None
 
 
-_REGISTRY: Dict[str, Criterion] = {}
+_REGISTRY = Registry("criterion")
+
+#: Modules of this package that hold shared machinery, not criteria.
+_INFRASTRUCTURE = {"aggregate", "gauss_newton", "oba_graph", "oba_records", "oba_tangents",
+                   "scoring", "structures"}
 
 
 def register_criterion(criterion: Criterion, *, overwrite: bool = False) -> Criterion:
-    """Add a criterion to the registry (users may register their own)."""
-    if criterion.name in _REGISTRY and not overwrite:
-        raise CriterionError(f"criterion {criterion.name!r} is already registered; "
-                             "pass overwrite=True to replace it")
-    _REGISTRY[criterion.name] = criterion
-    return criterion
+    """Add a criterion to the registry (users may register their own). A name taken by
+    another criterion raises :class:`~fxprune.errors.DuplicateNameError` unless
+    ``overwrite=True`` (the policy of every fxprune registry: :mod:`fxprune.registry`)."""
+    return _REGISTRY.add(criterion.name, criterion, overwrite=overwrite)
+
+
+def criterion(name: str, description: str, *, needs_data: bool = True,
+              options: Optional[Tuple[str, ...]] = (), aggregate: Optional[Callable] = None,
+              select: Optional[Callable] = None, overwrite: bool = False):
+    """Decorator form of :func:`register_criterion` for a ``score(ctx)`` function:
+    ``@criterion("l2", "L2 norm ...", needs_data=False)``. Returns the function."""
+    def decorator(score: Callable[[ScoringContext], Dict[str, torch.Tensor]]):
+        register_criterion(Criterion(name, description, score, needs_data=needs_data,
+                                     aggregate=aggregate, select=select, options=options),
+                           overwrite=overwrite)
+        return score
+    return decorator
 
 
 def get_criterion(name: str) -> Criterion:
     _load_builtin()
     if name not in _REGISTRY:
         valid = ", ".join(sorted(_REGISTRY))
-        raise CriterionError(f"unknown criterion {name!r}; valid criteria: {valid}")
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=2)
+        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        raise CriterionError(f"unknown criterion {name!r}{hint}; valid criteria: {valid}")
     return _REGISTRY[name]
 
 
@@ -82,15 +100,21 @@ def list_criteria() -> Dict[str, str]:
 
 
 def _load_builtin() -> None:
-    # Imported lazily so that a criterion module's import cost is paid on first use,
-    # and so the built-in modules can import this registry without a cycle.
+    """Import every criterion module of this package (discovered, not listed: a new
+    criterion is one file here). Lazily, so that a criterion module's import cost is
+    paid on first use and the modules can import this registry without a cycle."""
+    global _LOADED
+    if _LOADED:
+        return
     import importlib
-    for mod in ("magnitude", "oba", "sosp", "baselines", "obs"):
-        try:
-            importlib.import_module(f"{__name__}.{mod}")
-        except ModuleNotFoundError as exc:  # a criterion module not written yet
-            if exc.name != f"{__name__}.{mod}":
-                raise
+    import pkgutil
+    for info in pkgutil.iter_modules(__path__):
+        if info.name not in _INFRASTRUCTURE:
+            importlib.import_module(f"{__name__}.{info.name}")
+    _LOADED = True
+
+
+_LOADED = False
 
 
 def keywords_of(fn: Callable) -> List[str]:

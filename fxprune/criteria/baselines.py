@@ -154,9 +154,9 @@ register_criterion(Criterion(
     name="taylor",
     description="first-order Taylor: |Σ θ·g| over every member slice of a channel, g "
                 "averaged over the calibration batches",
-    score=_score_taylor, needs_data=True, options=()), overwrite=True)
+    score=_score_taylor, needs_data=True, options=()))
 register_criterion(Criterion(
     name="obd",
     description="Optimal Brain Damage: ½ Σ θ²·diag empirical Fisher (per-sample gradients "
                 "over all calibration samples)",
-    score=_score_obd, needs_data=True, options=("per_sample", "chunk")), overwrite=True)
+    score=_score_obd, needs_data=True, options=("per_sample", "chunk")))

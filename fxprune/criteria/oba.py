@@ -284,8 +284,8 @@ register_criterion(Criterion(
     name="oba",
     description="Optimal Brain Apoptosis: θ·H̃θ with the series/parallel (bilinear-node) "
                 "Hessian blocks, one forward-AD and two backward passes per batch",
-    score=_score_oba, needs_data=True, options=("first_order",)), overwrite=True)
+    score=_score_oba, needs_data=True, options=("first_order",)))
 register_criterion(Criterion(
     name="oba-exact",
     description="OBA with the full Hessian: θ·Hθ by double backward (Pearlmutter HVP)",
-    score=_score_oba_exact, needs_data=True, options=("first_order",)), overwrite=True)
+    score=_score_oba_exact, needs_data=True, options=("first_order",)))

@@ -265,5 +265,4 @@ register_criterion(Criterion(
     name="obs",
     description="structured Optimal Brain Surgeon: output error each consumer layer keeps "
                 "after removing the channel with the least-squares update (repair='full')",
-    score=_score, needs_data=True, aggregate=_aggregate, options=("damp", "per_step")),
-    overwrite=True)
+    score=_score, needs_data=True, aggregate=_aggregate, options=("damp", "per_step")))

@@ -205,11 +205,10 @@ register_criterion(Criterion(
     name="sosp-h",
     description="SOSP-H: |θ_s·g| + ½|θ_s·(Hθ_struc)| per channel, exact Hessian, one "
                 "Hessian-vector product per batch (option scale='kernel')",
-    score=_score_sosp_h, needs_data=True, aggregate=sosp_aggregate, options=("scale",)),
-    overwrite=True)
+    score=_score_sosp_h, needs_data=True, aggregate=sosp_aggregate, options=("scale",)))
 register_criterion(Criterion(
     name="sosp-i",
     description="SOSP-I: S×S Gauss-Newton structure matrix with greedy joint selection "
                 "(O(S²) memory; mid-size nets)",
     score=_score_sosp_i, needs_data=True, aggregate=sosp_aggregate, select=_select_sosp_i,
-    options=("scale", "jacobian", "chunk", "max_structures")), overwrite=True)
+    options=("scale", "jacobian", "chunk", "max_structures")))
