@@ -12,22 +12,19 @@ import math
 from typing import Dict
 
 import torch
-from torch import nn
 
 from .passes.count import count_flops, count_params
 from .passes.groups import analyze
+from .passes.layer_rules import LAYER_MODULES
 from .passes.budget import Budget
 from .passes.score import score_analysis
 from .passes.trace import trace
 from .plan import Plan
 from .report import CompileResult, Report
 
-_LAYERS = (nn.Linear, nn.modules.conv._ConvNd)
-
-
 def weight_names(gm: torch.fx.GraphModule):
     """Qualified names of the Conv/Linear weights of a GraphModule."""
-    return [f"{name}.weight" for name, mod in gm.named_modules() if isinstance(mod, _LAYERS)]
+    return [f"{name}.weight" for name, mod in gm.named_modules() if isinstance(mod, LAYER_MODULES)]
 
 
 def compile_unstructured(state, sparsity: float) -> CompileResult:

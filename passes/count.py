@@ -11,16 +11,19 @@ is re-counted independently to check.
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from .groups import LABEL_KEY, Analysis
 from .labels import TLabel
+from .rule_table import RuleTable
 
 
 def count_flops(module: torch.nn.Module, inputs: Tuple[Any, ...]) -> int:
@@ -137,25 +140,41 @@ def _label_arrays(label: Any) -> List[np.ndarray]:
     return arrays
 
 
+#: Per op: ``contracted(node, x_label) -> ids or None``, the input dim whose kept
+#: fraction scales the op's FLOPs besides its output dims (a product's summed dim).
+CONTRACTED = RuleTable("FLOPs contracted dim")
+
+
 def _contracted_label(node: torch.fx.Node) -> Optional[np.ndarray]:
-    """The input dim a product sums over: conv/linear input channels (not for grouped
-    convs, whose per-group width is fixed), matmul's K."""
+    """The input dim a product sums over (:data:`CONTRACTED`)."""
     if not node.args or not isinstance(node.args[0], torch.fx.Node):
         return None
     x = node.args[0].meta.get(LABEL_KEY)
     if not isinstance(x, TLabel) or x.grid is not None:
         return None
-    if node.op == "call_module":
-        mod = node.graph.owning_module.get_submodule(node.target)
-        if isinstance(mod, torch.nn.Linear):
-            return x.dims[-1]
-        if isinstance(mod, torch.nn.modules.conv._ConvNd):
-            return x.dims[1] if mod.groups == 1 else None
-        return None
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if name in ("linear", "matmul", "bmm", "mm") or name.startswith("scaled_dot_product"):
-        return x.dims[-1]
-    if name.startswith("conv"):
-        groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
-        return x.dims[1] if groups == 1 else None
-    return None
+    rule = CONTRACTED.lookup(node, node.graph.owning_module)
+    return rule(node, x) if rule is not None else None
+
+
+@CONTRACTED.module(torch.nn.Linear)
+@CONTRACTED.function(F.linear, torch.matmul, torch.bmm, torch.mm, operator.matmul,
+                     F.scaled_dot_product_attention)
+@CONTRACTED.method("matmul", "bmm", "mm")
+def _last_dim(node: torch.fx.Node, x: TLabel) -> Optional[np.ndarray]:
+    """Linear, matmul and attention sum over the last input dim."""
+    return x.dims[-1]
+
+
+@CONTRACTED.module(torch.nn.modules.conv._ConvNd)
+def _conv_module_in(node: torch.fx.Node, x: TLabel) -> Optional[np.ndarray]:
+    """Convolutions sum over input channels (not for grouped convs: their per-group
+    width is fixed)."""
+    mod = node.graph.owning_module.get_submodule(node.target)
+    return x.dims[1] if mod.groups == 1 else None
+
+
+@CONTRACTED.function(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                     F.conv_transpose3d)
+def _conv_function_in(node: torch.fx.Node, x: TLabel) -> Optional[np.ndarray]:
+    groups = node.args[6] if len(node.args) > 6 else node.kwargs.get("groups", 1)
+    return x.dims[1] if groups == 1 else None

@@ -17,11 +17,11 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch import nn
 
 from ..group import Group, Member
 from . import index_rules, layer_rules, recurrent_rules, tensor_rules  # noqa: F401  (register rules)
 from .labels import ChannelSpace, components
+from .layer_rules import LAYER_MODULES
 from .rule_table import RULES, RuleContext, unknown_rule, untracked_output
 from .ties import refuse_broken_ties
 from .trace import gc_paused
@@ -135,7 +135,7 @@ def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node):
     """(weight target, output dim) of a parameter layer node, else None."""
     if node.op == "call_module":
         mod = gm.get_submodule(node.target)
-        if isinstance(mod, (nn.Linear, nn.modules.conv._ConvNd)) and mod.weight is not None:
+        if isinstance(mod, LAYER_MODULES) and mod.weight is not None:
             dim = int(getattr(mod, "transposed", False))
             return (f"{node.target}.weight", dim) if mod.weight.shape[dim] > 1 else None
         return None

@@ -19,6 +19,10 @@ from .labels import TLabel
 from .rule_table import RULES, RuleContext, as_tlabel, shape_of, unknown_rule
 from .tensor_rules import broadcast_labels
 
+#: Parameter layers: the module types whose weights produce and consume channels
+#: (convolutions of every rank, transposed too, and Linear). The one list of them.
+LAYER_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
+
 
 class Param:
     """A parameter operand: its label and, when it is a named tensor, its target."""

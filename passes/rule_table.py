@@ -23,13 +23,18 @@ Rule = Callable[["RuleContext"], Any]
 
 
 class RuleTable:
-    def __init__(self) -> None:
-        self.modules = Registry("channel rule for module type")
-        self.functions = Registry("channel rule for function")
-        self.methods = Registry("channel rule for method")
+    """Entries keyed by op: module type (looked up along the MRO), function, method
+    name, or a function's / class's qualified name. One table per per-op fact: channel
+    rules (:data:`RULES`), module resizing and literal patching (:mod:`.rewrite_rules`),
+    FLOPs' contracted dims (:mod:`.count`)."""
+
+    def __init__(self, what: str = "channel rule") -> None:
+        self.modules = Registry(f"{what} for module type")
+        self.functions = Registry(f"{what} for function")
+        self.methods = Registry(f"{what} for method")
         # by qualified name ("torchvision.ops.stochastic_depth.stochastic_depth"): rules
         # for other libraries' ops without importing those libraries
-        self.named = Registry("channel rule for qualified name")
+        self.named = Registry(f"{what} for qualified name")
 
     def module(self, *types: type, overwrite: bool = False) -> Callable[[Rule], Rule]:
         return self.modules.register(*types, overwrite=overwrite)
@@ -48,12 +53,7 @@ class RuleTable:
                modules: Optional[Dict[str, torch.nn.Module]] = None) -> Optional[Rule]:
         if node.op == "call_module":
             mod = modules[node.target] if modules is not None else gm.get_submodule(node.target)
-            for cls in type(mod).__mro__:
-                if cls in self.modules:
-                    return self.modules[cls]
-                if self.named and _qualname(cls) in self.named:
-                    return self.named[_qualname(cls)]
-            return None
+            return self.for_module(mod)
         if node.op == "call_function":
             rule = self.functions.get(node.target)
             if rule is None and self.named:
@@ -61,6 +61,16 @@ class RuleTable:
             return rule
         if node.op == "call_method":
             return self.methods.get(node.target)
+        return None
+
+
+    def for_module(self, mod: torch.nn.Module) -> Optional[Rule]:
+        """The entry of ``mod``'s class or its nearest registered base class."""
+        for cls in type(mod).__mro__:
+            if cls in self.modules:
+                return self.modules[cls]
+            if self.named and _qualname(cls) in self.named:
+                return self.named[_qualname(cls)]
         return None
 
 
