@@ -30,12 +30,18 @@ from .passes.verify import slim_shapes
 from .passes.widths import check_round_to
 from .report import CompileResult
 
-__all__ = ["compile", "apply_plan", "resolve_repair"]
+__all__ = ["compile", "apply_plan", "resolve_repair", "resolve_criterion", "AUTO_CRITERION"]
 
 log = logging.getLogger(__name__)
 
 
-def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any = None,
+#: What ``criterion="auto"`` (the default) picks: the criterion that kept the most
+#: accuracy in the quality benchmark when calibration data is given (structured OBS with
+#: repair="full": benchmarks/quality/RESULTS.md), else the best data-free one.
+AUTO_CRITERION = {"data": "obs", "data-free": "l2"}
+
+
+def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any = None,
             data: Any = None, *, flops=None, params=None, sparsity=None,
             loss_fn: Optional[Callable] = None, batches: Optional[int] = None,
             max_layer_sparsity: float = 0.95, ignore: Sequence[str] = (),
@@ -46,6 +52,9 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
             repair: Optional[str] = "auto", round_to: int = 1, **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
+    ``criterion``: a name of :func:`fxprune.list_criteria`, or ``"auto"`` (default):
+    ``"obs"`` when ``data`` is given and the pruning is structured, else ``"l2"``
+    (:data:`AUTO_CRITERION`, chosen by the quality benchmark).
     Exactly one budget: ``flops=r`` / ``params=r`` (kept fraction of the dense count;
     a decreasing list runs iterative pruning, re-scoring between steps and calling
     ``between_steps(module, step)``) or ``sparsity=r`` (remove ``floor(r*size)``
@@ -64,6 +73,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     ``round_to=N``: every group that loses channels keeps a multiple of N tensor
     indices (a head of d dims counts d), for fast kernels; the budget is still met.
     """
+    criterion = resolve_criterion(criterion, data, unstructured)
     crit = get_criterion(criterion)
     check_options(crit, options, keywords_of(compile), "compile")
     check_normalize(normalize)  # before scoring, which can take minutes
@@ -91,6 +101,17 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
         if between_steps is not None:
             between_steps(state.current, step)
     return stage.finish(state, steps, criterion, latency)
+
+
+def resolve_criterion(criterion: str, data: Any, unstructured: bool = False) -> str:
+    """``criterion`` itself, or the criterion ``"auto"`` stands for."""
+    if criterion != "auto":
+        return criterion
+    chosen = AUTO_CRITERION["data" if data is not None and not unstructured else "data-free"]
+    log.info("criterion='auto': %s (%s)", chosen,
+             "calibration data given" if data is not None and not unstructured
+             else "no calibration data: a data-free criterion")
+    return chosen
 
 
 def _warn_obs_unrepaired(crit, repair_mode: Optional[str]) -> None:
