@@ -7,7 +7,10 @@ times, interleaved per repeat:
 * ``grad``: one plain gradient pass -- forward + backward of the same mean
   cross-entropy loss w.r.t. all parameters, same batch;
 * ``oba``: :func:`~fxprune.criteria.oba.oba_scores` on that batch (one call = one batch);
-* ``oba-exact``: :func:`~fxprune.criteria.oba.oba_exact_scores` (double backward).
+* ``oba-exact``: :func:`~fxprune.criteria.oba.oba_exact_scores` (double backward);
+* ``obs``: the ``"obs"`` criterion's scoring (one no-grad pass accumulating every
+  consumer layer's input Gram matrix, then the per-layer greedy OBS solves), with the
+  model's groups from ``fxprune.groups`` (issue 12: goal ≤ 2 gradient passes).
 
 Times are medians over ``--repeats`` after one warm-up; the ratio is the median of the
 per-repeat ratios. Peak memory is measured in a fresh subprocess per (model, method): on
@@ -31,15 +34,17 @@ import time
 
 import torch
 
+import fxprune
+from fxprune.criteria import ScoringContext, get_criterion
 from fxprune.criteria.oba import oba_exact_scores, oba_scores
 from fxprune.criteria.scoring import default_loss, make_scoring_copy
 from peak_memory import peak_growth_mib
 
-METHODS = ("grad", "oba", "oba-exact")
+METHODS = ("grad", "oba", "oba-exact", "obs")
 
 
 def build(name: str, batch: int, device: str):
-    """(scoring copy of the traced timm model, [(inputs, targets)])."""
+    """(scoring copy of the traced timm model, [(inputs, targets)], its groups)."""
     import timm
 
     torch.manual_seed(0)
@@ -50,10 +55,11 @@ def build(name: str, batch: int, device: str):
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
     x = torch.randn(batch, *size, device=device)
     y = torch.randint(0, model.num_classes, (batch,), device=device)
-    return gm, [((x,), y)]
+    groups = fxprune.groups(model, x[:1])  # qualified names match the traced copy's
+    return gm, [((x,), y)], groups
 
 
-def run_method(method: str, gm, batches) -> None:
+def run_method(method: str, gm, batches, groups=()) -> None:
     """One call of ``method`` on ``batches`` (a single batch)."""
     if method == "grad":
         (inputs, targets), = batches
@@ -61,6 +67,9 @@ def run_method(method: str, gm, batches) -> None:
         torch.autograd.grad(default_loss(gm(*inputs), targets), params)
     elif method == "oba":
         oba_scores(gm, batches)
+    elif method == "obs":
+        ctx = ScoringContext(module=gm, groups=list(groups), batches=batches)
+        get_criterion("obs").score(ctx)
     else:
         oba_exact_scores(gm, batches)
 
@@ -73,16 +82,17 @@ def _sync(device: str) -> None:
 
 def time_model(name: str, args) -> dict:
     """Median seconds per method and median ratios to ``grad``."""
-    gm, batches = build(name, args.batch, args.device)
-    methods = [m for m in METHODS if m != "oba-exact" or args.exact]
+    gm, batches, groups = build(name, args.batch, args.device)
+    methods = [m for m in METHODS if (m != "oba-exact" or args.exact)
+               and (m == "grad" or m in args.methods)]
     for m in methods:                                   # warm-up
-        run_method(m, gm, batches)
+        run_method(m, gm, batches, groups)
     times = {m: [] for m in methods}
     for _ in range(args.repeats):
         for m in methods:
             _sync(args.device)
             t0 = time.perf_counter()
-            run_method(m, gm, batches)
+            run_method(m, gm, batches, groups)
             _sync(args.device)
             times[m].append(time.perf_counter() - t0)
     out = {m: statistics.median(v) for m, v in times.items()}
@@ -93,8 +103,8 @@ def time_model(name: str, args) -> dict:
 
 def memory_child(name: str, method: str, args) -> float:
     """Peak memory (MiB) of one ``method`` call above the post-set-up level."""
-    gm, batches = build(name, args.batch, args.device)
-    return peak_growth_mib(lambda: run_method(method, gm, batches), args.device)
+    gm, batches, groups = build(name, args.batch, args.device)
+    return peak_growth_mib(lambda: run_method(method, gm, batches, groups), args.device)
 
 
 def memory(name: str, method: str, args) -> float:
@@ -114,6 +124,8 @@ def main(argv=None) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-exact", dest="exact", action="store_false")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
+                   help="what to time besides the gradient pass (grad is always timed)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--_memory", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -125,19 +137,18 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
           f"batch {args.batch}, {args.repeats} repeats (median)\n")
     mem_kind = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS growth"
-    print(f"| model | grad pass (s) | OBA (s) | OBA ÷ grad | OBA-exact (s) | exact ÷ grad "
-          f"| {mem_kind} grad / OBA / exact (MiB) |")
-    print("|---|---|---|---|---|---|---|")
+    methods = [m for m in METHODS if (m != "oba-exact" or args.exact)
+               and (m == "grad" or m in args.methods)]
+    head = "".join(f" {m} (s) | {m} ÷ grad |" for m in methods[1:])
+    print(f"| model | grad pass (s) |{head} {mem_kind} {' / '.join(methods)} (MiB) |")
+    print("|---|---|" + "---|---|" * (len(methods) - 1) + "---|")
     for name in args.models:
         r = time_model(name, args)
         mem = "n/a"
         if args.memory:
-            methods = [m for m in METHODS if m != "oba-exact" or args.exact]
             mem = " / ".join(f"{memory(name, m, args):.0f}" for m in methods)
-        ex = (f"{r['oba-exact']:.2f} | {r['oba-exact/grad']:.2f}" if args.exact
-              else "- | -")
-        print(f"| {name} | {r['grad']:.2f} | {r['oba']:.2f} | {r['oba/grad']:.2f} | {ex} "
-              f"| {mem} |", flush=True)
+        cells = "".join(f" {r[m]:.2f} | {r[f'{m}/grad']:.2f} |" for m in methods[1:])
+        print(f"| {name} | {r['grad']:.2f} |{cells} {mem} |", flush=True)
 
 
 if __name__ == "__main__":
