@@ -103,8 +103,14 @@ def select(state: PruneState, budget: Budget) -> None:
                                                                            state.inputs)
     state.kept = select_step(groups, sal.groups, budget, caps, analysis.keep_mask, cost_now,
                              state.dense_cost, order=order, normalize=state.normalize,
-                             tiebreak=weight_norms(groups, analysis.gm),
+                             tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
                              round_to=state.round_to)
+
+
+def _tiebreak(criterion: str, groups, gm) -> Optional[Dict[str, torch.Tensor]]:
+    """Weight norms to break score ties; none for l2, whose ties are ties of the very
+    same norms (and whose norms would be computed a second time: issue 17)."""
+    return None if criterion == "l2" else weight_norms(groups, gm)
 
 
 def rewrite_and_verify(state: PruneState) -> None:
