@@ -15,9 +15,6 @@ subset of every prunable group, nothing else respected):
 Failing examples that hypothesis found are pinned below with ``@example`` or as plain
 regression tests.
 """
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
@@ -31,16 +28,9 @@ from fxprune.passes.count import cost_model
 from fxprune.passes.groups import analyze
 from fxprune.passes.trace import trace
 
-
-def _load_generator():
-    path = pathlib.Path(__file__).with_name("fuzz_arch.py")
-    spec = importlib.util.spec_from_file_location("fxprune_tests_fuzz_arch", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+import fuzz_arch as fa  # tests/ is on pytest's pythonpath (pyproject.toml)
 
 
-fa = _load_generator()
 
 FAST = settings(max_examples=25, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
