@@ -31,8 +31,8 @@ LABEL_W = 330       # px of the group labels right of the bands
 NAME_CHARS = 34     # layer names are middle-truncated beyond this
 CHAR_W = 7.2        # px per character of the 12-px monospace font
 TOP = 50            # px above the first row (legend and column header)
-LEGEND = ("● output channels  ○ input channels  ■ both  ⊗ product inside the layer  "
-          "dashed grey: fixed")
+LEGEND = ("● output channels · ○ input channels · ■ both · ⊗ product inside the layer · "
+          "dashed grey: fixed group")
 # dark enough to read as 12-px text on white and on the row stripes
 PALETTE = ["#1f77b4", "#d95f02", "#1b8a5a", "#d62728", "#6a51a3", "#8c564b", "#c2185b",
            "#00838f", "#7a7a00", "#393b79"]
@@ -108,7 +108,7 @@ def layout(found: Sequence[Group], order: Optional[Sequence[str]] = None) -> Lay
 
 
 def _label(g: Group) -> str:
-    unit = {"head": "heads", "conv-group": "conv groups"}.get(g.kind, "ch")
+    unit = {"head": "heads", "conv-group": "conv groups", "stream": "ch stream"}.get(g.kind, "ch")
     text = f"{short_name(g.id, 30)} · {g.size} {unit}"
     if g.divisor > 1:
         text += f" /{g.divisor}"
