@@ -28,9 +28,9 @@ __all__ = ["Band", "Layout", "layout", "to_svg", "to_html", "layer_of"]
 ROW_H = 20          # px per layer row
 COL_W = 18          # px per band column
 LABEL_W = 330       # px of the group labels right of the bands
-NAME_CHARS = 34     # layer names are middle-truncated beyond this
+NAME_CHARS = 44     # layer names are middle-truncated beyond this
 CHAR_W = 7.2        # px per character of the 12-px monospace font
-TOP = 50            # px above the first row (legend and column header)
+TOP = 50            # px above the first row: legend and column header
 LEGEND = ("● output channels · ○ input channels · ■ both · ⊗ product inside the layer · "
           "dashed grey: fixed group")
 # dark enough to read as 12-px text on white and on the row stripes
@@ -108,13 +108,14 @@ def layout(found: Sequence[Group], order: Optional[Sequence[str]] = None) -> Lay
 
 
 def _label(g: Group) -> str:
-    unit = {"head": "heads", "conv-group": "conv groups", "stream": "ch stream"}.get(g.kind, "ch")
-    text = f"{short_name(g.id, 30)} · {g.size} {unit}"
+    units = {"head": "heads", "conv-group": "conv groups", "stream": "ch stream"}
+    unit = units.get(g.kind, "ch")
+    text = f"{short_name(g.id, 40)} · {g.size} {unit}"
     if g.divisor > 1:
         text += f" /{g.divisor}"
     if not g.prunable:
         text += f" · fixed: {g.reason or 'not prunable'}"
-    return text if len(text) <= 52 else text[:51] + "…"
+    return text if len(text) <= 64 else text[:63] + "…"
 
 
 def _tooltip(g: Group) -> str:
