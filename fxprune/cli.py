@@ -129,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "summary of MODEL; optionally draw the group graph.")
     _model_args(g)
     g.add_argument("--graph", metavar="FILE",
-                   help="write the group graph: .dot (always), .svg (needs graphviz), .html")
+                   help="write the group graph: .dot (Graphviz text), .svg or .html "
+                        "(a picture laid out by layer order)")
     g.add_argument("--json", metavar="FILE", help="write the groups as JSON")
     g.set_defaults(func=_lazy("cli_graph", "run_groups"))
     r = sub.add_parser("report", parents=[common], help="print the report of a slim model or plan",

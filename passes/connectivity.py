@@ -6,6 +6,13 @@ functional conv/linear/matmul nodes with a parameter operand. ``series``: a dire
 path runs from one layer's output to the other's input. ``parallel``: no such path,
 but their outputs reach the two operands of one product of two activation-dependent
 tensors (Q·Kᵀ, P·V, gating). Everything else, and a layer with itself, is ``None``.
+``within``: the layers with a *within-layer* parallel term -- one layer's own output
+reaches two operands of one such product through no other parameter layer (a fused
+qkv's Q·Kᵀ and P·V, a gate computed from a slice of the gated layer). OBA scores that
+product's curvature in the layer's own block H̃[l, l]; it is listed apart because
+``kind(l, l)`` stays ``None`` (design §4). Layers further upstream of both operands
+also get diagonal curvature from the product, through the layers in between; like a
+series pair that also meets at a product, they are not listed.
 Reachability is computed once for all layers with bitsets over a networkx DiGraph,
 one sweep forward (ancestors) and one backward (descendants) in topological order,
 so the cost is linear in graph size times layers/64.
@@ -13,7 +20,7 @@ so the cost is linear in graph size times layers/64.
 from __future__ import annotations
 
 import operator
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
 
 import networkx as nx
 import torch
@@ -34,11 +41,13 @@ class Connectivity:
     """``kind(a, b)`` for two parameter layers named by module path (or node name)."""
 
     def __init__(self, layers: List[str], series: Dict[str, int], index: Dict[str, int],
-                 parallel: set):
+                 parallel: set, within: Iterable[str] = ()):
         self.layers = layers
         self._desc = series       # layer -> bitset of layers downstream of it
         self._index = index
         self._parallel = parallel
+        # layers in graph order whose own output meets itself in a product
+        self.within = [name for name in layers if name in set(within)]
 
     def kind(self, a: str, b: str) -> Optional[str]:
         for name in (a, b):
@@ -62,8 +71,14 @@ class Connectivity:
 
     def table(self) -> str:
         counts = {k: sum(1 for _ in self.pairs(k)) for k in ("series", "parallel")}
-        return (f"{len(self.layers)} parameter layers: {counts['series']} series pairs, "
-                f"{counts['parallel']} parallel pairs")
+        line = (f"{len(self.layers)} parameter layers: {counts['series']} series pairs, "
+                f"{counts['parallel']} parallel pairs, {len(self.within)} within-layer "
+                "parallel terms")
+        if self.within:
+            shown = ", ".join(self.within[:4])
+            more = f" and {len(self.within) - 4} more" if len(self.within) > 4 else ""
+            line += f" (a layer's output multiplied by itself, e.g. a fused qkv: {shown}{more})"
+        return line
 
 
 def layer_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[str]:
@@ -131,14 +146,56 @@ def build_connectivity(gm: torch.fx.GraphModule) -> Connectivity:
             desc[layers[own.bit_length() - 1]] |= down & ~own
     # related[i]: layers in series with layer i, and i itself.
     related = [desc[name] | anc[i] | (1 << i) for i, name in enumerate(layers)]
+    near = _nearest_layers(order, graph, bit_of_node)
     parallel: set = set()
     seen: set = set()
+    within = 0
     for node in gm.graph.nodes:
         if _is_product(node) and node not in bit_of_node:
             operands = [a for a in node.all_input_nodes if live.get(a)]
             if len(operands) >= 2:
                 _add_parallel(parallel, seen, layers, related, [upstream[o] for o in operands])
-    return Connectivity(layers, desc, index, parallel)
+                within |= _shared_bits([near[o] for o in operands])
+    return Connectivity(layers, desc, index, parallel, [layers[i] for i in _bits(within)])
+
+
+def _nearest_layers(order, graph: nx.DiGraph, bit_of_node) -> Dict[torch.fx.Node, int]:
+    """``near[n]``: layers whose output *value* reaches ``n`` through no other parameter
+    layer (a layer node's own bit only: its output starts a fresh path). Shape queries
+    (``x.shape``, ``x.size()``, and arithmetic on them) carry no value: ``b, n, c =
+    x.shape`` feeding a reshape of q must not make x's layer an operand of Q·Kᵀ."""
+    near: Dict[torch.fx.Node, int] = {}
+    shape: set = set()
+    for node in order:
+        preds = list(graph.predecessors(node))
+        if _is_shape_query(node) or (preds and node.op == "call_function"
+                                     and all(p in shape for p in preds)):
+            shape.add(node)
+            near[node] = 0
+        elif node in bit_of_node:
+            near[node] = bit_of_node[node]
+        else:
+            mask = 0
+            for p in preds:
+                mask |= near[p]
+            near[node] = mask
+    return near
+
+
+def _is_shape_query(node: torch.fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in ("size", "dim", "numel")
+    return (node.op == "call_function" and node.target is getattr
+            and len(node.args) > 1 and node.args[1] in ("shape", "ndim", "dtype", "device"))
+
+
+def _shared_bits(masks: List[int]) -> int:
+    """Bits set in at least two of ``masks``."""
+    seen = shared = 0
+    for mask in masks:
+        shared |= seen & mask
+        seen |= mask
+    return shared
 
 
 def _add_parallel(parallel: set, seen: set, layers, related, masks) -> None:

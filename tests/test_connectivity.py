@@ -248,3 +248,80 @@ def test_small_modules_match_the_definition(make):
     conn = conn_of(model, x)
     want = oracle(model, x, conn.layers)
     assert {(a, b): conn.kind(a, b) for a, b in itertools.combinations(conn.layers, 2)} == want
+
+
+# --------------------------------------------------------------------------- within-layer
+class FusedQKV(SeparateQKV):
+    """The same attention with one fused qkv Linear, and a shape read off its input."""
+
+    def __init__(self, dim: int = 8, heads: int = 2):
+        super().__init__(dim, heads)
+        self.qkv = nn.Linear(dim, 3 * dim)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, n, d = h.shape  # a shape query: no value of embed reaches the products
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, self.hd).permute(2, 0, 3, 1, 4)
+        p = (q @ k.transpose(-2, -1) * self.hd ** -0.5).softmax(dim=-1)
+        o = (p @ v).transpose(1, 2).reshape(b, n, d)
+        return self.head(self.proj(o).mean(1))
+
+
+def test_fused_qkv_has_a_within_layer_parallel_term():
+    """Q·Kᵀ of one fused qkv is a product inside one layer: reported in ``within`` and in
+    the table, while ``kind(qkv, qkv)`` stays None (design §4)."""
+    conn = conn_of(FusedQKV(), torch.randn(2, 5, 8))
+    assert conn.within == ["qkv"]
+    assert conn.kind("qkv", "qkv") is None and not list(conn.pairs("parallel"))
+    assert "1 within-layer parallel terms" in conn.table() and "qkv" in conn.table()
+
+
+def test_plain_mlp_and_separate_projections_have_no_within_layer_term():
+    """An MLP multiplies no two activations; separate q/k/v are parallel *pairs*."""
+    mlp = conn_of(nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), torch.randn(3, 4))
+    assert mlp.within == [] and "0 within-layer parallel terms" in mlp.table()
+    assert conn_of(SeparateQKV(), torch.randn(2, 5, 8)).within == []
+
+
+def within_oracle(model: nn.Module, layers) -> set:
+    """Layers with a path to two distinct live operands of one product, in the FX graph
+    without the other layers and without shape queries (nx path queries)."""
+    gm = torch.fx.symbolic_trace(model)
+    graph = nx.DiGraph([(i, n) for n in gm.graph.nodes for i in n.all_input_nodes])
+    graph.add_nodes_from(gm.graph.nodes)
+    shape = set()
+    for n in gm.graph.nodes:  # topological: x.shape, x.size(), and ints computed from them
+        if (n.op == "call_method" and n.target in ("size", "dim", "numel")
+                or n.op == "call_function" and n.target is getattr and n.args[1] == "shape"
+                or n.op == "call_function" and n.all_input_nodes
+                and set(n.all_input_nodes) <= shape):
+            shape.add(n)
+    node_of = {n.target if n.op == "call_module" else n.name: n for n in gm.graph.nodes}
+    live = {n for n in graph if any(p.op == "placeholder" for p in nx.ancestors(graph, n) | {n})}
+    products = [n for n in gm.graph.nodes
+                if (n.op == "call_function" and n.target in _PRODUCTS
+                    or n.op == "call_method" and n.target in ("mul", "matmul", "bmm"))
+                and n.name not in layers]
+    found = set()
+    for layer in layers:
+        sub = graph.copy()
+        sub.remove_nodes_from(shape | {node_of[m] for m in layers if m != layer})
+        reach = nx.descendants(sub, node_of[layer])
+        for p in products:
+            if len([o for o in p.all_input_nodes if o in live and o in reach]) >= 2:
+                found.add(layer)
+    return found
+
+
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_attention", "tiny_se", "tiny_mlp"])
+def test_within_layer_terms_match_the_definition(name):
+    model = create_model(name).eval()
+    conn = conn_of(model, torch.randn(2, *model_input_size(name)))
+    assert set(conn.within) == within_oracle(model, conn.layers)
+    assert bool(conn.within) == (name in ("tiny_vit", "tiny_attention"))
+
+
+def test_fused_qkv_module_matches_the_within_oracle():
+    model = FusedQKV()
+    assert conn_of(model, torch.randn(2, 5, 8)).within == sorted(within_oracle(model, ["embed",
+                                                                 "qkv", "proj", "head"]))
