@@ -7,100 +7,15 @@ group's member slices removes exactly those channels) is in test_group_invariant
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+from typing import Dict, Tuple
 
 import pytest
-import torch
 
-import fxprune
-from fxprune.models import create_model, list_models, model_input_size
+from fxprune.models import list_models
+from goldens import (analysed, bias, bn, check_groups, classifier, cons, conv_bn, ident,
+                     merge, prod)
 
 FIXTURES = [name for name in list_models() if name.startswith("tiny_")]
-
-
-# --------------------------------------------------------------------------- helpers
-def analysed(name: str, dtype=torch.float32, **kwargs):
-    """(model, example input, {group id: group}) for a registered fixture."""
-    torch.manual_seed(0)
-    model = create_model(name, **kwargs).to(dtype).eval()
-    x = torch.randn(2, *model_input_size(name), dtype=dtype)
-    return model, x, {g.id: g for g in fxprune.groups(model, x)}
-
-
-def ident(n: int, offset: int = 0, per: int = 1) -> List[List[int]]:
-    """``n`` channels owning ``per`` consecutive indices each, starting at ``offset``."""
-    return [list(range(offset + c * per, offset + (c + 1) * per)) for c in range(n)]
-
-
-def prod(target: str, idx, dim: int = 0):
-    return {(target, dim): ("producer", idx)}
-
-
-def cons(target: str, idx, dim: int = 1):
-    return {(target, dim): ("consumer", idx)}
-
-
-def bias(target: str, idx):
-    return {(target, 0): ("bias", idx)}
-
-
-def tensor(target: str, dim: int, idx):
-    return {(target, dim): ("tensor", idx)}
-
-
-def bn(prefix: str, idx):
-    """A BatchNorm's affine parameters and running statistics."""
-    return {(f"{prefix}.{p}", 0): ("norm", idx)
-            for p in ("weight", "bias", "running_mean", "running_var")}
-
-
-def ln(prefix: str, idx):
-    return {(f"{prefix}.{p}", 0): ("norm", idx) for p in ("weight", "bias")}
-
-
-def conv_bn(prefix: str, n: int, idx=None):
-    """Producer rows of ``prefix.0`` (Conv2d, no bias) and its BatchNorm ``prefix.1``."""
-    idx = ident(n) if idx is None else idx
-    return {**prod(f"{prefix}.0.weight", idx), **bn(f"{prefix}.1", idx)}
-
-
-def merge(*parts) -> Dict[Tuple[str, int], Tuple[str, list]]:
-    out: dict = {}
-    for p in parts:
-        assert not set(p) & set(out), f"duplicate member in expectation: {set(p) & set(out)}"
-        out.update(p)
-    return out
-
-
-def members_of(group) -> Dict[Tuple[str, int], Tuple[str, list]]:
-    out = {}
-    for m in group.members:
-        assert (m.target, m.dim) not in out, f"{group.id}: {m.target} dim {m.dim} listed twice"
-        assert len(m.index_map) == group.size, f"{group.id}: {m.target} index_map length"
-        out[(m.target, m.dim)] = (m.role, [list(ix) for ix in m.index_map])
-    return out
-
-
-def check_groups(groups: Dict[str, "fxprune.Group"], expected: List[tuple]) -> None:
-    """``expected``: (id, size, kind, prunable, members) in analysis order."""
-    assert list(groups) == [e[0] for e in expected]
-    for gid, size, kind, prunable, members in expected:
-        g = groups[gid]
-        assert (g.size, g.kind, g.prunable) == (size, kind, prunable), f"group {gid}: {g}"
-        assert g.prunable == (g.reason is None), f"group {gid}: reason {g.reason!r}"
-        got = members_of(g)
-        assert set(got) == set(members), (
-            f"group {gid}: missing {sorted(set(members) - set(got))}, "
-            f"unexpected {sorted(set(got) - set(members))}")
-        for key, want in members.items():
-            assert got[key] == want, f"group {gid} member {key}: got {got[key]}, want {want}"
-
-
-def classifier(gid: str, target: str, n: int = 10) -> tuple:
-    """The classifier: its outputs reach the model output, so it is never pruned."""
-    return (gid, n, "channel", False, merge(prod(f"{target}.weight", ident(n)),
-                                            bias(f"{target}.bias", ident(n))))
-
 
 # --------------------------------------------------------------------------- goldens
 def test_tiny_mlp_chain():
@@ -293,89 +208,6 @@ def test_tiny_se_gating_multiply_couples():
                                              cons("se.fc2.weight", i4))),
         classifier("head.fc", "head.fc"),
     ])
-
-
-def qkv_rows(head: int, heads: int = 2, head_dim: int = 8) -> List[int]:
-    """Rows of a fused qkv Linear owned by one head: head_dim rows of each of q, k, v."""
-    dim = heads * head_dim
-    return [part * dim + head * head_dim + j for part in range(3) for j in range(head_dim)]
-
-
-def attention_group(prefix: str) -> tuple:
-    heads = [qkv_rows(0), qkv_rows(1)]
-    return (f"{prefix}.qkv", 2, "head", True, merge(
-        prod(f"{prefix}.qkv.weight", heads), bias(f"{prefix}.qkv.bias", heads),
-        cons(f"{prefix}.proj.weight", ident(2, per=8))))
-
-
-def test_tiny_vit_heads_stream_and_tokens():
-    """Heads: 3 * head_dim qkv rows and head_dim proj columns per head. The residual
-    stream holds the patch embedding, cls_token and pos_embed (their channel dim 2),
-    every LayerNorm, the proj/fc2 rows, the qkv/fc1 columns and the head's columns."""
-    _, _, groups = analysed("tiny_vit")
-    i16, i32 = ident(16), ident(32)
-    stream = [prod("patch_embed.weight", i16), bias("patch_embed.bias", i16),
-              tensor("cls_token", 2, i16), tensor("pos_embed", 2, i16),
-              ln("norm", i16), cons("head.weight", i16)]
-    for b in ("blocks.0", "blocks.1"):
-        stream += [ln(f"{b}.norm1", i16), cons(f"{b}.attn.qkv.weight", i16),
-                   prod(f"{b}.attn.proj.weight", i16), bias(f"{b}.attn.proj.bias", i16),
-                   ln(f"{b}.norm2", i16), cons(f"{b}.mlp.fc1.weight", i16),
-                   prod(f"{b}.mlp.fc2.weight", i16), bias(f"{b}.mlp.fc2.bias", i16)]
-
-    def mlp(b):
-        return (f"{b}.mlp.fc1", 32, "channel", True, merge(
-            prod(f"{b}.mlp.fc1.weight", i32), bias(f"{b}.mlp.fc1.bias", i32),
-            cons(f"{b}.mlp.fc2.weight", i32)))
-
-    check_groups(groups, [
-        ("patch_embed", 16, "stream", True, merge(*stream)),
-        attention_group("blocks.0.attn"), mlp("blocks.0"),
-        attention_group("blocks.1.attn"), mlp("blocks.1"),
-        classifier("head", "head"),
-    ])
-
-
-def test_tiny_convnext_layer_scale_in_stream():
-    """Depthwise conv couples in/out; the permuted LayerNorm, the LayerScale gamma and the
-    pointwise Linears join the residual stream; mean over H, W keeps channels for the head."""
-    _, _, groups = analysed("tiny_convnext")
-    i16, i64 = ident(16), ident(64)
-    stream = [prod("stem.0.weight", i16), bias("stem.0.bias", i16), bn("stem.1", i16),
-              ln("norm", i16), cons("head.weight", i16)]
-    for b in ("blocks.0", "blocks.1"):
-        stream += [prod(f"{b}.dwconv.weight", i16), bias(f"{b}.dwconv.bias", i16),
-                   ln(f"{b}.norm", i16), cons(f"{b}.pwconv1.weight", i16),
-                   prod(f"{b}.pwconv2.weight", i16), bias(f"{b}.pwconv2.bias", i16),
-                   tensor(f"{b}.gamma", 0, i16)]
-
-    def mlp(b):
-        return (f"{b}.pwconv1", 64, "channel", True, merge(
-            prod(f"{b}.pwconv1.weight", i64), bias(f"{b}.pwconv1.bias", i64),
-            cons(f"{b}.pwconv2.weight", i64)))
-
-    check_groups(groups, [("stem.0", 16, "stream", True, merge(*stream)),
-                          mlp("blocks.0"), mlp("blocks.1"), classifier("head", "head")])
-
-
-def test_tiny_attention_heads_and_token_mean():
-    _, _, groups = analysed("tiny_attention")
-    i16 = ident(16)
-    check_groups(groups, [
-        attention_group("attn"),
-        ("attn.proj", 16, "channel", True, merge(prod("attn.proj.weight", i16), bias("attn.proj.bias", i16),
-                                                 cons("head.weight", i16))),
-        classifier("head", "head"),
-    ])
-
-
-def test_single_head_attention_is_not_prunable():
-    """One head is one channel, and a group never loses all its channels."""
-    _, _, groups = analysed("tiny_attention", heads=1)
-    g = groups["attn.qkv"]
-    assert (g.size, g.kind, g.prunable) == (1, "head", False)
-    assert "single channel" in g.reason
-    assert members_of(g)[("attn.qkv.weight", 0)] == ("producer", [list(range(48))])
 
 
 def test_every_fixture_has_a_golden_test():
