@@ -20,10 +20,10 @@ import os
 import tempfile
 from typing import Any, Dict, Optional, Tuple
 
-from .cli_common import CliError, log
-from .plan import Plan, write_atomic
-from .repair_report import RepairSummary
-from .report import GroupRow, Report
+from .common import CliError, log
+from ..plan import Plan, write_atomic
+from ..repair_report import RepairSummary
+from ..report import GroupRow, Report
 
 SIDECAR_FORMAT = 1
 
@@ -151,8 +151,8 @@ def _budget_text(budget) -> str:
 
 def _safetensors_report(path: str) -> str:
     """The plan embedded in a ``.safetensors`` slim model (read without unpickling)."""
-    from .errors import FxpruneError
-    from .slim_io import read_slim_metadata
+    from ..errors import FxpruneError
+    from ..slim_io import read_slim_metadata
     meta = read_slim_metadata(path)
     if "fxprune.plan" not in meta:
         raise CliError(f"{path}: a safetensors file without a fxprune plan (not written by "

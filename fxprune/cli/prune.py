@@ -10,11 +10,11 @@ import os
 import tempfile
 from typing import Any, Dict, List
 
-from .cli_common import (CliError, check_checkpoint, check_output, load_model, log,
+from .common import (CliError, check_checkpoint, check_output, load_model, log,
                          public_mode, resolve_criterion, resolve_device, resolve_input_size,
                          seed_everything)
-from .cli_data import calibration, parse_source
-from .cli_report import recount, save_module_atomic, write_report, write_sidecar
+from .data import calibration, parse_source
+from .report import recount, save_module_atomic, write_report, write_sidecar
 
 REPORT_SUFFIXES = (".png", ".svg", ".html", ".htm", ".json")
 
@@ -75,7 +75,7 @@ def _budget_text(budget: Dict[str, Any]) -> str:
 
 def _analyse(model, example) -> None:
     """The "analysing" stage: trace and group the model, report the group counts."""
-    from . import groups
+    from .. import groups
     log.info("analysing: tracing the model on an input of shape %s", list(example.shape))
     found = groups(model, example)
     fixed = [g for g in found if not g.prunable]
@@ -85,7 +85,7 @@ def _analyse(model, example) -> None:
 
 def _compile(model, criterion: str, calib, args):
     """Run :func:`fxprune.compile` with stage messages between the steps."""
-    from . import compile as fx_compile
+    from .. import compile as fx_compile
     budget = budget_kwargs(args)
     values = next(iter(budget.values()))
     steps = len(values) if isinstance(values, list) else 1
@@ -115,7 +115,7 @@ def _compile(model, criterion: str, calib, args):
 def _criterion_options(criterion: str, args) -> Dict[str, Any]:
     """The command-line flags that are options the criterion declares (``--seed`` for
     ``random``); compile refuses any other keyword."""
-    from .criteria import get_criterion
+    from ..criteria import get_criterion
     declared = get_criterion(criterion).options or ()
     return {"seed": args.seed} if "seed" in declared else {}
 
@@ -176,7 +176,7 @@ def _write_outputs(args, result, example, criterion: str, size) -> str:
 def write_safetensors(result, args, report, input_shape) -> str:
     """``--out SLIM.safetensors``: the slim weights plus the plan (``--plan`` or
     ``SLIM.plan.json``), reloaded with ``fxprune.load_slim`` without unpickling."""
-    from .slim_io import default_plan_path, save_slim
+    from ..slim_io import default_plan_path, save_slim
     result.plan.meta.update(model=args.model, report=report.to_dict(), input_shape=input_shape)
     weights, plan = save_slim(result, args.out, args.plan or default_plan_path(args.out))
     return f"slim weights {weights} and plan {plan} (reload: fxprune.load_slim)"

@@ -22,7 +22,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from .cli_common import input_size, positive_int, ratio_list, sparsity_ratio, one_line
+from .common import input_size, positive_int, ratio_list, sparsity_ratio, one_line
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -114,7 +114,7 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--no-latency", dest="latency", action="store_false",
                    help="skip the latency measurement")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.set_defaults(func=_lazy("cli_prune", "run_prune"))
+    p.set_defaults(func=_lazy("prune", "run_prune"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--graph", metavar="FILE",
                    help="write the group graph: .dot (always), .svg (needs graphviz), .html")
     g.add_argument("--json", metavar="FILE", help="write the groups as JSON")
-    g.set_defaults(func=_lazy("cli_graph", "run_groups"))
+    g.set_defaults(func=_lazy("graph", "run_groups"))
     r = sub.add_parser("report", parents=[common], help="print the report of a slim model or plan",
                        description="Print the report table of a slim model saved with "
                                    "'fxprune prune --out' (FLOPs/params recounted) or of a plan.")
@@ -141,7 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-pickle", action="store_true",
                    help="unpickle a SLIM.pt to recount it (runs code stored in the file: "
                         "only for files you trust); without it the recorded report is shown")
-    r.set_defaults(func=_lazy("cli_report", "run_report"))
+    r.set_defaults(func=_lazy("report", "run_report"))
     c = sub.add_parser("criteria", parents=[common], help="list the saliency criteria")
     c.set_defaults(func=_criteria)
     return parser
@@ -152,13 +152,13 @@ def _lazy(module: str, name: str):
     def run(args):
         """Import the command module and run the command."""
         import importlib
-        return getattr(importlib.import_module(f"fxprune.{module}"), name)(args)
+        return getattr(importlib.import_module(f"fxprune.cli.{module}"), name)(args)
     return run
 
 
 def _criteria(args) -> int:
     """``fxprune criteria``: one line per registered criterion."""
-    from .criteria import list_criteria
+    from ..criteria import list_criteria
     found = list_criteria()
     width = max(map(len, found), default=0)
     for name, description in found.items():
@@ -195,7 +195,7 @@ def _cli_logging(args):
 
 def _error_line(exc: BaseException) -> (str, int):
     """The one-line message and exit status for an exception."""
-    from .errors import FxpruneError
+    from ..errors import FxpruneError
     if isinstance(exc, FxpruneError):
         return one_line(str(exc)), EXIT_USAGE
     if isinstance(exc, OSError) and exc.filename is not None:

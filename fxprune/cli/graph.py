@@ -19,10 +19,10 @@ import subprocess
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
-from .cli_common import (CliError, check_output, load_model, log, public_mode, resolve_device,
+from .common import (CliError, check_output, load_model, log, public_mode, resolve_device,
                          resolve_input_size)
-from .group import Group, groups_table
-from .plan import write_atomic
+from ..group import Group, groups_table
+from ..plan import write_atomic
 
 GRAPH_SUFFIXES = (".dot", ".gv", ".svg", ".html", ".htm")
 Edges = Dict[Tuple[str, str], List[str]]
@@ -31,7 +31,7 @@ Edges = Dict[Tuple[str, str], List[str]]
 def run_groups(args) -> int:
     """Entry point of ``fxprune groups`` (see ``fxprune groups --help``)."""
     import torch
-    from . import connectivity, groups
+    from .. import connectivity, groups
     check_output(args.graph, "--graph", GRAPH_SUFFIXES)
     check_output(args.json, "--json", (".json",))
     if args.graph and args.graph.lower().endswith(".svg") and shutil.which("dot") is None:
