@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -85,7 +85,8 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
                                     options, _progress(progress), trace_kw)
     steps = _budget_steps(flops, params, sparsity)
     dense = refuse_broken_ties(analyze(trace(model, inputs, **trace_kw)))
-    dense_cost = cost_model(dense, inputs)
+    sample = counting_inputs(dense.gm, inputs)[0]  # FLOPs, budgets and latency per example
+    dense_cost = cost_model(dense, sample)
     current, analysis, plan_kept, errors = model, dense, None, []
     notes: List[str] = []  # tied-score warnings of every step, for report.notes
     for step, budget in enumerate(steps):
@@ -94,7 +95,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
         log.info("scoring with %s (step %d/%d)", crit.name, step + 1, len(steps))
         sal = score_analysis(analysis, crit, batch_list, loss, options, _progress(progress))
         log.info("pruning to %s=%s", budget.kind, budget.ratio)
-        kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, inputs,
+        kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, sample,
                        max_layer_sparsity, ignore, normalize, notes)
         slim = rewrite(analysis, kept)
         slim_shapes(slim, inputs)
@@ -225,18 +226,42 @@ def _compose(previous: Optional[Dict[str, List[int]]], kept: Dict[str, List[int]
     return out
 
 
+def counting_inputs(gm: torch.fx.GraphModule, inputs) -> Tuple[tuple, int]:
+    """The inputs FLOPs and latency are measured on, and their batch size: one example
+    (the first of every tensor input with the batch's leading size), so that the report's
+    FLOPs are per example as the CLI's are; the whole batch when one example fails."""
+    n = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
+    one = tuple(x[:1] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
+                for x in inputs)
+    if n <= 1:
+        return inputs, n
+    try:
+        count_flops(gm, one)
+    except Exception as exc:  # noqa: BLE001 - batch-dependent code: count the batch instead
+        log.info("counting FLOPs on the whole batch of %d: one example fails (%s)", n, exc)
+        return inputs, n
+    return one, 1
+
+
 def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
                  latency: bool, predicted: Optional[float] = None) -> Report:
-    report = Report(count_flops(dense.gm, inputs), count_flops(slim, inputs),
+    """The report: FLOPs and latency per example (:func:`counting_inputs`), the
+    verification on all of ``inputs``."""
+    sample, batch = counting_inputs(dense.gm, inputs)
+    report = Report(count_flops(dense.gm, sample), count_flops(slim, sample),
                     count_params(dense.gm), count_params(slim), predicted_flops=predicted)
+    if batch > 1:
+        report.notes.append(f"FLOPs and latency are for the whole batch of {batch} examples "
+                            "(the model does not run on one example)")
     for g in dense.groups:
         kept = len(plan.kept.get(g.id, range(g.size)))
         report.groups.append(GroupRow(g.id, g.kind, g.size, kept, g.prunable, g.reason))
     if verify:
         report.max_rel_error = verify_rewrite(dense, slim, plan.kept, inputs)
     if latency:
-        report.latency_before_ms = measure_latency(dense.gm, inputs)
-        report.latency_after_ms = measure_latency(slim, inputs)
+        timed = measure_latency(dense.gm, slim, sample)
+        report.latency_before_ms, report.latency_after_ms = timed["before_ms"], timed["after_ms"]
+        report.latency_speedup_range = timed["speedup_range"]
     return report
 
 

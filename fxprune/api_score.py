@@ -12,6 +12,7 @@ from .criteria.scoring import (as_batches, default_loss, make_scoring_copy, math
                                module_device_dtype)
 from .errors import DataError, FxpruneError
 from .group import Group
+from .progress import logged_batches
 from .passes.groups import Analysis, analyze
 from .passes.trace import as_input_tuple, trace
 
@@ -83,7 +84,8 @@ def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, option
     _, dtype = module_device_dtype(analysis.gm)
     low = dtype in (torch.float16, torch.bfloat16)
     module = make_scoring_copy(analysis.gm) if crit.needs_data or low else analysis.gm
-    ctx = ScoringContext(module=module, groups=analysis.groups, batches=batches,
+    ctx = ScoringContext(module=module, groups=analysis.groups,
+                         batches=logged_batches(batches, f"scoring ({crit.name})", progress),
                          loss_fn=loss_fn, options=dict(options), progress=progress)
     with math_attention():
         param_scores = crit.score(ctx)

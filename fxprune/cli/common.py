@@ -100,6 +100,20 @@ def check_output(path: Optional[str], option: str, suffixes: Sequence[str]) -> N
         raise CliError(f"{option} {path}: directory {directory} does not exist")
     if os.path.isdir(path):
         raise CliError(f"{option} {path}: is a directory, expected a file name")
+    _check_writable(path, option, directory)
+
+
+def _check_writable(path: str, option: str, directory: str) -> None:
+    """Create and remove a file next to ``path``, as the atomic write will (so that a
+    read-only directory is found now, not after minutes of scoring)."""
+    import tempfile
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".fxprune-", suffix=".probe")
+    except OSError as exc:
+        raise CliError(f"{option} {path}: cannot write in {directory} "
+                       f"({exc.strerror or exc}); choose a writable location") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_checkpoint(path: Optional[str]) -> None:

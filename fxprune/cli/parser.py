@@ -101,6 +101,11 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--plan", metavar="PLAN.json", help="write the pruning plan (JSON)")
     p.add_argument("--report", metavar="FILE",
                    help="write the report: .png/.svg keep-ratio plot, .html page or .json")
+    p.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                   help="keep the channels of this module whole: a module name, its prefix "
+                        "or a glob (repeat, or comma-separate: --ignore layer4,fc)")
+    p.add_argument("--max-layer-sparsity", type=sparsity_ratio, default=0.95, metavar="R",
+                   help="remove at most fraction R of any group's channels (default: 0.95)")
     p.add_argument("--normalize", choices=("mean", "max", "none"), default="mean",
                    help="global ranking: channel score / its group's mean |score| "
                         "(default), / its group's max, or raw scores ('none')")
@@ -121,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The ``fxprune`` argument parser with its four sub-commands."""
     parser = _Parser(prog="fxprune", parents=[_common(True)],
                      description="Second-order structured pruning as a torch.fx pipeline.")
+    parser.add_argument("--version", action="version", version=f"fxprune {_version()}")
     common = _common(False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _prune_parser(sub, common)
@@ -145,6 +151,15 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("criteria", parents=[common], help="list the saliency criteria")
     c.set_defaults(func=_criteria)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (no import of the package's torch parts)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("fxprune")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _lazy(module: str, name: str):
@@ -175,12 +190,14 @@ def _cli_logging(args):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fxprune: %(message)s"))
     root, cli = logging.getLogger("fxprune"), logging.getLogger("fxprune.cli")
-    saved = (root.handlers[:], root.propagate, root.level, cli.level)
+    progress = logging.getLogger("fxprune.progress")  # scoring progress off a terminal
+    saved = (root.handlers[:], root.propagate, root.level, cli.level, progress.level)
     lib_level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     root.handlers[:] = [handler]
     root.propagate = False
     root.setLevel(lib_level)
     cli.setLevel(logging.WARNING if args.quiet else min(lib_level, logging.INFO))
+    progress.setLevel(cli.level)
     with warnings.catch_warnings():
         if not (args.debug or args.verbose):
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -191,6 +208,7 @@ def _cli_logging(args):
             root.handlers[:], root.propagate = saved[0], saved[1]
             root.setLevel(saved[2])
             cli.setLevel(saved[3])
+            progress.setLevel(saved[4])
 
 
 def _error_line(exc: BaseException) -> (str, int):

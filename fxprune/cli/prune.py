@@ -7,12 +7,12 @@ writing); the report table goes to stdout. Every output file is written atomical
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict, List
 
 from .common import (CliError, check_checkpoint, check_output, load_model, log,
                          public_mode, resolve_criterion, resolve_device, resolve_input_size,
                          seed_everything)
+from ..plan import atomic_path
 from .data import calibration, parse_source
 from .report import recount, save_module_atomic, write_report, write_sidecar
 
@@ -98,7 +98,8 @@ def _compile(model, criterion: str, calib, args):
             if verify:
                 log.info("verifying: slim model against the masked dense model")
             if args.latency:
-                log.info("measuring latency (median of 10 forward passes, batch 1)")
+                log.info("measuring latency (dense and slim interleaved, 7 rounds of 5 "
+                         "forward passes, batch 1)")
 
     repair = _repair_mode(args, calib)
     n_batches = len(calib.batches) if calib.batches is not None else 0
@@ -109,7 +110,14 @@ def _compile(model, criterion: str, calib, args):
                       progress=not args.quiet, latency=args.latency, verify=verify,
                       between_steps=between_steps, repair=repair,
                       normalize=None if args.normalize == "none" else args.normalize,
+                      ignore=ignore_names(args.ignore),
+                      max_layer_sparsity=args.max_layer_sparsity,
                       **_criterion_options(criterion, args), **budget)
+
+
+def ignore_names(values: List[str]) -> List[str]:
+    """``--ignore a --ignore b,c`` as ``["a", "b", "c"]``."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
 def _criterion_options(criterion: str, args) -> Dict[str, Any]:
@@ -192,12 +200,5 @@ def export_program(module, example, path: str) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CliError(f"torch.export failed ({type(exc).__name__}: {first}); the other "
                        "outputs were written; drop --export or pass --debug") from exc
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=".fxprune-", suffix=".pt2")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".pt2") as tmp:
         torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -38,7 +38,8 @@ def report_from_dict(data: Dict[str, Any]) -> Report:
     fields = GroupRow.__dataclass_fields__
     report.groups = [GroupRow(**{k: v for k, v in g.items() if k in fields})
                      for g in data.get("groups", [])]
-    for key in ("latency_before_ms", "latency_after_ms", "max_rel_error"):
+    for key in ("latency_before_ms", "latency_after_ms", "latency_speedup_range",
+                "max_rel_error"):
         setattr(report, key, data.get(key))
     report.notes = list(data.get("notes", []))
     if data.get("repair"):
