@@ -145,7 +145,7 @@ def write_atomic(path: str, text_or_bytes) -> None:
     ``mkstemp`` alone would leave it private, 0600)."""
     mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
     with atomic_path(path, ".tmp") as tmp:
-        with open(tmp, mode) as fh:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), mode) as fh:
             fh.write(text_or_bytes)
             fh.flush()
             os.fsync(fh.fileno())
