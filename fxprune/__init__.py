@@ -3,21 +3,30 @@
 Public API (design §2): :func:`groups`, :func:`connectivity`, :func:`saliency`,
 :func:`compile`, :func:`apply_plan`, :class:`Plan`, :func:`list_criteria`; shipping a
 slim model without pickle: :func:`save_slim` / :func:`load_slim` (safetensors + plan).
+
+The names are imported on first use (PEP 562): ``import fxprune`` does not import torch,
+so that ``fxprune --help`` and ``fxprune --version`` answer at once.
 """
-from . import passes  # noqa: F401  (fxprune.passes is the installed passes/ package)
-from .api_analysis import connectivity, groups
-from .api_prune import apply_plan, compile
-from .api_score import Saliency, saliency
-from .criteria import Criterion, list_criteria, register_criterion
-from .errors import (AnalysisError, BudgetError, CheckpointError, CriterionError, DataError,
-                     DegenerateScoresError, FxpruneError, PlanError, TraceError,
-                     UnknownNameError, UnknownOptionError)
-from .group import Group, Member
-from .passes.connectivity import Connectivity
-from .passes.trace import register_leaf
-from .plan import Plan
-from .report import CompileResult, Report
-from .slim_io import load_slim, save_slim
+import importlib
+from typing import Any, Dict, List
+
+# public name -> the module (relative to this package) that defines it
+_LAZY: Dict[str, str] = {
+    "groups": ".api_analysis", "connectivity": ".api_analysis",
+    "compile": ".api_prune", "apply_plan": ".api_prune",
+    "saliency": ".api_score", "Saliency": ".api_score",
+    "list_criteria": ".criteria", "register_criterion": ".criteria", "Criterion": ".criteria",
+    "Group": ".group", "Member": ".group",
+    "Connectivity": ".passes.connectivity", "register_leaf": ".passes.trace",
+    "Plan": ".plan", "CompileResult": ".report", "Report": ".report",
+    "save_slim": ".slim_io", "load_slim": ".slim_io",
+    **{name: ".errors" for name in (
+        "FxpruneError", "TraceError", "AnalysisError", "BudgetError", "DataError",
+        "CheckpointError", "CriterionError", "DegenerateScoresError", "PlanError",
+        "UnknownOptionError", "UnknownNameError")},
+}
+# sub-packages reachable as attributes (``fxprune.passes`` is the installed passes/ package)
+_SUBPACKAGES = ("passes", "criteria", "models", "cli")
 
 __all__ = [
     "groups", "connectivity", "saliency", "compile", "apply_plan", "list_criteria",
@@ -26,3 +35,20 @@ __all__ = [
     "FxpruneError", "TraceError", "AnalysisError", "BudgetError", "DataError",
     "CheckpointError", "CriterionError", "DegenerateScoresError", "PlanError", "UnknownOptionError", "UnknownNameError",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name (or a sub-package) on first access and cache it here."""
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> List[str]:
+    """The public names and sub-packages next to the module's own attributes."""
+    return sorted(set(globals()) | set(__all__) | set(_SUBPACKAGES))

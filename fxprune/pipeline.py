@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -32,7 +32,7 @@ from .passes.verify import slim_shapes, verify_rewrite
 from .report import CompileResult, GroupRow, Report, measure_latency
 
 __all__ = ["PruneState", "analyse", "score", "select", "rewrite_and_verify", "repair",
-           "record_step", "finish", "build_report", "repair_slim"]
+           "record_step", "finish", "build_report", "repair_slim", "counting_inputs"]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class PruneState:
     # written by the stages
     dense: Optional[Analysis] = None          # analyse: the dense model's analysis
     dense_cost: Optional[CostModel] = None    # analyse: exact cost model of the dense model
+    sample: Optional[tuple] = None            # analyse: one example (FLOPs, budgets, latency)
     analysis: Optional[Analysis] = None       # the model this step prunes (dense at step 0)
     current: Optional[torch.nn.Module] = None  # the latest model (slim after a step)
     saliency: Optional[Saliency] = None       # score
@@ -76,7 +77,8 @@ def analyse(state: PruneState) -> None:
     state.analysis = analyze(trace(source, state.inputs, **state.trace_kw))
     if state.dense is None:
         state.dense, state.current = state.analysis, state.model
-        state.dense_cost = cost_model(state.dense, state.inputs)
+        state.sample = counting_inputs(state.dense.gm, state.inputs)[0]
+        state.dense_cost = cost_model(state.dense, state.sample)
 
 
 def score(state: PruneState, step: int, n_steps: int) -> None:
@@ -100,7 +102,7 @@ def select(state: PruneState, budget: Budget) -> None:
     crit = get_criterion(sal.criterion)
     order = crit.select(groups, sal.groups, sal.context, caps) if crit.select else None
     cost_now = state.dense_cost if analysis is state.dense else cost_model(analysis,
-                                                                           state.inputs)
+                                                                           state.sample)
     state.kept = select_step(groups, sal.groups, budget, caps, analysis.keep_mask, cost_now,
                              state.dense_cost, order=order, normalize=state.normalize,
                              tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
@@ -168,7 +170,7 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
                                             input_shapes(inputs))})
     report = build_report(dense, state.current, plan, inputs, False, latency,
                           predicted=state.dense_cost.flops(dense.keep_mask(plan.kept)),
-                          dense_flops=state.dense_cost.dense_flops)
+                          dense_flops=state.dense_cost.dense_flops, sample=state.sample)
     report.max_rel_error = max(state.errors) if state.errors else None
     report.notes.extend(dict.fromkeys(state.notes))
     report.repair = state.repaired
@@ -176,22 +178,49 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
     return CompileResult(state.current, plan, report, saliency=state.saliency)
 
 
+def counting_inputs(gm: torch.fx.GraphModule, inputs) -> Tuple[tuple, int]:
+    """The inputs FLOPs and latency are measured on, and their batch size: one example
+    (the first of every tensor input with the batch's leading size), so that the report's
+    FLOPs are per example as the CLI's are; the whole batch when one example fails."""
+    n = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
+    one = tuple(x[:1] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
+                for x in inputs)
+    if n <= 1:
+        return inputs, n
+    try:
+        count_flops(gm, one)
+    except Exception as exc:  # noqa: BLE001 - batch-dependent code: count the batch instead
+        log.info("counting FLOPs on the whole batch of %d: one example fails (%s)", n, exc)
+        return inputs, n
+    return one, 1
+
+
 def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
                  latency: bool, predicted: Optional[float] = None,
-                 dense_flops: Optional[int] = None) -> Report:
-    """Counts (the dense FLOPs from the cost model when given: counted once), one row
-    per dense group, and optionally the verification error and latencies."""
-    before = count_flops(dense.gm, inputs) if dense_flops is None else dense_flops
-    report = Report(before, count_flops(slim, inputs), count_params(dense.gm),
+                 dense_flops: Optional[int] = None, sample: Optional[tuple] = None) -> Report:
+    """Counts per example (:func:`counting_inputs`; the dense FLOPs from the cost model
+    when given, counted once), one row per dense group, and optionally the verification
+    error on all of ``inputs`` and the latencies, dense and slim timed interleaved."""
+    batch = 1
+    if sample is None:
+        sample, batch = counting_inputs(dense.gm, inputs)
+    elif sample is inputs:
+        batch = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
+    before = count_flops(dense.gm, sample) if dense_flops is None else dense_flops
+    report = Report(before, count_flops(slim, sample), count_params(dense.gm),
                     count_params(slim), predicted_flops=predicted)
+    if batch > 1:
+        report.notes.append(f"FLOPs and latency are for the whole batch of {batch} examples "
+                            "(the model does not run on one example)")
     for g in dense.groups:
         kept = len(plan.kept.get(g.id, range(g.size)))
         report.groups.append(GroupRow(g.id, g.kind, g.size, kept, g.prunable, g.reason))
     if verify:
         report.max_rel_error = verify_rewrite(dense, slim, plan.kept, inputs)
     if latency:
-        report.latency_before_ms = measure_latency(dense.gm, inputs)
-        report.latency_after_ms = measure_latency(slim, inputs)
+        timed = measure_latency(dense.gm, slim, sample)
+        report.latency_before_ms, report.latency_after_ms = timed["before_ms"], timed["after_ms"]
+        report.latency_speedup_range = timed["speedup_range"]
     return report
 
 

@@ -5,6 +5,7 @@ replayed on a fresh copy of the same model with :func:`fxprune.apply_plan`.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -43,6 +44,10 @@ class Plan:
     def from_json(text_or_path: str) -> "Plan":
         text = text_or_path
         if not text_or_path.lstrip().startswith("{"):
+            if not os.path.isfile(text_or_path):
+                raise PlanError(f"plan file {text_or_path!r} does not exist: give the path "
+                                "written by result.plan.to_json(path) or 'fxprune prune "
+                                "--plan PATH' (or the plan's JSON text)")
             with open(text_or_path) as fh:
                 text = fh.read()
         try:
@@ -144,20 +149,41 @@ def write_atomic(path: str, text_or_bytes) -> None:
     file is removed and an existing ``path`` keeps its old content. The new file gets
     the permissions a plain ``open(path, "w")`` would give (mode 0666 minus umask;
     ``mkstemp`` alone would leave it private, 0600)."""
-    directory = os.path.dirname(os.path.abspath(path))
     mode = "wb" if isinstance(text_or_bytes, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fxprune-", suffix=".tmp")
-    try:
-        with os.fdopen(fd, mode) as fh:
+    with atomic_path(path, ".tmp") as tmp:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_TRUNC), mode) as fh:
             fh.write(text_or_bytes)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o666 & ~_umask())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str, suffix: str):
+    """A temporary file name next to ``path`` to write into; renamed over ``path`` when
+    the block succeeds, removed when it fails. An ``OSError`` names ``path``, not the
+    temporary file the user never asked for."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                                   prefix=".fxprune-", suffix=suffix)
+        os.close(fd)
+    except OSError as exc:
+        raise _naming(exc, path) from exc
+    try:
+        yield tmp
         os.replace(tmp, path)
-    except BaseException:
+    except OSError as exc:
+        raise _naming(exc, path) from exc
+    finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
-        raise
+
+
+def _naming(exc: OSError, path: str) -> OSError:
+    """``exc`` as the same kind of error, about ``path``."""
+    if exc.errno is None:
+        return type(exc)(f"{path}: {exc}")
+    return type(exc)(exc.errno, exc.strerror, path)
 
 
 def _umask() -> int:

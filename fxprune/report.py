@@ -38,6 +38,7 @@ class Report:
     predicted_flops: Optional[float] = None
     latency_before_ms: Optional[float] = None
     latency_after_ms: Optional[float] = None
+    latency_speedup_range: Optional[List[float]] = None  # lowest, highest per-round speedup
     max_rel_error: Optional[float] = None
     notes: List[str] = field(default_factory=list)
     repair: Optional[RepairSummary] = None  # what the repair pass did (last step)
@@ -76,9 +77,8 @@ class Report:
                  f"{'FLOPs':<12}{self.flops_before:>16,}{self.flops_after:>16,}{self.flops_ratio:>9.3f}",
                  f"{'params':<12}{self.params_before:>16,}{self.params_after:>16,}{self.params_ratio:>9.3f}"]
         if self.latency_before_ms is not None and self.latency_after_ms is not None:
-            speed = self.latency_before_ms / max(self.latency_after_ms, 1e-9)
-            lines.append(f"{'latency ms':<12}{self.latency_before_ms:>16.2f}"
-                         f"{self.latency_after_ms:>16.2f}{speed:>8.2f}x")
+            lines.extend(latency_lines(self.latency_before_ms, self.latency_after_ms,
+                                       self.latency_speedup_range))
         if self.max_rel_error is not None:
             lines.append(f"verified: max |slim - masked reference| / max|ref| = {self.max_rel_error:.2e}")
         flagged = {r.id for r in self.bottlenecks()}
@@ -98,7 +98,8 @@ class Report:
         return {"flops_before": self.flops_before, "flops_after": self.flops_after,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "latency_before_ms": self.latency_before_ms,
-                "latency_after_ms": self.latency_after_ms, "max_rel_error": self.max_rel_error,
+                "latency_after_ms": self.latency_after_ms,
+                "latency_speedup_range": self.latency_speedup_range, "max_rel_error": self.max_rel_error,
                 "groups": [r.__dict__ for r in self.groups], "notes": self.notes,
                 "repair": self.repair.to_dict() if self.repair is not None else None}
 
@@ -121,18 +122,53 @@ class CompileResult:
                 f"{self.report.params_ratio:.3f}, {self.plan.removed_count()} channels removed)")
 
 
-def measure_latency(module: torch.nn.Module, inputs: Tuple[Any, ...], repeats: int = 10,
-                    warmup: int = 2) -> float:
-    """Median wall time of a forward pass in milliseconds."""
-    module = module.eval()
+# the speedups of the rounds may differ by this fraction of their median before the
+# latency figure is flagged as unreliable (load from other processes, frequency scaling)
+UNRELIABLE_SPREAD = 0.25
+
+
+def measure_latency(dense: torch.nn.Module, slim: torch.nn.Module, inputs: Tuple[Any, ...],
+                    rounds: int = 7, repeats: int = 5, warmup: int = 2,
+                    clock=time.perf_counter) -> Dict[str, Any]:
+    """Forward-pass latency of ``dense`` and ``slim`` timed interleaved: each of
+    ``rounds`` rounds times ``repeats`` passes of one model, then of the other (the order
+    alternates between rounds), so that a load spike slows both and not just whichever
+    model happened to be measured at the time. Returns the medians over the rounds (ms)
+    and the lowest and highest per-round speedup ``dense / slim``."""
+    dense, slim = dense.eval(), slim.eval()
     on_cuda = any(torch.is_tensor(x) and x.is_cuda for x in inputs)
-    times = []
+
+    def once(module) -> float:
+        start = clock()
+        module(*inputs)
+        if on_cuda:  # kernels run asynchronously: wait before reading the clock
+            torch.cuda.synchronize()
+        return (clock() - start) * 1e3
+
+    per_round: Dict[str, List[float]] = {"dense": [], "slim": []}
     with torch.no_grad():
-        for i in range(warmup + repeats):
-            start = time.perf_counter()
-            module(*inputs)
-            if on_cuda:  # kernels run asynchronously: wait before reading the clock
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+        for module in (dense, slim):
+            for _ in range(warmup):
+                once(module)
+        for r in range(rounds):
+            order = (("dense", dense), ("slim", slim)) if r % 2 == 0 else (("slim", slim), ("dense", dense))
+            for name, module in order:
+                per_round[name].append(statistics.median(once(module) for _ in range(repeats)))
+    speedups = [d / max(s, 1e-9) for d, s in zip(per_round["dense"], per_round["slim"])]
+    return {"before_ms": statistics.median(per_round["dense"]),
+            "after_ms": statistics.median(per_round["slim"]),
+            "speedup_range": [min(speedups), max(speedups)], "rounds": rounds}
+
+
+def latency_lines(before: float, after: float, speedup_range: Optional[List[float]]) -> List[str]:
+    """The report's latency row, and a warning when the rounds disagree too much."""
+    speed = before / max(after, 1e-9)
+    row = f"{'latency ms':<12}{before:>16.2f}{after:>16.2f}{speed:>8.2f}x"
+    if not speedup_range:
+        return [row]
+    low, high = speedup_range
+    row += f"  (rounds {low:.2f}-{high:.2f}x)"
+    if (high - low) > UNRELIABLE_SPREAD * speed:
+        return [row, f"latency: unreliable, the per-round speedup ranged {low:.2f}-{high:.2f}x "
+                     "(other load on the machine?); re-run on an idle machine"]
+    return [row]

@@ -20,6 +20,7 @@ from ..criteria import Criterion, ScoringContext
 from ..criteria.aggregate import channel_scores
 from ..criteria.scoring import Batch, default_loss, make_scoring_copy, module_device_dtype
 from ..errors import DataError, FxpruneError
+from ..progress import logged_batches
 from .groups import Analysis
 from .lower_attention import math_attention
 from .trace import as_input_tuple
@@ -141,7 +142,9 @@ def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, option
     _, dtype = module_device_dtype(analysis.gm)
     low = dtype in (torch.float16, torch.bfloat16)
     module = make_scoring_copy(analysis.gm) if crit.needs_data or low else analysis.gm
-    ctx = ScoringContext(module=module, groups=analysis.groups, batches=batches,
+    # progress lines at intervals when no tqdm bar can be drawn (stderr not a terminal)
+    ctx = ScoringContext(module=module, groups=analysis.groups,
+                         batches=logged_batches(batches, f"scoring ({crit.name})", progress),
                          loss_fn=loss_fn, options=dict(options), progress=progress)
     param_scores, group_scores = _score(crit, ctx)
     bad = _non_finite(param_scores, group_scores)

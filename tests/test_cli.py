@@ -179,7 +179,7 @@ def test_fashion_mnist_idx_files(tmp_path):
         fh.write(struct.pack(">HBB3I", 0, 8, 3, n, 28, 28) + images.numpy().tobytes())
     with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as fh:
         fh.write(struct.pack(">HBB1I", 0, 8, 1, n) + labels.numpy().tobytes())
-    from fxprune.cli_data import read_idx
+    from fxprune.cli.data import read_idx
     assert torch.equal(read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")), images)
     proc = run_cli("prune", "tiny_vgg", "--criterion", "oba", "--sparsity", "0.25",
                    "--data", f"fashion-mnist:{tmp_path}", "--batch-size", "4", "--batches", "2",

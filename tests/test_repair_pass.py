@@ -249,7 +249,7 @@ def test_apply_plan_with_data_repairs_like_compile():
 
 
 def test_repair_summary_survives_the_json_report():
-    from fxprune.cli_report import report_from_dict
+    from fxprune.cli.report import report_from_dict
     res = fxprune.compile(randomize_norms(ConvBN()), "l2", data=_data(), flops=0.5,
                           progress=False)
     again = report_from_dict(res.report.to_dict())

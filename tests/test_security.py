@@ -97,7 +97,7 @@ def test_cli_report_does_not_unpickle_without_opt_in(tmp_path, capsys, monkeypat
     assert code == 2 and not marker.exists()
     assert "--allow-pickle" in err and "would run code" in err
     # with the sidecar of a real run, the recorded report is shown without loading
-    from fxprune.cli_report import write_sidecar
+    from fxprune.cli.report import write_sidecar
     x = torch.randn(2, 16)
     res = fxprune.compile(create_model("tiny_mlp"), "l2", example_inputs=x, sparsity=0.5)
     write_sidecar(str(tmp_path / "slim.pt"), res.report, [1, 16], [1, 10], {})

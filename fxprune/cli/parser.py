@@ -22,7 +22,7 @@ import sys
 import warnings
 from typing import List, Optional
 
-from .cli_common import input_size, positive_int, ratio_list, sparsity_ratio, one_line
+from .common import input_size, positive_int, ratio_list, sparsity_ratio, one_line
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -101,6 +101,11 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--plan", metavar="PLAN.json", help="write the pruning plan (JSON)")
     p.add_argument("--report", metavar="FILE",
                    help="write the report: .png/.svg keep-ratio plot, .html page or .json")
+    p.add_argument("--ignore", action="append", default=[], metavar="NAME",
+                   help="keep the channels of this module whole: a module name, its prefix "
+                        "or a glob (repeat, or comma-separate: --ignore layer4,fc)")
+    p.add_argument("--max-layer-sparsity", type=sparsity_ratio, default=0.95, metavar="R",
+                   help="remove at most fraction R of any group's channels (default: 0.95)")
     p.add_argument("--normalize", choices=("mean", "max", "none"), default="mean",
                    help="global ranking: channel score / its group's mean |score| "
                         "(default), / its group's max, or raw scores ('none')")
@@ -114,13 +119,14 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--no-latency", dest="latency", action="store_false",
                    help="skip the latency measurement")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.set_defaults(func=_lazy("cli_prune", "run_prune"))
+    p.set_defaults(func=_lazy("prune", "run_prune"))
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``fxprune`` argument parser with its four sub-commands."""
     parser = _Parser(prog="fxprune", parents=[_common(True)],
                      description="Second-order structured pruning as a torch.fx pipeline.")
+    parser.add_argument("--version", action="version", version=f"fxprune {_version()}")
     common = _common(False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _prune_parser(sub, common)
@@ -132,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write the group graph: .dot (Graphviz text), .svg or .html "
                         "(a picture laid out by layer order)")
     g.add_argument("--json", metavar="FILE", help="write the groups as JSON")
-    g.set_defaults(func=_lazy("cli_graph", "run_groups"))
+    g.set_defaults(func=_lazy("graph", "run_groups"))
     r = sub.add_parser("report", parents=[common], help="print the report of a slim model or plan",
                        description="Print the report table of a slim model saved with "
                                    "'fxprune prune --out' (FLOPs/params recounted) or of a plan.")
@@ -142,10 +148,19 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--allow-pickle", action="store_true",
                    help="unpickle a SLIM.pt to recount it (runs code stored in the file: "
                         "only for files you trust); without it the recorded report is shown")
-    r.set_defaults(func=_lazy("cli_report", "run_report"))
+    r.set_defaults(func=_lazy("report", "run_report"))
     c = sub.add_parser("criteria", parents=[common], help="list the saliency criteria")
     c.set_defaults(func=_criteria)
     return parser
+
+
+def _version() -> str:
+    """The installed distribution's version (no import of the package's torch parts)."""
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("fxprune")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 def _lazy(module: str, name: str):
@@ -153,13 +168,13 @@ def _lazy(module: str, name: str):
     def run(args):
         """Import the command module and run the command."""
         import importlib
-        return getattr(importlib.import_module(f"fxprune.{module}"), name)(args)
+        return getattr(importlib.import_module(f"fxprune.cli.{module}"), name)(args)
     return run
 
 
 def _criteria(args) -> int:
     """``fxprune criteria``: one line per registered criterion."""
-    from .criteria import list_criteria
+    from ..criteria import list_criteria
     found = list_criteria()
     width = max(map(len, found), default=0)
     for name, description in found.items():
@@ -176,12 +191,14 @@ def _cli_logging(args):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("fxprune: %(message)s"))
     root, cli = logging.getLogger("fxprune"), logging.getLogger("fxprune.cli")
-    saved = (root.handlers[:], root.propagate, root.level, cli.level)
+    progress = logging.getLogger("fxprune.progress")  # scoring progress off a terminal
+    saved = (root.handlers[:], root.propagate, root.level, cli.level, progress.level)
     lib_level = logging.DEBUG if args.debug else logging.INFO if args.verbose else logging.WARNING
     root.handlers[:] = [handler]
     root.propagate = False
     root.setLevel(lib_level)
     cli.setLevel(logging.WARNING if args.quiet else min(lib_level, logging.INFO))
+    progress.setLevel(cli.level)
     with warnings.catch_warnings():
         if not (args.debug or args.verbose):
             warnings.filterwarnings("ignore", category=FutureWarning)
@@ -192,11 +209,12 @@ def _cli_logging(args):
             root.handlers[:], root.propagate = saved[0], saved[1]
             root.setLevel(saved[2])
             cli.setLevel(saved[3])
+            progress.setLevel(saved[4])
 
 
 def _error_line(exc: BaseException) -> (str, int):
     """The one-line message and exit status for an exception."""
-    from .errors import FxpruneError
+    from ..errors import FxpruneError
     if isinstance(exc, FxpruneError):
         return one_line(str(exc)), EXIT_USAGE
     if isinstance(exc, OSError) and exc.filename is not None:

@@ -15,11 +15,11 @@ import json
 from collections import defaultdict
 from typing import Dict, List, Tuple
 
-from .cli_common import (CliError, check_output, load_model, log, public_mode, resolve_device,
+from .common import (CliError, check_output, load_model, log, public_mode, resolve_device,
                          resolve_input_size)
-from .graph_view import to_html, to_svg
-from .group import Group, groups_table
-from .plan import write_atomic
+from ..graph_view import to_html, to_svg
+from ..group import Group, groups_table
+from ..plan import write_atomic
 
 GRAPH_SUFFIXES = (".dot", ".gv", ".svg", ".html", ".htm")
 Edges = Dict[Tuple[str, str], List[str]]
@@ -28,7 +28,7 @@ Edges = Dict[Tuple[str, str], List[str]]
 def run_groups(args) -> int:
     """Entry point of ``fxprune groups`` (see ``fxprune groups --help``)."""
     import torch
-    from . import connectivity, groups
+    from .. import connectivity, groups
     check_output(args.graph, "--graph", GRAPH_SUFFIXES)
     check_output(args.json, "--json", (".json",))
     device = resolve_device(args.device)

@@ -7,14 +7,14 @@ writing); the report table goes to stdout. Every output file is written atomical
 from __future__ import annotations
 
 import os
-import tempfile
 from typing import Any, Dict, List
 
-from .cli_common import (CliError, check_checkpoint, check_output, load_model, log,
+from .common import (CliError, check_checkpoint, check_output, load_model, log,
                          public_mode, resolve_criterion, resolve_device, resolve_input_size,
                          seed_everything)
-from .cli_data import calibration, parse_source
-from .cli_report import recount, save_module_atomic, write_report, write_sidecar
+from ..plan import atomic_path
+from .data import calibration, parse_source
+from .report import recount, save_module_atomic, write_report, write_sidecar
 
 REPORT_SUFFIXES = (".png", ".svg", ".html", ".htm", ".json")
 
@@ -75,7 +75,7 @@ def _budget_text(budget: Dict[str, Any]) -> str:
 
 def _analyse(model, example) -> None:
     """The "analysing" stage: trace and group the model, report the group counts."""
-    from . import groups
+    from .. import groups
     log.info("analysing: tracing the model on an input of shape %s", list(example.shape))
     found = groups(model, example)
     fixed = [g for g in found if not g.prunable]
@@ -85,7 +85,7 @@ def _analyse(model, example) -> None:
 
 def _compile(model, criterion: str, calib, args):
     """Run :func:`fxprune.compile` with stage messages between the steps."""
-    from . import compile as fx_compile
+    from .. import compile as fx_compile
     budget = budget_kwargs(args)
     values = next(iter(budget.values()))
     steps = len(values) if isinstance(values, list) else 1
@@ -98,7 +98,8 @@ def _compile(model, criterion: str, calib, args):
             if verify:
                 log.info("verifying: slim model against the masked dense model")
             if args.latency:
-                log.info("measuring latency (median of 10 forward passes, batch 1)")
+                log.info("measuring latency (dense and slim interleaved, 7 rounds of 5 "
+                         "forward passes, batch 1)")
 
     repair = _repair_mode(args, calib)
     n_batches = len(calib.batches) if calib.batches is not None else 0
@@ -109,13 +110,20 @@ def _compile(model, criterion: str, calib, args):
                       progress=not args.quiet, latency=args.latency, verify=verify,
                       between_steps=between_steps, repair=repair,
                       normalize=None if args.normalize == "none" else args.normalize,
+                      ignore=ignore_names(args.ignore),
+                      max_layer_sparsity=args.max_layer_sparsity,
                       **_criterion_options(criterion, args), **budget)
+
+
+def ignore_names(values: List[str]) -> List[str]:
+    """``--ignore a --ignore b,c`` as ``["a", "b", "c"]``."""
+    return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
 def _criterion_options(criterion: str, args) -> Dict[str, Any]:
     """The command-line flags that are options the criterion declares (``--seed`` for
     ``random``); compile refuses any other keyword."""
-    from .criteria import get_criterion
+    from ..criteria import get_criterion
     declared = get_criterion(criterion).options or ()
     return {"seed": args.seed} if "seed" in declared else {}
 
@@ -176,7 +184,7 @@ def _write_outputs(args, result, example, criterion: str, size) -> str:
 def write_safetensors(result, args, report, input_shape) -> str:
     """``--out SLIM.safetensors``: the slim weights plus the plan (``--plan`` or
     ``SLIM.plan.json``), reloaded with ``fxprune.load_slim`` without unpickling."""
-    from .slim_io import default_plan_path, save_slim
+    from ..slim_io import default_plan_path, save_slim
     result.plan.meta.update(model=args.model, report=report.to_dict(), input_shape=input_shape)
     weights, plan = save_slim(result, args.out, args.plan or default_plan_path(args.out))
     return f"slim weights {weights} and plan {plan} (reload: fxprune.load_slim)"
@@ -192,12 +200,5 @@ def export_program(module, example, path: str) -> None:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CliError(f"torch.export failed ({type(exc).__name__}: {first}); the other "
                        "outputs were written; drop --export or pass --debug") from exc
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix=".fxprune-", suffix=".pt2")
-    os.close(fd)
-    try:
+    with atomic_path(path, ".pt2") as tmp:
         torch.export.save(program, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

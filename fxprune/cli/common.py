@@ -14,7 +14,7 @@ import os
 import random
 from typing import TYPE_CHECKING, List, Optional, Sequence, Tuple, Union
 
-from .errors import CheckpointError, FxpruneError
+from ..errors import CheckpointError, FxpruneError
 
 if TYPE_CHECKING:
     import torch
@@ -100,6 +100,20 @@ def check_output(path: Optional[str], option: str, suffixes: Sequence[str]) -> N
         raise CliError(f"{option} {path}: directory {directory} does not exist")
     if os.path.isdir(path):
         raise CliError(f"{option} {path}: is a directory, expected a file name")
+    _check_writable(path, option, directory)
+
+
+def _check_writable(path: str, option: str, directory: str) -> None:
+    """Create and remove a file next to ``path``, as the atomic write will (so that a
+    read-only directory is found now, not after minutes of scoring)."""
+    import tempfile
+    try:
+        fd, probe = tempfile.mkstemp(dir=directory, prefix=".fxprune-", suffix=".probe")
+    except OSError as exc:
+        raise CliError(f"{option} {path}: cannot write in {directory} "
+                       f"({exc.strerror or exc}); choose a writable location") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def check_checkpoint(path: Optional[str]) -> None:
@@ -120,7 +134,7 @@ def resolve_device(name: str) -> "torch.device":
 def resolve_criterion(name: Optional[str]):
     """The :class:`~fxprune.criteria.Criterion` to use; the default is OBA, falling back
     (with a message) to the first registered one of :data:`DEFAULT_CRITERIA`."""
-    from .criteria import get_criterion, list_criteria
+    from ..criteria import get_criterion, list_criteria
     if name is not None:
         return get_criterion(name)  # CriterionError lists the valid names
     available = list_criteria()
@@ -152,7 +166,7 @@ def load_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int],
     ``input_size`` (``in_chans``, and ``img_size`` where the architecture takes one:
     a ViT's position embedding is sized by it). A checkpoint that pickles Python objects
     is refused unless ``allow_pickle`` (``--allow-pickle``)."""
-    from .models import create_model
+    from ..models import create_model
     check_checkpoint(checkpoint)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     log.info("loading %s%s", spec, f" with weights from {checkpoint}" if checkpoint else
@@ -189,7 +203,7 @@ def resolve_input_size(spec: str, model, given: Optional[Tuple[int, ...]]) -> Tu
     size = getattr(model, "input_size", None)
     if isinstance(size, (tuple, list)) and size and all(isinstance(d, int) for d in size):
         return tuple(size)
-    from .models import model_input_size
+    from ..models import model_input_size
     try:
         return tuple(model_input_size(spec))
     except FxpruneError:

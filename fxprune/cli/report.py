@@ -20,10 +20,10 @@ import os
 import tempfile
 from typing import Any, Dict, Optional, Tuple
 
-from .cli_common import CliError, log
-from .plan import Plan, write_atomic
-from .repair_report import RepairSummary
-from .report import GroupRow, Report
+from .common import CliError, log
+from ..plan import Plan, write_atomic
+from ..repair_report import RepairSummary
+from ..report import GroupRow, Report
 
 SIDECAR_FORMAT = 1
 
@@ -38,7 +38,8 @@ def report_from_dict(data: Dict[str, Any]) -> Report:
     fields = GroupRow.__dataclass_fields__
     report.groups = [GroupRow(**{k: v for k, v in g.items() if k in fields})
                      for g in data.get("groups", [])]
-    for key in ("latency_before_ms", "latency_after_ms", "max_rel_error"):
+    for key in ("latency_before_ms", "latency_after_ms", "latency_speedup_range",
+                "max_rel_error"):
         setattr(report, key, data.get(key))
     report.notes = list(data.get("notes", []))
     if data.get("repair"):
@@ -151,8 +152,8 @@ def _budget_text(budget) -> str:
 
 def _safetensors_report(path: str) -> str:
     """The plan embedded in a ``.safetensors`` slim model (read without unpickling)."""
-    from .errors import FxpruneError
-    from .slim_io import read_slim_metadata
+    from ..errors import FxpruneError
+    from ..slim_io import read_slim_metadata
     meta = read_slim_metadata(path)
     if "fxprune.plan" not in meta:
         raise CliError(f"{path}: a safetensors file without a fxprune plan (not written by "

@@ -21,8 +21,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from .cli_common import log
-from .errors import DataError
+from .common import log
+from ..errors import DataError
 
 if TYPE_CHECKING:
     import torch
