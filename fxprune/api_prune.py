@@ -30,7 +30,8 @@ from .passes.rewrite import rewrite
 from .passes.select import (DEFAULT_NORMALIZE, Budget, check_normalize, member_spans,
                             removable_counts, select_budget, select_uniform)
 from .passes.shape_prop import propagate_shapes
-from .passes.trace import as_input_tuple, trace
+from .passes.frontend import capture, frontend_of
+from .passes.trace import as_input_tuple
 from .passes.verify import check, masked_reference, tolerance
 from .report import CompileResult, GroupRow, Report, measure_latency
 from .unstructured import compile_unstructured
@@ -46,7 +47,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
             output_fn: Optional[Callable] = None, verify: bool = True,
             latency: bool = False, progress: Optional[bool] = None,
             normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
-            repair: Optional[str] = "auto", **options) -> CompileResult:
+            repair: Optional[str] = "auto", frontend: str = "auto", **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
     Exactly one budget: ``flops=r`` / ``params=r`` (kept fraction of the dense count;
@@ -63,6 +64,9 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     calibration inputs, ``"bn"`` only re-estimates batch norms, ``None`` leaves the slim
     model as the rewrite made it (design §7b). ``"auto"`` (default): ``"full"`` when
     ``data`` is given, else ``None``. The report's ``repair`` says what it did.
+    ``frontend``: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen graph)
+    or ``"auto"`` (default: export only where symbolic tracing fails on a shape check or
+    Python iteration in ``forward``); the report's ``frontend`` says which was used.
     """
     crit = get_criterion(criterion)
     check_options(crit, options, keywords_of(compile), "compile")
@@ -77,20 +81,20 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     if crit.name == "obs":  # its scores assume repair='full''s least-squares compensation
         from .criteria.obs import warn_unless_repaired
         warn_unless_repaired(repair_mode)
-    trace_kw = dict(leaf_modules=leaf_modules, concrete_args=concrete_args)
+    trace_kw = dict(leaf_modules=leaf_modules, concrete_args=concrete_args, frontend=frontend)
     if unstructured:
         if sparsity is None or flops is not None or params is not None:
             raise BudgetError("unstructured pruning takes sparsity=r only")
         return compile_unstructured(model, crit, inputs, batch_list, loss, sparsity,
                                     options, _progress(progress), trace_kw)
     steps = _budget_steps(flops, params, sparsity)
-    dense = refuse_broken_ties(analyze(trace(model, inputs, **trace_kw)))
+    dense = refuse_broken_ties(analyze(capture(model, inputs, **trace_kw)))
     dense_cost = cost_model(dense, inputs)
     current, analysis, plan_kept, errors = model, dense, None, []
     notes: List[str] = []  # tied-score warnings of every step, for report.notes
     for step, budget in enumerate(steps):
         if step:
-            analysis = refuse_broken_ties(analyze(trace(current, inputs, **trace_kw)))
+            analysis = refuse_broken_ties(analyze(capture(current, inputs, **trace_kw)))
         log.info("scoring with %s (step %d/%d)", crit.name, step + 1, len(steps))
         sal = score_analysis(analysis, crit, batch_list, loss, options, _progress(progress))
         log.info("pruning to %s=%s", budget.kind, budget.ratio)
@@ -228,7 +232,8 @@ def _compose(previous: Optional[Dict[str, List[int]]], kept: Dict[str, List[int]
 def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
                  latency: bool, predicted: Optional[float] = None) -> Report:
     report = Report(count_flops(dense.gm, inputs), count_flops(slim, inputs),
-                    count_params(dense.gm), count_params(slim), predicted_flops=predicted)
+                    count_params(dense.gm), count_params(slim), predicted_flops=predicted,
+                    frontend=frontend_of(dense.gm))
     for g in dense.groups:
         kept = len(plan.kept.get(g.id, range(g.size)))
         report.groups.append(GroupRow(g.id, g.kind, g.size, kept, g.prunable, g.reason))
@@ -260,7 +265,7 @@ def verify_rewrite(analysis: Analysis, slim: torch.nn.Module, kept: Dict[str, Li
 def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *,
                data: Any = None, batches: Optional[int] = None,
                repair: Optional[str] = "auto", verify: bool = True, leaf_modules=(),
-               concrete_args=None) -> CompileResult:
+               concrete_args=None, frontend: str = "auto") -> CompileResult:
     """Replay a saved plan on a fresh copy of the same model. With calibration ``data``
     the slim model is repaired after verification, as :func:`compile` repairs it
     (``repair="auto"``: ``"full"`` with data, else nothing)."""
@@ -277,7 +282,8 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
     inputs = as_input_tuple(example_inputs)
     check_not_empty(inputs)
     analysis = refuse_broken_ties(
-        analyze(trace(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args)))
+        analyze(capture(model, inputs, leaf_modules=leaf_modules, concrete_args=concrete_args,
+                        frontend=frontend)))
     _check_plan(analysis, plan, dense_fingerprint(analysis, model, inputs))
     slim = rewrite(analysis, plan.kept)
     slim_shapes(slim, inputs)

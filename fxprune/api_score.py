@@ -13,7 +13,8 @@ from .criteria.scoring import (as_batches, default_loss, make_scoring_copy, math
 from .errors import DataError, FxpruneError
 from .group import Group
 from .passes.groups import Analysis, analyze
-from .passes.trace import as_input_tuple, trace
+from .passes.frontend import capture
+from .passes.trace import as_input_tuple
 
 
 @dataclass
@@ -162,7 +163,7 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
              example_inputs: Any = None, loss_fn: Optional[Callable] = None,
              batches: Optional[int] = None, output_fn: Optional[Callable] = None,
              progress: Optional[bool] = None, leaf_modules=(), concrete_args=None,
-             **options) -> Saliency:
+             frontend: str = "auto", **options) -> Saliency:
     """Per-parameter and per-channel saliencies of ``model`` under ``criterion``.
 
     The model is traced on a copy and never modified. ``data`` is an iterable of
@@ -173,8 +174,8 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
     batch_list = prepare_batches(data, batches, crit.needs_data)
     example_inputs = resolve_example_inputs(example_inputs, batch_list, model)
     check_not_empty(as_input_tuple(example_inputs))
-    gm = trace(model, as_input_tuple(example_inputs), leaf_modules=leaf_modules,
-               concrete_args=concrete_args)
+    gm = capture(model, as_input_tuple(example_inputs), leaf_modules=leaf_modules,
+                 concrete_args=concrete_args, frontend=frontend)
     analysis = analyze(gm)
     return score_analysis(analysis, crit, batch_list, wrap_loss(loss_fn, output_fn), options,
                           _progress(progress))

@@ -18,7 +18,7 @@ from .api_score import score_analysis
 from .passes.count import count_flops, count_params
 from .passes.groups import analyze
 from .passes.select import Budget
-from .passes.trace import trace
+from .passes.frontend import capture
 from .plan import Plan
 from .report import CompileResult, Report
 
@@ -33,7 +33,7 @@ def weight_names(gm: torch.fx.GraphModule):
 def compile_unstructured(model, crit, inputs, batch_list, loss, sparsity, options, progress,
                          trace_kw) -> CompileResult:
     Budget.parse(sparsity=sparsity)
-    analysis = analyze(trace(model, inputs, **trace_kw))
+    analysis = analyze(capture(model, inputs, **trace_kw))
     sal = score_analysis(analysis, crit, batch_list, loss, options, progress)
     gm = analysis.gm
     masks: Dict[str, torch.Tensor] = {}

@@ -21,6 +21,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .groups import LABEL_KEY, Analysis
 from .labels import TLabel
+from .rule_table import target_name
 
 
 def count_flops(module: torch.nn.Module, inputs: Tuple[Any, ...]) -> int:
@@ -152,7 +153,7 @@ def _contracted_label(node: torch.fx.Node) -> Optional[np.ndarray]:
         if isinstance(mod, torch.nn.modules.conv._ConvNd):
             return x.dims[1] if mod.groups == 1 else None
         return None
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = target_name(node)
     if name in ("linear", "matmul", "bmm", "mm") or name.startswith("scaled_dot_product"):
         return x.dims[-1]
     if name.startswith("conv"):

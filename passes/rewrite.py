@@ -29,6 +29,7 @@ from torch import nn
 
 from .groups import LABEL_KEY, Analysis
 from .labels import TLabel, dim_ids
+from .rule_table import canonical, target_name
 
 log = logging.getLogger(__name__)
 
@@ -157,20 +158,20 @@ def kept_size(label: Optional[TLabel], dim: int, size: int, keep: np.ndarray) ->
 
 def _patch_literals(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
     for node in list(gm.graph.nodes):
-        name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
         if node.op not in ("call_method", "call_function"):
             continue
+        name, target = target_name(node), canonical(node.target)
         if name in ("view", "reshape", "expand", "broadcast_to"):
             _patch_shape_args(node, keep)
         elif name == "unflatten":
             _patch_unflatten(node, keep)
         elif name in ("split", "chunk", "split_with_sizes", "tensor_split"):
             _patch_split(gm, node, keep)
-        elif node.target is F.layer_norm:
+        elif target is F.layer_norm:
             _patch_layer_norm(node, keep)
-        elif node.target is F.group_norm:
+        elif target is F.group_norm:
             _patch_group_norm(node, keep)
-        elif node.target in (F.conv1d, F.conv2d, F.conv3d):
+        elif target in (F.conv1d, F.conv2d, F.conv3d):
             _patch_conv_groups(node, keep)
 
 
@@ -183,7 +184,7 @@ def _patch_shape_args(node: torch.fx.Node, keep: np.ndarray) -> None:
     args = list(node.args)
     packed = len(args) == 2 and isinstance(args[1], (list, tuple))
     sizes = list(args[1]) if packed else args[1:]
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = target_name(node)
     can_infer = name in ("view", "reshape") and -1 not in [s for s in sizes if isinstance(s, int)]
     per_dim = len(sizes) == len(shape)  # not ``x.view(t.shape)`` (one node for all dims)
     for i, s in enumerate(sizes):

@@ -29,6 +29,11 @@ class RuleTable:
         # by qualified name ("torchvision.ops.stochastic_depth.stochastic_depth"): rules
         # for other libraries' ops without importing those libraries
         self.named: Dict[str, Rule] = {}
+        # ATen overloads (torch.export graphs) that take the arguments of a torch function
+        # or a tensor method: ``aten.layer_norm.default`` -> ``F.layer_norm``,
+        # ``aten.view.default`` -> ``"view"``. One fact per op, read by the rules' lookup
+        # and by the rewrite/verify passes through :func:`canonical`.
+        self.aliases: Dict[Any, Any] = {}
 
     def module(self, *types: type) -> Callable[[Rule], Rule]:
         def register(rule: Rule) -> Rule:
@@ -59,6 +64,12 @@ class RuleTable:
             return rule
         return register
 
+    def alias(self, like: Any, *targets: Any) -> None:
+        """``targets`` (ATen overloads) take the arguments of ``like`` (a torch function
+        or a method name) and share its rule and its rewrite."""
+        for t in targets:
+            self.aliases[t] = like
+
     def lookup(self, node: torch.fx.Node, gm: torch.fx.GraphModule,
                modules: Optional[Dict[str, torch.nn.Module]] = None) -> Optional[Rule]:
         if node.op == "call_module":
@@ -71,6 +82,9 @@ class RuleTable:
             return None
         if node.op == "call_function":
             rule = self.functions.get(node.target)
+            if rule is None and node.target in self.aliases:
+                like = self.aliases[node.target]
+                rule = self.methods.get(like) if isinstance(like, str) else self.functions.get(like)
             if rule is None and self.named:
                 rule = self.named.get(_qualname(node.target))
             return rule
@@ -84,6 +98,23 @@ def _qualname(obj: Any) -> str:
 
 
 RULES = RuleTable()
+
+
+def canonical(target: Any) -> Any:
+    """The torch function or method name an ATen overload stands for (itself otherwise)."""
+    try:
+        return RULES.aliases.get(target, target)
+    except TypeError:  # an unhashable target
+        return target
+
+
+def target_name(node: torch.fx.Node) -> str:
+    """The op's name as the rules and the rewrite know it: a method's name, a function's
+    ``__name__``, an ATen overload's torch-level name (``aten.view.default`` -> ``view``)."""
+    if node.op == "call_method":
+        return node.target
+    target = canonical(node.target)
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
 
 
 class LazyText:
