@@ -110,6 +110,10 @@ ATEN_AS_FUNCTION = {
     "hardtanh.default": (F.hardtanh, 3, {}), "hardtanh_.default": (F.hardtanh, 3, {"inplace": True}),
     "leaky_relu.default": (F.leaky_relu, 2, {}),
     "leaky_relu_.default": (F.leaky_relu, 2, {"inplace": True}),
+    "max_pool1d.default": (F.max_pool1d, 6, {}), "max_pool2d.default": (F.max_pool2d, 6, {}),
+    "max_pool3d.default": (F.max_pool3d, 6, {}), "avg_pool2d.default": (F.avg_pool2d, 7, {}),
+    "adaptive_avg_pool1d.default": (F.adaptive_avg_pool1d, 2, {}),
+    "adaptive_avg_pool2d.default": (F.adaptive_avg_pool2d, 2, {}),
 }
 # ATEN_LIKE_METHOD packets that do not run as the method of their first argument
 # (``x.where(c, y)`` is ``where(c, x, y)``, not ``aten.where(x, c, y)``).

@@ -26,6 +26,7 @@ from ..errors import FxpruneError, TraceError
 from . import aten_rules  # noqa: F401  (register the ATen rules)
 from .aten_lowering import lower_to_torch
 from .export_capture import export_dynamic
+from .layer_modules import restore_layer_modules
 from .shape_prop import propagate_shapes
 from .trace import as_input_tuple, gc_paused, trace
 from .twin import drop_user_hooks, module_twin, own_tensors
@@ -99,9 +100,15 @@ def export_graph(model: torch.nn.Module, example_inputs: Any, *,
             twin = module_twin(model).eval()  # own flags and hooks, shared tensors
             drop_user_hooks(twin)
             gm = export_dynamic(twin, as_input_tuple(example_inputs)).program.module()
+            # ep.module() refuses train()/eval(); its graph has the eval branches baked
+            # in, and restored layer modules (norms) follow the flag like FX's do
+            gm.__dict__.pop("train", None)
+            gm.__dict__.pop("eval", None)
             _drop_fake_values(gm)
             _plain_calling_convention(gm)
             lower_to_torch(gm)
+            restore_layer_modules(gm)
+            gm.eval()
             if not share_params:
                 own_tensors(gm)
         gm.meta[META_KEY] = "export"

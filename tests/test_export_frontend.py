@@ -144,3 +144,29 @@ def test_bad_frontend_and_fx_only_options_are_refused():
         fxprune.groups(model, x, frontend="dynamo")
     with pytest.raises(FxpruneError, match="options of the FX front end"):
         fxprune.groups(model, x, frontend="export", leaf_modules=[torch.nn.Linear])
+
+
+def test_layer_passes_see_modules_on_the_export_graph(tmp_path):
+    """Layers come back as torch modules (passes/layer_modules.py), so module-based passes
+    work: OBS and least-squares repair re-fit them, unstructured masks their weights,
+    apply_plan / load_slim replay a plan on a fresh model."""
+    torch.manual_seed(0)
+    model = ShapeChecked().double().eval()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    gm = capture(model, x)
+    assert isinstance(gm.get_submodule("conv1"), torch.nn.Conv2d)
+    assert isinstance(gm.get_submodule("bn1"), torch.nn.BatchNorm2d)
+    assert gm.get_submodule("conv1").weight is not model.conv1.weight  # own copies
+    data = [(torch.randn(16, 3, 8, 8, dtype=torch.float64), torch.randint(0, 5, (16,)))
+            for _ in range(3)]
+    obs = fxprune.compile(model, "obs", x, data=data, flops=0.6, repair="full", progress=False)
+    assert obs.report.frontend == "export" and obs.report.repair is not None
+    assert obs.report.max_rel_error < 1e-6
+    dense = fxprune.compile(model, "l2", x, sparsity=0.5, unstructured=True)
+    assert "416 of 832 Conv/Linear weights kept" in dense.report.notes[0]
+    replay = fxprune.apply_plan(ShapeChecked().double().eval(), obs.plan, x, verify=True)
+    assert replay.report.max_rel_error < 1e-6
+    path = str(tmp_path / "slim.safetensors")
+    fxprune.save_slim(obs, path)
+    loaded = fxprune.load_slim(ShapeChecked().double().eval(), None, path, x)
+    torch.testing.assert_close(loaded(x), obs.module(x))
