@@ -145,6 +145,10 @@ def _register_aliases() -> None:
 _NOT_METHOD_LIKE = {("softmax", "Dimname"), ("log_softmax", "Dimname")}
 _register_aliases()
 RULES.by_name("torch.export._unlift.GuardsFn")(metadata_rule)  # input checks of ep.module()
+# run-time checks export inserts (``.to(dtype)`` asserts its input's metadata): no output
+RULES.function(*[op for op in (getattr(getattr(aten, n, None), "default", None) for n in (
+    "_assert_tensor_metadata", "_assert_scalar", "_assert_async", "sym_constrain_range",
+    "sym_constrain_range_for_size")) if op is not None])(metadata_rule)
 _SPATIAL.update({aten.max_pool2d_with_indices.default: 2})
 
 

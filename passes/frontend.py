@@ -8,9 +8,11 @@ nodes read the parameters and buffers under the model's own qualified names
 (``layer1.0.conv1.weight``), so groups, plans and reports name the same tensors as on the
 FX front end; its channel rules are the ATen entries of the one rule table
 (:mod:`.aten_rules`). ``"auto"`` (the default) traces symbolically and switches to
-``torch.export`` only when tracing fails on a limitation of symbolic tracing (a shape
-check in ``forward``: ``if x.shape[-1] % 2``; Python iteration or item assignment on a
-traced value), where export sees concrete example shapes. Which front end made a graph is
+``torch.export`` only when symbolic tracing fails (a shape check in ``forward``:
+``if x.shape[-1] % 2``; Python iteration or item assignment on a traced value; a
+``**kwargs`` forward), where export sees concrete example shapes; when both fail, the FX
+error (with its advice) is raised with export's reason appended. With FX-only options
+(``leaf_modules``, ``concrete_args``) there is no switch. Which front end made a graph is
 recorded in ``gm.meta["fxprune_frontend"]`` (:func:`frontend_of`); ``compile``'s report
 says it.
 """
@@ -38,13 +40,6 @@ log = logging.getLogger(__name__)
 FRONTENDS = ("auto", "fx", "export")
 META_KEY = "fxprune_frontend"
 
-# Messages of torch.fx failures that torch.export does not have: control flow or Python
-# container protocol on a traced value, which export runs on (fake) concrete shapes.
-_SYMBOLIC_LIMITS = ("cannot be used as inputs to control flow",
-                    "object does not support item assignment",
-                    "object cannot be iterated", "Proxy object cannot be iterated")
-
-
 def frontend_of(gm: torch.nn.Module) -> str:
     """``"fx"`` or ``"export"``: which front end made ``gm`` (``"fx"`` if unknown)."""
     return getattr(gm, "meta", {}).get(META_KEY, "fx")
@@ -62,11 +57,15 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, frontend: str
         gm = trace(model, example_inputs, concrete_args=concrete_args,
                    leaf_modules=leaf_modules, share_params=share_params)
     except TraceError as exc:
-        if frontend == "fx" or not _symbolic_limit(exc) or example_inputs is None:
-            raise
-        log.info("%s: symbolic tracing failed (%s); using the torch.export front end",
+        if frontend == "fx" or example_inputs is None or leaf_modules or concrete_args:
+            raise  # (FX-only options given: the user is steering symbolic tracing)
+        log.info("%s: symbolic tracing failed (%s); trying the torch.export front end",
                  type(model).__name__, _cause(exc))
-        gm = _export(model, example_inputs, leaf_modules, concrete_args, share_params)
+        try:
+            gm = _export(model, example_inputs, leaf_modules, concrete_args, share_params)
+        except FxpruneError as export_exc:  # both failed: the FX advice, export's reason
+            raise TraceError(f"{exc} (The torch.export front end failed too: "
+                             f"{_cause(export_exc)})") from exc
         gm.meta["fxprune_fx_failure"] = _cause(exc)
         return gm
     gm.meta.setdefault(META_KEY, "fx")
@@ -147,11 +146,6 @@ def _plain_calling_convention(gm: torch.fx.GraphModule) -> None:
     output.args = (structure,)
     gm.graph._codegen = torch.fx.graph.CodeGen()
     gm.recompile()
-
-
-def _symbolic_limit(exc: BaseException) -> bool:
-    text = _cause(exc)
-    return any(s in text for s in _SYMBOLIC_LIMITS)
 
 
 def _cause(exc: BaseException) -> str:
