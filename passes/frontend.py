@@ -18,6 +18,7 @@ says it.
 """
 from __future__ import annotations
 
+import copy
 import logging
 from typing import Any, Dict, Optional, Sequence
 
@@ -30,7 +31,7 @@ from .aten_lowering import lower_to_torch
 from .export_capture import export_dynamic
 from .layer_modules import restore_layer_modules
 from .shape_prop import propagate_shapes
-from .trace import as_input_tuple, gc_paused, trace
+from .trace import _note_dropped_hooks, as_input_tuple, gc_paused, trace
 from .twin import drop_user_hooks, module_twin, own_tensors
 
 __all__ = ["FRONTENDS", "capture", "export_graph", "frontend_of"]
@@ -93,11 +94,10 @@ def export_graph(model: torch.nn.Module, example_inputs: Any, *,
     ``example_inputs``. ``share_params`` as in :func:`.trace.trace`."""
     with gc_paused():
         if isinstance(model, torch.fx.GraphModule) and frontend_of(model) == "export":
-            import copy
             gm = copy.deepcopy(model).eval()  # a graph of this front end: no re-capture
         else:
             twin = module_twin(model).eval()  # own flags and hooks, shared tensors
-            drop_user_hooks(twin)
+            _note_dropped_hooks(drop_user_hooks(twin), model)
             gm = export_dynamic(twin, as_input_tuple(example_inputs)).program.module()
             # ep.module() refuses train()/eval(); its graph has the eval branches baked
             # in, and restored layer modules (norms) follow the flag like FX's do
