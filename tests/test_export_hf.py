@@ -84,3 +84,17 @@ def test_llama_compile_l2_is_exact_at_any_batch_and_length():
     for batch, seq in ((1, 5), (4, 11)):
         x = _ids(batch, seq, vocab=64)
         assert slim(x)["logits"].shape == (batch, seq, 64)
+
+
+def test_llama_slim_pt2_round_trip_at_two_batches_and_lengths(tmp_path):
+    from fxprune.passes.export_capture import export_dynamic
+    model, ids = _llama(layers=1), _ids(vocab=64)
+    slim = fxprune.compile(model, "l2", (ids,), flops=0.7, progress=False).module
+    capture = export_dynamic(slim, (ids,))
+    assert capture.free == ("batch", "seq")
+    path = str(tmp_path / "slim.pt2")
+    torch.export.save(capture.program, path)
+    loaded = torch.export.load(path).module()
+    for batch, seq in ((1, 5), (4, 11)):
+        x = _ids(batch, seq, vocab=64)
+        torch.testing.assert_close(loaded(x)["logits"], slim(x)["logits"])
