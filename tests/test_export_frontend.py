@@ -170,3 +170,12 @@ def test_layer_passes_see_modules_on_the_export_graph(tmp_path):
     fxprune.save_slim(obs, path)
     loaded = fxprune.load_slim(ShapeChecked().double().eval(), None, path, x)
     torch.testing.assert_close(loaded(x), obs.module(x))
+
+
+@pytest.mark.parametrize("name", ["tiny_resnet", "tiny_vit", "tiny_se"])
+def test_connectivity_equals_the_fx_front_end(name):
+    model, x = _fixture(name)
+    fx = fxprune.connectivity(model, x, frontend="fx")
+    ex = fxprune.connectivity(model, x, frontend="export")
+    assert ex.layers == fx.layers
+    assert all(ex.kind(a, b) == fx.kind(a, b) for a in fx.layers for b in fx.layers)
