@@ -8,7 +8,7 @@ import torch
 from .group import Group
 from .passes.connectivity import Connectivity, build_connectivity
 from .passes.groups import Analysis, analyze
-from .passes.trace import trace
+from .passes.frontend import capture
 
 
 def analyze_model(model: torch.nn.Module, example_inputs: Any, **trace_kwargs) -> Analysis:
@@ -19,11 +19,12 @@ def analyze_model(model: torch.nn.Module, example_inputs: Any, **trace_kwargs) -
     # The GraphModule stays inside the returned Analysis and nothing writes to its
     # tensors, so it may read the user's weights instead of copies (see passes/trace.py).
     trace_kwargs.setdefault("share_params", True)
-    return analyze(trace(model, example_inputs, **trace_kwargs))
+    return analyze(capture(model, example_inputs, **trace_kwargs))
 
 
 def groups(model: torch.nn.Module, example_inputs: Any, **trace_kwargs) -> List[Group]:
-    """Coupled-channel groups of ``model`` (design §2-§3). The model is not modified."""
+    """Coupled-channel groups of ``model`` (design §2-§3). The model is not modified.
+    ``frontend="auto" | "fx" | "export"`` chooses the graph capture (passes/frontend.py)."""
     return analyze_model(model, example_inputs, **trace_kwargs).groups
 
 
@@ -31,4 +32,4 @@ def connectivity(model: torch.nn.Module, example_inputs: Optional[Any] = None,
                  **trace_kwargs) -> Connectivity:
     """Series/parallel table between parameter layers (design §4)."""
     trace_kwargs.setdefault("share_params", True)
-    return build_connectivity(trace(model, example_inputs, **trace_kwargs))
+    return build_connectivity(capture(model, example_inputs, **trace_kwargs))

@@ -24,7 +24,8 @@ from .passes.repair import REPAIR_MODES
 from .passes.rewrite import rewrite
 from .passes.score import example_input_tuple, prepare_batches, wrap_loss
 from .passes.select import DEFAULT_NORMALIZE, check_normalize
-from .passes.trace import as_input_tuple, trace
+from .passes.frontend import capture
+from .passes.trace import as_input_tuple
 from .passes.groups import analyze
 from .passes.verify import slim_shapes
 from .passes.widths import check_round_to
@@ -49,7 +50,8 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
             output_fn: Optional[Callable] = None, verify: bool = True,
             latency: bool = False, progress: Optional[bool] = None,
             normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
-            repair: Optional[str] = "auto", round_to: int = 1, **options) -> CompileResult:
+            repair: Optional[str] = "auto", round_to: int = 1, frontend: str = "auto",
+            **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
     ``criterion``: a name of :func:`fxprune.list_criteria`, or ``"auto"`` (default):
@@ -72,6 +74,9 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     ``data`` is given, else ``None``. The report's ``repair`` says what it did.
     ``round_to=N``: every group that loses channels keeps a multiple of N tensor
     indices (a head of d dims counts d), for fast kernels; the budget is still met.
+    ``frontend``: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen graph)
+    or ``"auto"`` (default: export only where symbolic tracing fails); the report's
+    ``frontend`` says which was used.
     """
     criterion = resolve_criterion(criterion, data, unstructured)
     crit = get_criterion(criterion)
@@ -81,7 +86,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     state = stage.PruneState(
         model, crit, example_input_tuple(example_inputs, batch_list, model), batch_list,
         wrap_loss(loss_fn, output_fn), dict(options),
-        dict(leaf_modules=leaf_modules, concrete_args=concrete_args),
+        dict(leaf_modules=leaf_modules, concrete_args=concrete_args, frontend=frontend),
         resolve_ignore(model, ignore), normalize, max_layer_sparsity,
         resolve_repair(repair, batch_list, unstructured), verify, show_progress(progress),
         check_round_to(round_to))
@@ -139,7 +144,7 @@ def resolve_repair(repair: Optional[str], batch_list, unstructured: bool) -> Opt
 def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *,
                data: Any = None, batches: Optional[int] = None,
                repair: Optional[str] = "auto", verify: bool = True, leaf_modules=(),
-               concrete_args=None) -> CompileResult:
+               concrete_args=None, frontend: str = "auto") -> CompileResult:
     """Replay a saved plan on a fresh copy of the same model. With calibration ``data``
     the slim model is repaired after verification, as :func:`compile` repairs it
     (``repair="auto"``: ``"full"`` with data, else nothing)."""
@@ -148,8 +153,8 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
     if example_inputs is None and batch_list is None:
         example_inputs = _zeros_of_plan_shapes(model, plan)
     inputs = example_input_tuple(example_inputs, batch_list, model)
-    analysis = analyze(trace(model, inputs, leaf_modules=leaf_modules,
-                             concrete_args=concrete_args))
+    analysis = analyze(capture(model, inputs, leaf_modules=leaf_modules,
+                               concrete_args=concrete_args, frontend=frontend))
     stage.check_plan_fits(analysis, plan, model, inputs)
     slim = rewrite(analysis, plan.kept)
     slim_shapes(slim, inputs)

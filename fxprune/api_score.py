@@ -8,7 +8,7 @@ import torch
 from .criteria import check_options, get_criterion, keywords_of
 from .passes.groups import analyze
 from .passes.score import Saliency, example_input_tuple, prepare_batches, score_analysis, wrap_loss
-from .passes.trace import trace
+from .passes.frontend import capture
 
 __all__ = ["saliency", "Saliency", "show_progress"]
 
@@ -17,7 +17,7 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
              example_inputs: Any = None, loss_fn: Optional[Callable] = None,
              batches: Optional[int] = None, output_fn: Optional[Callable] = None,
              progress: Optional[bool] = None, leaf_modules=(), concrete_args=None,
-             **options) -> Saliency:
+             frontend: str = "auto", **options) -> Saliency:
     """Per-parameter and per-channel saliencies of ``model`` under ``criterion``.
 
     The model is traced on a copy and never modified. ``data`` is an iterable of
@@ -27,8 +27,8 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
     check_options(crit, options, keywords_of(saliency), "saliency")
     batch_list = prepare_batches(data, batches, crit.needs_data)
     inputs = example_input_tuple(example_inputs, batch_list, model)
-    analysis = analyze(trace(model, inputs, leaf_modules=leaf_modules,
-                             concrete_args=concrete_args))
+    analysis = analyze(capture(model, inputs, leaf_modules=leaf_modules,
+                               concrete_args=concrete_args, frontend=frontend))
     return score_analysis(analysis, crit, batch_list, wrap_loss(loss_fn, output_fn), options,
                           show_progress(progress))
 

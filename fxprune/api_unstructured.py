@@ -15,10 +15,10 @@ import torch
 
 from .passes.count import count_flops, count_params
 from .passes.groups import analyze
-from .passes.layer_rules import LAYER_MODULES
 from .passes.budget import Budget
+from .passes.frontend import capture
+from .passes.layer_rules import LAYER_MODULES
 from .passes.score import score_analysis
-from .passes.trace import trace
 from .plan import Plan
 from .report import CompileResult, Report
 
@@ -32,7 +32,7 @@ def compile_unstructured(state, sparsity: float) -> CompileResult:
     holding the call's model, criterion, inputs, batches, loss and options."""
     Budget.parse(sparsity=sparsity)
     crit, inputs = state.crit, state.inputs
-    analysis = analyze(trace(state.model, inputs, **state.trace_kw))
+    analysis = analyze(capture(state.model, inputs, **state.trace_kw))
     sal = score_analysis(analysis, crit, state.batches, state.loss, state.options,
                          state.progress)
     gm = analysis.gm

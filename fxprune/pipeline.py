@@ -22,12 +22,12 @@ from .plan import Plan, check_plan, fingerprint, input_shapes
 from .passes.budget import Budget
 from .passes.count import CostModel, cost_model, count_flops, count_params
 from .passes.degenerate import check_scores
+from .passes.frontend import capture, frontend_of
 from .passes.groups import Analysis, analyze
 from .passes.repair import repair as repair_pass
 from .passes.rewrite import rewrite
 from .passes.score import Saliency, score_analysis
 from .passes.select import select_step, step_caps
-from .passes.trace import trace
 from .passes.verify import slim_shapes, verify_rewrite
 from .report import CompileResult, GroupRow, Report, measure_latency
 
@@ -74,7 +74,7 @@ def analyse(state: PruneState) -> None:
     """Trace (a copy of) the current model and analyse its groups; the first call also
     builds the dense cost model. Writes ``analysis`` (and ``dense``, ``dense_cost``)."""
     source = state.model if state.current is None else state.current
-    state.analysis = analyze(trace(source, state.inputs, **state.trace_kw))
+    state.analysis = analyze(capture(source, state.inputs, **state.trace_kw))
     if state.dense is None:
         state.dense, state.current = state.analysis, state.model
         state.sample = counting_inputs(state.dense.gm, state.inputs)[0]
@@ -208,7 +208,8 @@ def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs
         batch = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
     before = count_flops(dense.gm, sample) if dense_flops is None else dense_flops
     report = Report(before, count_flops(slim, sample), count_params(dense.gm),
-                    count_params(slim), predicted_flops=predicted)
+                    count_params(slim), predicted_flops=predicted,
+                    frontend=frontend_of(dense.gm))
     if batch > 1:
         report.notes.append(f"FLOPs and latency are for the whole batch of {batch} examples "
                             "(the model does not run on one example)")

@@ -42,6 +42,7 @@ class Report:
     max_rel_error: Optional[float] = None
     notes: List[str] = field(default_factory=list)
     repair: Optional[RepairSummary] = None  # what the repair pass did (last step)
+    frontend: str = "fx"  # the graph's front end: "fx" (symbolic tracing) or "export"
 
     @property
     def flops_ratio(self) -> float:
@@ -87,6 +88,8 @@ class Report:
         for r in self.groups:
             mark = "  bottleneck" if r.id in flagged else ("" if r.prunable else f"  fixed: {r.reason}")
             lines.append(f"{r.id:<44}{r.kind:<11}{r.kept:>7}{r.size:>7}{r.keep_ratio:>7.2f}{mark}")
+        if self.frontend != "fx":
+            lines.append(f"front end: torch.{self.frontend} (ATen graph)")
         lines.extend(self.notes)
         if self.repair is not None:
             lines.extend(["", self.repair.table()])
@@ -101,6 +104,7 @@ class Report:
                 "latency_after_ms": self.latency_after_ms,
                 "latency_speedup_range": self.latency_speedup_range, "max_rel_error": self.max_rel_error,
                 "groups": [r.__dict__ for r in self.groups], "notes": self.notes,
+                "frontend": self.frontend,
                 "repair": self.repair.to_dict() if self.repair is not None else None}
 
     def plot(self, path: str) -> str:

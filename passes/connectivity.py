@@ -28,6 +28,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from .rule_table import canonical
+
 _LAYER_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d,
                   nn.ConvTranspose3d, nn.Linear, nn.Bilinear)
 _LAYER_FUNCTIONS = {F.linear, torch._C._nn.linear, F.conv1d, F.conv2d, F.conv3d,
@@ -85,7 +87,7 @@ def layer_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[str]:
     """Name of the parameter layer computed at ``node``, or None."""
     if node.op == "call_module":
         return node.target if isinstance(gm.get_submodule(node.target), _LAYER_MODULES) else None
-    if node.op == "call_function" and node.target in _LAYER_FUNCTIONS:
+    if node.op == "call_function" and canonical(node.target) in _LAYER_FUNCTIONS:
         weight = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
         if isinstance(weight, torch.fx.Node) and weight.op == "get_attr":
             return weight.target.rsplit(".", 1)[0]
@@ -97,7 +99,7 @@ def layer_name(node: torch.fx.Node, gm: torch.fx.GraphModule) -> Optional[str]:
 
 
 def _is_product(node: torch.fx.Node) -> bool:
-    return ((node.op == "call_function" and node.target in _PRODUCTS)
+    return ((node.op == "call_function" and canonical(node.target) in _PRODUCTS)
             or (node.op == "call_method" and node.target in _PRODUCT_METHODS))
 
 

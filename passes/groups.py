@@ -19,10 +19,11 @@ import torch.fx
 import torch.nn.functional as F
 
 from ..group import Group, Member
-from . import index_rules, layer_rules, recurrent_rules, tensor_rules  # noqa: F401  (register rules)
+from . import (aten_rules, einsum_rules, index_rules, layer_rules,  # noqa: F401  (register rules)
+               recurrent_rules, tensor_rules)
 from .labels import ChannelSpace, components
 from .layer_rules import LAYER_MODULES
-from .rule_table import RULES, RuleContext, unknown_rule, untracked_output
+from .rule_table import RULES, RuleContext, canonical, unknown_rule, untracked_output
 from .ties import refuse_broken_ties
 from .trace import gc_paused
 
@@ -139,7 +140,8 @@ def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node):
             dim = int(getattr(mod, "transposed", False))
             return (f"{node.target}.weight", dim) if mod.weight.shape[dim] > 1 else None
         return None
-    if node.op != "call_function" or node.target not in _CONV_FUNCTIONS:
+    target = canonical(node.target) if node.op == "call_function" else None
+    if target not in _CONV_FUNCTIONS:
         return None
     w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
     while isinstance(w, torch.fx.Node) and w.op != "get_attr":
@@ -149,7 +151,7 @@ def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node):
         w = next((a for a in w.args if isinstance(a, torch.fx.Node)), None)
     if not isinstance(w, torch.fx.Node):
         return None
-    dim, tensor = _CONV_FUNCTIONS[node.target], fetch_attr(gm, w.target)
+    dim, tensor = _CONV_FUNCTIONS[target], fetch_attr(gm, w.target)
     if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim or tensor.shape[dim] < 2:
         return None  # one output channel: no channel ids, nothing to group
     return w.target, dim

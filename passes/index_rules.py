@@ -7,7 +7,7 @@ import numpy as np
 import torch
 
 from .labels import UNTRACKED, TLabel
-from .rule_table import RULES, RuleContext, as_tlabel, shape_of, untracked_output
+from .rule_table import RULES, RuleContext, as_tlabel, shape_of, target_name, untracked_output
 from .tensor_rules import broadcast_labels
 
 
@@ -57,7 +57,7 @@ def split_rule(ctx: RuleContext):
     ``unbind`` along a plain channel dim would pick single channels: blocked."""
     x = ctx.node.args[0]
     label, shape = as_tlabel(ctx.label(x), shape_of(x)), shape_of(x)
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    name = target_name(ctx.node)
     metas = ctx.node.meta.get("tensor_meta") or ()
     default_dim = 0
     dim = ctx.arg(1 if name == "unbind" else 2, "dim", default_dim) % len(shape)

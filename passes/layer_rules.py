@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .labels import TLabel
-from .rule_table import RULES, RuleContext, as_tlabel, shape_of, unknown_rule
+from .rule_table import (RULES, RuleContext, as_tlabel, canonical, shape_of, target_name,
+                         unknown_rule)
 from .tensor_rules import broadcast_labels
 
 #: Parameter layers: the module types whose weights produce and consume channels
@@ -167,7 +168,7 @@ def conv_module_rule(ctx: RuleContext):
 @RULES.function(F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
                 F.conv_transpose3d)
 def conv_function_rule(ctx: RuleContext):
-    transposed = "transpose" in ctx.node.target.__name__
+    transposed = "transpose" in target_name(ctx.node)
     w = weight_param(ctx, ctx.arg(1, "weight"))
     b = Param(ctx, ctx.arg(2, "bias"))
     groups = ctx.arg(7 if transposed else 6, "groups", 1)
@@ -367,14 +368,14 @@ def spatial_rule(ctx: RuleContext):
     x = _input(ctx)
     if ctx.node.op == "call_module":
         touched = range(x.ndim - _SPATIAL[type(ctx.module())], x.ndim)
-    elif ctx.node.target is F.pad:
+    elif canonical(ctx.node.target) is F.pad:
         pad = ctx.arg(1, "pad")  # pairs from the last dim backwards; (0, 0) leaves a dim alone
         touched = [x.ndim - 1 - i for i in range(len(pad) // 2)
                    if not (pad[2 * i] == 0 and pad[2 * i + 1] == 0)]
-    elif ctx.node.target is F.interpolate:
+    elif canonical(ctx.node.target) is F.interpolate:
         touched = range(2, x.ndim)
     else:
-        touched = range(x.ndim - _SPATIAL[ctx.node.target], x.ndim)
+        touched = range(x.ndim - _SPATIAL[canonical(ctx.node.target)], x.ndim)
     dims = list(x.dims)
     for d in touched:
         if x.dims[d] is not None:

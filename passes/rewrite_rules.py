@@ -27,7 +27,7 @@ from torch import nn
 
 from .groups import LABEL_KEY
 from .labels import TLabel, dim_ids
-from .rule_table import RuleTable
+from .rule_table import RuleTable, target_name
 
 __all__ = ["RESIZE", "PATCH", "kept_size"]
 
@@ -124,7 +124,7 @@ def _patch_shape_args(gm, node: torch.fx.Node, keep: np.ndarray) -> None:
     args = list(node.args)
     packed = len(args) == 2 and isinstance(args[1], (list, tuple))
     sizes = list(args[1]) if packed else args[1:]
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    name = target_name(node)
     can_infer = name in ("view", "reshape") and -1 not in [s for s in sizes if isinstance(s, int)]
     per_dim = len(sizes) == len(shape)  # not ``x.view(t.shape)`` (one node for all dims)
     for i, s in enumerate(sizes):

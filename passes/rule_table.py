@@ -49,6 +49,14 @@ class RuleTable:
         """Register for functions or module classes named ``module.qualname``."""
         return self.named.register(*names, overwrite=overwrite)
 
+    @staticmethod
+    def alias(like: Any, *targets: Any) -> None:
+        """``targets`` (ATen overloads) take the arguments of ``like`` (a torch function
+        or a method name) and share its entry in every table (channel rule, rewrite,
+        FLOPs): :data:`ALIASES`."""
+        for t in targets:
+            ALIASES.add(t, like)
+
     def lookup(self, node: torch.fx.Node, gm: torch.fx.GraphModule,
                modules: Optional[Dict[str, torch.nn.Module]] = None) -> Optional[Rule]:
         if node.op == "call_module":
@@ -56,13 +64,15 @@ class RuleTable:
             return self.for_module(mod)
         if node.op == "call_function":
             rule = self.functions.get(node.target)
+            like = canonical(node.target)
+            if rule is None and like is not node.target:
+                rule = self.methods.get(like) if isinstance(like, str) else self.functions.get(like)
             if rule is None and self.named:
                 rule = self.named.get(_qualname(node.target))
             return rule
         if node.op == "call_method":
             return self.methods.get(node.target)
         return None
-
 
     def for_module(self, mod: torch.nn.Module) -> Optional[Rule]:
         """The entry of ``mod``'s class or its nearest registered base class."""
@@ -78,7 +88,30 @@ def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '')}.{getattr(obj, '__qualname__', '')}"
 
 
+#: ATen overloads (torch.export graphs) that take the arguments of a torch function or a
+#: tensor method: ``aten.layer_norm.default`` -> ``F.layer_norm``, ``aten.view.default``
+#: -> ``"view"``. One fact per op, shared by every table's lookup (channel rules, rewrite,
+#: FLOPs) and read by the verify pass through :func:`canonical`.
+ALIASES = Registry("ATen alias")
+
 RULES = RuleTable()
+
+
+def canonical(target: Any) -> Any:
+    """The torch function or method name an ATen overload stands for (itself otherwise)."""
+    try:
+        return ALIASES.get(target, target)
+    except TypeError:  # an unhashable target
+        return target
+
+
+def target_name(node: torch.fx.Node) -> str:
+    """The op's name as the rules and the rewrite know it: a method's name, a function's
+    ``__name__``, an ATen overload's torch-level name (``aten.view.default`` -> ``view``)."""
+    if node.op == "call_method":
+        return node.target
+    target = canonical(node.target)
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
 
 
 class LazyText:

@@ -9,7 +9,7 @@ import operator
 import torch
 
 from .labels import TLabel, dim_ids
-from .rule_table import RuleContext, shape_of
+from .rule_table import RuleContext, shape_of, target_name
 
 
 # ------------------------------------------------------------- sizes computed at run time
@@ -28,7 +28,8 @@ _SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv,
 
 def _shape_read(node: torch.fx.Node):
     """(tensor, dim) when ``node`` is ``t.shape[k]``, ``t.size(k)`` or ``t.size()[k]``."""
-    if node.op == "call_method" and node.target == "size" and len(node.args) == 2:
+    if node.op in ("call_method", "call_function") and target_name(node) == "size" \
+            and len(node.args) == 2:  # (also aten.sym_size.int)
         return (node.args[0], node.args[1]) if isinstance(node.args[1], int) else None
     if node.op == "call_function" and node.target is operator.getitem and isinstance(node.args[1], int):
         base = node.args[0]
@@ -63,7 +64,7 @@ def _size_sources(value):
 def _size_args(ctx: RuleContext) -> list:
     """Target sizes of a view/reshape/expand/broadcast_to, one per output dim ([] else)."""
     node = ctx.node
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    name = target_name(node)
     if name not in ("view", "reshape", "expand", "broadcast_to"):
         return []
     sizes = list(node.args[1:]) or [node.kwargs.get("shape", node.kwargs.get("size"))]

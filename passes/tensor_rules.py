@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .labels import Grid, TLabel
-from .rule_table import RULES, RuleContext, as_tlabel, shape_of, untracked_output
+from .rule_table import (RULES, RuleContext, as_tlabel, canonical, shape_of, target_name,
+                         untracked_output)
 from .reshape import reshape_label
 from .size_rules import check_computed_sizes
 
@@ -83,7 +84,7 @@ def elementwise_rule(ctx: RuleContext):
     tensors = [(as_tlabel(lab, shp), shp) for lab, shp in ctx.tensor_args()]
     if len(tensors) == 1 and tuple(tensors[0][1]) == out_shape:
         return tensors[0][0]  # tensor (op) scalar keeps grids intact
-    additive = ctx.node.target in _ADDITIVE
+    additive = canonical(ctx.node.target) in _ADDITIVE
     return broadcast_labels(ctx, tensors, out_shape, mark="stream" if additive else None)
 
 
@@ -174,7 +175,7 @@ def normalize_rule(ctx: RuleContext):
     if ctx.node.op == "call_module":
         dim = ctx.module().dim
     else:
-        dim = ctx.arg(1, "dim", 1 if ctx.node.target is F.normalize else None)
+        dim = ctx.arg(1, "dim", 1 if canonical(ctx.node.target) is F.normalize else None)
     if dim is None:
         dim = label.ndim - 1
     dim %= label.ndim
@@ -229,7 +230,7 @@ def permute_rule(ctx: RuleContext):
     x = ctx.node.args[0]
     label = as_tlabel(ctx.label(x), shape_of(x))
     nd = label.ndim
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    name = target_name(ctx.node)
     rest = list(ctx.node.args[1:])
     if name == "permute":
         perm = rest[0] if len(rest) == 1 and isinstance(rest[0], (list, tuple)) else rest
@@ -265,7 +266,7 @@ def repeat_rule(ctx: RuleContext):
     x = ctx.node.args[0]
     label = ctx.space.collapse(as_tlabel(ctx.label(x), shape_of(x)))
     out_shape, in_shape = ctx.out_shape, shape_of(x)
-    name = ctx.node.target if isinstance(ctx.node.target, str) else ctx.node.target.__name__
+    name = target_name(ctx.node)
     if name in ("roll", "flip"):
         dims = ctx.arg(2 if name == "roll" else 1, "dims")
         touched = range(label.ndim) if dims is None else ([dims] if isinstance(dims, int) else dims)

@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import FxpruneError, TraceError
 from .groups import LABEL_KEY, Analysis
+from .rule_table import canonical
 from .shape_prop import propagate_shapes
 
 __all__ = ["verify_rewrite", "slim_shapes", "masked_reference", "check", "tolerance",
@@ -152,17 +153,18 @@ def _norm_args(gm, node):
             dims = tuple(range(nd - len(mod.normalized_shape), nd))
             return masked_layer_norm, node.args[0], dims, weight, bias, mod.eps
         return masked_channel_norm, node.args[0], tuple(range(1, nd)), weight, bias, mod.eps
-    if node.op != "call_function" or node.target not in (F.layer_norm, F.group_norm, F.batch_norm):
+    target = canonical(node.target) if node.op == "call_function" else None
+    if target not in (F.layer_norm, F.group_norm, F.batch_norm):
         return None
     x = get(0, "input")
     nd = len(x.meta["tensor_meta"].shape) if isinstance(x, torch.fx.Node) else 0
-    if node.target is F.layer_norm:
+    if target is F.layer_norm:
         dims = tuple(range(nd - len(get(1, "normalized_shape")), nd))
         return masked_layer_norm, x, dims, get(2, "weight"), get(3, "bias"), get(4, "eps", 1e-5)
-    if node.target is F.group_norm and get(1, "num_groups") == 1:
+    if target is F.group_norm and get(1, "num_groups") == 1:
         return (masked_channel_norm, x, tuple(range(1, nd)), get(2, "weight"), get(3, "bias"),
                 get(4, "eps", 1e-5))
-    if node.target is F.batch_norm and get(5, "training", False) is True:
+    if target is F.batch_norm and get(5, "training", False) is True:
         dims = (0,) + tuple(range(2, nd))
         return (masked_channel_norm, x, dims, get(3, "weight"), get(4, "bias"),
                 get(7, "eps", 1e-5))

@@ -115,6 +115,8 @@ def test_slim_model_loads_with_torch_only(pruned, workdir):
         assert sum(p.numel() for p in m.parameters()) == side["report"]["params_after"]
         ep = torch.export.load("slim.pt2")
         assert list(ep.module()(torch.zeros(side["input_shape"])).shape) == side["output_shape"]
+        batch4 = [4] + side["input_shape"][1:]  # the program's batch dimension is free
+        assert list(ep.module()(torch.zeros(batch4)).shape) == [4] + side["output_shape"][1:]
         assert not [k for k in sys.modules if k.split(".")[0] in ("timm", "fxprune")]
         print("ok")
     """)

@@ -191,11 +191,14 @@ def write_safetensors(result, args, report, input_shape) -> str:
 
 
 def export_program(module, example, path: str) -> None:
-    """``torch.export.export`` the slim model and ``torch.export.save`` it atomically."""
+    """``torch.export`` the slim model with a free batch dimension
+    (:func:`fxprune.passes.export_capture.export_dynamic`) and ``torch.export.save`` it
+    atomically."""
     import torch
+    from .passes.export_capture import export_dynamic
     log.info("exporting with torch.export")
     try:
-        program = torch.export.export(module, (example,))
+        program = export_dynamic(module, (example,)).program
     except Exception as exc:  # noqa: BLE001 - report it as one line, the rest is saved
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         raise CliError(f"torch.export failed ({type(exc).__name__}: {first}); the other "

@@ -1,0 +1,153 @@
+"""Front-end choice: symbolic tracing (``torch.fx``) or ``torch.export`` (design §7c).
+
+Contract: :func:`capture` reads the user's model and example inputs and returns a
+GraphModule with ``tensor_meta`` on every node, like :func:`.trace.trace`, never mutating
+the model. ``frontend="fx"`` traces symbolically (:mod:`.trace`); ``"export"`` captures
+with ``torch.export`` (:func:`export_graph`): an ATen-level graph whose ``get_attr``
+nodes read the parameters and buffers under the model's own qualified names
+(``layer1.0.conv1.weight``), so groups, plans and reports name the same tensors as on the
+FX front end; its channel rules are the ATen entries of the one rule table
+(:mod:`.aten_rules`). ``"auto"`` (the default) traces symbolically and switches to
+``torch.export`` only when symbolic tracing fails (a shape check in ``forward``:
+``if x.shape[-1] % 2``; Python iteration or item assignment on a traced value; a
+``**kwargs`` forward), where export sees concrete example shapes; when both fail, the FX
+error (with its advice) is raised with export's reason appended. With FX-only options
+(``leaf_modules``, ``concrete_args``) there is no switch. Which front end made a graph is
+recorded in ``gm.meta["fxprune_frontend"]`` (:func:`frontend_of`); ``compile``'s report
+says it.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Dict, Optional, Sequence
+
+import torch
+import torch.fx
+
+from ..errors import FxpruneError, TraceError
+from . import aten_rules  # noqa: F401  (register the ATen rules)
+from .aten_lowering import lower_to_torch
+from .export_capture import export_dynamic
+from .layer_modules import restore_layer_modules
+from .shape_prop import propagate_shapes
+from .trace import _note_dropped_hooks, as_input_tuple, gc_paused, trace
+from .twin import drop_user_hooks, module_twin, own_tensors
+
+__all__ = ["FRONTENDS", "capture", "export_graph", "frontend_of"]
+
+log = logging.getLogger(__name__)
+
+FRONTENDS = ("auto", "fx", "export")
+META_KEY = "fxprune_frontend"
+
+def frontend_of(gm: torch.nn.Module) -> str:
+    """``"fx"`` or ``"export"``: which front end made ``gm`` (``"fx"`` if unknown)."""
+    return getattr(gm, "meta", {}).get(META_KEY, "fx")
+
+
+def capture(model: torch.nn.Module, example_inputs: Any = None, *, frontend: str = "auto",
+            concrete_args: Optional[Dict[str, Any]] = None, leaf_modules: Sequence[Any] = (),
+            share_params: bool = False) -> torch.fx.GraphModule:
+    """The model's graph from the chosen front end (module docstring)."""
+    if frontend not in FRONTENDS:
+        raise FxpruneError(f"frontend={frontend!r}: choose one of {', '.join(FRONTENDS)}")
+    if frontend == "export" or (frontend == "auto" and _made_by_export(model)):
+        return _export(model, example_inputs, leaf_modules, concrete_args, share_params)
+    try:
+        gm = trace(model, example_inputs, concrete_args=concrete_args,
+                   leaf_modules=leaf_modules, share_params=share_params)
+    except TraceError as exc:
+        if frontend == "fx" or example_inputs is None or leaf_modules or concrete_args:
+            raise  # (FX-only options given: the user is steering symbolic tracing)
+        log.info("%s: symbolic tracing failed (%s); trying the torch.export front end",
+                 type(model).__name__, _cause(exc))
+        try:
+            gm = _export(model, example_inputs, leaf_modules, concrete_args, share_params)
+        except FxpruneError as export_exc:  # both failed: the FX advice, export's reason
+            raise TraceError(f"{exc} (The torch.export front end failed too: "
+                             f"{_cause(export_exc)})") from exc
+        gm.meta["fxprune_fx_failure"] = _cause(exc)
+        return gm
+    gm.meta.setdefault(META_KEY, "fx")
+    return gm
+
+
+def _made_by_export(model: torch.nn.Module) -> bool:
+    """A GraphModule the export front end made (a slim model between iterative steps)."""
+    return isinstance(model, torch.fx.GraphModule) and frontend_of(model) == "export"
+
+
+def _export(model, example_inputs, leaf_modules, concrete_args, share_params):
+    if leaf_modules or concrete_args:
+        raise FxpruneError("leaf_modules= and concrete_args= are options of the FX front end; "
+                           "drop them with frontend='export' (torch.export needs neither)")
+    if example_inputs is None:
+        raise FxpruneError("the torch.export front end needs example_inputs")
+    return export_graph(model, example_inputs, share_params=share_params)
+
+
+def export_graph(model: torch.nn.Module, example_inputs: Any, *,
+                 share_params: bool = False) -> torch.fx.GraphModule:
+    """``torch.export`` an eval-mode twin of ``model`` (dynamic batch, and sequence for
+    token inputs) and return the unlifted ATen GraphModule with shapes propagated on
+    ``example_inputs``. ``share_params`` as in :func:`.trace.trace`."""
+    with gc_paused():
+        if isinstance(model, torch.fx.GraphModule) and frontend_of(model) == "export":
+            gm = copy.deepcopy(model).eval()  # a graph of this front end: no re-capture
+        else:
+            twin = module_twin(model).eval()  # own flags and hooks, shared tensors
+            _note_dropped_hooks(drop_user_hooks(twin), model)
+            gm = export_dynamic(twin, as_input_tuple(example_inputs)).program.module()
+            # ep.module() refuses train()/eval(); its graph has the eval branches baked
+            # in, and restored layer modules (norms) follow the flag like FX's do
+            gm.__dict__.pop("train", None)
+            gm.__dict__.pop("eval", None)
+            _drop_fake_values(gm)
+            _plain_calling_convention(gm)
+            lower_to_torch(gm)
+            restore_layer_modules(gm)
+            gm.eval()
+            if not share_params:
+                own_tensors(gm)
+        gm.meta[META_KEY] = "export"
+        propagate_shapes(gm, as_input_tuple(example_inputs))
+    return gm
+
+
+def _drop_fake_values(gm: torch.fx.GraphModule) -> None:
+    """Forget export's fake tensors (``node.meta["val"]``): they hold export's shape
+    environment (deep copies of the graph would copy it) and are stale after a rewrite;
+    the passes read ``tensor_meta`` from :mod:`.shape_prop`."""
+    for node in gm.graph.nodes:
+        node.meta.pop("val", None)
+        node.meta.pop("from_node", None)
+
+
+def _plain_calling_convention(gm: torch.fx.GraphModule) -> None:
+    """Make the graph itself take the flat inputs and return the model's output structure.
+
+    ``ep.module()`` flattens inputs and unflattens outputs in its generated code (pytree
+    specs), so its graph returns a flat tuple: passes that run the graph node by node (an
+    ``Interpreter``, as scoring does) would see ``(logits,)`` where the model returns
+    ``logits``. The output node gets the structure back (tensors, tuples, lists, dicts)
+    and the graph plain code generation; the placeholders stay the flat inputs, which are
+    the model's positional inputs (then keyword inputs, in order)."""
+    from torch.utils import _pytree as pytree
+    codegen = gm.graph._codegen
+    info = getattr(codegen, "pytree_info", None)
+    if info is None or info.out_spec is None:
+        return
+    output = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+    flat = list(output.args[0]) if isinstance(output.args[0], (tuple, list)) else [output.args[0]]
+    structure = pytree.tree_unflatten(flat, info.out_spec)
+    if not isinstance(structure, (torch.fx.Node, tuple, list, dict)):
+        return  # e.g. a dataclass output: keep the pytree code generation
+    output.args = (structure,)
+    gm.graph._codegen = torch.fx.graph.CodeGen()
+    gm.recompile()
+
+
+def _cause(exc: BaseException) -> str:
+    inner = exc.__cause__ or exc
+    return f"{type(inner).__name__}: {str(inner).strip().splitlines()[0] if str(inner).strip() else ''}"
