@@ -134,6 +134,13 @@ def test_oba_consumer_equals_functional_hessian(name):
     assert oba_t.rel_err(_flat(fl, direct), ref) <= 1e-8
     # channel score: |δθ_c · H_F δθ| over the channel's consumer slices only
     _check_channels(crit.aggregate(groups, per_param, ctx), groups, ids, (rows @ hv).abs())
+    # first_order adds δθ ⊙ g (with δθ = -θ: the sign of the removal). On "functional",
+    # where every input column of w2 and head is cut, the sum is 0 exactly (f is then
+    # (1-t)²-homogeneous along δθ), hence assert_close rather than a relative error
+    ctx.options["first_order"] = True
+    fo = _flat(fl, crit.score(ctx))
+    torch.testing.assert_close(fo, ref + dvec * sosp_t.oracle_grad(fl, batches),
+                               rtol=1e-8, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["mlp", "res"])
