@@ -143,6 +143,27 @@ def test_oba_consumer_equals_functional_hessian(name):
                                rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("heads", [1, 2])
+def test_oba_consumer_attention_matches_hand_written_surrogate(heads):
+    """Not piecewise linear: S written out by hand (test_oba.py) along the consumer δθ,
+    which reaches the attention products through the q/k/v tangents."""
+    # an embedding Linear in front makes the residual stream prunable: its consumers are
+    # q, k, v and head; the embedding reads the input (no δθ, so no term in S)
+    att = oba_t.Attention(dim=6, heads=heads)
+    model = randomize_norms(nn.Sequential(nn.Linear(6, 6), att))
+    batch = oba_t.data((2, 4, 6), 3)[0]
+    (x,), y = batch
+    delta = consumer_delta(fxprune.groups(model, x), dict(model.named_parameters()))
+    assert {f"1.{n}.weight" for n in ("q", "k", "v", "proj", "head")} == set(delta)
+    fl = oba_t.Flat(att)
+    dvec = fl.cat({n: delta[f"1.{n}"] if f"1.{n}" in delta else torch.zeros_like(p)
+                   for n, p in fl.params.items()})
+    _, ref = oba_t._attention_reference(att, model[0](x).detach(), y, direction=dvec)
+    got = oba_scores(torch.fx.symbolic_trace(model), [batch], delta=delta)
+    assert ref.abs().max() > 1e-6
+    assert oba_t.rel_err(fl.cat({n: got[f"1.{n}"] for n in fl.names}), ref) <= 1e-8
+
+
 @pytest.mark.parametrize("name", ["mlp", "res"])
 def test_oba_exact_consumer_equals_full_hessian(name):
     model, batches = _model(name)
