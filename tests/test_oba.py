@@ -196,9 +196,11 @@ def attention_forward(model, x, params):
                  "q_out": qo, "k_out": ko, "v_out": vo, "proj_out": o, "head_out": out}
 
 
-def _attention_reference(model, x, y):
-    """OBA's surrogate S written out by hand for the Attention block."""
+def _attention_reference(model, x, y, direction=None):
+    """OBA's surrogate S written out by hand for the Attention block, along δθ =
+    ``direction`` (a flat vector over ``Flat(model)``; default θ)."""
     fl = Flat(model)
+    dvec = fl.vec if direction is None else direction
     lin = ["q", "k", "v", "proj", "head"]
 
     def forward(params):
@@ -212,7 +214,8 @@ def _attention_reference(model, x, y):
     out, inter = forward({k: t.detach().requires_grad_(True) for k, t in params0.items()})
     g = dict(zip(zs, torch.autograd.grad(F.cross_entropy(out, y), [inter[z] for z in zs])))
     # tangents T along δθ at the true primal values
-    _, T = jvp(acts, (fl.vec,), (fl.vec,))
+    _, T = jvp(acts, (fl.vec,), (dvec,))
+    dparams = fl.unflat(dvec)
 
     def S(vec):
         A, P = acts(vec), fl.unflat(vec)
@@ -220,13 +223,13 @@ def _attention_reference(model, x, y):
                          + T["q"].detach() @ A["k"].transpose(-2, -1))).sum()
         tot = tot + (g["pv"] * (A["p"] @ T["v"].detach() + T["p"].detach() @ A["v"])).sum()
         for n in lin:
-            dW = params0[f"{n}.weight"].detach()
+            dW = dparams[f"{n}.weight"].detach()
             tot = tot + (g[f"{n}_out"] * (F.linear(T[f"{n}_in"].detach(), P[f"{n}.weight"])
                                           + F.linear(A[f"{n}_in"], dW))).sum()
         return tot
     vec = fl.vec.clone().requires_grad_(True)
     hv = torch.autograd.grad(S(vec), vec)[0]
-    return fl, fl.vec * hv
+    return fl, dvec * hv
 
 
 @pytest.mark.parametrize("heads", [1, 2])

@@ -5,14 +5,27 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 from .nets import Recipe
 
 EPOCH = 60_000
-CRITERIA = ["obs", "oba", "oba-exact", "sosp-h", "sosp-i", "taylor", "obd", "l2", "random"]
+#: Benchmark methods: fxprune criteria, and ``<criterion>+<perturb>`` for a criterion run
+#: with option ``perturb=`` (issue 12: the consumer-cut δθ of the second-order criteria).
+CRITERIA = ["obs", "oba", "oba+consumer", "oba-exact", "oba-exact+consumer", "sosp-h",
+            "sosp-h+consumer", "sosp-i", "sosp-i+consumer", "taylor", "obd", "l2", "random"]
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
 FULL_FT_STEPS = 200
+
+
+def method_options(method: str, seed: int) -> Tuple[str, Dict]:
+    """``(fxprune criterion, its options)`` of a benchmark method name: ``"oba+consumer"``
+    is ``("oba", {"perturb": "consumer"})``; ``"random"`` is seeded by the prune seed."""
+    criterion, plus, perturb = method.partition("+")
+    opts: Dict = {"perturb": perturb} if plus else {}
+    if criterion == "random":
+        opts["seed"] = seed
+    return criterion, opts
 
 
 @dataclass

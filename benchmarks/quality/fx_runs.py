@@ -10,6 +10,7 @@ import torch
 
 import fxprune
 
+from .config import method_options
 from .nets import accuracy_after_bn_recalibration, evaluate, log, train
 
 
@@ -32,10 +33,10 @@ def fx_job(model: torch.nn.Module, criterion: str, budget: float, seed: int, ctx
            repair: str = "none") -> Dict:
     """One-shot ``fxprune.compile`` to ``flops=budget`` (with the repair pass ``repair``),
     then the shared fine-tuning."""
+    criterion, opts = method_options(criterion, seed)
     if criterion not in fxprune.list_criteria():
         return {"error": f"criterion {criterion!r} is not registered in this fxprune "
                          f"(have {sorted(fxprune.list_criteria())})", "skipped": True}
-    opts = {"seed": seed} if criterion == "random" else {}
     calib = ctx.calib[seed]
     torch.manual_seed(seed)
     try:
@@ -62,6 +63,8 @@ def iterative_job(model: torch.nn.Module, criterion: str, budgets: List[float], 
                   ctx, verify: bool = True) -> Dict:
     """Iterative ``flops=[...]``: re-score between steps, fine-tune each step via
     ``between_steps`` (``ctx.iter_ft_steps`` steps each; the last one is the final FT)."""
+    name = criterion
+    criterion, opts = method_options(criterion, seed)
     if criterion not in fxprune.list_criteria():
         return {"error": f"criterion {criterion!r} is not registered", "skipped": True}
     calib = ctx.calib[seed]
@@ -72,14 +75,14 @@ def iterative_job(model: torch.nn.Module, criterion: str, budgets: List[float], 
         _finetune(module, ctx, seed * 100 + step, steps=ctx.iter_ft_steps)
         acc_ft = evaluate(module, *ctx.test_data)
         state["steps"].append({"budget": budgets[step], "acc_before": acc, "acc_after": acc_ft})
-        log(f"    iterative {criterion} step {step} flops<={budgets[step]}: "
+        log(f"    iterative {name} step {step} flops<={budgets[step]}: "
             f"acc {acc:.2f} -> {acc_ft:.2f} after FT")
 
     try:
         t0 = time.time()
         res = fxprune.compile(model, criterion, example_inputs=calib[0][0][:2], data=calib,
                               flops=list(budgets), batches=len(calib), progress=False,
-                              verify=verify, between_steps=between, repair=None)
+                              verify=verify, between_steps=between, repair=None, **opts)
         total_s = time.time() - t0
     except Exception as exc:
         return _error_record(exc)

@@ -37,10 +37,10 @@ BUDGETS = [0.7, 0.5, 0.3]
 
 def fx_posttrain(model, ctx, criterion: str, budget: float, seed: int) -> Dict:
     """One plan, three repair modes, test accuracy of each (no fine-tuning)."""
+    criterion, opts = cfg_mod.method_options(criterion, seed)
     if criterion not in fxprune.list_criteria():
         return {"error": f"criterion {criterion!r} is not registered", "skipped": True}
     calib = ctx.calib[seed]
-    opts = {"seed": seed} if criterion == "random" else {}
     torch.manual_seed(seed)
     try:
         t0 = time.time()

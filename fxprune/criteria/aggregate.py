@@ -50,10 +50,11 @@ def signed_channel_sums(groups: Iterable[Group], scores: Dict[str, torch.Tensor]
 
 
 def channel_scores(groups: Iterable[Group], scores: Dict[str, torch.Tensor],
-                   transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
-                   ) -> Dict[str, torch.Tensor]:
-    """Default aggregation: |signed sum| per channel (``transform`` replaces the abs)."""
-    sums = signed_channel_sums(groups, scores)
+                   transform: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+                   roles: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
+    """Default aggregation: |signed sum| per channel (``transform`` replaces the abs),
+    over the members with ``roles`` (all members when None)."""
+    sums = signed_channel_sums(groups, scores, roles=roles)
     fn = transform or torch.abs
     return {gid: fn(s) for gid, s in sums.items()}
 

@@ -39,7 +39,7 @@ from ..errors import CriterionError
 from ..group import Group
 from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
                       progress_iter)
-from .structures import StructureIndex
+from .structures import StructureIndex, structure_index
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ def _reverse_jacobian(module, index, names, primals, inputs, chunk, numel) -> Te
     for a in range(0, n_total, chunk):
         jac = per_sample(primals, *(x[a:a + chunk] for x in inputs))
         lead = jac[0].dim() - primals[0].dim()
-        vals = {n: j * p for n, j, p in zip(names, jac, primals)}
+        vals = {n: j * (index.sign * p) for n, j, p in zip(names, jac, primals)}
         pieces.append(index.segment_sum(vals, lead=lead).to(primals[0].dtype))
     return torch.cat(pieces).movedim(-1, 0)
 
@@ -161,7 +161,8 @@ def _check_size(index: StructureIndex, max_structures: int) -> None:
 def gauss_newton_terms(module: torch.nn.Module, groups: Iterable[Group], batches,
                        loss_fn: Optional[Callable] = None, *, jacobian: str = "auto",
                        chunk: Optional[int] = None, max_structures: int = 20000,
-                       progress: bool = False) -> Dict[str, object]:
+                       progress: bool = False, perturb: str = "weights"
+                       ) -> Dict[str, object]:
     """SOSP-I statistics averaged over ``batches`` (and data-parallel ranks).
 
     Returns ``ids`` (``(group id, channel)`` per structure, prunable groups only),
@@ -176,7 +177,7 @@ def gauss_newton_terms(module: torch.nn.Module, groups: Iterable[Group], batches
     if not batches:
         raise CriterionError("sosp-i needs calibration data (at least one batch)")
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    index = StructureIndex(groups, params)
+    index = structure_index(groups, params, perturb)
     _check_size(index, max_structures)
     S, names = index.size, list(params)
     sums = {f"{k}:{n}": torch.zeros(p.shape, dtype=torch.float64, device=p.device)
@@ -231,7 +232,7 @@ def _batch(module, index, params, names, batch, loss_fn, mode, chunk, sums, i) -
     gv = torch.autograd.grad(z, plist, RU.sum(0).to(z.dtype), allow_unused=True)
     first = {}
     for n, g, h in zip(names, grads, gv):
-        theta = params[n].detach().to(torch.float64)
+        theta = index.sign * params[n].detach().to(torch.float64)
         if g is not None:
             first[n] = theta * g.detach()
             sums[f"g:{n}"] += first[n]

@@ -19,6 +19,12 @@ Two identities that hold because δθ = θ on layer parameters keep it cheap: a 
 ``Y = F(X; W) + b`` has tangent ``T_Y = F(X + T_X; W) + b`` (one call instead of two), and
 its upward injection ``VJP_X[F(·; δW)](g_Y)`` is exactly the message the ordinary backward
 sends from Y to X, read off an alias of X in the cotangent pass.
+
+Option ``perturb="consumer"`` (:mod:`.perturb`) scores another δθ: minus θ on the consumer
+columns of every prunable channel. The two identities do not hold for it, so a layer's
+tangent is ``F(T_X; W) + F(X; δW) + δb`` and its upward injection is computed as an input
+VJP with δW (one more layer call and one input VJP per layer; zero where δW = 0); the
+channel score sums ``δθ_i (H̃δθ)_i`` over the channel's consumer slices only.
 """
 from __future__ import annotations
 
@@ -33,9 +39,10 @@ from torch.utils._pytree import tree_map
 from ..errors import CriterionError
 from . import Criterion, ScoringContext, register_criterion
 from .oba_graph import GraphPlan, build_plan, scoring_state, tangent
-from .oba_records import make_record
+from .oba_records import general_layer_tangent, make_record
 from .oba_graph import detach_tree as _detach
 from .oba_tangents import FALLBACK
+from .perturb import consumer_delta, perturb_option, perturbed_channel_scores
 from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
                       progress_iter)
 
@@ -46,7 +53,8 @@ __all__ = ["oba_scores", "oba_exact_scores"]
 
 # ----------------------------------------------------------------------------- driver
 def oba_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = None, *,
-               first_order: bool = False, progress: bool = False) -> Dict[str, Tensor]:
+               first_order: bool = False, progress: bool = False,
+               delta: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
     """OBA per-parameter scores ``δθ ⊙ H̃δθ`` (+ ``δθ ⊙ g`` with ``first_order``).
 
     ``gm`` is a traced GraphModule (ideally a :func:`~.scoring.make_scoring_copy`); it
@@ -55,26 +63,50 @@ def oba_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = 
     ``loss_fn(outputs, targets)`` is the batch-mean loss (mean cross-entropy by default).
     Returns ``{parameter name: tensor of its shape and dtype}``, averaged over batches
     (and over data-parallel ranks when ``torch.distributed`` is initialised); parameters
-    outside δθ get zeros.
+    outside δθ get zeros. ``delta``: ``{parameter name: δθ}`` in place of ``δθ = θ`` (e.g.
+    the consumer cut, :func:`~.perturb.consumer_delta`); it must lie on the layer
+    parameters (others are dropped with a warning) and costs one more layer call and
+    input VJP per layer and batch.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise CriterionError(f"OBA needs a torch.fx.GraphModule, got {type(gm).__name__}: "
                              "trace the model first (torch.fx.symbolic_trace)")
     plan = build_plan(gm)
+    plan.delta = _restrict(plan, delta, "oba")
     return _average(gm, plan, batches, loss_fn, progress, "oba",
                     lambda inputs, targets, lf, i: _oba_batch(gm, plan, inputs, targets,
                                                               lf, first_order, i))
 
 
 def oba_exact_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = None,
-                     *, first_order: bool = False, progress: bool = False
-                     ) -> Dict[str, Tensor]:
+                     *, first_order: bool = False, progress: bool = False,
+                     delta: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
     """``δθ ⊙ Hδθ`` with the full Hessian of the batch-mean loss (Pearlmutter: the
     gradient of ``g·δθ`` by double backward); same contract as :func:`oba_scores`."""
     plan = build_plan(gm)
+    plan.delta = _restrict(plan, delta, "oba-exact")
     return _average(gm, plan, batches, loss_fn, progress, "oba-exact",
                     lambda inputs, targets, lf, i: _exact_batch(gm, plan, inputs, targets,
                                                                 lf, first_order, i))
+
+
+def _restrict(plan: GraphPlan, delta: Optional[Dict[str, Tensor]], desc: str
+              ) -> Optional[Dict[str, Tensor]]:
+    """``delta`` on the δθ (layer) parameters, detached; parameters outside them are
+    dropped with a warning (OBA's H̃ is built on the layers only)."""
+    if delta is None:
+        return None
+    outside = sorted(n for n in delta if n not in plan.dtheta)
+    if outside:
+        log.warning("%s: the perturbation touches %s, which are not parameters of a "
+                    "Conv/Linear layer the graph shows; they score 0", desc, outside)
+    return {n: d.detach().to(plan.dtheta[n].dtype) for n, d in delta.items()
+            if n in plan.dtheta}
+
+
+def _direction(plan: GraphPlan, name: str, p: Tensor) -> Optional[Tensor]:
+    """δθ of the δθ parameter ``name`` (θ itself by default; None where it is 0)."""
+    return p.detach() if plan.delta is None else plan.delta.get(name)
 
 
 def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, per_batch):
@@ -128,7 +160,8 @@ def _oba_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index
             total = total + direct[name]
         if first_order and got[len(wanted) + k] is not None:
             total = total + got[len(wanted) + k]
-        scores[name] = p.detach() * total
+        d = _direction(plan, name, p)
+        scores[name] = torch.zeros_like(total) if d is None else d * total
     return scores
 
 
@@ -148,7 +181,10 @@ def _forward(gm, plan: GraphPlan, inputs):
             value = plan.attr(node)
             live[node] = value
             d = _detach(value)
-            dual[node] = fwAD.make_dual(d, d) if node in plan.has_tangent else d
+            if node in plan.has_tangent:
+                t = plan.delta_of(value)
+                d = fwAD.make_dual(d, t if t is not None else torch.zeros_like(d))
+            dual[node] = d
         elif node.op == "output":
             return torch.fx.node.map_arg(node.args[0], lambda n: live[n]), recs
         else:
@@ -173,6 +209,11 @@ def _run_node(plan: GraphPlan, node, live, dual, recs) -> None:
     value = ex.fn(*largs, **lkw)
     if node not in plan.has_tangent:
         dvalue = _detach(value)
+    elif layer is not None and layer.fast and plan.delta is not None:
+        with torch.no_grad():
+            t_y = general_layer_tangent(plan, layer, ex, largs, lkw,
+                                        tangent(dargs[layer.x]), value)
+        dvalue = fwAD.make_dual(value.detach(), t_y)
     elif layer is not None and layer.fast:
         t_x = tangent(dargs[layer.x])
         with torch.no_grad():
@@ -242,18 +283,19 @@ def _exact_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, ind
     params = [plan.dtheta[n] for n in names]
     loss = loss_fn(gm(*inputs), targets)
     check_finite(loss.detach(), "the loss", index)
+    dirs = [_direction(plan, n, p) for n, p in zip(names, params)]
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-    dot = sum((g * p.detach()).sum() for g, p in zip(grads, params) if g is not None)
+    dot = sum((g * d).sum() for g, d in zip(grads, dirs) if g is not None and d is not None)
     if not isinstance(dot, Tensor) or not dot.requires_grad:
         hv = [None] * len(params)
     else:
         hv = torch.autograd.grad(dot, params, allow_unused=True)
     scores = {}
-    for name, p, g, h in zip(names, params, grads, hv):
+    for name, p, d, g, h in zip(names, params, dirs, grads, hv):
         total = torch.zeros_like(p) if h is None else h
         if first_order and g is not None:
             total = total + g.detach()
-        scores[name] = p.detach() * total
+        scores[name] = torch.zeros_like(total) if d is None else d * total
     return scores
 
 
@@ -266,26 +308,46 @@ def _check_module(ctx: ScoringContext) -> torch.fx.GraphModule:
     return ctx.module
 
 
+def _delta(ctx: ScoringContext, gm: torch.fx.GraphModule, desc: str
+           ) -> Optional[Dict[str, Tensor]]:
+    """δθ of option ``perturb``: None (θ, the default) or the consumer cut."""
+    if perturb_option(ctx.options, desc) == "weights":
+        return None
+    return consumer_delta(ctx.groups, dict(gm.named_parameters()))
+
+
 def _score_oba(ctx: ScoringContext) -> Dict[str, Tensor]:
     """Registry entry of ``"oba"``: :func:`oba_scores` on the context."""
-    return oba_scores(_check_module(ctx), ctx.batches, ctx.loss_fn,
+    gm = _check_module(ctx)
+    return oba_scores(gm, ctx.batches, ctx.loss_fn,
                       first_order=bool(ctx.options.get("first_order", False)),
-                      progress=ctx.progress)
+                      progress=ctx.progress, delta=_delta(ctx, gm, "oba"))
 
 
 def _score_oba_exact(ctx: ScoringContext) -> Dict[str, Tensor]:
     """Registry entry of ``"oba-exact"``: :func:`oba_exact_scores` on the context."""
-    return oba_exact_scores(_check_module(ctx), ctx.batches, ctx.loss_fn,
+    gm = _check_module(ctx)
+    return oba_exact_scores(gm, ctx.batches, ctx.loss_fn,
                             first_order=bool(ctx.options.get("first_order", False)),
-                            progress=ctx.progress)
+                            progress=ctx.progress, delta=_delta(ctx, gm, "oba-exact"))
+
+
+def _aggregate(groups, scores: Dict[str, Tensor], ctx: ScoringContext) -> Dict[str, Tensor]:
+    """Channel scores: over every member slice (``perturb="weights"``) or over the
+    consumer slices, where the consumer cut's δθ lives (``perturb="consumer"``)."""
+    return perturbed_channel_scores(groups, scores, perturb_option(ctx.options, "oba"))
 
 
 register_criterion(Criterion(
     name="oba",
     description="Optimal Brain Apoptosis: θ·H̃θ with the series/parallel (bilinear-node) "
-                "Hessian blocks, one forward-AD and two backward passes per batch",
-    score=_score_oba, needs_data=True, options=("first_order",)))
+                "Hessian blocks, one forward-AD and two backward passes per batch "
+                "(option perturb='consumer': δθ = the consumer cut)",
+    score=_score_oba, needs_data=True, aggregate=_aggregate,
+    options=("first_order", "perturb")))
 register_criterion(Criterion(
     name="oba-exact",
-    description="OBA with the full Hessian: θ·Hθ by double backward (Pearlmutter HVP)",
-    score=_score_oba_exact, needs_data=True, options=("first_order",)))
+    description="OBA with the full Hessian: θ·Hθ by double backward (Pearlmutter HVP; "
+                "option perturb='consumer')",
+    score=_score_oba_exact, needs_data=True, aggregate=_aggregate,
+    options=("first_order", "perturb")))

@@ -164,10 +164,23 @@ class GraphPlan:
         self.rules: Dict[Node, Callable] = {}
         self.dies_after: List[List[Node]] = []
         self._attrs: Dict[Node, object] = {}
+        # δθ per parameter name; None: δθ = θ on every δθ parameter (option
+        # perturb="weights"), which the fast layer identities of :mod:`.oba` rely on.
+        self.delta: Optional[Dict[str, Tensor]] = None
 
     def attr(self, node: Node):
         """The value a ``get_attr`` node fetches."""
         return self._attrs[node]
+
+    def delta_of(self, param) -> Optional[Tensor]:
+        """δθ of the parameter tensor ``param``: ``param`` itself when δθ = θ, the
+        given direction otherwise (None when it has none)."""
+        if not isinstance(param, Tensor):
+            return None
+        if self.delta is None:
+            name = self.canon.get(id(param))
+            return param.detach() if name in self.dtheta else None
+        return self.delta.get(self.canon.get(id(param)))
 
     def add(self, param: Tensor) -> Optional[str]:
         """Put ``param`` into δθ; returns its canonical name (None if not a parameter)."""

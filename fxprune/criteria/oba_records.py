@@ -9,7 +9,7 @@ operands they need; ``request`` names the live tensors whose cotangents they rea
 """
 from __future__ import annotations
 
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +22,9 @@ def make_record(plan: GraphPlan, node, ex, largs, lkw, value, dargs):
     """The record of an executed bilinear node (None when it contributes nothing)."""
     layer = plan.layers.get(node)
     if layer is not None and layer.fast:
+        d_w = None if plan.delta is None else plan.delta_of(layer_weight(layer, largs))
         return _LayerRec(layer, ex, largs, lkw, value, tangent(dargs[layer.x]),
-                         plan.dtheta[layer.weight])
+                         plan.dtheta[layer.weight], plan.delta is not None, d_w)
     slots = plan.bilinear.get(node)
     if slots is None:
         return None
@@ -33,6 +34,46 @@ def make_record(plan: GraphPlan, node, ex, largs, lkw, value, dargs):
     rec = _BilinearRec(ex, slots, layer.b if layer is not None else None, largs, lkw,
                        value, tangent(dargs[slots[0]]), tangent(dargs[slots[1]]))
     return rec if (rec.need_u or rec.need_v) else None
+
+
+def layer_weight(layer: Layer, largs) -> Tensor:
+    """The live weight of a fast parameter layer (its module's, or its weight slot's)."""
+    return layer.module.weight if layer.module is not None else largs[layer.w]
+
+
+def layer_call(layer: Layer, ex, largs, lkw, x: Tensor, w: Tensor,
+               b: Optional[Tensor]) -> Tensor:
+    """The fast layer's op ``F(x; w) + b`` with the given input, weight and bias (no bias
+    when ``b`` is None), every other argument as in the graph (detached)."""
+    mod = layer.module
+    if mod is not None:
+        params = {"weight": w}
+        if mod.bias is not None:
+            params["bias"] = b if b is not None else torch.zeros_like(mod.bias.detach())
+        return torch.func.functional_call(mod, params, (x,))
+    full = [_detach(a) for a in largs]
+    full[layer.x], full[layer.w] = x, w
+    if layer.b is not None:
+        full[layer.b] = b
+    return ex.fn(*full, **_detach(lkw))
+
+
+def general_layer_tangent(plan: GraphPlan, layer: Layer, ex, largs, lkw,
+                          t_x: Optional[Tensor], value: Tensor) -> Tensor:
+    """``T_Y = F(T_X; W) + F(X; δW) + δb`` of a fast layer for a general δθ (the
+    ``δθ = θ`` shortcut ``F(X + T_X; W) + b`` does not hold). Runs under no_grad."""
+    weight = layer_weight(layer, largs)
+    bias = layer.module.bias if layer.module is not None else (
+        largs[layer.b] if layer.b is not None else None)
+    w, d_w, d_b = weight.detach(), plan.delta_of(weight), plan.delta_of(bias)
+    t_y = torch.zeros_like(value.detach())
+    if t_x is not None:
+        t_y = t_y + layer_call(layer, ex, largs, lkw, t_x, w, None)
+    if d_w is not None or d_b is not None:
+        x = _detach(largs[layer.x])
+        t_y = t_y + layer_call(layer, ex, largs, lkw, x,
+                               d_w if d_w is not None else torch.zeros_like(w), d_b)
+    return t_y
 
 
 def _local_vjp(call: Callable, operands: list, which: int, cot: Tensor) -> Tensor:
@@ -50,33 +91,57 @@ class _LayerRec:
     ``VJP_W[F(T_X; ·)](g_Y)`` goes straight to W, its upward term is the backward message
     from Y to the alias of X (injected there)."""
 
-    def __init__(self, layer: Layer, ex, largs, lkw, y, t_x, weight: Tensor):
+    def __init__(self, layer: Layer, ex, largs, lkw, y, t_x, weight: Tensor,
+                 general: bool = False, d_w: Optional[Tensor] = None):
         self.layer, self.ex, self.y, self.t_x, self.weight = layer, ex, y, t_x, weight
+        # general: δθ ≠ θ, so the upward term VJP_X[F(·; δW)](g_Y) is computed here
+        # (it is no longer the backward message to X); it vanishes where δW = 0.
+        self.general, self.d_w = general, d_w
         self.x = largs[layer.x]
-        self.up = isinstance(self.x, Tensor) and self.x.requires_grad
-        self.args = [_detach(a) for a in largs] if t_x is not None else None
-        self.kwargs = _detach(lkw) if t_x is not None else None
+        self.up = (isinstance(self.x, Tensor) and self.x.requires_grad
+                   and (not general or d_w is not None))
+        self.need_y = t_x is not None or (general and self.up)
+        self.args = [_detach(a) for a in largs] if self.need_y else None
+        self.kwargs = _detach(lkw) if self.need_y else None
 
     def request(self, wanted: List[Tensor]) -> None:
         """Append the tensors whose loss cotangents this record needs."""
-        if self.t_x is not None:
+        if self.need_y:
             wanted.append(self.y)
-        if self.up:
+        if self.up and not self.general:
             wanted.append(self.x)
 
     def inject(self, cot, outs, couts, direct) -> None:
         """Given the cotangents ``cot`` (by tensor id), add (tensor, cotangent) pairs to
         ``outs``/``couts`` for the final backward and direct parameter terms to
         ``direct``."""
-        g_y = cot.get(id(self.y)) if self.t_x is not None else None
-        if g_y is not None:
+        g_y = cot.get(id(self.y)) if self.need_y else None
+        if g_y is not None and self.t_x is not None:
             c = self._weight_vjp(g_y)
             name = self.layer.weight
             direct[name] = direct[name] + c if name in direct else c
-        g_x = cot.get(id(self.x)) if self.up else None
+        if not self.up:
+            return
+        if self.general:
+            g_x = self._input_vjp(g_y) if g_y is not None else None
+        else:
+            g_x = cot.get(id(self.x))
         if g_x is not None:
             outs.append(self.x)
             couts.append(g_x)
+
+    def _input_vjp(self, g_y: Tensor) -> Tensor:
+        """``VJP_X[F(·; δW)](g_Y)``: an input gradient with δW in place of W."""
+        mod, d_w, x = self.layer.module, self.d_w, self.x.detach()
+        if isinstance(mod, nn.Linear):
+            return g_y @ d_w
+        if (isinstance(mod, nn.modules.conv._ConvNd) and mod.padding_mode == "zeros"
+                and not isinstance(mod.padding, str) and x.dim() == d_w.dim()):
+            return torch.ops.aten.convolution_backward(
+                g_y, x, d_w, None, mod.stride, mod.padding, mod.dilation, mod.transposed,
+                mod.output_padding, mod.groups, [True, False, False])[0]
+        return _local_vjp(lambda a: layer_call(self.layer, self.ex, self.args, self.kwargs,
+                                               a, d_w, None), [x], 0, g_y)
 
     def _weight_vjp(self, g_y: Tensor) -> Tensor:
         """``VJP_W[F(T_X; ·)](g_Y)``: a weight gradient with T_X in place of X."""

@@ -16,6 +16,11 @@ each structure's saliency by its producers' kernel size (``k_h·k_w``; 1 for Lin
 Gauss-Newton matrix G (:mod:`.gauss_newton`) and the greedy selection
 ``argmin_{s∉M} Q[s,s] + 2Σ_{s'∈M} Q[s,s']`` (:func:`greedy_order`, the ``select`` hook).
 
+Option ``perturb="consumer"`` (:mod:`.perturb`): a structure is minus θ on the channel's
+consumer slices (the input columns of every layer that reads it, what the rewrite
+removes) instead of its producer/bias/norm slices; ``scale="kernel"`` still divides by
+the producers' kernel size.
+
 Both criteria return per-parameter scores ``θ⊙g + ½ θ⊙(Cθ_struc)`` (C = H or G) for every
 parameter (``Saliency.parameters``), leave the two per-parameter terms in
 ``ctx.state["sosp"]`` and aggregate them per channel with their own ``aggregate``.
@@ -34,7 +39,8 @@ from . import Criterion, ScoringContext, register_criterion
 from .aggregate import signed_channel_sums
 from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
                       progress_iter)
-from .structures import STRUCTURE_ROLES, StructureIndex, kernel_sizes
+from .perturb import CONSUMER_ROLES, perturb_option
+from .structures import STRUCTURE_ROLES, kernel_sizes, structure_index
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +51,11 @@ _SCALES = (None, "none", "kernel")
 
 # ----------------------------------------------------------------------------- SOSP-H
 def sosp_h_terms(module: torch.nn.Module, groups: Iterable[Group], batches,
-                 loss_fn: Optional[Callable] = None, *, progress: bool = False
-                 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
-    """Per-parameter ``(θ⊙g, θ⊙Hθ_struc)`` averaged over ``batches``.
+                 loss_fn: Optional[Callable] = None, *, progress: bool = False,
+                 perturb: str = "weights") -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+    """Per-parameter ``(δθ⊙g, δθ⊙Hδθ_struc)`` averaged over ``batches``; ``δθ = θ`` on
+    the structures' producer/bias/norm slices (``perturb="weights"``) or ``-θ`` on their
+    consumer slices (``perturb="consumer"``, :func:`structure_index`).
 
     ``module``: a scoring copy (eval mode, parameters requiring grad); ``groups``: its
     groups (only prunable ones define ``θ_struc``); ``batches``: list of
@@ -59,15 +67,16 @@ def sosp_h_terms(module: torch.nn.Module, groups: Iterable[Group], batches,
         raise CriterionError("sosp-h needs calibration data (at least one batch)")
     loss_fn = loss_fn or default_loss
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    struc = StructureIndex(groups, params).theta_struc(params)
+    index = structure_index(groups, params, perturb)
+    struc = index.theta_struc(params)
     names = list(params)
     sums = {f"{k}:{n}": torch.zeros(p.shape, dtype=torch.float64, device=p.device)
             for n, p in params.items() for k in ("g", "h")}
     count = 0
     with torch.enable_grad():
         for i, batch in enumerate(progress_iter(batches, progress, "sosp-h")):
-            _hvp_batch(module, params, names, struc, cast_batch(batch, module), loss_fn,
-                       sums, i)
+            _hvp_batch(module, params, names, struc, index.sign,
+                       cast_batch(batch, module), loss_fn, sums, i)
             count += 1
     sums, count = all_reduce_sums(sums, count)
     first = {n: sums[f"g:{n}"] / count for n in names}
@@ -75,8 +84,9 @@ def sosp_h_terms(module: torch.nn.Module, groups: Iterable[Group], batches,
     return first, second
 
 
-def _hvp_batch(module, params, names, struc, batch, loss_fn, sums, i) -> None:
-    """Add one batch's ``θ⊙g`` and ``θ⊙Hθ_struc`` (double backward) into ``sums``."""
+def _hvp_batch(module, params, names, struc, sign, batch, loss_fn, sums, i) -> None:
+    """Add one batch's ``δθ⊙g`` and ``δθ⊙Hδθ_struc`` (double backward) into ``sums``
+    (``δθ = sign·θ``; only its structure slices are aggregated)."""
     inputs, targets = batch
     plist = [params[n] for n in names]
     loss = loss_fn(module(*inputs), targets)
@@ -87,7 +97,7 @@ def _hvp_batch(module, params, names, struc, batch, loss_fn, sums, i) -> None:
     hv = (torch.autograd.grad(dot, plist, allow_unused=True) if dot.requires_grad
           else [None] * len(plist))
     for n, g, h in zip(names, grads, hv):
-        theta = params[n].detach().to(torch.float64)
+        theta = sign * params[n].detach().to(torch.float64)
         if g is not None:
             sums[f"g:{n}"] += theta * g.detach()
         if h is not None:
@@ -114,8 +124,9 @@ def sosp_aggregate(groups: Iterable[Group], scores: Dict[str, Tensor],
         raise CriterionError("the SOSP aggregation needs the terms its score() leaves in "
                              "ctx.state['sosp']: call the criterion's score(ctx) first")
     groups = list(groups)
-    first = signed_channel_sums(groups, state["first"], roles=STRUCTURE_ROLES)
-    second = signed_channel_sums(groups, state["second"], roles=STRUCTURE_ROLES)
+    roles = CONSUMER_ROLES if _perturb(ctx) == "consumer" else STRUCTURE_ROLES
+    first = signed_channel_sums(groups, state["first"], roles=roles)
+    second = signed_channel_sums(groups, state["second"], roles=roles)
     out = {gid: first[gid].abs() + 0.5 * second[gid].abs() for gid in first}
     if _scale(ctx) == "kernel":
         params = dict(ctx.module.named_parameters())
@@ -132,10 +143,14 @@ def _scale(ctx: ScoringContext) -> Optional[str]:
     return None if scale == "none" else scale
 
 
+def _perturb(ctx: ScoringContext) -> str:
+    return perturb_option(ctx.options, "sosp")
+
+
 def _score_sosp_h(ctx: ScoringContext) -> Dict[str, Tensor]:
     _scale(ctx)
     first, second = sosp_h_terms(ctx.module, ctx.groups, ctx.batches, ctx.loss_fn,
-                                 progress=ctx.progress)
+                                 progress=ctx.progress, perturb=_perturb(ctx))
     ctx.state["sosp"] = {"first": first, "second": second, "curvature": "hessian"}
     return per_parameter(first, second, dict(ctx.module.named_parameters()))
 
@@ -186,7 +201,7 @@ def _score_sosp_i(ctx: ScoringContext) -> Dict[str, Tensor]:
         ctx.module, ctx.groups, ctx.batches, ctx.loss_fn,
         jacobian=ctx.options.get("jacobian", "auto"), chunk=ctx.options.get("chunk"),
         max_structures=int(ctx.options.get("max_structures", 20000)),
-        progress=ctx.progress)
+        progress=ctx.progress, perturb=_perturb(ctx))
     ctx.state["sosp"] = dict(terms, curvature="gauss-newton")
     return per_parameter(terms["first"], terms["second"], dict(ctx.module.named_parameters()))
 
@@ -205,10 +220,11 @@ register_criterion(Criterion(
     name="sosp-h",
     description="SOSP-H: |θ_s·g| + ½|θ_s·(Hθ_struc)| per channel, exact Hessian, one "
                 "Hessian-vector product per batch (option scale='kernel')",
-    score=_score_sosp_h, needs_data=True, aggregate=sosp_aggregate, options=("scale",)))
+    score=_score_sosp_h, needs_data=True, aggregate=sosp_aggregate,
+    options=("scale", "perturb")))
 register_criterion(Criterion(
     name="sosp-i",
     description="SOSP-I: S×S Gauss-Newton structure matrix with greedy joint selection "
                 "(O(S²) memory; mid-size nets)",
     score=_score_sosp_i, needs_data=True, aggregate=sosp_aggregate, select=_select_sosp_i,
-    options=("scale", "jacobian", "chunk", "max_structures")))
+    options=("scale", "jacobian", "chunk", "max_structures", "perturb")))

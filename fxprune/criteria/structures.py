@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ..errors import CriterionError
 from ..group import Group
+from .perturb import CONSUMER_ROLES
 
 log = logging.getLogger(__name__)
 
@@ -38,12 +39,17 @@ class StructureIndex:
     every structure): :meth:`owner` broadcasts it to the parameter's shape. ``overlap``
     is True when an index is claimed by two structures (the first keeps it, so
     ``Σ_s θ_s ≠ θ_struc``; :meth:`mask` is the union). Only groups with
-    ``prunable=True`` are indexed unless ``prunable_only=False``. Raises
-    :class:`CriterionError` if one parameter is sliced along two different dims.
+    ``prunable=True`` are indexed unless ``prunable_only=False``. ``roles`` picks the
+    member slices that form a structure (default :data:`STRUCTURE_ROLES`; the consumer
+    cut uses the consumer columns) and ``sign`` multiplies every ``θ_s`` (-1 for the
+    consumer cut, whose δθ removes θ). Raises :class:`CriterionError` if one parameter
+    is sliced along two different dims.
     """
 
     def __init__(self, groups: Iterable[Group], params: Dict[str, Tensor], *,
-                 prunable_only: bool = True):
+                 prunable_only: bool = True, roles: Sequence[str] = STRUCTURE_ROLES,
+                 sign: float = 1.0):
+        self.roles, self.sign = tuple(roles), float(sign)
         self.ids: List[Tuple[str, int]] = []
         self.axis: Dict[str, int] = {}
         self.labels: Dict[str, Tensor] = {}
@@ -56,7 +62,7 @@ class StructureIndex:
             base = len(self.ids)
             self.ids.extend((g.id, c) for c in range(g.size))
             for m in g.members:
-                if m.role in STRUCTURE_ROLES and m.target in params:
+                if m.role in self.roles and m.target in params:
                     self._claim(lists, m.target, params[m.target], m.dim, m.index_map, base)
         for n, lab in lists.items():
             self.labels[n] = torch.tensor(lab, dtype=torch.long, device=params[n].device)
@@ -109,19 +115,20 @@ class StructureIndex:
         return bool(torch.isin(self.labels[name], sids).any())
 
     def theta_struc(self, params: Dict[str, Tensor]) -> Dict[str, Tensor]:
-        """``{name: θ ⊙ mask}`` for the parameters that own structure entries."""
-        return {n: params[n].detach() * self.mask(n).to(params[n].dtype) for n in self.names}
+        """``{name: sign · θ ⊙ mask}`` for the parameters that own structure entries."""
+        return {n: self.sign * params[n].detach() * self.mask(n).to(params[n].dtype)
+                for n in self.names}
 
     def tangents(self, params: Dict[str, Tensor], sids: Tensor,
                  names: Optional[Sequence[str]] = None) -> Tuple[Tensor, ...]:
         """For structures ``sids`` (1-D int64), one tensor per name of ``names`` (default
-        :attr:`names`), shaped ``[len(sids), *param.shape]``: row k is ``θ_{sids[k]}``
-        on that parameter."""
+        :attr:`names`), shaped ``[len(sids), *param.shape]``: row k is
+        ``sign · θ_{sids[k]}`` on that parameter."""
         out = []
         for n in (self.names if names is None else names):
             p = params[n].detach()
             sel = self._along(n, self.labels[n]).unsqueeze(0) == sids.view(-1, *([1] * p.dim()))
-            out.append(p.unsqueeze(0) * sel.to(p.dtype))
+            out.append(self.sign * p.unsqueeze(0) * sel.to(p.dtype))
         return tuple(out)
 
     def segment_sum(self, values: Dict[str, Tensor], lead: int = 0) -> Tensor:
@@ -151,6 +158,15 @@ class StructureIndex:
         if out is None:
             return torch.zeros(self.size, dtype=torch.float64)
         return out[..., :self.size]
+
+
+def structure_index(groups: Iterable[Group], params: Dict[str, Tensor],
+                    perturb: str = "weights") -> StructureIndex:
+    """The SOSP structures of option ``perturb`` (:mod:`.perturb`): θ on the producer/
+    bias/norm slices (``"weights"``) or -θ on the consumer slices (``"consumer"``)."""
+    if perturb == "consumer":
+        return StructureIndex(groups, params, roles=CONSUMER_ROLES, sign=-1.0)
+    return StructureIndex(groups, params)
 
 
 def kernel_sizes(groups: Iterable[Group], params: Dict[str, Tensor]) -> Dict[str, float]:
