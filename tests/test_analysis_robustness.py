@@ -139,7 +139,7 @@ def test_untraceable_model_raises_trace_error_with_advice():
 
 
 def test_example_inputs_are_required():
-    with pytest.raises(ValueError):
+    with pytest.raises(fxprune.DataError, match="example_inputs are required"):
         fxprune.groups(create_model("tiny_mlp"), None)
 
 
