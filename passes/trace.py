@@ -39,6 +39,7 @@ import torch
 import torch.fx
 
 from ..errors import TraceError
+from .constants import name_constants
 from .shape_prop import propagate_shapes
 from .twin import drop_user_hooks, module_twin, own_tensors
 
@@ -155,6 +156,7 @@ def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
         except Exception as exc:  # torch.fx raises plain TraceError/TypeError/...
             raise _explain_trace_failure(exc, tracer, model) from exc
         _reset_copies(copies)
+        name_constants(graph, tracer.root)
         # Forget the tracer class: GraphModule pickles a reference to it, and a saved
         # slim model must load without fxprune installed.
         graph._tracer_cls = None
