@@ -30,7 +30,7 @@ from .passes.rewrite import rewrite
 from .passes.select import (DEFAULT_NORMALIZE, Budget, check_normalize, member_spans,
                             removable_counts, select_budget, select_uniform)
 from .passes.shape_prop import propagate_shapes
-from .passes.trace import as_input_tuple, trace
+from .passes.trace import as_input_tuple, leaf_notes, trace
 from .passes.verify import check, masked_reference, tolerance
 from .report import CompileResult, GroupRow, Report, measure_latency
 from .unstructured import compile_unstructured
@@ -229,6 +229,7 @@ def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs
                  latency: bool, predicted: Optional[float] = None) -> Report:
     report = Report(count_flops(dense.gm, inputs), count_flops(slim, inputs),
                     count_params(dense.gm), count_params(slim), predicted_flops=predicted)
+    report.notes.extend(leaf_notes(dense.gm))  # submodules kept whole by trace's leaf retry
     for g in dense.groups:
         kept = len(plan.kept.get(g.id, range(g.size)))
         report.groups.append(GroupRow(g.id, g.kind, g.size, kept, g.prunable, g.reason))

@@ -67,6 +67,7 @@ class FxpruneTracer(torch.fx.Tracer):
         self._param_names: Dict[int, str] = {}
         self._names_of: Optional[torch.nn.Module] = None
         self.failed_in: Optional[Tuple[str, str]] = None
+        self.retried: list = []  # (path, type name, error) of leaves added by the retry
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]) -> Any:
         """A parameter read inside a traced module becomes a ``get_attr`` node. torch.fx
@@ -143,18 +144,7 @@ def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
         gm = copy.deepcopy(model).eval()
         _note_dropped_hooks(drop_user_hooks(gm), model)
     else:
-        copies: list = []
-        work = module_twin(model, _private_buffer(copies)).eval()
-        _private_tensor_attributes(work, copies)
-        _note_dropped_hooks(drop_user_hooks(work), model)
-        leaf_types = [m for m in leaf_modules if isinstance(m, type)]
-        leaf_names = [m for m in leaf_modules if isinstance(m, str)]
-        tracer = FxpruneTracer(leaf_types, leaf_names)
-        try:
-            with _memoised_disassembly():
-                graph = tracer.trace(work, concrete_args=concrete_args)
-        except Exception as exc:  # torch.fx raises plain TraceError/TypeError/...
-            raise _explain_trace_failure(exc, tracer, model) from exc
+        graph, tracer, copies = _trace_with_leaf_retry(model, concrete_args, leaf_modules)
         _reset_copies(copies)
         name_constants(graph, tracer.root)
         # Forget the tracer class: GraphModule pickles a reference to it, and a saved
@@ -162,11 +152,79 @@ def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
         graph._tracer_cls = None
         gm = _graph_module_class(share_params)(tracer.root, graph, type(model).__name__)
         gm._tracer_cls = None
+        gm.meta[LEAF_RETRIES] = tracer.retried
         if not share_params:
             own_tensors(gm)
     if example_inputs is not None:
         propagate_shapes(gm, as_input_tuple(example_inputs))
     return gm
+
+
+#: ``gm.meta`` key: ``[(qualified name, type name, tracing error), ...]`` of the
+#: submodules that were kept as leaves because symbolic tracing failed inside them.
+LEAF_RETRIES = "fxprune_leaf_retries"
+#: ``node.meta`` key of such a leaf's ``call_module`` node: why its channels are fixed.
+LEAF_REASON = "fxprune_leaf_reason"
+_MAX_LEAF_RETRIES = 8
+
+
+def _trace_with_leaf_retry(model, concrete_args, leaf_modules):
+    """Trace a twin of ``model``; when tracing fails inside a submodule (data-dependent
+    control flow, ``len`` of a Proxy, ...), trace again with that submodule as a leaf:
+    its channels are fixed (the reason names it and the error), the rest of the model
+    stays prunable. Up to :data:`_MAX_LEAF_RETRIES` submodules; a failure in the root's
+    own forward (or a repeated one) raises :class:`TraceError` with the fixes. Returns
+    ``(graph, tracer, copies)``; ``tracer.retried`` lists the leaves added."""
+    leaf_types = [m for m in leaf_modules if isinstance(m, type)]
+    leaf_names = [m for m in leaf_modules if isinstance(m, str)]
+    retried: list = []
+    while True:
+        copies: list = []
+        work = module_twin(model, _private_buffer(copies)).eval()
+        _private_tensor_attributes(work, copies)
+        dropped = drop_user_hooks(work)
+        tracer = FxpruneTracer(leaf_types, leaf_names + [path for path, _, _ in retried])
+        try:
+            with _memoised_disassembly():
+                graph = tracer.trace(work, concrete_args=concrete_args)
+            break
+        except Exception as exc:  # torch.fx raises plain TraceError/TypeError/...
+            path, type_name = tracer.failed_in or ("", type(model).__name__)
+            if not path or len(retried) >= _MAX_LEAF_RETRIES or any(p == path for p, _, _ in retried):
+                raise _explain_trace_failure(exc, tracer, model, retried) from exc
+            retried.append((path, type_name, f"{type(exc).__name__}: {_first_line(exc)}"))
+    _note_dropped_hooks(dropped, model)
+    # a leaf inside a later leaf (a parent failing on its child's output) is moot
+    retried = [r for r in retried
+               if not any(r[0].startswith(p + ".") for p, _, _ in retried)]
+    tracer.retried = retried
+    for path, type_name, error in retried:
+        log.warning("%s: torch.fx could not trace `%s` (%s: %s); it is kept as a leaf module: "
+                    "its channels are fixed, the rest of the model is pruned. To prune inside "
+                    "it, pass concrete_args or rewrite its data-dependent branch with "
+                    "torch.where", type(model).__name__, path, type_name, error)
+    reasons = {path: leaf_reason(path, type_name, error) for path, type_name, error in retried}
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target in reasons:
+            node.meta[LEAF_REASON] = reasons[node.target]
+    return graph, tracer, copies
+
+
+def leaf_reason(path: str, type_name: str, error: str) -> str:
+    """Why the channels of a retried leaf are fixed (the groups' reason)."""
+    return (f"`{path}` ({type_name}) is kept whole as a leaf module: symbolic tracing "
+            f"failed inside it ({error}); pass concrete_args or rewrite its data-dependent "
+            "branch with torch.where to prune it")
+
+
+def leaf_notes(gm: torch.fx.GraphModule) -> list:
+    """One report note per submodule kept as a leaf by the tracing retry."""
+    return [f"tracing: {leaf_reason(*entry)}" for entry in gm.meta.get(LEAF_RETRIES, ())]
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _private_buffer(copies: list):
@@ -265,12 +323,15 @@ def _graph_module_class(lazy: bool) -> type:
     return torch.fx.GraphModule
 
 
-def _explain_trace_failure(exc: Exception, tracer: FxpruneTracer, model) -> TraceError:
+def _explain_trace_failure(exc: Exception, tracer: FxpruneTracer, model,
+                           retried=()) -> TraceError:
     where = tracer.failed_in or ("", type(model).__name__)
     path, type_name = where
     module_txt = f"module `{path or '<root>'}` ({type_name})"
+    tried = (f" (already kept as leaf modules after tracing failed inside them: "
+             f"{', '.join(f'`{p}`' for p, _, _ in retried)})" if retried else "")
     return TraceError(
-        f"torch.fx could not trace {module_txt}: {type(exc).__name__}: {exc}. "
+        f"torch.fx could not trace {module_txt}{tried}: {type(exc).__name__}: {exc}. "
         f"Fixes: register `{type_name}` as a leaf module "
         f"(fxprune.register_leaf({type_name}) or leaf_modules=[{type_name}]; its channels "
         "become unprunable), or pass `concrete_args` to fix the value the control flow "
