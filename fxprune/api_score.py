@@ -49,7 +49,9 @@ def _checked_loss(inner: Callable, outputs, targets, default: bool):
     """``inner(outputs, targets)``, with its two common misuses explained."""
     try:
         loss = inner(outputs, targets)
-    except IndexError as exc:  # cross_entropy: "Target 30 is out of bounds."
+    except IndexError as exc:  # cross_entropy / nll_loss: "Target 30 is out of bounds."
+        if "out of bounds" not in str(exc):
+            raise  # an IndexError of the user's own loss_fn code: its traceback says more
         raise DataError(_targets_out_of_range(outputs, targets, exc, default)) from exc
     if not torch.is_tensor(loss):
         raise DataError(

@@ -51,6 +51,14 @@ def test_targets_out_of_range(criterion):
     assert unchanged(model, before)
 
 
+def test_other_index_errors_of_a_loss_fn_are_not_blamed_on_targets():
+    """Only cross-entropy's "out of bounds" is about the targets; a loss_fn's own
+    indexing bug keeps its own traceback."""
+    with pytest.raises(IndexError, match="tuple index out of range"):
+        fxprune.compile(net(), "taylor", data=data(), flops=0.7, progress=False,
+                        loss_fn=lambda out, t: (out,)[1])
+
+
 @pytest.mark.parametrize("criterion", CRITERIA)
 @pytest.mark.parametrize("loss_fn, match", [
     (lambda out, t: F.cross_entropy(out, t, reduction="none"), r"shape \[4\], not a scalar"),
