@@ -74,21 +74,26 @@ def _weight_step(node: torch.fx.Node):
 
 
 def is_2d_transpose(node: torch.fx.Node) -> bool:
-    """``w.t()``, ``torch.t(w)``, ``w.T`` / ``w.mT``, ``w.transpose(0, 1)`` or
-    ``w.permute(1, 0)`` of a 2-D tensor."""
+    """``w.t()`` / ``torch.t(w)``, ``w.T`` / ``w.mT``, ``w.transpose(0, 1)`` /
+    ``torch.transpose(w, 0, 1)`` or ``w.permute(1, 0)`` / ``torch.permute(w, (1, 0))``
+    of a 2-D tensor."""
     meta = node.meta.get("tensor_meta")
     if getattr(meta, "shape", None) is None or len(meta.shape) != 2:
         return False
-    args = node.args[1:]
-    if node.op == "call_method":
-        return (node.target == "t" or (node.target == "transpose" and len(args) == 2
-                                       and {a % 2 for a in args if isinstance(a, int)} == {0, 1})
-                or (node.target == "permute" and [a % 2 for a in args
-                                                  if isinstance(a, int)] == [1, 0]))
-    if node.op == "call_function":
-        return node.target is torch.t or (node.target is getattr and args
-                                          and args[0] in _TRANSPOSES)
-    return False
+    if node.op not in ("call_method", "call_function"):
+        return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    args = list(node.args[1:])
+    if name == "permute" and len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    dims = [a % 2 for a in args if isinstance(a, int)] if len(args) == 2 else []
+    if node.op == "call_function" and node.target not in (torch.t, torch.transpose,
+                                                          torch.permute, getattr):
+        return False
+    if name == "getattr":
+        return bool(args) and args[0] in _TRANSPOSES
+    return name == "t" or (name == "transpose" and sorted(dims) == [0, 1]) or (
+        name == "permute" and dims == [1, 0])
 
 
 def weight_param(ctx: RuleContext, value) -> Param:

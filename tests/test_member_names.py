@@ -69,7 +69,9 @@ class Transposed(nn.Module):
         h = torch.relu(self.a(x))
         w = {"t": lambda: self.w.t(), "T": lambda: self.w.T,
              "transpose": lambda: self.w.transpose(0, 1),
-             "permute": lambda: self.w.permute(1, 0)}[self.how]()
+             "permute": lambda: self.w.permute(1, 0),
+             "torch.transpose": lambda: torch.transpose(self.w, -1, -2),
+             "torch.permute": lambda: torch.permute(self.w, (1, 0))}[self.how]()
         return self.b(torch.relu(F.linear(h, w)))
 
 
@@ -123,7 +125,8 @@ def test_tied_weight_lists_both_roles():
     assert res.report.max_rel_error < 1e-5
 
 
-@pytest.mark.parametrize("how", ["t", "T", "transpose", "permute"])
+@pytest.mark.parametrize("how", ["t", "T", "transpose", "permute", "torch.transpose",
+                                 "torch.permute"])
 def test_transposed_weight_is_followed(how):
     """``w``'s 6 columns are the layer's outputs: before, they formed no group (b's
     inputs were silently unprunable) and ``w``'s rows were a mere "tensor" member."""
