@@ -128,3 +128,43 @@ def test_explicit_leaf_needs_no_retry(caplog):
         groups = {g.id: g for g in fxprune.groups(Net(), X, leaf_modules=[Router])}
     assert "could not trace" not in caplog.text
     assert not groups["mid"].prunable and "unknown op Router `router`" in groups["mid"].reason
+
+
+class PadConv(nn.Conv2d):
+    """Like timm's Conv2dSame: a Conv2d whose forward branches on the input's size."""
+
+    def forward(self, x):
+        if x.shape[-1] % 2:
+            x = torch.nn.functional.pad(x, (0, 1, 0, 1))
+        return super().forward(x)
+
+
+class Repeated(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.routers = nn.ModuleList([Router() for _ in range(3)])
+        self.pad = PadConv(8, 12, 3, padding=1)
+        self.fc = nn.Linear(12, 5)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for r in self.routers:
+            x = r(x)
+        return self.fc(torch.relu(self.pad(x)).mean((2, 3)))
+
+
+def test_one_retry_per_type_and_rules_still_apply(caplog):
+    """Every module of a failing type becomes a leaf at once (one re-trace per type,
+    not per instance); a leaf whose type has a channel rule by inheritance (a Conv2d
+    subclass, as timm's Conv2dSame) is still pruned by that rule."""
+    model = Repeated()
+    with caplog.at_level(logging.WARNING, logger="fxprune.passes.trace"):
+        res = fxprune.compile(model, "l2", example_inputs=X, sparsity=0.5)
+    assert "every Router (3) is kept as a leaf" in caplog.text
+    notes = [n for n in res.report.notes if n.startswith("tracing:")]
+    assert len(notes) == 2 and any("the 2 other Router modules" in n for n in notes)
+    groups = {g.id: g for g in fxprune.groups(model, X)}
+    assert "`routers.0` (Router) is kept whole" in groups["stem"].reason  # stem feeds it
+    assert groups["pad"].prunable and len(res.plan.kept["pad"]) == 6
+    assert res.report.max_rel_error < 1e-5
