@@ -5,6 +5,7 @@ from typing import Any, List, Optional
 
 import torch
 
+from .errors import DataError
 from .group import Group
 from .passes.connectivity import Connectivity, build_connectivity
 from .passes.groups import Analysis, analyze
@@ -14,8 +15,9 @@ from .passes.frontend import capture
 def analyze_model(model: torch.nn.Module, example_inputs: Any, **trace_kwargs) -> Analysis:
     """Trace (a copy of) ``model`` and run the channel analysis."""
     if example_inputs is None:
-        raise ValueError("example_inputs are required to analyse a model "
-                         "(a tensor or tuple of tensors shaped like one batch)")
+        raise DataError("example_inputs are required to analyse a model: pass a tensor or "
+                        "tuple of tensors shaped like one batch, e.g. "
+                        "fxprune.groups(model, torch.randn(1, 3, 224, 224))")
     # The GraphModule stays inside the returned Analysis and nothing writes to its
     # tensors, so it may read the user's weights instead of copies (see passes/trace.py).
     trace_kwargs.setdefault("share_params", True)

@@ -8,7 +8,7 @@ indices ``member.index_map[c]`` along ``member.dim`` of the tensor named
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 
 @dataclass
@@ -21,15 +21,32 @@ class Member:
     ``H*W`` columns for a flatten→Linear consumer).
     ``role``: ``"producer"`` (output rows of a layer), ``"consumer"`` (input columns),
     ``"norm"``/``"bias"``/``"tensor"`` (everything that merely carries the channel).
+    ``roles``: every role the dim plays, ``("producer", "consumer")`` for a weight that
+    one layer produces with and a tied, transposed use consumes with (an embedding that
+    is also the LM head); ``role`` is the first of them.
     """
 
     target: str
     dim: int
     index_map: List[List[int]]
     role: str = "tensor"
+    roles: Tuple[str, ...] = ()
+    # where a target that the user's model does not have comes from: tracing stores a
+    # tensor computed without a Proxy as ``_tensor_constantN`` (the buffer it is, or is a
+    # view of; passes/trace.name_constants). None for the model's own tensors.
+    source: Optional[str] = None
+
+    def __post_init__(self):
+        self.roles = tuple(self.roles) or (self.role,)
+
+    @property
+    def role_text(self) -> str:
+        """``role``, or ``"producer+consumer"`` for a dim playing both."""
+        return "+".join(self.roles)
 
     def to_dict(self) -> dict:
         return {"target": self.target, "dim": self.dim, "role": self.role,
+                "roles": list(self.roles), "source": self.source,
                 "index_map": [list(map(int, ix)) for ix in self.index_map]}
 
 
@@ -64,10 +81,12 @@ class Group:
         status = "prunable" if self.prunable else f"NOT prunable: {self.reason}"
         lines = [f"Group {self.id}  size={self.size} kind={self.kind} "
                  f"divisor={self.divisor}  {status}",
-                 f"  {'target':<48} {'dim':>3} {'role':<9} {'idx/ch':>6}"]
+                 f"  {'target':<48} {'dim':>3} {'role':<17} {'idx/ch':>6}"]
         for m in self.members:
             per = len(m.index_map[0]) if m.index_map else 0
-            lines.append(f"  {m.target:<48} {m.dim:>3} {m.role:<9} {per:>6}")
+            lines.append(f"  {m.target:<48} {m.dim:>3} {m.role_text:<17} {per:>6}")
+            if m.source:
+                lines.append(f"    ^ {m.target} is {m.source}")
         return "\n".join(lines)
 
 

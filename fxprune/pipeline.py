@@ -28,6 +28,7 @@ from .passes.repair import repair as repair_pass
 from .passes.rewrite import rewrite
 from .passes.score import Saliency, score_analysis
 from .passes.select import select_step, step_caps
+from .passes.trace import leaf_notes
 from .passes.verify import slim_shapes, verify_rewrite
 from .report import CompileResult, GroupRow, Report, measure_latency
 
@@ -210,6 +211,7 @@ def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs
     report = Report(before, count_flops(slim, sample), count_params(dense.gm),
                     count_params(slim), predicted_flops=predicted,
                     frontend=frontend_of(dense.gm))
+    report.notes.extend(leaf_notes(dense.gm))  # submodules kept whole by trace's leaf retry
     if batch > 1:
         report.notes.append(f"FLOPs and latency are for the whole batch of {batch} examples "
                             "(the model does not run on one example)")

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 WRAPPER_KEYS = ("state_dict", "model", "model_ema", "state_dict_ema")
 STRIP_PREFIXES = ("module.", "_orig_mod.")
 _SHOW = 5
+_READER = "torch.load(weights_only=True)"
 _UNSUPPORTED_GLOBAL = re.compile(r"Unsupported global: GLOBAL (\S+)")
 
 
@@ -38,6 +39,39 @@ def _short_reason(exc: BaseException) -> str:
     return lines[0] if lines else type(exc).__name__
 
 
+def _file_kind(path: str) -> str:
+    """What the first bytes of ``path`` say it is (for the corrupt-file message)."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if size == 0:
+        return "an empty file (0 bytes)"
+    if head.startswith(b"PK"):
+        return f"a zip archive, the format torch.save writes ({size} bytes)"
+    if head[:1] == b"\x80":
+        return f"a pickle, the legacy torch.save format ({size} bytes)"
+    if len(head) > 8 and head[8:9] == b"{":
+        return f"what looks like a safetensors file named without .safetensors ({size} bytes)"
+    return f"neither a zip archive nor a pickle ({size} bytes): not a torch.save file"
+
+
+def corrupt_message(path: str, exc: BaseException, reader: str) -> str:
+    """Say the file is corrupt or truncated, which format was tried, and what to do --
+    instead of the reader's internal error alone ("pop from empty list", "EOFError")."""
+    kind = _file_kind(path)
+    if reader.startswith("safetensors"):  # named .safetensors: only its size is telling
+        kind = kind if kind.startswith("an empty") else f"{os.path.getsize(path)} bytes long"
+    reason = _short_reason(exc)
+    failed = type(exc).__name__ + (f": {reason}" if reason != type(exc).__name__ else "")
+    if "safetensors file named" in kind:
+        return (f"{path}: cannot read checkpoint: it is {kind}, so {reader} failed with "
+                f"{failed}. Rename it to end in .safetensors")
+    return (f"{path}: cannot read checkpoint: the file is corrupt or truncated. It is {kind}; "
+            f"it was read with {reader}, which failed with {failed}. Re-download it (an "
+            "interrupted download or copy truncates it) or re-save it with "
+            "torch.save(model.state_dict(), path)")
+
+
 def _torch_load(path: str, allow_pickle: bool) -> object:
     """``torch.load(weights_only=True)``; retry with ``weights_only=False`` only when the
     file is readable but pickles a Python global (e.g. an ``argparse.Namespace`` or a
@@ -48,7 +82,7 @@ def _torch_load(path: str, allow_pickle: bool) -> object:
     except pickle.UnpicklingError as exc:
         found = _UNSUPPORTED_GLOBAL.search(str(exc))
         if not found:
-            raise CheckpointError(f"{path}: cannot read checkpoint: {_short_reason(exc)}") from exc
+            raise CheckpointError(corrupt_message(path, exc, _READER)) from exc
         reason = f"it pickles the Python object {found.group(1)}"
         if not allow_pickle:
             raise CheckpointError(
@@ -61,9 +95,9 @@ def _torch_load(path: str, allow_pickle: bool) -> object:
         try:
             return torch.load(path, map_location="cpu", weights_only=False)
         except Exception as exc2:
-            raise CheckpointError(f"{path}: cannot read checkpoint: {_short_reason(exc2)}") from exc2
+            raise CheckpointError(corrupt_message(path, exc2, "torch.load(weights_only=False)")) from exc2
     except Exception as exc:  # corrupt / truncated / not a torch file
-        raise CheckpointError(f"{path}: cannot read checkpoint: {_short_reason(exc)}") from exc
+        raise CheckpointError(corrupt_message(path, exc, _READER)) from exc
 
 
 def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, torch.Tensor]:
@@ -78,7 +112,7 @@ def read_state_dict(path: str, allow_pickle: bool = False) -> Dict[str, torch.Te
         try:
             obj: object = load_file(path, device="cpu")
         except Exception as exc:
-            raise CheckpointError(f"{path}: cannot read safetensors file: {exc}") from exc
+            raise CheckpointError(corrupt_message(path, exc, "safetensors.torch.load_file")) from exc
     else:
         obj = _torch_load(path, allow_pickle)
     return dict(_unwrap(obj, path))

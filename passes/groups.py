@@ -21,11 +21,12 @@ import torch.nn.functional as F
 from ..group import Group, Member
 from . import (aten_rules, einsum_rules, index_rules, layer_rules,  # noqa: F401  (register rules)
                recurrent_rules, tensor_rules)
-from .labels import ChannelSpace, components
+from .labels import LAYER_ROLES, ChannelSpace, components
 from .layer_rules import LAYER_MODULES
 from .rule_table import RULES, RuleContext, canonical, unknown_rule, untracked_output
 from .ties import refuse_broken_ties
 from .trace import gc_paused
+from .weight_rules import is_2d_transpose
 
 log = logging.getLogger(__name__)
 LABEL_KEY = "fxprune_label"
@@ -144,14 +145,18 @@ def _layer_weight(gm: torch.fx.GraphModule, node: torch.fx.Node):
     if target not in _CONV_FUNCTIONS:
         return None
     w = node.args[1] if len(node.args) > 1 else node.kwargs.get("weight")
+    swapped = False  # a transposed 2-D weight (layer_rules follows it): rows are columns
     while isinstance(w, torch.fx.Node) and w.op != "get_attr":
         name = w.target if isinstance(w.target, str) else getattr(w.target, "__name__", "")
-        if name in ("t", "transpose", "permute", "swapaxes", "movedim"):
-            return None  # a transposed use (tied weights): its rows are another dim
+        if is_2d_transpose(w):
+            swapped = not swapped
+        elif name in ("t", "transpose", "permute", "swapaxes", "movedim", "getattr"):
+            return None  # another permutation: its rows are another dim
         w = next((a for a in w.args if isinstance(a, torch.fx.Node)), None)
     if not isinstance(w, torch.fx.Node):
         return None
     dim, tensor = _CONV_FUNCTIONS[target], fetch_attr(gm, w.target)
+    dim = 1 - dim if swapped else dim
     if not isinstance(tensor, torch.Tensor) or tensor.dim() <= dim or tensor.shape[dim] < 2:
         return None  # one output channel: no channel ids, nothing to group
     return w.target, dim
@@ -192,7 +197,9 @@ def _assemble(gm, space: ChannelSpace, root: np.ndarray, group_key: np.ndarray) 
         used_ids[base] = used_ids.get(base, 0) + 1
         gid = base if used_ids[base] == 1 else f"{base}#{used_ids[base]}"
         groups.append(Group(id=gid, size=int(sizes[gi])))
-    _add_members(space, groups, element_group, element_channel)
+    origins = {n.target: n.meta["fxprune_origin"] for n in gm.graph.nodes
+               if n.op == "get_attr" and "fxprune_origin" in n.meta}  # (trace.name_constants)
+    _add_members(space, groups, element_group, element_channel, origins)
     _mark_status(space, groups, element_group)
     return Analysis(gm, space, groups, element_group, element_channel)
 
@@ -223,7 +230,8 @@ def _distinct(values: np.ndarray) -> List[int]:
     return np.unique(values).tolist()
 
 
-def _add_members(space: ChannelSpace, groups: List[Group], element_group, element_channel) -> None:
+def _add_members(space: ChannelSpace, groups: List[Group], element_group, element_channel,
+                 origins: Dict[str, str]) -> None:
     """One member per (record, group) it has elements in. Members with equal index maps
     (a conv's rows, its BN entries and the next conv's columns, typically) share one
     list object: the maps are read-only by convention, and building ~10^5 small lists
@@ -238,7 +246,9 @@ def _add_members(space: ChannelSpace, groups: List[Group], element_group, elemen
             key = (group.size, positions.tobytes(), channels.tobytes())
             if key not in shared:
                 shared[key] = _index_map(positions, channels, group.size)
-            group.members.append(Member(rec.target, rec.dim, shared[key], rec.role))
+            roles = tuple(r for r in LAYER_ROLES if r in rec.roles) or (rec.role,)
+            group.members.append(Member(rec.target, rec.dim, shared[key], rec.role, roles,
+                                        origins.get(rec.target)))
 
 
 def _index_map(positions: np.ndarray, channels: np.ndarray, size: int) -> List[List[int]]:

@@ -25,6 +25,7 @@ import numpy as np
 
 UNTRACKED = -1
 _ROLE_RANK = {"tensor": 0, "bias": 1, "norm": 1, "consumer": 2, "producer": 3}
+LAYER_ROLES = ("producer", "consumer")
 
 
 @dataclass
@@ -142,6 +143,10 @@ class Record:
     ids: np.ndarray
     role: str = "tensor"
     order: int = 0
+    # every layer role this dim plays ("producer", "consumer"): a weight tied to a
+    # transposed use (an embedding that is also the LM head) is both, while ``role``
+    # keeps the highest-ranked one, which the passes act on
+    roles: set = field(default_factory=set)
 
 
 @dataclass
@@ -196,18 +201,25 @@ class ChannelSpace:
         base = self.param_label(first, shape)
         for d, ids in enumerate(base.dims):
             if ids is not None:
-                self.records[(target, d)] = Record(target, d, ids, self.records[(first, d)].role,
-                                                   order=len(self.records))
+                first_rec = self.records[(first, d)]
+                self.records[(target, d)] = Record(target, d, ids, first_rec.role,
+                                                   order=len(self.records),
+                                                   roles=set(first_rec.roles))
         self.param_labels[target] = base
         self.aliases.setdefault(first, []).append(target)
         self.aliases.setdefault(target, []).append(first)
 
     def set_role(self, target: str, dim: int, role: str) -> None:
         """Upgrade a record's role (on every name of a tied tensor); a producer stays a
-        producer wherever else it is used."""
+        producer wherever else it is used. Layer roles are also collected in
+        ``Record.roles``, so a dim that is both (tied weights) is reported as both."""
         for name in [target] + self.aliases.get(target, []):
             rec = self.records.get((name, dim))
-            if rec is not None and _ROLE_RANK[role] > _ROLE_RANK[rec.role]:
+            if rec is None:
+                continue
+            if role in LAYER_ROLES:
+                rec.roles.add(role)
+            if _ROLE_RANK[role] > _ROLE_RANK[rec.role]:
                 rec.role = role
 
     @staticmethod

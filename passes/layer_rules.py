@@ -8,7 +8,6 @@ once per tensor, so tied weights couple every use.
 from __future__ import annotations
 
 import operator
-from typing import Optional
 
 import numpy as np
 import torch
@@ -19,34 +18,11 @@ from .labels import TLabel
 from .rule_table import (RULES, RuleContext, as_tlabel, canonical, shape_of, target_name,
                          unknown_rule)
 from .tensor_rules import broadcast_labels
+from .weight_rules import Param, weight_param
 
 #: Parameter layers: the module types whose weights produce and consume channels
 #: (convolutions of every rank, transposed too, and Linear). The one list of them.
 LAYER_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
-
-
-class Param:
-    """A parameter operand: its label and, when it is a named tensor, its target."""
-
-    def __init__(self, ctx: RuleContext, value, target: Optional[str] = None, shape=None,
-                 tensor=None):
-        self.ctx = ctx
-        if target is None and isinstance(value, torch.fx.Node) and value.op == "get_attr":
-            target = value.target
-        self.target = target
-        if target is not None and shape is not None:
-            self.label = ctx.space.param_label(target, shape, tensor)
-        elif value is not None:
-            self.label = as_tlabel(ctx.label(value), shape_of(value))
-        else:
-            self.label = None
-
-    def dim(self, d: int):
-        return None if self.label is None else self.label.dims[d]
-
-    def role(self, d: int, role: str) -> None:
-        if self.target is not None and self.label is not None:
-            self.ctx.space.set_role(self.target, d % self.label.ndim, role)
 
 
 def _module_params(ctx: RuleContext, *names: str):
@@ -66,64 +42,6 @@ def _module_params(ctx: RuleContext, *names: str):
 def _input(ctx: RuleContext) -> TLabel:
     x = ctx.node.args[0] if ctx.node.args else ctx.node.kwargs["input"]
     return ctx.space.collapse(as_tlabel(ctx.label(x), shape_of(x)))
-
-
-# --------------------------------------------------------------------------- computed weights
-# Ops that may compute a conv/linear weight from a parameter while keeping its rows and
-# columns those of the parameter: reshapes, and batch norm with batch statistics over a
-# [1, out, fan_in] view (timm's StdConv2d / ScaledStdConv2d weight standardisation: each
-# output row is standardised over its own fan-in; the verifier computes those statistics
-# over the kept columns, verify._norm_args).
-_WEIGHT_VIEWS = {"reshape", "view", "reshape_as", "view_as", "contiguous"}
-
-
-def _weight_step(node: torch.fx.Node) -> Optional[torch.fx.Node]:
-    """The node a weight-computing op reads its weight from, or None for other ops."""
-    if node.op == "call_method" and node.target in _WEIGHT_VIEWS:
-        return node.args[0]
-    if node.op == "call_function" and node.target is F.batch_norm:
-        get = lambda i, n: node.args[i] if len(node.args) > i else node.kwargs.get(n)
-        if get(1, "running_mean") is None and get(2, "running_var") is None \
-                and get(5, "training") is True:
-            return node.args[0]
-    return None
-
-
-def weight_param(ctx: RuleContext, value) -> Param:
-    """A conv/linear weight operand: the parameter itself when it is one, or when it is
-    computed from one through :data:`_WEIGHT_VIEWS` / weight standardisation with rows
-    and columns unchanged. A weight computed from a parameter by any other op blocks
-    that parameter's rows, which still form a group, with the reason."""
-    w = Param(ctx, value)
-    if w.target is not None or not isinstance(value, torch.fx.Node) or w.label is None:
-        return w
-    node = value
-    while node is not None and node.op != "get_attr":
-        node = _weight_step(node)
-    if node is not None:
-        src = Param(ctx, node)
-        if src.label is not None and src.label.ndim == w.label.ndim and all(
-                _same(src.dim(d), w.dim(d)) for d in (0, 1)):
-            return src
-    rec = _record_of(ctx, w.dim(0))
-    if rec is not None and rec.dim == 0 and rec.role == "tensor":  # (not a transposed tie)
-        ctx.space.set_role(rec.target, rec.dim, "producer")
-        ctx.space.block(rec.ids, f"the weight of {ctx.where} is computed from `{rec.target}` "
-                        "by ops without a weight rule (only reshapes and weight "
-                        "standardisation are followed)")
-    return w
-
-
-def _same(a, b) -> bool:
-    return (a is None and b is None) or (a is not None and b is not None and np.array_equal(a, b))
-
-
-def _record_of(ctx: RuleContext, ids):
-    """The parameter dim whose ids are exactly ``ids``, if any."""
-    if ids is None:
-        return None
-    return next((r for r in ctx.space.records.values()
-                 if r.ids.size == ids.size and np.array_equal(r.ids, ids)), None)
 
 
 # --------------------------------------------------------------------------- conv

@@ -18,6 +18,7 @@ import torch.fx
 
 from ..registry import Registry
 from .labels import ChannelSpace, TLabel
+from .trace import LEAF_REASON
 
 Rule = Callable[["RuleContext"], Any]
 
@@ -210,7 +211,8 @@ def as_tlabel(label: Any, shape: Optional[Tuple[int, ...]]) -> Optional[TLabel]:
 def unknown_rule(ctx: RuleContext) -> Any:
     """Fail closed: every channel touching an op we have no rule for is unprunable,
     and the op's tensor outputs carry no channels."""
-    reason = f"unknown op {describe_target(ctx.node, ctx.gm)} at node `{ctx.node.name}`"
+    reason = (ctx.node.meta.get(LEAF_REASON)  # a leaf kept by trace's retry
+              or f"unknown op {describe_target(ctx.node, ctx.gm)} at node `{ctx.node.name}`")
     for a in list(ctx.node.args) + list(ctx.node.kwargs.values()):
         ctx.space.block_label(ctx.label(a), reason)
     if ctx.node.op == "call_module":

@@ -102,16 +102,52 @@ def check_not_empty(inputs) -> None:
 
 # ----------------------------------------------------------------------------- loss
 def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable]) -> Callable:
-    """The loss the criteria see: ``loss_fn(output_fn(outputs), targets)``.
+    """The loss the criteria see: ``loss_fn(output_fn(outputs), targets)``, checked.
 
     Without ``loss_fn`` and ``output_fn`` a model output that is not a tensor (a dict,
-    tuple or dataclass) raises :class:`DataError` saying to pass ``output_fn``."""
+    tuple or dataclass) raises :class:`DataError` saying to pass ``output_fn``. Class
+    targets out of range and a loss that is not a one-element tensor (a Python float,
+    a per-sample vector) raise :class:`DataError` too: each criterion differentiates the
+    loss, so either would otherwise surface as a raw IndexError / RuntimeError /
+    AttributeError from deep inside the criterion."""
     base = loss_fn or default_loss
     if output_fn is not None:
-        return lambda outputs, targets: base(output_fn(outputs), targets)
-    if loss_fn is not None:
-        return base
-    return _default_loss_of_logits
+        inner = lambda outputs, targets: base(output_fn(outputs), targets)  # noqa: E731
+    elif loss_fn is not None:
+        inner = base
+    else:
+        inner = _default_loss_of_logits
+    return lambda outputs, targets: _checked_loss(inner, outputs, targets, loss_fn is None)
+
+
+def _checked_loss(inner: Callable, outputs, targets, default: bool):
+    """``inner(outputs, targets)``, with its two common misuses explained."""
+    try:
+        loss = inner(outputs, targets)
+    except IndexError as exc:  # cross_entropy / nll_loss: "Target 30 is out of bounds."
+        if "out of bounds" not in str(exc):
+            raise  # an IndexError of the user's own loss_fn code: its traceback says more
+        raise DataError(_targets_out_of_range(outputs, targets, exc, default)) from exc
+    if not torch.is_tensor(loss):
+        raise DataError(
+            f"the loss is a {type(loss).__name__} ({loss!r}), not a tensor computed from the "
+            "model's outputs, so it cannot be differentiated: loss_fn(outputs, targets) must "
+            "return a scalar tensor, e.g. F.cross_entropy(outputs, targets)")
+    if loss.numel() != 1:
+        raise DataError(
+            f"the loss has shape {list(loss.shape)}, not a scalar: loss_fn(outputs, targets) "
+            "must return the batch-mean loss (reduce it with .mean(), or reduction='mean')")
+    return loss
+
+
+def _targets_out_of_range(outputs, targets, exc: IndexError, default: bool) -> str:
+    who = "the default loss (cross-entropy)" if default else "loss_fn"
+    classes = (f"the model's {outputs.shape[-1]} outputs (class indices 0..{outputs.shape[-1] - 1})"
+               if torch.is_tensor(outputs) and outputs.dim() else "the model's outputs")
+    return (f"{who} failed with IndexError ({exc}): the calibration targets hold class "
+            f"indices that do not fit {classes}. Check the dataset's labels and the model's "
+            "num_classes (a checkpoint for another label set?), or pass a loss_fn that "
+            "matches your targets")
 
 
 def _default_loss_of_logits(outputs, targets):
@@ -159,8 +195,14 @@ def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, option
 
 def _score(crit: Criterion, ctx: ScoringContext):
     """One criterion on one context: (per-parameter scores, per-channel scores)."""
-    with math_attention():
-        param_scores = crit.score(ctx)
+    try:
+        with math_attention():
+            param_scores = crit.score(ctx)
+    except DataError as exc:  # e.g. a non-finite loss: say so when the weights are the cause
+        weights = non_finite_weights(ctx.module)
+        if weights:
+            raise DataError(_weights_message(crit.name, weights)) from exc
+        raise
     if crit.aggregate is not None:
         return param_scores, crit.aggregate(ctx.groups, param_scores, ctx)
     return param_scores, channel_scores(ctx.groups, param_scores)
@@ -178,6 +220,9 @@ def _explain_non_finite(bad: List[str], module, crit: Criterion, ctx) -> Fxprune
     """Name the first calibration batch whose scores alone are not finite (re-scoring
     batch by batch: only on this failure path). No partial result is returned."""
     what = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    weights = non_finite_weights(module)
+    if weights:  # the weights, not the data: say so before blaming batches or the loss
+        return DataError(_weights_message(crit.name, weights))
     if not ctx.batches:
         return FxpruneError(
             f"{crit.name}: the scores of {what} are not finite (NaN or inf): the model's "
@@ -195,3 +240,28 @@ def _explain_non_finite(bad: List[str], module, crit: Criterion, ctx) -> Fxprune
         f"{crit.name}: the scores of {what} are not finite (NaN or inf) although every "
         "calibration batch alone gives finite scores: the per-batch sums overflow; use "
         "float32/float64 or fewer batches")
+
+
+def non_finite_weights(module: torch.nn.Module) -> List[str]:
+    """``"`name` (k NaN, j inf of n)"`` for every parameter of ``module`` holding NaN/inf
+    values, and every buffer holding NaN (an infinite buffer can be deliberate: an
+    additive ``-inf`` attention mask). Only called on a failure path."""
+    out = []
+    tensors = [(n, t, "parameter") for n, t in module.named_parameters()]
+    tensors += [(n, t, "buffer") for n, t in module.named_buffers()]
+    for name, t, kind in tensors:
+        if not t.is_floating_point():
+            continue
+        t = t.detach()
+        nan, inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
+        if nan or (inf and kind == "parameter"):
+            out.append(f"{kind} `{name}` ({nan} NaN, {inf} inf of {t.numel()} values)")
+    return out
+
+
+def _weights_message(criterion: str, weights: List[str]) -> str:
+    shown = "; ".join(weights[:3]) + (f"; and {len(weights) - 3} more" if len(weights) > 3 else "")
+    return (f"{criterion}: the model's weights themselves are not finite: {shown}. No "
+            "criterion can rank channels of such a model and its outputs are not finite "
+            "either: load a finite checkpoint (a diverged run or a broken conversion does "
+            "this); no scores were returned")

@@ -13,7 +13,7 @@ from torch import nn
 
 from .labels import Grid, TLabel
 from .rule_table import (RULES, RuleContext, as_tlabel, canonical, shape_of, target_name,
-                         untracked_output)
+                         unknown_rule, untracked_output)
 from .reshape import reshape_label
 from .size_rules import check_computed_sizes
 
@@ -282,7 +282,29 @@ def repeat_rule(ctx: RuleContext):
 
 
 # --------------------------------------------------------------------------- metadata / creation
-@RULES.function(getattr, torch._assert, operator.eq, operator.ne, operator.lt, operator.gt,
+@RULES.function(getattr)
+def getattr_rule(ctx: RuleContext):
+    """``x.T`` / ``x.mT`` / ``x.H`` / ``x.mH`` of a tensor are permutes (they were read
+    as metadata, which lost the channels: a consumer of ``w.T`` then coupled nothing);
+    ``x.data`` is ``x``; any other tensor-valued attribute of a channel-carrying tensor
+    fails closed. Metadata (``x.shape``, ``x.dtype``) and attributes of non-tensors
+    (a model output's ``.logits``) carry no channels, as before."""
+    x, name = ctx.node.args[0], ctx.node.args[1] if len(ctx.node.args) > 1 else None
+    label = as_tlabel(ctx.label(x), shape_of(x))
+    if shape_of(ctx.node) is None or label is None or not isinstance(name, str):
+        return untracked_output(ctx.node)
+    nd = label.ndim
+    if name in ("T", "H") or (name in ("mT", "mH") and nd >= 2):
+        perm = list(range(nd))[::-1] if name in ("T", "H") else list(range(nd - 2)) + [nd - 1, nd - 2]
+        return label.permute(perm)
+    if name == "data":
+        return label
+    if label.labeled():
+        return unknown_rule(ctx)
+    return untracked_output(ctx.node)
+
+
+@RULES.function(torch._assert, operator.eq, operator.ne, operator.lt, operator.gt,
                 operator.le, operator.ge, operator.mod, operator.and_,
                 operator.or_, operator.not_, len, math.sqrt, int, float)
 @RULES.method("size", "dim", "numel", "new_zeros", "new_ones", "new_empty", "new_full",

@@ -40,6 +40,7 @@ import torch.fx
 
 from ..errors import TraceError
 from ..registry import Registry
+from .constants import name_constants
 from .shape_prop import propagate_shapes
 from .twin import drop_user_hooks, module_twin, own_tensors
 
@@ -58,14 +59,17 @@ class FxpruneTracer(torch.fx.Tracer):
     """Standard FX tracer plus registered leaf types; remembers the module stack so
     that a tracing failure can name the module it happened in."""
 
-    def __init__(self, leaf_types: Iterable[type] = (), leaf_names: Iterable[str] = ()):
+    def __init__(self, leaf_types: Iterable[type] = (), leaf_names: Iterable[str] = (),
+                 retry_types: Iterable[type] = ()):
         super().__init__()
         self.leaf_types = tuple(set(leaf_types) | set(_LEAF_TYPES))
         self.leaf_names = set(leaf_names)
+        self.retry_types = set(retry_types)  # exact types kept whole by the leaf retry
         self.module_stack_names: list = []
         self._param_names: Dict[int, str] = {}
         self._names_of: Optional[torch.nn.Module] = None
         self.failed_in: Optional[Tuple[str, str]] = None
+        self.retried: list = []  # gm.meta[LEAF_RETRIES] entries of the leaf retry
 
     def getattr(self, attr: str, attr_val: Any, parameter_proxy_cache: Dict[str, Any]) -> Any:
         """A parameter read inside a traced module becomes a ``get_attr`` node. torch.fx
@@ -83,7 +87,8 @@ class FxpruneTracer(torch.fx.Tracer):
         return super().getattr(attr, attr_val, parameter_proxy_cache)
 
     def is_leaf_module(self, m: torch.nn.Module, qualname: str) -> bool:
-        if isinstance(m, self.leaf_types) or qualname in self.leaf_names:
+        if (isinstance(m, self.leaf_types) or qualname in self.leaf_names
+                or type(m) in self.retry_types):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -142,29 +147,104 @@ def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
         gm = copy.deepcopy(model).eval()
         _note_dropped_hooks(drop_user_hooks(gm), model)
     else:
-        copies: list = []
-        work = module_twin(model, _private_buffer(copies)).eval()
-        _private_tensor_attributes(work, copies)
-        _note_dropped_hooks(drop_user_hooks(work), model)
-        leaf_types = [m for m in leaf_modules if isinstance(m, type)]
-        leaf_names = [m for m in leaf_modules if isinstance(m, str)]
-        tracer = FxpruneTracer(leaf_types, leaf_names)
-        try:
-            with _memoised_disassembly():
-                graph = tracer.trace(work, concrete_args=concrete_args)
-        except Exception as exc:  # torch.fx raises plain TraceError/TypeError/...
-            raise _explain_trace_failure(exc, tracer, model) from exc
+        graph, tracer, copies = _trace_with_leaf_retry(model, concrete_args, leaf_modules)
         _reset_copies(copies)
+        name_constants(graph, tracer.root)
         # Forget the tracer class: GraphModule pickles a reference to it, and a saved
         # slim model must load without fxprune installed.
         graph._tracer_cls = None
         gm = _graph_module_class(share_params)(tracer.root, graph, type(model).__name__)
         gm._tracer_cls = None
+        gm.meta[LEAF_RETRIES] = tracer.retried
         if not share_params:
             own_tensors(gm)
     if example_inputs is not None:
         propagate_shapes(gm, as_input_tuple(example_inputs))
     return gm
+
+
+#: ``gm.meta`` key: ``[(first qualified name, type name, tracing error, instances), ...]``
+#: of the module types kept whole as leaves because symbolic tracing failed inside one.
+LEAF_RETRIES = "fxprune_leaf_retries"
+#: ``node.meta`` key of such a leaf's ``call_module`` node: why its channels are fixed.
+LEAF_REASON = "fxprune_leaf_reason"
+_MAX_LEAF_RETRIES = 8
+
+
+def _trace_with_leaf_retry(model, concrete_args, leaf_modules):
+    """Trace a twin of ``model``; when tracing fails inside a submodule (data-dependent
+    control flow, ``len`` of a Proxy, ...), trace again with that submodule's type as a
+    leaf (every module of exactly that type: they run the same code, and one retry per
+    instance would re-trace a model with an attention block per layer dozens of times).
+    A leaf's channels are fixed, with a reason naming it and the error, unless a channel
+    rule covers its type (timm's ``Conv2dSame`` is a ``Conv2d``); the rest of the model
+    stays prunable. Up to :data:`_MAX_LEAF_RETRIES` types; a failure in the root's own
+    forward (or a repeated one) raises :class:`TraceError` with the fixes. Returns
+    ``(graph, tracer, copies)``; ``tracer.retried`` lists the leaf types added."""
+    leaf_types = [m for m in leaf_modules if isinstance(m, type)]
+    leaf_names = [m for m in leaf_modules if isinstance(m, str)]
+    retried: list = []  # (path, type name, error, type)
+    while True:
+        copies: list = []
+        work = module_twin(model, _private_buffer(copies)).eval()
+        _private_tensor_attributes(work, copies)
+        dropped = drop_user_hooks(work)
+        tracer = FxpruneTracer(leaf_types, leaf_names, [r[3] for r in retried])
+        try:
+            with _memoised_disassembly():
+                graph = tracer.trace(work, concrete_args=concrete_args)
+            break
+        except Exception as exc:  # torch.fx raises plain TraceError/TypeError/...
+            path, type_name = tracer.failed_in or ("", type(model).__name__)
+            kind = type(work.get_submodule(path)) if path else None
+            if kind is None or len(retried) >= _MAX_LEAF_RETRIES or any(r[3] is kind for r in retried):
+                raise _explain_trace_failure(exc, tracer, model, retried) from exc
+            retried.append((path, type_name, f"{type(exc).__name__}: {_first_line(exc)}", kind))
+    _note_dropped_hooks(dropped, model)
+    tracer.retried = _mark_leaves(graph, tracer.root, retried, type(model).__name__)
+    return graph, tracer, copies
+
+
+def _mark_leaves(graph, root, retried, model_name: str) -> list:
+    """Give each retried leaf's ``call_module`` node its reason; warn once per type.
+    Returns the ``gm.meta`` entries (types with no instance left in the graph, inside
+    a later leaf, are dropped)."""
+    entries = []
+    for path, type_name, error, kind in retried:
+        nodes = [n for n in graph.nodes
+                 if n.op == "call_module" and type(root.get_submodule(n.target)) is kind]
+        for node in nodes:
+            node.meta[LEAF_REASON] = leaf_reason(node.target, type_name, error, path)
+        if nodes:
+            entries.append((path, type_name, error, len(nodes)))
+            log.warning("%s: torch.fx could not trace `%s` (%s: %s); %s kept as a leaf "
+                        "module: its channels are fixed, the rest of the model is pruned. To "
+                        "prune inside it, pass concrete_args or rewrite its data-dependent "
+                        "branch with torch.where", model_name, path, type_name, error,
+                        "it is" if len(nodes) == 1 else f"every {type_name} ({len(nodes)}) is")
+    return entries
+
+
+def leaf_reason(path: str, type_name: str, error: str, failed: str = "") -> str:
+    """Why the channels of a retried leaf are fixed (the groups' reason)."""
+    where = "inside it" if not failed or failed == path else f"inside `{failed}`, also a {type_name}"
+    return (f"`{path}` ({type_name}) is kept whole as a leaf module: symbolic tracing "
+            f"failed {where} ({error}); pass concrete_args or rewrite its data-dependent "
+            "branch with torch.where to prune it")
+
+
+def leaf_notes(gm: torch.fx.GraphModule) -> list:
+    """One report note per module type kept as a leaf by the tracing retry."""
+    notes = []
+    for path, type_name, error, count in gm.meta.get(LEAF_RETRIES, ()):
+        more = f" (and the {count - 1} other {type_name} modules)" if count > 1 else ""
+        notes.append(f"tracing: {leaf_reason(path, type_name, error)}{more}")
+    return notes
+
+
+def _first_line(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 def _private_buffer(copies: list):
@@ -263,12 +343,15 @@ def _graph_module_class(lazy: bool) -> type:
     return torch.fx.GraphModule
 
 
-def _explain_trace_failure(exc: Exception, tracer: FxpruneTracer, model) -> TraceError:
+def _explain_trace_failure(exc: Exception, tracer: FxpruneTracer, model,
+                           retried=()) -> TraceError:
     where = tracer.failed_in or ("", type(model).__name__)
     path, type_name = where
     module_txt = f"module `{path or '<root>'}` ({type_name})"
+    tried = (f" (already kept as leaf modules after tracing failed inside them: "
+             f"{', '.join(f'`{r[0]}` ({r[1]})' for r in retried)})" if retried else "")
     return TraceError(
-        f"torch.fx could not trace {module_txt}: {type(exc).__name__}: {exc}. "
+        f"torch.fx could not trace {module_txt}{tried}: {type(exc).__name__}: {exc}. "
         f"Fixes: register `{type_name}` as a leaf module "
         f"(fxprune.register_leaf({type_name}) or leaf_modules=[{type_name}]; its channels "
         "become unprunable), or pass `concrete_args` to fix the value the control flow "

@@ -127,19 +127,28 @@ class Untraceable(nn.Module):
         return self.gate(self.fc(x))
 
 
+class RootBranchy(Untraceable):
+    def forward(self, x):
+        if x.sum() > 0:  # in the root's own forward: no submodule to keep as a leaf
+            return self.fc(x)
+        return x
+
+
 def test_untraceable_model_raises_trace_error_with_advice():
     with pytest.raises(fxprune.TraceError) as info:
-        fxprune.groups(Untraceable(), torch.randn(2, 4))
+        fxprune.groups(RootBranchy(), torch.randn(2, 4))
     msg = str(info.value)
-    assert "`gate` (Branchy)" in msg
+    assert "`<root>` (RootBranchy)" in msg
     assert "leaf" in msg and "concrete_args" in msg
-    # The advice works: as a leaf module the model traces, and fc's channels are fixed.
+    # a failure inside a submodule is retried with it as a leaf: fc's channels are fixed
+    groups = {g.id: g for g in fxprune.groups(Untraceable(), torch.randn(2, 4))}
+    assert not groups["fc"].prunable and "`gate` (Branchy) is kept whole" in groups["fc"].reason
     groups = {g.id: g for g in fxprune.groups(Untraceable(), torch.randn(2, 4), leaf_modules=[Branchy])}
     assert not groups["fc"].prunable and "Branchy" in groups["fc"].reason
 
 
 def test_example_inputs_are_required():
-    with pytest.raises(ValueError):
+    with pytest.raises(fxprune.DataError, match="example_inputs are required"):
         fxprune.groups(create_model("tiny_mlp"), None)
 
 
