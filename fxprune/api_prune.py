@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from .api_gradual import check_gradual, select_gradually
 from .api_score import (_progress, check_not_empty, prepare_batches, resolve_example_inputs,
                         score_analysis, wrap_loss)
 from .criteria import check_options, get_criterion, keywords_of
@@ -23,6 +24,7 @@ from .ignore import ignored as _ignored
 from .ignore import resolve_ignore
 from .plan import Plan, fingerprint, fingerprint_differences
 from .passes.count import cost_model, count_flops, count_params
+from .passes.gradual import as_gradual
 from .passes.groups import Analysis, analyze
 from .passes.repair import REPAIR_MODES
 from .passes.repair import repair as repair_pass
@@ -46,7 +48,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
             output_fn: Optional[Callable] = None, verify: bool = True,
             latency: bool = False, progress: Optional[bool] = None,
             normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
-            repair: Optional[str] = "auto", **options) -> CompileResult:
+            repair: Optional[str] = "auto", steps=None, **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
     Exactly one budget: ``flops=r`` / ``params=r`` (kept fraction of the dense count;
@@ -58,6 +60,10 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     score magnitude. "mean" is the default because it kept more accuracy than "max" for
     both OBA and l2 in the quality benchmark (benchmarks/quality/RESULTS.md): a group
     with one outlier score no longer loses all its other channels first.
+    ``steps=N`` (or a :class:`~fxprune.passes.gradual.Gradual`, which adds the OBA
+    reference code's scoring conditions): prune gradually in N steps on an exponential
+    schedule to the one flops/params budget, re-scoring the masked model after each step
+    with no fine-tuning in between, then rewrite once (:mod:`fxprune.passes.gradual`).
     ``repair``: after each verified rewrite, ``"full"`` re-estimates batch-norm statistics
     and re-fits every layer that lost input channels to the dense model's outputs on the
     calibration inputs, ``"bn"`` only re-estimates batch norms, ``None`` leaves the slim
@@ -83,7 +89,9 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
             raise BudgetError("unstructured pruning takes sparsity=r only")
         return compile_unstructured(model, crit, inputs, batch_list, loss, sparsity,
                                     options, _progress(progress), trace_kw)
+    gradual = as_gradual(steps)  # the keyword; below, `steps` names the budget list
     steps = _budget_steps(flops, params, sparsity)
+    check_gradual(gradual, steps, between_steps, crit)
     dense = refuse_broken_ties(analyze(trace(model, inputs, **trace_kw)))
     dense_cost = cost_model(dense, inputs)
     current, analysis, plan_kept, errors = model, dense, None, []
@@ -92,10 +100,15 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
         if step:
             analysis = refuse_broken_ties(analyze(trace(current, inputs, **trace_kw)))
         log.info("scoring with %s (step %d/%d)", crit.name, step + 1, len(steps))
-        sal = score_analysis(analysis, crit, batch_list, loss, options, _progress(progress))
-        log.info("pruning to %s=%s", budget.kind, budget.ratio)
-        kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, inputs,
-                       max_layer_sparsity, ignore, normalize, notes)
+        if gradual is not None:  # mask-based steps on the dense graph, one rewrite
+            kept, sal = select_gradually(dense, crit, gradual, budget, batch_list, loss,
+                                         options, dense_cost, max_layer_sparsity, ignore,
+                                         normalize, notes, _progress(progress))
+        else:
+            sal = score_analysis(analysis, crit, batch_list, loss, options, _progress(progress))
+            log.info("pruning to %s=%s", budget.kind, budget.ratio)
+            kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, inputs,
+                           max_layer_sparsity, ignore, normalize, notes)
         slim = rewrite(analysis, kept)
         slim_shapes(slim, inputs)
         if verify:  # per step: between_steps may fine-tune, so only this step's input is the reference
