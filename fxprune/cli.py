@@ -101,6 +101,10 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--plan", metavar="PLAN.json", help="write the pruning plan (JSON)")
     p.add_argument("--report", metavar="FILE",
                    help="write the report: .png/.svg keep-ratio plot, .html page or .json")
+    p.add_argument("--steps", type=positive_int, metavar="N",
+                   help="prune gradually in N steps on an exponential schedule to the one "
+                        "--flops/--params budget, re-scoring after each step (the OBA "
+                        "paper's procedure uses 50); costs about N scoring passes")
     p.add_argument("--normalize", choices=("mean", "max", "none"), default="mean",
                    help="global ranking: channel score / its group's mean |score| "
                         "(default), / its group's max, or raw scores ('none')")

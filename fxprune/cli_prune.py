@@ -107,7 +107,8 @@ def _compile(model, criterion: str, calib, args):
     return fx_compile(model, criterion, example_inputs=calib.example, data=calib.batches,
                       batches=args.batches if calib.batches is not None else None,
                       progress=not args.quiet, latency=args.latency, verify=verify,
-                      between_steps=between_steps, repair=repair,
+                      between_steps=None if args.steps else between_steps, repair=repair,
+                      steps=args.steps,
                       normalize=None if args.normalize == "none" else args.normalize,
                       **_criterion_options(criterion, args), **budget)
 
