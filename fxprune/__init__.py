@@ -14,6 +14,7 @@ from .errors import (AnalysisError, BudgetError, CheckpointError, CriterionError
                      UnknownNameError, UnknownOptionError)
 from .group import Group, Member
 from .passes.connectivity import Connectivity
+from .passes.gradual import Gradual
 from .passes.trace import register_leaf
 from .plan import Plan
 from .report import CompileResult, Report
@@ -21,7 +22,7 @@ from .slim_io import load_slim, save_slim
 
 __all__ = [
     "groups", "connectivity", "saliency", "compile", "apply_plan", "list_criteria",
-    "register_criterion", "Criterion", "Group", "Member", "Connectivity", "Plan",
+    "register_criterion", "Criterion", "Gradual", "Group", "Member", "Connectivity", "Plan",
     "Saliency", "CompileResult", "Report", "register_leaf", "save_slim", "load_slim",
     "FxpruneError", "TraceError", "AnalysisError", "BudgetError", "DataError",
     "CheckpointError", "CriterionError", "DegenerateScoresError", "PlanError", "UnknownOptionError", "UnknownNameError",

@@ -60,7 +60,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
     score magnitude. "mean" is the default because it kept more accuracy than "max" for
     both OBA and l2 in the quality benchmark (benchmarks/quality/RESULTS.md): a group
     with one outlier score no longer loses all its other channels first.
-    ``steps=N`` (or a :class:`~fxprune.passes.gradual.Gradual`, which adds the OBA
+    ``steps=N`` (or a :class:`fxprune.Gradual`, which adds the OBA
     reference code's scoring conditions): prune gradually in N steps on an exponential
     schedule to the one flops/params budget, re-scoring the masked model after each step
     with no fine-tuning in between, then rewrite once (:mod:`fxprune.passes.gradual`).
