@@ -18,6 +18,7 @@ _LAZY: Dict[str, str] = {
     "list_criteria": ".criteria", "register_criterion": ".criteria", "Criterion": ".criteria",
     "Group": ".group", "Member": ".group",
     "Connectivity": ".passes.connectivity", "register_leaf": ".passes.trace",
+    "Gradual": ".passes.gradual",
     "Plan": ".plan", "CompileResult": ".report", "Report": ".report",
     "save_slim": ".slim_io", "load_slim": ".slim_io",
     **{name: ".errors" for name in (
@@ -30,7 +31,7 @@ _SUBPACKAGES = ("passes", "criteria", "models", "cli")
 
 __all__ = [
     "groups", "connectivity", "saliency", "compile", "apply_plan", "list_criteria",
-    "register_criterion", "Criterion", "Group", "Member", "Connectivity", "Plan",
+    "register_criterion", "Criterion", "Gradual", "Group", "Member", "Connectivity", "Plan",
     "Saliency", "CompileResult", "Report", "register_leaf", "save_slim", "load_slim",
     "FxpruneError", "TraceError", "AnalysisError", "BudgetError", "DataError",
     "CheckpointError", "CriterionError", "DegenerateScoresError", "PlanError", "UnknownOptionError", "UnknownNameError",

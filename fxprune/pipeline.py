@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from . import api_gradual
 from .criteria import Criterion, get_criterion
 from .criteria.aggregate import weight_norms
 from .criteria.scoring import cast_batch
@@ -32,7 +33,8 @@ from .passes.trace import leaf_notes
 from .passes.verify import slim_shapes, verify_rewrite
 from .report import CompileResult, GroupRow, Report, measure_latency
 
-__all__ = ["PruneState", "analyse", "score", "select", "rewrite_and_verify", "repair",
+__all__ = ["PruneState", "analyse", "score", "select", "select_gradually",
+           "rewrite_and_verify", "repair",
            "record_step", "finish", "build_report", "repair_slim", "counting_inputs"]
 
 log = logging.getLogger(__name__)
@@ -114,6 +116,15 @@ def _tiebreak(criterion: str, groups, gm) -> Optional[Dict[str, torch.Tensor]]:
     """Weight norms to break score ties; none for l2, whose ties are ties of the very
     same norms (and whose norms would be computed a second time: issue 17)."""
     return None if criterion == "l2" else weight_norms(groups, gm)
+
+
+def select_gradually(state: PruneState, gradual, budget: Budget) -> None:
+    """``steps=N`` in place of score + select: mask-based steps on the dense analysis
+    (:mod:`fxprune.passes.gradual`). Writes ``kept``, ``saliency`` (and ``notes``)."""
+    state.kept, state.saliency = api_gradual.select_gradually(
+        state.dense, state.crit, gradual, budget, state.batches, state.loss, state.options,
+        state.dense_cost, state.max_layer_sparsity, state.ignore, state.normalize,
+        state.notes, state.progress)
 
 
 def rewrite_and_verify(state: PruneState) -> None:

@@ -106,6 +106,10 @@ def _prune_parser(sub, common) -> None:
                         "or a glob (repeat, or comma-separate: --ignore layer4,fc)")
     p.add_argument("--max-layer-sparsity", type=sparsity_ratio, default=0.95, metavar="R",
                    help="remove at most fraction R of any group's channels (default: 0.95)")
+    p.add_argument("--steps", type=positive_int, metavar="N",
+                   help="prune gradually in N steps on an exponential schedule to the one "
+                        "--flops/--params budget, re-scoring after each step (the OBA "
+                        "paper's procedure uses 50); costs about N scoring passes")
     p.add_argument("--normalize", choices=("mean", "max", "none"), default="mean",
                    help="global ranking: channel score / its group's mean |score| "
                         "(default), / its group's max, or raw scores ('none')")

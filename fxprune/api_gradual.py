@@ -1,0 +1,102 @@
+"""``compile(steps=N)``: the criterion, degenerate-score checks and cost model wired into
+the mask-based gradual pass (:mod:`fxprune.passes.gradual`).
+
+:func:`select_gradually` is what ``compile`` calls in place of score + select when
+``steps`` is given: it returns the final plan (dense numbering) and the last step's
+saliency; ``compile`` then rewrites, verifies and repairs once.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .criteria import Criterion
+from .criteria.aggregate import member_channel_sums, weight_norms
+from .errors import BudgetError, CriterionError
+from .group import Group
+from .ignore import ignored
+from .passes.budget import Budget
+from .passes.degenerate import check_scores
+from .passes.gradual import Gradual, masked_analysis, prune_gradually
+from .passes.groups import Analysis
+from .passes.score import Saliency, score_analysis
+from .passes.select import removable_counts
+
+__all__ = ["select_gradually", "layer_means"]
+
+log = logging.getLogger(__name__)
+
+
+def check_gradual(gradual: Optional[Gradual], budgets: List[Budget], between_steps,
+                  crit: Criterion, round_to: int = 1) -> None:
+    """Refuse ``steps=`` combined with what it replaces or cannot rank."""
+    if gradual is None:
+        return
+    if round_to != 1:
+        raise BudgetError("steps=N does not round kept widths yet: pass round_to=1 with "
+                          "steps=, or drop steps= to use round_to")
+    if budgets[0].spec.cost is None:
+        raise BudgetError(f"steps=N prunes to a flops=r or params=r budget, not "
+                          f"{budgets[0].kind}=r")
+    if len(budgets) > 1 or between_steps is not None:
+        raise BudgetError("steps=N prunes gradually to one budget without fine-tuning in "
+                          "between: pass one flops=r or params=r (not a list) and no "
+                          "between_steps, or drop steps= for the iterative mode")
+    if crit.select is not None:
+        raise CriterionError(f"criterion {crit.name!r} selects channels by its own greedy "
+                             "procedure, which steps= cannot re-rank: use it without steps=")
+
+
+def layer_means(groups: List[Group], param_scores: Dict[str, torch.Tensor],
+                scores: Dict[str, torch.Tensor], kept: Dict[str, List[int]]):
+    """Channel scores ÷ the number of the group's members (weights, biases, norm affines)
+    whose scores are not all zero on the kept channels: the OBA reference code's
+    ``group_reduction="mean"`` (a mean over the group's non-zero layers)."""
+    out = dict(scores)
+    for g in groups:
+        rows = torch.as_tensor(kept[g.id], dtype=torch.long)
+        live = sum(1 for m in g.members if m.target in param_scores and bool(
+            member_channel_sums(m, param_scores[m.target].detach(), g.size)[rows].ne(0).any()))
+        out[g.id] = scores[g.id] / max(live, 1)
+    return out
+
+
+def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget: Budget,
+                     batch_list, loss, options, dense_cost, max_layer_sparsity, ignore,
+                     normalize, notes: List[str], progress: bool
+                     ) -> Tuple[Dict[str, List[int]], Optional[Saliency]]:
+    """The plan of ``gradual.steps`` mask-based steps to ``budget`` and the saliency of
+    the last scored step (of the final masked model when no step needed pruning)."""
+    groups = [g for g in dense.groups if g.prunable and not ignored(g, ignore)]
+    caps = removable_counts(groups, max_layer_sparsity)
+    last: dict = {}  # "sal": the last step's saliency; "checked": after the first check
+
+    def score(masked: Analysis, kept):
+        sal = score_analysis(masked, crit, batch_list, loss, options, progress)
+        last["sal"] = sal
+        scores = sal.groups
+        if gradual.layer_mean:
+            scores = layer_means(groups, sal.parameters, scores, kept)
+        # tie-break keys of the masked model: removed slices are zero, so the kept
+        # channels' weight norms are those of the slim model
+        return scores, weight_norms(groups, masked.gm)
+
+    def check(compact, scores, step_caps):
+        # the stationary-loss check (one extra forward) concerns the dense model: first
+        # scored step only; the tie checks run at every step
+        ctx = last["sal"].context if "checked" not in last else None
+        notes.extend(check_scores(crit.name, scores, compact, step_caps, ctx))
+        last["checked"] = True
+
+    measure = getattr(dense_cost, budget.spec.cost)   # passes/budget.py's BUDGETS table
+    total = getattr(dense_cost, budget.spec.dense_total)
+    kept = prune_gradually(dense, groups, budget, gradual, score,
+                           lambda plan: measure(dense.keep_mask(plan)), total, caps,
+                           max_layer_sparsity, normalize=normalize, check=check)
+    if "sal" not in last:
+        log.info("the budget holds without pruning: scoring the model once for the report")
+        last["sal"] = score_analysis(masked_analysis(dense, kept, gradual.bn_train), crit,
+                                     batch_list, loss, options, progress)
+    return kept, last["sal"]

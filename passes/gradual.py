@@ -1,0 +1,180 @@
+"""Gradual pruning on channel masks: the OBA paper's procedure (issue 12, item 3).
+
+Prune in ``N`` small steps on an exponential schedule to the budget, re-scoring on the
+calibration batches after every step, with no fine-tuning in between -- on *one* traced
+and analysed graph. Each step scores the dense graph with every channel removed so far
+*masked* (:func:`fxprune.passes.verify.masked_reference`: cut at its consumers and
+producers, norms over pruned dims with kept-only statistics), which computes exactly
+what the rewritten model of the steps so far computes; the caller rewrites once, at the
+end. N steps cost N scoring passes (steps whose budget already holds are not scored),
+plus a deep copy per step; no re-trace, re-analysis or rewrite.
+
+Contract (:func:`prune_gradually`): reads the dense :class:`Analysis`, its prunable
+groups, the dense per-group removal caps, a :class:`Budget` (flops or params), a
+``score`` callback and the exact cost model; returns ``{group id: kept channels}`` in
+the dense numbering, every group of ``caps`` included. Invariants:
+
+* step k's target is ``ratio ** (k / N)`` of the dense cost (exponential in the kept
+  fraction, the reference code's ``exponential_scheduler``); the last step's target is
+  exactly ``ratio``; the cost of a plan is the dense cost model under the cumulative
+  keep mask;
+* channels removed at a step stay removed: later steps rank only the remaining
+  channels, with scores, tie-break keys and the group normaliser (÷ mean or ÷ max)
+  computed over the remaining channels only, and caps counted against the dense size
+  (``max_layer_sparsity`` of the dense group), as the rewrite-based iterative mode
+  (``compile(flops=[...])``) ranks the channels of its re-analysed slim model. Given
+  the same scores the two give the same plan;
+* the dense analysis (its GraphModule, groups and parameters) is never changed.
+
+The ``score`` callback gets the step's masked :class:`Analysis` and the kept channels
+and returns ``(channel scores, tie-break keys or None)`` per group id, dense-sized; only
+the kept entries are read. :class:`Gradual` carries the step count and the reference
+code's scoring conditions (batch-statistics BN, mean over a group's non-zero layers).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from ..errors import BudgetError
+from ..group import Group
+from .groups import Analysis
+from .select import DEFAULT_NORMALIZE, Budget, global_order, select_budget
+from .verify import masked_reference
+
+__all__ = ["Gradual", "as_gradual", "schedule", "masked_analysis", "prune_gradually"]
+
+log = logging.getLogger(__name__)
+
+Kept = Dict[str, List[int]]
+Scores = Dict[str, torch.Tensor]
+ScoreFn = Callable[[Analysis, Kept], Tuple[Scores, Optional[Scores]]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Gradual:
+    """Gradual pruning settings (``compile(steps=...)`` takes an int or one of these).
+
+    ``steps``: number of pruning steps (the OBA paper uses 50). ``bn_train``: score with
+    every BatchNorm module normalising by the calibration batch's statistics, as the
+    reference code scores in train mode (running statistics are neither used nor
+    updated; functional ``F.batch_norm`` calls keep their own flag). ``layer_mean``:
+    divide each group's channel scores by the number of the group's members (weights,
+    biases, norm affines) with a non-zero score on the remaining channels -- the
+    reference code's ``group_reduction="mean"``. A per-group constant, it changes the
+    ranking only with ``normalize=None``: ÷ group mean and ÷ group max cancel it.
+    (÷ group max itself, the reference's ``normalizer="max"``, is ``normalize="max"``:
+    per step, over the group's remaining channels.)
+    """
+
+    steps: int
+    bn_train: bool = False
+    layer_mean: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
+            raise BudgetError(f"steps={self.steps!r} must be a positive integer: the number "
+                              "of gradual pruning steps (the OBA paper uses 50)")
+
+
+def as_gradual(steps) -> Optional[Gradual]:
+    """``None`` -> None; an int -> ``Gradual(steps)``; a :class:`Gradual` as is."""
+    if steps is None or isinstance(steps, Gradual):
+        return steps
+    return Gradual(steps)
+
+
+def schedule(budget: Budget, steps: int) -> List[Budget]:
+    """The per-step targets: ``ratio ** (k / steps)`` for k = 1..steps, the last exactly
+    ``ratio``. Only flops/params budgets (kept fractions) have a gradual schedule."""
+    if budget.kind not in ("flops", "params"):
+        raise BudgetError(f"steps= needs a flops=r or params=r budget, not {budget.kind}=: "
+                          "the schedule is exponential in the kept fraction of the cost")
+    ratios = [budget.ratio ** (k / steps) for k in range(1, steps)] + [budget.ratio]
+    return [Budget(budget.kind, r) for r in ratios]
+
+
+def masked_analysis(dense: Analysis, kept: Kept, bn_train: bool = False) -> Analysis:
+    """``dense`` with its GraphModule replaced by the masked reference of ``kept`` (a new
+    module; ``dense`` is untouched). ``bn_train``: its BatchNorm modules normalise by
+    batch statistics (their running statistics are dropped from the copy), which keeps
+    removed channels exact: a masked channel enters its BN as a constant."""
+    gm = masked_reference(dense, kept)
+    if bn_train:
+        for mod in gm.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                # torch's BN uses batch statistics in eval mode too when both are None
+                mod.running_mean, mod.running_var = None, None
+                mod.num_batches_tracked, mod.track_running_stats = None, False
+    return dataclasses.replace(dense, gm=gm)
+
+
+def _step_caps(groups: List[Group], caps: Dict[str, int], kept: Kept,
+               max_layer_sparsity: float) -> Dict[str, int]:
+    """Channels each group may still lose: the dense cap less those already removed, and
+    no more than a fresh analysis of the slim model would allow (what the rewrite-based
+    iterative mode computes, so that the two agree)."""
+    out = {}
+    for g in groups:
+        left = len(kept[g.id])
+        fresh = min(left - 1, int(math.floor(max_layer_sparsity * left)))
+        out[g.id] = max(0, min(fresh, caps[g.id] - (g.size - left)))
+    return out
+
+
+def _remaining_order(groups: List[Group], scores: Scores, tiebreak: Optional[Scores],
+                     kept: Kept, caps: Dict[str, int], normalize: Optional[str],
+                     check: Optional[Callable]) -> List[Tuple[str, int]]:
+    """The global removal order of the remaining channels (dense numbering), ranked as
+    :func:`global_order` ranks a model that has only those channels."""
+    index = {g.id: torch.as_tensor(kept[g.id], dtype=torch.long) for g in groups}
+    compact = [Group(g.id, len(kept[g.id])) for g in groups]
+    sub = {gid: scores[gid].detach()[ix.to(scores[gid].device)] for gid, ix in index.items()}
+    sub_tb = None if tiebreak is None else {
+        gid: tiebreak[gid].detach()[ix.to(tiebreak[gid].device)] for gid, ix in index.items()}
+    if check is not None:
+        check(compact, sub, caps)
+    order = global_order(compact, sub, caps, normalize, tiebreak=sub_tb)
+    return [(gid, kept[gid][c]) for gid, c in order]
+
+
+def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradual: Gradual,
+                    score: ScoreFn, cost: Callable[[Kept], float], dense_total: float,
+                    caps: Dict[str, int], max_layer_sparsity: float, *,
+                    normalize: Optional[str] = DEFAULT_NORMALIZE,
+                    check: Optional[Callable] = None) -> Kept:
+    """Kept channels after ``gradual.steps`` mask-based steps (see the module doc).
+
+    ``groups``: the prunable, not ignored groups; ``caps``: their dense removal caps
+    (:func:`~.select.removable_counts`); ``cost(kept)``: the cost model's count under a
+    plan; ``check(groups, scores, caps)``: optional degenerate-score check of each step's
+    remaining-channel scores. Raises :class:`BudgetError` when a step's target cannot be
+    reached."""
+    sizes = {g.id: g.size for g in groups}
+    kept: Kept = {gid: list(range(n)) for gid, n in sizes.items()}
+    removed: List[Tuple[str, int]] = []  # in removal order: replayed as the order's prefix
+    targets = schedule(budget, gradual.steps)
+    for k, step in enumerate(targets):
+        if cost(kept) <= step.ratio * dense_total * (1 + 1e-9):
+            log.info("gradual step %d/%d: %s=%.4f already holds", k + 1, len(targets),
+                     step.kind, step.ratio)
+            continue
+        log.info("gradual step %d/%d: scoring, then pruning to %s=%.4f", k + 1, len(targets),
+                 step.kind, step.ratio)
+        scores, tiebreak = score(masked_analysis(dense, kept, gradual.bn_train), kept)
+        step_caps = _step_caps(groups, caps, kept, max_layer_sparsity)
+        order = removed + _remaining_order(groups, scores, tiebreak, kept, step_caps,
+                                           normalize, check)
+        new = select_budget(groups, scores, step, caps, cost, dense_total, order)
+        gone = {(gid, c) for gid in sizes for c in set(kept[gid]) - set(new[gid])}
+        # the prefix of already removed channels is always replayed: the plan without
+        # them costs more than this step's target, so the bisection ends beyond them
+        removed += [e for e in order[len(removed):] if e in gone]
+        kept = new
+    return kept
+
