@@ -162,14 +162,15 @@ def test_prune_image_folder_safetensors_iterative(workdir, checkpoints):
     assert plan["meta"]["report"]["params_after"] <= 0.8 * plan["meta"]["report"]["params_before"]
 
 
-def test_prune_oba_default_criterion(workdir):
-    """The default criterion (OBA) on synthetic data, tiny input."""
+def test_prune_default_criterion_on_synthetic_data(workdir):
+    """The default criterion on the synthetic data is the data-free l2 (compile's
+    criterion='auto'; obs needs real data), tiny input."""
     proc = run_cli("prune", RESNET, "--flops", "0.6", "--input-size", "3,32,32",
                    "--batch-size", "2", "--batches", "1", "--no-latency", "--plan", "oba.json",
                    cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "real data" in proc.stderr  # synthetic data comes with a hint
-    assert json.loads((workdir / "oba.json").read_text())["meta"]["criterion"] == "oba"
+    assert json.loads((workdir / "oba.json").read_text())["meta"]["criterion"] == "l2"
 
 
 def test_fashion_mnist_idx_files(tmp_path):
@@ -229,7 +230,8 @@ def test_timm_vit_built_for_the_input_size(tmp_path, capsys, monkeypatch):
 def test_criteria_command(capsys):
     proc = call_main(capsys, "criteria")
     assert proc.returncode == 0, proc.stderr
-    assert "oba" in proc.stdout and "l2" in proc.stdout and "(default)" in proc.stdout
+    assert "oba" in proc.stdout and "(default with --data)" in proc.stdout
+    assert "(default without --data)" in proc.stdout
 
 
 BAD_ARGS = {  # run in a subprocess: the real entry point

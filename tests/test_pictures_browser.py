@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import fxprune
-from fxprune.cli_graph import write_graph
-from fxprune.cli_report import report_html
+from fxprune.cli.graph import write_graph
+from fxprune.cli.report import report_html
 from fxprune.report import GroupRow, Report
 
 pytestmark = pytest.mark.slow

@@ -22,7 +22,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("fxprune.cli")
 
 #: Criteria tried, in order, when ``--criterion`` is not given.
-DEFAULT_CRITERIA = ("oba", "sosp-h", "taylor", "l2")
 
 
 class CliError(FxpruneError):
@@ -131,21 +130,14 @@ def resolve_device(name: str) -> "torch.device":
     return torch.device(name)
 
 
-def resolve_criterion(name: Optional[str]):
-    """The :class:`~fxprune.criteria.Criterion` to use; the default is OBA, falling back
-    (with a message) to the first registered one of :data:`DEFAULT_CRITERIA`."""
-    from ..criteria import get_criterion, list_criteria
-    if name is not None:
-        return get_criterion(name)  # CriterionError lists the valid names
-    available = list_criteria()
-    for candidate in DEFAULT_CRITERIA:
-        if candidate in available:
-            if candidate != DEFAULT_CRITERIA[0]:
-                log.warning("criterion %r is not available; using %r instead",
-                            DEFAULT_CRITERIA[0], candidate)
-            return get_criterion(candidate)
-    raise CliError("no default criterion is registered; pass --criterion "
-                   f"(valid: {', '.join(available)})")
+def resolve_criterion(name: Optional[str], real_data: bool = False):
+    """The :class:`~fxprune.criteria.Criterion` to use. The default is ``compile``'s
+    ``"auto"`` (:data:`fxprune.api_prune.AUTO_CRITERION`): obs with real calibration
+    data (``--data``), l2 on the synthetic default data, whose labels carry no signal."""
+    from ..api_prune import resolve_criterion as auto_criterion
+    from ..criteria import get_criterion
+    chosen = auto_criterion(name or "auto", object() if real_data else None)
+    return get_criterion(chosen)  # CriterionError lists the valid names
 
 
 # ----------------------------------------------------------------------------- models

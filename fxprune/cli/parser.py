@@ -74,7 +74,8 @@ def _prune_parser(sub, common) -> None:
                                    "write the slim model, plan and report.")
     _model_args(p)
     p.add_argument("--criterion", metavar="NAME",
-                   help="saliency criterion (default: oba; see 'fxprune criteria')")
+                   help="saliency criterion (default: obs with --data, l2 on the synthetic "
+                        "default data, as compile's criterion='auto'; see 'fxprune criteria')")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--flops", type=ratio_list, metavar="R",
                         help="keep fraction R of the dense FLOPs (0.5 keeps half); a "
@@ -182,7 +183,7 @@ def _criteria(args) -> int:
     found = list_criteria()
     width = max(map(len, found), default=0)
     for name, description in found.items():
-        default = " (default)" if name == "oba" else ""
+        default = {"obs": " (default with --data)", "l2": " (default without --data)"}.get(name, "")
         print(f"{name:<{width}}  {description}{default}")
     return 0
 

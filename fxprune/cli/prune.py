@@ -23,7 +23,7 @@ def run_prune(args) -> int:
     """Entry point of ``fxprune prune`` (see ``fxprune prune --help``)."""
     _check_args(args)
     device = resolve_device(args.device)
-    crit = resolve_criterion(args.criterion)
+    crit = resolve_criterion(args.criterion, real_data=bool(args.data))
     source = parse_source(args.data)
     seed_everything(args.seed)
     model = load_model(args.model, args.checkpoint, args.num_classes, device, args.input_size,
