@@ -61,7 +61,6 @@ class PruneState:
     # written by the stages
     dense: Optional[Analysis] = None          # analyse: the dense model's analysis
     dense_cost: Optional[CostModel] = None    # analyse: exact cost model of the dense model
-    sample: Optional[tuple] = None            # analyse: one example (FLOPs, budgets, latency)
     analysis: Optional[Analysis] = None       # the model this step prunes (dense at step 0)
     current: Optional[torch.nn.Module] = None  # the latest model (slim after a step)
     saliency: Optional[Saliency] = None       # score
@@ -80,8 +79,7 @@ def analyse(state: PruneState) -> None:
     state.analysis = analyze(capture(source, state.inputs, **state.trace_kw))
     if state.dense is None:
         state.dense, state.current = state.analysis, state.model
-        state.sample = counting_inputs(state.dense.gm, state.inputs)[0]
-        state.dense_cost = cost_model(state.dense, state.sample)
+        state.dense_cost = cost_model(state.dense, state.inputs)
 
 
 def score(state: PruneState, step: int, n_steps: int) -> None:
@@ -105,7 +103,7 @@ def select(state: PruneState, budget: Budget) -> None:
     crit = get_criterion(sal.criterion)
     order = crit.select(groups, sal.groups, sal.context, caps) if crit.select else None
     cost_now = state.dense_cost if analysis is state.dense else cost_model(analysis,
-                                                                           state.sample)
+                                                                           state.inputs)
     state.kept = select_step(groups, sal.groups, budget, caps, analysis.keep_mask, cost_now,
                              state.dense_cost, order=order, normalize=state.normalize,
                              tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
@@ -182,7 +180,7 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
                                             input_shapes(inputs))})
     report = build_report(dense, state.current, plan, inputs, False, latency,
                           predicted=state.dense_cost.flops(dense.keep_mask(plan.kept)),
-                          dense_flops=state.dense_cost.dense_flops, sample=state.sample)
+                          dense_flops=state.dense_cost.dense_flops)
     report.max_rel_error = max(state.errors) if state.errors else None
     report.notes.extend(dict.fromkeys(state.notes))
     report.repair = state.repaired
@@ -190,17 +188,18 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
     return CompileResult(state.current, plan, report, saliency=state.saliency)
 
 
-def counting_inputs(gm: torch.fx.GraphModule, inputs) -> Tuple[tuple, int]:
-    """The inputs FLOPs and latency are measured on, and their batch size: one example
-    (the first of every tensor input with the batch's leading size), so that the report's
-    FLOPs are per example as the CLI's are; the whole batch when one example fails."""
+def counting_inputs(modules, inputs) -> Tuple[tuple, int]:
+    """The inputs (and their batch size) the report counts FLOPs and latency on: one
+    example, as the CLI does; the whole batch when one of ``modules`` fails on one (a
+    slim graph that keeps the traced batch size, e.g. Swin's window partition)."""
     n = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
     one = tuple(x[:1] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
                 for x in inputs)
     if n <= 1:
         return inputs, n
     try:
-        count_flops(gm, one)
+        for module in modules:
+            count_flops(module, one)
     except Exception as exc:  # noqa: BLE001 - batch-dependent code: count the batch instead
         log.info("counting FLOPs on the whole batch of %d: one example fails (%s)", n, exc)
         return inputs, n
@@ -209,16 +208,17 @@ def counting_inputs(gm: torch.fx.GraphModule, inputs) -> Tuple[tuple, int]:
 
 def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
                  latency: bool, predicted: Optional[float] = None,
-                 dense_flops: Optional[int] = None, sample: Optional[tuple] = None) -> Report:
-    """Counts per example (:func:`counting_inputs`; the dense FLOPs from the cost model
-    when given, counted once), one row per dense group, and optionally the verification
-    error on all of ``inputs`` and the latencies, dense and slim timed interleaved."""
-    batch = 1
-    if sample is None:
-        sample, batch = counting_inputs(dense.gm, inputs)
-    elif sample is inputs:
-        batch = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
-    before = count_flops(dense.gm, sample) if dense_flops is None else dense_flops
+                 dense_flops: Optional[int] = None) -> Report:
+    """Counts per example (:func:`counting_inputs`), one row per dense group, and
+    optionally the verification error on all of ``inputs`` and the latencies, dense and
+    slim timed interleaved. ``predicted`` / ``dense_flops``: the cost model's prediction
+    and dense total, both for the whole batch (selection counts the calibration batch)."""
+    sample, batch = counting_inputs((dense.gm, slim), inputs)
+    whole = sample is inputs
+    before = dense_flops if whole and dense_flops is not None else count_flops(dense.gm, sample)
+    if predicted is not None and not whole:  # rescale the batch prediction to one example
+        total = dense_flops if dense_flops is not None else count_flops(dense.gm, inputs)
+        predicted *= before / max(total, 1)
     report = Report(before, count_flops(slim, sample), count_params(dense.gm),
                     count_params(slim), predicted_flops=predicted,
                     frontend=frontend_of(dense.gm))

@@ -169,7 +169,7 @@ def test_prune_default_criterion_on_synthetic_data(workdir):
                    "--batch-size", "2", "--batches", "1", "--no-latency", "--plan", "oba.json",
                    cwd=workdir)
     assert proc.returncode == 0, proc.stderr
-    assert "real data" in proc.stderr  # synthetic data comes with a hint
+    assert "data-free" in proc.stderr  # l2 only takes the input shape from the data
     assert json.loads((workdir / "oba.json").read_text())["meta"]["criterion"] == "l2"
 
 

@@ -196,7 +196,7 @@ def export_program(module, example, path: str) -> None:
     (:func:`fxprune.passes.export_capture.export_dynamic`) and ``torch.export.save`` it
     atomically."""
     import torch
-    from .passes.export_capture import export_dynamic
+    from ..passes.export_capture import export_dynamic
     log.info("exporting with torch.export")
     try:
         program = export_dynamic(module, (example,)).program
