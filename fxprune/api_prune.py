@@ -85,8 +85,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
                                     options, _progress(progress), trace_kw)
     steps = _budget_steps(flops, params, sparsity)
     dense = refuse_broken_ties(analyze(trace(model, inputs, **trace_kw)))
-    sample = counting_inputs(dense.gm, inputs)[0]  # FLOPs, budgets and latency per example
-    dense_cost = cost_model(dense, sample)
+    dense_cost = cost_model(dense, inputs)
     current, analysis, plan_kept, errors = model, dense, None, []
     notes: List[str] = []  # tied-score warnings of every step, for report.notes
     for step, budget in enumerate(steps):
@@ -95,7 +94,7 @@ def compile(model: torch.nn.Module, criterion: str = "l2", example_inputs: Any =
         log.info("scoring with %s (step %d/%d)", crit.name, step + 1, len(steps))
         sal = score_analysis(analysis, crit, batch_list, loss, options, _progress(progress))
         log.info("pruning to %s=%s", budget.kind, budget.ratio)
-        kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, sample,
+        kept = _select(analysis, sal, budget, dense, dense_cost, plan_kept, inputs,
                        max_layer_sparsity, ignore, normalize, notes)
         slim = rewrite(analysis, kept)
         slim_shapes(slim, inputs)
@@ -226,17 +225,17 @@ def _compose(previous: Optional[Dict[str, List[int]]], kept: Dict[str, List[int]
     return out
 
 
-def counting_inputs(gm: torch.fx.GraphModule, inputs) -> Tuple[tuple, int]:
-    """The inputs FLOPs and latency are measured on, and their batch size: one example
-    (the first of every tensor input with the batch's leading size), so that the report's
-    FLOPs are per example as the CLI's are; the whole batch when one example fails."""
+def counting_inputs(modules, inputs) -> Tuple[tuple, int]:
+    """The inputs (and their batch size) the report counts FLOPs and latency on: one
+    example, as the CLI does; the whole batch when one of ``modules`` fails on one."""
     n = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
     one = tuple(x[:1] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
                 for x in inputs)
     if n <= 1:
         return inputs, n
     try:
-        count_flops(gm, one)
+        for module in modules:
+            count_flops(module, one)
     except Exception as exc:  # noqa: BLE001 - batch-dependent code: count the batch instead
         log.info("counting FLOPs on the whole batch of %d: one example fails (%s)", n, exc)
         return inputs, n
@@ -245,11 +244,12 @@ def counting_inputs(gm: torch.fx.GraphModule, inputs) -> Tuple[tuple, int]:
 
 def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
                  latency: bool, predicted: Optional[float] = None) -> Report:
-    """The report: FLOPs and latency per example (:func:`counting_inputs`), the
-    verification on all of ``inputs``."""
-    sample, batch = counting_inputs(dense.gm, inputs)
-    report = Report(count_flops(dense.gm, sample), count_flops(slim, sample),
-                    count_params(dense.gm), count_params(slim), predicted_flops=predicted)
+    """The report: FLOPs and latency per example, the verification on all ``inputs``."""
+    sample, batch = counting_inputs((dense.gm, slim), inputs)
+    before = count_flops(dense.gm, sample)
+    if predicted is not None and sample is not inputs:  # the cost model counts the batch
+        predicted *= before / max(count_flops(dense.gm, inputs), 1)
+    report = Report(before, count_flops(slim, sample), count_params(dense.gm), count_params(slim), predicted_flops=predicted)
     if batch > 1:
         report.notes.append(f"FLOPs and latency are for the whole batch of {batch} examples "
                             "(the model does not run on one example)")
