@@ -90,12 +90,13 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     check_normalize(normalize)  # before scoring, which can take minutes
     batch_list = prepare_batches(data, batches, crit.needs_data)
     state = stage.PruneState(
-        model, crit, example_input_tuple(example_inputs, batch_list, model), batch_list,
-        wrap_loss(loss_fn, output_fn), dict(options),
-        dict(leaf_modules=leaf_modules, concrete_args=concrete_args, frontend=frontend),
-        resolve_ignore(model, ignore), normalize, max_layer_sparsity,
-        resolve_repair(repair, batch_list, unstructured), verify, show_progress(progress),
-        check_round_to(round_to))
+        model=model, crit=crit, inputs=example_input_tuple(example_inputs, batch_list, model),
+        batches=batch_list, loss=wrap_loss(loss_fn, output_fn), options=dict(options),
+        trace_kw=dict(leaf_modules=leaf_modules, concrete_args=concrete_args, frontend=frontend),
+        ignore=resolve_ignore(model, ignore), normalize=normalize,
+        max_layer_sparsity=max_layer_sparsity, verify=verify, progress=show_progress(progress),
+        repair_mode=resolve_repair(repair, batch_list, unstructured),
+        round_to=check_round_to(round_to))
     if unstructured:
         if sparsity is None or flops is not None or params is not None:
             raise BudgetError("unstructured pruning takes sparsity=r only")
