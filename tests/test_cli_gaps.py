@@ -66,6 +66,13 @@ def test_ignore_and_max_layer_sparsity_reach_compile(tmp_path, capsys):
     assert all(kept[g] == sizes[g] - sizes[g] // 4 for g in kept)  # capped at 25 %
 
 
+def test_round_to_reaches_compile(tmp_path, capsys):
+    kept, sizes = _prune(capsys, tmp_path, "--round-to", "8")  # sparsity 0.5 halves groups
+    pruned = [g for g in kept if kept[g] < sizes[g]]
+    assert pruned and all(kept[g] % 8 == 0 for g in pruned)
+    assert all(kept[g] == 8 for g in kept if sizes[g] == 8)  # 8 -> 4 would not be a multiple
+
+
 def test_ignore_of_an_unknown_module_is_refused(tmp_path, capsys):
     from fxprune.cli import main
     code = main(["prune", "tiny_vgg", "--criterion", "l2", "--sparsity", "0.5",

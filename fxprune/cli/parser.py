@@ -105,6 +105,9 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--ignore", action="append", default=[], metavar="NAME",
                    help="keep the channels of this module whole: a module name, its prefix "
                         "or a glob (repeat, or comma-separate: --ignore layer4,fc)")
+    p.add_argument("--round-to", type=positive_int, default=1, metavar="N",
+                   help="keep every pruned layer's width a multiple of N (8/16/32 suit most "
+                        "accelerators; a head of d dims counts d; default: 1)")
     p.add_argument("--max-layer-sparsity", type=sparsity_ratio, default=0.95, metavar="R",
                    help="remove at most fraction R of any group's channels (default: 0.95)")
     p.add_argument("--steps", type=positive_int, metavar="N",

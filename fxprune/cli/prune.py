@@ -112,7 +112,7 @@ def _compile(model, criterion: str, calib, args):
                       steps=args.steps,
                       normalize=None if args.normalize == "none" else args.normalize,
                       ignore=ignore_names(args.ignore),
-                      max_layer_sparsity=args.max_layer_sparsity,
+                      max_layer_sparsity=args.max_layer_sparsity, round_to=args.round_to,
                       **_criterion_options(criterion, args), **budget)
 
 
