@@ -285,7 +285,9 @@ def spatial_rule(ctx: RuleContext):
     """Pooling, resizing, padding act on the trailing spatial dims only."""
     x = _input(ctx)
     if ctx.node.op == "call_module":
-        touched = range(x.ndim - _SPATIAL[type(ctx.module())], x.ndim)
+        # a subclass (timm's AvgPool2dSame) has its base class's spatial rank
+        rank = next(_SPATIAL[c] for c in type(ctx.module()).__mro__ if c in _SPATIAL)
+        touched = range(x.ndim - rank, x.ndim)
     elif canonical(ctx.node.target) is F.pad:
         pad = ctx.arg(1, "pad")  # pairs from the last dim backwards; (0, 0) leaves a dim alone
         touched = [x.ndim - 1 - i for i in range(len(pad) // 2)

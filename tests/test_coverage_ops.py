@@ -302,3 +302,18 @@ def test_cait_talking_heads_prune_whole_heads():
 def test_cait_xxs24_img96_prunes_and_verifies():
     model = ready(timm.create_model("cait_xxs24_224", img_size=96, num_classes=10), seed=1)
     prune(model, torch.randn(1, 3, 96, 96, dtype=torch.float64), flops=0.6)
+
+
+def test_a_pooling_subclass_uses_its_base_rule():
+    """timm's AvgPool2dSame subclasses AvgPool2d: the spatial rule (found along the MRO)
+    must read the base class's rank, not crash on the subclass (maxvit_xlarge_tf_224)."""
+    import torch.nn as nn
+    import fxprune
+
+    class SamePool(nn.AvgPool2d):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), SamePool(2),
+                          nn.Conv2d(8, 4, 1)).eval()
+    res = fxprune.compile(model, "l2", example_inputs=torch.randn(1, 3, 8, 8), flops=0.6)
+    assert res.report.flops_ratio <= 0.6 and res.report.max_rel_error is not None
