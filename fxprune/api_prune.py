@@ -84,7 +84,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     or ``"auto"`` (default: export only where symbolic tracing fails); the report's
     ``frontend`` says which was used.
     """
-    criterion = resolve_criterion(criterion, data, unstructured)
+    criterion = resolve_criterion(criterion, data is not None, unstructured)
     crit = get_criterion(criterion)
     check_options(crit, options, keywords_of(compile), "compile")
     check_normalize(normalize)  # before scoring, which can take minutes
@@ -120,13 +120,13 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     return stage.finish(state, budgets, criterion, latency)
 
 
-def resolve_criterion(criterion: str, data: Any, unstructured: bool = False) -> str:
+def resolve_criterion(criterion: str, has_data: bool, unstructured: bool = False) -> str:
     """``criterion`` itself, or the criterion ``"auto"`` stands for."""
     if criterion != "auto":
         return criterion
-    chosen = AUTO_CRITERION["data" if data is not None and not unstructured else "data-free"]
-    log.info("criterion='auto': %s (%s)", chosen,
-             "calibration data given" if data is not None and not unstructured
+    with_data = has_data and not unstructured
+    chosen = AUTO_CRITERION["data" if with_data else "data-free"]
+    log.info("criterion='auto': %s (%s)", chosen, "calibration data given" if with_data
              else "no calibration data: a data-free criterion")
     return chosen
 

@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 
 from . import api_gradual
-from .criteria import Criterion, get_criterion
+from .criteria import Criterion
 from .criteria.aggregate import weight_norms
 from .criteria.scoring import cast_batch
 from .ignore import ignored
@@ -35,7 +35,7 @@ from .report import CompileResult, GroupRow, Report, measure_latency
 
 __all__ = ["PruneState", "analyse", "score", "select", "select_gradually",
            "rewrite_and_verify", "repair",
-           "record_step", "finish", "build_report", "repair_slim", "counting_inputs"]
+           "record_step", "finish", "build_report", "repair_slim", "per_example_flops"]
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ def select(state: PruneState, budget: Budget) -> None:
     caps = step_caps(groups, state.max_layer_sparsity,
                      {g.id: g.size for g in state.dense.groups} if iterative else None)
     state.notes.extend(check_scores(sal.criterion, sal.groups, groups, caps, sal.context))
-    crit = get_criterion(sal.criterion)
+    crit = state.crit  # the criterion the saliency came from
     order = crit.select(groups, sal.groups, sal.context, caps) if crit.select else None
     cost_now = state.dense_cost if analysis is state.dense else cost_model(analysis,
                                                                            state.inputs)
@@ -188,38 +188,34 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
     return CompileResult(state.current, plan, report, saliency=state.saliency)
 
 
-def counting_inputs(modules, inputs) -> Tuple[tuple, int]:
-    """The inputs (and their batch size) the report counts FLOPs and latency on: one
-    example, as the CLI does; the whole batch when one of ``modules`` fails on one (a
-    slim graph that keeps the traced batch size, e.g. Swin's window partition)."""
+def per_example_flops(modules, inputs) -> Tuple[tuple, int, List[int]]:
+    """FLOPs of each of ``modules`` as the report counts them: on one example, as the CLI
+    does, or on the whole batch when one of them fails on one (a slim graph that keeps
+    the traced batch size, e.g. Swin's window partition). Returns (the inputs counted
+    on, their batch size, the counts): each module is counted once."""
     n = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
-    one = tuple(x[:1] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
-                for x in inputs)
-    if n <= 1:
-        return inputs, n
-    try:
-        for module in modules:
-            count_flops(module, one)
-    except Exception as exc:  # noqa: BLE001 - batch-dependent code: count the batch instead
-        log.info("counting FLOPs on the whole batch of %d: one example fails (%s)", n, exc)
-        return inputs, n
-    return one, 1
+    if n > 1:
+        one = tuple(x[:1] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
+                    for x in inputs)
+        try:
+            return one, 1, [count_flops(module, one) for module in modules]
+        except Exception as exc:  # noqa: BLE001 - batch-dependent code: count the batch
+            log.info("counting FLOPs on the whole batch of %d: one example fails (%s)", n, exc)
+    return inputs, n, [count_flops(module, inputs) for module in modules]
 
 
 def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
                  latency: bool, predicted: Optional[float] = None,
                  dense_flops: Optional[int] = None) -> Report:
-    """Counts per example (:func:`counting_inputs`), one row per dense group, and
+    """Counts per example (:func:`per_example_flops`), one row per dense group, and
     optionally the verification error on all of ``inputs`` and the latencies, dense and
     slim timed interleaved. ``predicted`` / ``dense_flops``: the cost model's prediction
     and dense total, both for the whole batch (selection counts the calibration batch)."""
-    sample, batch = counting_inputs((dense.gm, slim), inputs)
-    whole = sample is inputs
-    before = dense_flops if whole and dense_flops is not None else count_flops(dense.gm, sample)
-    if predicted is not None and not whole:  # rescale the batch prediction to one example
+    sample, batch, (before, after) = per_example_flops((dense.gm, slim), inputs)
+    if predicted is not None and sample is not inputs:  # rescale the batch prediction
         total = dense_flops if dense_flops is not None else count_flops(dense.gm, inputs)
         predicted *= before / max(total, 1)
-    report = Report(before, count_flops(slim, sample), count_params(dense.gm),
+    report = Report(before, after, count_params(dense.gm),
                     count_params(slim), predicted_flops=predicted,
                     frontend=frontend_of(dense.gm))
     report.notes.extend(leaf_notes(dense.gm))  # submodules kept whole by trace's leaf retry

@@ -136,7 +136,7 @@ def resolve_criterion(name: Optional[str], real_data: bool = False):
     data (``--data``), l2 on the synthetic default data, whose labels carry no signal."""
     from ..api_prune import resolve_criterion as auto_criterion
     from ..criteria import get_criterion
-    chosen = auto_criterion(name or "auto", object() if real_data else None)
+    chosen = auto_criterion(name or "auto", real_data)
     return get_criterion(chosen)  # CriterionError lists the valid names
 
 
