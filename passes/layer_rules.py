@@ -89,7 +89,7 @@ def conv_function_rule(ctx: RuleContext):
     transposed = "transpose" in target_name(ctx.node)
     w = weight_param(ctx, ctx.arg(1, "weight"))
     b = Param(ctx, ctx.arg(2, "bias"))
-    groups = ctx.arg(7 if transposed else 6, "groups", 1)
+    groups = ctx.arg(6, "groups", 1)  # index 6 in conv and conv_transpose alike
     return conv_core(ctx, _input(ctx), w, b, groups, transposed)
 
 

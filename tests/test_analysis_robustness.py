@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxprune
 from fxprune.models import create_model, model_input_size
@@ -219,3 +220,28 @@ def test_zoo_every_layer_is_grouped_or_explained(zoo):
 
 def test_zoo_model_is_unchanged(zoo):
     assert not zoo.changed, f"modified by the analysis: {zoo.changed[:8]}"
+
+
+# --------------------------------------------------------------------------- functional convs
+class _FunctionalGroupedTranspose(nn.Module):
+    """conv -> a grouped F.conv_transpose2d called positionally (groups is argument 6,
+    dilation 7): its input channels are pruned in whole conv groups."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.weight = nn.Parameter(torch.randn(8, 3, 3, 3) * 0.2)   # [C_in, C_out/groups, k, k]
+
+    def forward(self, x):
+        y = torch.relu(self.conv(x))
+        return F.conv_transpose2d(y, self.weight, None, 1, 1, 0, 2, 1)
+
+
+def test_functional_conv_transpose_reads_groups_positionally():
+    """Reading dilation (argument 7) as groups took this conv for an ungrouped one, and
+    the rewrite failed verification; now the grouped transposed conv is named."""
+    torch.manual_seed(0)
+    model = _FunctionalGroupedTranspose().eval()
+    x = torch.randn(2, 3, 8, 8)
+    conv = next(g for g in fxprune.groups(model, x) if "conv.weight" in g.targets)
+    assert not conv.prunable and "grouped transposed conv" in conv.reason
