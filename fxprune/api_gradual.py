@@ -63,6 +63,17 @@ def layer_means(groups: List[Group], param_scores: Dict[str, torch.Tensor],
     return out
 
 
+def _tie_summary(tie_notes: List[str], steps: int) -> List[str]:
+    """The report's tie notes of a gradual run: the first step's, and the last one's when
+    it differs (every step's would repeat one warning up to ``steps`` times)."""
+    if not tie_notes:
+        return []
+    out = [f"{tie_notes[0]} (first of {len(tie_notes)} of {steps} steps with ties)"]
+    if tie_notes[-1] != tie_notes[0]:
+        out.append(f"at the last scored step: {tie_notes[-1]}")
+    return out
+
+
 def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget: Budget,
                      batch_list, loss, options, dense_cost, max_layer_sparsity, ignore,
                      normalize, notes: List[str], progress: bool
@@ -72,9 +83,11 @@ def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget:
     groups = [g for g in dense.groups if g.prunable and not ignored(g, ignore)]
     caps = removable_counts(groups, max_layer_sparsity)
     last: dict = {}  # "sal": the last step's saliency; "checked": after the first check
+    tie_notes: List[str] = []   # one per scored step that has tied groups
 
     def score(masked: Analysis, kept):
-        sal = score_analysis(masked, crit, batch_list, loss, options, progress)
+        # the masked module is a fresh copy of ours: scored in place (one copy per step)
+        sal = score_analysis(masked, crit, batch_list, loss, options, progress, owned=True)
         last["sal"] = sal
         scores = sal.groups
         if gradual.layer_mean:
@@ -87,7 +100,8 @@ def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget:
         # the stationary-loss check (one extra forward) concerns the dense model: first
         # scored step only; the tie checks run at every step
         ctx = last["sal"].context if "checked" not in last else None
-        notes.extend(check_scores(crit.name, scores, compact, step_caps, ctx))
+        tie_notes.extend(check_scores(crit.name, scores, compact, step_caps, ctx,
+                                      warn=not tie_notes))
         last["checked"] = True
 
     measure = getattr(dense_cost, budget.spec.cost)   # passes/budget.py's BUDGETS table
@@ -95,6 +109,7 @@ def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget:
     kept = prune_gradually(dense, groups, budget, gradual, score,
                            lambda plan: measure(dense.keep_mask(plan)), total, caps,
                            max_layer_sparsity, normalize=normalize, check=check)
+    notes.extend(_tie_summary(tie_notes, gradual.steps))
     if "sal" not in last:
         log.info("the budget holds without pruning: scoring the model once for the report")
         last["sal"] = score_analysis(masked_analysis(dense, kept, gradual.bn_train), crit,

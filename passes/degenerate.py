@@ -52,14 +52,15 @@ _FLAT_LOSS_FIX = ("the loss curvature along the weights is zero as well: the los
 
 
 def check_scores(criterion: str, scores: Dict[str, torch.Tensor], groups: Sequence,
-                 caps: Dict[str, int], ctx=None) -> List[str]:
+                 caps: Dict[str, int], ctx=None, warn: bool = True) -> List[str]:
     """Refuse or report groups whose ``scores`` cannot rank their channels.
 
     ``groups``/``caps``: the groups selection will remove from and how many channels
     each may lose (groups with a zero cap are not looked at); ``ctx``: the criterion's
     :class:`~fxprune.criteria.ScoringContext` (``None`` for data-free scoring). Raises
     :class:`DegenerateScoresError` when every such group ties; otherwise returns the
-    warning lines (empty when nothing ties), already logged. Gradient-weighted criteria
+    warning lines (empty when nothing ties), already logged (at debug level when not
+    ``warn``: gradual pruning warns on its first step only). Gradient-weighted criteria
     (oba, taylor, obd) are also refused when the loss is stationary at the dense model up
     to rounding: their scores are then rounding noise, not exactly zero (fused attention
     in the dense outputs vs. its math form while scoring)."""
@@ -71,7 +72,7 @@ def check_scores(criterion: str, scores: Dict[str, torch.Tensor], groups: Sequen
     if len(tied) == len(live):
         raise DegenerateScoresError(_global_message(criterion, tied, ctx))
     note = _partial_message(criterion, tied, len(live))
-    log.warning("%s", note)
+    log.log(logging.WARNING if warn else logging.DEBUG, "%s", note)
     return [note]
 
 

@@ -18,7 +18,8 @@ import torch
 
 from ..criteria import Criterion, ScoringContext
 from ..criteria.aggregate import channel_scores
-from ..criteria.scoring import Batch, default_loss, make_scoring_copy, module_device_dtype
+from ..criteria.scoring import (Batch, default_loss, make_scoring_copy, module_device_dtype,
+                                prepare_for_scoring)
 from ..errors import DataError, FxpruneError
 from ..progress import logged_batches
 from .groups import Analysis
@@ -170,14 +171,20 @@ def _describe_output(outputs) -> str:
 
 # ----------------------------------------------------------------------------- scores
 def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, options,
-                   progress: bool) -> Saliency:
-    """Score an analysed graph: per-parameter scores, then per-channel scores."""
+                   progress: bool, owned: bool = False) -> Saliency:
+    """Score an analysed graph: per-parameter scores, then per-channel scores.
+
+    ``owned``: ``analysis.gm`` is the caller's own scratch module (gradual pruning's
+    masked copy, used for nothing but this scoring and weight norms): it is prepared and
+    scored in place instead of being copied once more."""
     # data-driven criteria always score a copy; data-free ones read the weights, which
     # low-precision (float16/bfloat16) models only give in a float32 copy (norms of
     # float16 weights overflow)
     _, dtype = module_device_dtype(analysis.gm)
     low = dtype in (torch.float16, torch.bfloat16)
-    module = make_scoring_copy(analysis.gm) if crit.needs_data or low else analysis.gm
+    module = analysis.gm
+    if crit.needs_data or low:
+        module = prepare_for_scoring(module) if owned else make_scoring_copy(module)
     # progress lines at intervals when no tqdm bar can be drawn (stderr not a terminal)
     ctx = ScoringContext(module=module, groups=analysis.groups,
                          batches=logged_batches(batches, f"scoring ({crit.name})", progress),

@@ -229,3 +229,24 @@ def test_cli_prune_steps(tmp_path, monkeypatch, capsys):
                              example_inputs=torch.randn(1, *model_input_size("tiny_resnet")))
     assert math.isclose(direct.report.flops_ratio, report["flops_after"] / report["flops_before"],
                         rel_tol=0.05)
+
+
+def test_tied_group_is_reported_once_not_per_step(caplog):
+    """A group whose channels all tie is warned about on the first scored step, not on
+    each of the N steps; the report holds one note for it."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 6 * 6, 4)).eval()
+    with torch.no_grad():   # every channel of the first conv's group weighs the same
+        model[0].weight.fill_(0.1)
+        model[0].bias.fill_(0.0)
+        model[2].weight.fill_(0.1)
+    x = torch.randn(2, 3, 6, 6)
+    with caplog.at_level("WARNING", logger="fxprune"):
+        res = fxprune.compile(model, "l2", example_inputs=x, flops=0.4, steps=6, repair=None)
+    warned = [r for r in caplog.records if "tie" in r.getMessage()]
+    assert len(warned) == 1, [r.getMessage() for r in warned]
+    tie_notes = [n for n in res.report.notes if "tie" in n]
+    assert 1 <= len(tie_notes) <= 2 and "steps with ties" in tie_notes[0]

@@ -36,26 +36,31 @@ Batch = Tuple[Tuple[Tensor, ...], Any]
 def make_scoring_copy(model: nn.Module) -> nn.Module:
     """Return a scoring copy of ``model``; ``model`` itself is left bit-identical.
 
-    The copy is a deep copy in ``eval()`` mode; float16/bfloat16 parameters and buffers
-    become float32 (float32 and float64 stay as they are); every floating parameter
-    has ``requires_grad=True``. A :class:`torch.fx.GraphModule` additionally gets its
-    ``scaled_dot_product_attention`` calls rewritten into math form (:func:`lower_sdpa`).
-    A plain ``nn.Module`` is not traced here: criteria that walk the graph (OBA) need the
-    caller to trace it first (``torch.fx.symbolic_trace``) and pass the GraphModule.
+    The copy is a deep copy prepared by :func:`prepare_for_scoring`. A plain
+    ``nn.Module`` is not traced here: criteria that walk the graph (OBA) need the caller
+    to trace it first (``torch.fx.symbolic_trace``) and pass the GraphModule.
     """
-    scoring = copy.deepcopy(model)
-    scoring.eval()
+    return prepare_for_scoring(copy.deepcopy(model))
+
+
+def prepare_for_scoring(module: nn.Module) -> nn.Module:
+    """Make ``module`` (one the caller owns, e.g. a fresh copy) a scoring module, in place:
+    ``eval()`` mode; float16/bfloat16 parameters and buffers become float32 (float32 and
+    float64 stay as they are); every floating parameter has ``requires_grad=True``; a
+    :class:`torch.fx.GraphModule` gets its ``scaled_dot_product_attention`` calls
+    rewritten into math form (:func:`lower_sdpa`). Returns ``module``."""
+    module.eval()
     low = (torch.float16, torch.bfloat16)
-    scoring._apply(lambda t: t.float() if t.is_floating_point() and t.dtype in low else t)
-    for p in scoring.parameters():
+    module._apply(lambda t: t.float() if t.is_floating_point() and t.dtype in low else t)
+    for p in module.parameters():
         if p.is_floating_point():
             p.requires_grad_(True)
-    if isinstance(scoring, torch.fx.GraphModule):
-        lower_sdpa(scoring)
+    if isinstance(module, torch.fx.GraphModule):
+        lower_sdpa(module)
     else:
-        log.debug("make_scoring_copy: %s is not a GraphModule; trace it before running "
-                  "graph-based criteria (OBA)", type(model).__name__)
-    return scoring
+        log.debug("prepare_for_scoring: %s is not a GraphModule; trace it before running "
+                  "graph-based criteria (OBA)", type(module).__name__)
+    return module
 
 
 def default_loss(outputs: Tensor, targets: Tensor) -> Tensor:
