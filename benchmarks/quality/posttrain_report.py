@@ -9,7 +9,6 @@ from typing import Dict, List, Optional
 from .report import _ms
 
 REPAIRS = ("none", "bn", "full")
-_STYLE = {"none": ":", "bn": "--", "full": "-"}
 
 
 def _rows(records: List[Dict]) -> "OrderedDict[tuple, List[Dict]]":
@@ -76,39 +75,55 @@ def posttrain_summary(records: List[Dict]) -> str:
     return "\n".join(out)
 
 
+def _series(groups, model: str, method: str, rep: str):
+    """(kept FLOPs, mean accuracy) points of one method and repair mode, sorted."""
+    pts = []
+    for (mm, _b, crit), recs in groups.items():
+        ok = [r for r in recs if "error" not in r]
+        v = _mean(ok, f"acc_{rep}")
+        if mm == model and crit == method and v is not None:
+            pts.append((_mean(ok, "flops"), v))
+    return sorted(pts)
+
+
+_REPAIR_TITLE = {"none": "no repair", "bn": "BN statistics re-estimated",
+                 "full": "full repair (BN + least squares)"}
+
+
 def plot_posttrain(records: List[Dict], dense: Dict[str, float], path: str) -> str:
-    """Accuracy vs kept FLOPs per model; colour = method, line style = repair mode."""
+    """Accuracy vs kept FLOPs: one panel per model (rows) and repair mode (columns),
+    colour = method (one legend below, Torch-Pruning dashed), the dense model grey."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     groups = _rows(records)
     models = sorted({k[0] for k in groups})
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5.5), squeeze=False)
     methods = list(OrderedDict.fromkeys(k[2] for k in groups))
-    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}  # 12 methods: no repeats
-    for ax, model in zip(axes[0], models):
-        for m in methods:
-            for rep in REPAIRS:
-                pts = []
-                for (mm, b, crit), recs in groups.items():
-                    ok = [r for r in recs if "error" not in r]
-                    v = _mean(ok, f"acc_{rep}")
-                    if mm == model and crit == m and v is not None:
-                        pts.append((_mean(ok, "flops"), v))
+    colours = {m: plt.cm.tab20(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(models), len(REPAIRS), figsize=(15, 4.2 * len(models) + 1.1),
+                             squeeze=False)
+    for row, model in zip(axes, models):
+        for ax, rep in zip(row, REPAIRS):
+            for m in methods:
+                pts = _series(groups, model, m, rep)
                 if pts:
-                    pts.sort()
-                    ax.plot(*zip(*pts), _STYLE[rep], marker="o", ms=3, color=colours[m],
-                            label=f"{m} ({rep})")
-        if model in dense:
-            ax.axhline(dense[model], color="grey", lw=0.8)
-        ax.set_title(f"{model}: no fine-tuning (dotted: no repair, dashed: BN, solid: full)",
-                     fontsize=10)
-        ax.set_xlabel("kept FLOPs (fraction of dense)")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="center right", fontsize=7, ncol=1)
-    fig.tight_layout(rect=(0, 0, 0.8, 1))
-    fig.savefig(path, dpi=110)
+                    ax.plot(*zip(*pts), "--" if m.startswith("tp-") else "-", marker="o",
+                            ms=3, lw=2.4 if m == "obs" else 1.2, color=colours[m], label=m)
+            if model in dense:
+                ax.axhline(dense[model], color="grey", lw=0.8)
+            ax.set_title(f"{model}: {_REPAIR_TITLE[rep]}", fontsize=11)
+            ax.set_xlabel("kept FLOPs (fraction of dense)")
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+    by_label = {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            by_label.setdefault(lab, h)
+    fig.legend(list(by_label.values()), list(by_label), loc="lower center", fontsize=10,
+               ncol=min(8, len(by_label)), frameon=False)
+    fig.suptitle("Post-training pruning, no fine-tuning (grey: dense model; "
+                 "Torch-Pruning dashed)", fontsize=12)
+    fig.tight_layout(rect=(0, 0.8 / (4.2 * len(models) + 1.1), 1, 0.97))
+    fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
