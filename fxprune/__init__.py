@@ -2,7 +2,8 @@
 
 Public API (design §2): :func:`groups`, :func:`connectivity`, :func:`saliency`,
 :func:`compile`, :func:`apply_plan`, :class:`Plan`, :func:`list_criteria`; shipping a
-slim model without pickle: :func:`save_slim` / :func:`load_slim` (safetensors + plan).
+slim model without pickle: :func:`save_slim` / :func:`load_slim` (safetensors + plan);
+a Hugging Face folder that ``from_pretrained`` loads: :func:`save_pretrained`.
 
 The names are imported on first use (PEP 562): ``import fxprune`` does not import torch,
 so that ``fxprune --help`` and ``fxprune --version`` answer at once.
@@ -20,7 +21,7 @@ _LAZY: Dict[str, str] = {
     "Connectivity": ".passes.connectivity", "register_leaf": ".passes.trace",
     "Gradual": ".passes.gradual",
     "Plan": ".plan", "CompileResult": ".report", "Report": ".report",
-    "save_slim": ".slim_io", "load_slim": ".slim_io",
+    "save_slim": ".slim_io", "load_slim": ".slim_io", "save_pretrained": ".api_hf",
     **{name: ".errors" for name in (
         "FxpruneError", "TraceError", "AnalysisError", "BudgetError", "DataError",
         "CheckpointError", "CriterionError", "DegenerateScoresError", "PlanError",
@@ -33,6 +34,7 @@ __all__ = [
     "groups", "connectivity", "saliency", "compile", "apply_plan", "list_criteria",
     "register_criterion", "Criterion", "Gradual", "Group", "Member", "Connectivity", "Plan",
     "Saliency", "CompileResult", "Report", "register_leaf", "save_slim", "load_slim",
+    "save_pretrained",
     "FxpruneError", "TraceError", "AnalysisError", "BudgetError", "DataError",
     "CheckpointError", "CriterionError", "DegenerateScoresError", "PlanError", "UnknownOptionError", "UnknownNameError",
 ]

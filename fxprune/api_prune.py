@@ -53,7 +53,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
             latency: bool = False, progress: Optional[bool] = None,
             normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
             repair: Optional[str] = "auto", round_to: int = 1, frontend: str = "auto",
-            steps=None, **options) -> CompileResult:
+            steps=None, uniform: bool = False, **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
     ``criterion``: a name of :func:`fxprune.list_criteria`, or ``"auto"`` (default):
@@ -80,6 +80,10 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     ``data`` is given, else ``None``. The report's ``repair`` says what it did.
     ``round_to=N``: every group that loses channels keeps a multiple of N tensor
     indices (a head of d dims counts d), for fast kernels; the budget is still met.
+    ``uniform=True``: a flops/params budget is met by removing the same fraction of
+    every group (as ``sparsity=r`` does), so that every layer keeps the same number of
+    heads and MLP units -- what :func:`fxprune.save_pretrained` needs to write a Hugging
+    Face config.
     ``frontend``: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen graph)
     or ``"auto"`` (default: export only where symbolic tracing fails); the report's
     ``frontend`` says which was used.
@@ -96,7 +100,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         ignore=resolve_ignore(model, ignore), normalize=normalize,
         max_layer_sparsity=max_layer_sparsity, verify=verify, progress=show_progress(progress),
         repair_mode=resolve_repair(repair, batch_list, unstructured),
-        round_to=check_round_to(round_to))
+        round_to=check_round_to(round_to), uniform=_check_uniform(uniform, steps, unstructured))
     if unstructured:
         if sparsity is None or flops is not None or params is not None:
             raise BudgetError("unstructured pruning takes sparsity=r only")
@@ -118,6 +122,15 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         if between_steps is not None:
             between_steps(state.current, step)
     return stage.finish(state, budgets, criterion, latency)
+
+
+def _check_uniform(uniform, steps, unstructured: bool) -> bool:
+    if not isinstance(uniform, bool):
+        raise BudgetError(f"uniform={uniform!r} must be True or False")
+    if uniform and (steps is not None or unstructured):
+        raise BudgetError("uniform=True ranks channels within each group for one global "
+                          "sparsity; it does not combine with steps= or unstructured=True")
+    return uniform
 
 
 def resolve_criterion(criterion: str, has_data: bool, unstructured: bool = False) -> str:

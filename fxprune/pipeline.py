@@ -58,6 +58,7 @@ class PruneState:
     verify: bool = True
     progress: bool = True
     round_to: int = 1        # kept counts are multiples of this many indices (passes/widths.py)
+    uniform: bool = False    # one sparsity for every group (select_uniform_budget)
     # written by the stages
     dense: Optional[Analysis] = None          # analyse: the dense model's analysis
     dense_cost: Optional[CostModel] = None    # analyse: exact cost model of the dense model
@@ -107,7 +108,7 @@ def select(state: PruneState, budget: Budget) -> None:
     state.kept = select_step(groups, sal.groups, budget, caps, analysis.keep_mask, cost_now,
                              state.dense_cost, order=order, normalize=state.normalize,
                              tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
-                             round_to=state.round_to)
+                             round_to=state.round_to, uniform=state.uniform)
 
 
 def _tiebreak(criterion: str, groups, gm) -> Optional[Dict[str, torch.Tensor]]:
@@ -174,7 +175,7 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
     dense, inputs = state.dense, state.inputs
     plan = Plan(state.plan_kept, {g.id: g.size for g in dense.groups if g.id in state.plan_kept},
                 {"criterion": criterion, "budget": [b.__dict__ for b in steps],
-                 "round_to": state.round_to,
+                 "round_to": state.round_to, "uniform": state.uniform,
                  "input_shapes": input_shapes(inputs),
                  "fingerprint": fingerprint(dense.groups, type(state.model).__name__,
                                             input_shapes(inputs))})

@@ -230,6 +230,36 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
     return kept_after(lo)
 
 
+def select_uniform_budget(groups, scores: Scores, budget: Budget, caps: Dict[str, int],
+                          cost: Callable[[Dict[str, List[int]]], float], dense: float, *,
+                          tiebreak: Optional[Scores] = None, round_to: int = 1
+                          ) -> Dict[str, List[int]]:
+    """``compile(uniform=True)``: the smallest *uniform* sparsity (the same fraction of
+    every group removed, :func:`select_uniform`) whose cost is within budget, so that
+    layers of one kind (heads, MLP units) keep equal counts, as a Hugging Face config
+    needs. Candidate sparsities are the breakpoints ``k / size`` of the group sizes (the
+    cost only changes there); bisection on them, the cost falling with the sparsity."""
+    live = [g for g in groups if g.id in caps]
+    points = sorted({k / g.size for g in live for k in range(caps[g.id] + 1)})
+    kept_at = lambda i: select_uniform(groups, scores, points[i] + 1e-12, caps,
+                                       tiebreak=tiebreak, round_to=round_to)
+    target = budget.ratio * dense
+    lo, hi = 0, len(points) - 1
+    if cost(kept_at(hi)) > target * (1 + 1e-9):
+        raise BudgetError(
+            f"{budget.kind}={budget.ratio} cannot be reached with uniform=True: the same "
+            f"fraction removed from every group reaches {cost(kept_at(hi)) / dense:.3f} at "
+            "best (the smallest groups' max_layer_sparsity caps it); lower the budget or "
+            "drop uniform=True")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if cost(kept_at(mid)) <= target * (1 + 1e-9):
+            hi = mid
+        else:
+            lo = mid + 1
+    return kept_at(lo)
+
+
 def step_caps(groups: Sequence[Group], max_layer_sparsity: float,
               dense_sizes: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """:func:`removable_counts` for one pruning step. In iterative pruning
@@ -251,16 +281,23 @@ def step_caps(groups: Sequence[Group], max_layer_sparsity: float,
 def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], keep_mask,
                 cost_now, dense_cost, *, order: Optional[list] = None,
                 normalize: Optional[str] = DEFAULT_NORMALIZE,
-                tiebreak: Optional[Scores] = None, round_to: int = 1) -> Dict[str, List[int]]:
+                tiebreak: Optional[Scores] = None, round_to: int = 1,
+                uniform: bool = False) -> Dict[str, List[int]]:
     """One step's kept channels under ``budget``: uniform for a kind without a cost
     (sparsity), else the budget's cost method of ``cost_now`` (the current model's
     :class:`~fxprune.passes.count.CostModel`, masks built by ``keep_mask``) against
-    the dense total of ``dense_cost`` (:data:`~fxprune.passes.budget.BUDGETS`)."""
+    the dense total of ``dense_cost`` (:data:`~fxprune.passes.budget.BUDGETS`), by the
+    global order or, with ``uniform``, by one sparsity for all groups."""
     spec = budget.spec
     if spec.cost is None:
         return select_uniform(groups, scores, budget.ratio, caps, tiebreak=tiebreak,
                               round_to=round_to)
     measure = getattr(cost_now, spec.cost)
+    if uniform:
+        return select_uniform_budget(groups, scores, budget, caps,
+                                     lambda kept: measure(keep_mask(kept)),
+                                     getattr(dense_cost, spec.dense_total),
+                                     tiebreak=tiebreak, round_to=round_to)
     return select_budget(groups, scores, budget, caps, lambda kept: measure(keep_mask(kept)),
                          getattr(dense_cost, spec.dense_total), order, normalize,
                          tiebreak=tiebreak, round_to=round_to)
