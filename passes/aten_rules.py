@@ -47,7 +47,8 @@ ATEN_LIKE_METHOD = [
     "log_softmax", "cumsum",
     # shape ops
     "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "permute", "transpose",
-    "t", "swapaxes", "movedim", "expand", "repeat", "roll", "flip",
+    "t", "swapaxes", "movedim", "expand", "repeat", "roll", "flip", "view_as", "reshape_as",
+    "expand_as",
     "split", "chunk", "tensor_split", "unbind", "split_with_sizes",
     # products, metadata
     "matmul", "bmm", "mm", "zero_", "fill_", "bernoulli", "bernoulli_",

@@ -113,3 +113,15 @@ def test_zoo_oba_half_flops(spec, kwargs, size):
 @pytest.mark.parametrize("spec", FULL)
 def test_zoo_full_oba_half_flops(spec):
     _oba_prune(build(spec, {}), 224)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("spec,kwargs,size", FAST, ids=[s for s, _, _ in FAST])
+def test_zoo_subset_through_the_export_front_end(spec, kwargs, size):
+    """The same models captured with torch.export (ATen graph) instead of symbolic
+    tracing: same checks (verified, FLOPs counted independently, exportable, input
+    model untouched)."""
+    model = build(spec, kwargs).double()
+    res = check_prune(model, torch.randn(1, 3, size, size, dtype=torch.float64),
+                      frontend="export")
+    assert res.report.frontend == "export"

@@ -179,3 +179,26 @@ def test_connectivity_equals_the_fx_front_end(name):
     ex = fxprune.connectivity(model, x, frontend="export")
     assert ex.layers == fx.layers
     assert all(ex.kind(a, b) == fx.kind(a, b) for a in fx.layers for b in fx.layers)
+
+
+class _ShapedLike(torch.nn.Module):
+    """``reshape_as`` / ``view_as`` / ``expand_as`` (LeViT's attention reshapes its output
+    like its input): aten's ``*_as`` ops carry channels as the method forms do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 16), torch.nn.Linear(16, 8)
+        self.gate = torch.nn.Parameter(torch.ones(1, 1, 16))
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        flat = h.flatten(0, 1).reshape_as(h).view_as(h)
+        return self.b(flat * self.gate.expand_as(flat))
+
+
+def test_aten_as_ops_keep_channels_prunable():
+    model, x = _ShapedLike().double().eval(), torch.randn(2, 3, 8, dtype=torch.float64)
+    hidden = {g.id: g for g in fxprune.groups(model, x, frontend="export")}["a"]
+    assert hidden.prunable, hidden.reason
+    res = fxprune.compile(model, "l2", x, sparsity=0.5, frontend="export", progress=False)
+    assert res.report.max_rel_error < 1e-10
