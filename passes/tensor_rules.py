@@ -26,17 +26,23 @@ _UNARY_FUNCS = [
     torch.abs, torch.neg, torch.clamp, torch.erf, torch.sin, torch.cos, torch.square,
     torch.nn.functional.gelu, torch._C._nn.gelu, operator.neg, torch.sign,
     torch.clone, torch.detach, torch.nan_to_num,
+    F.logsigmoid, F.softsign, F.softshrink, F.hardshrink, F.rrelu, F.threshold,
+    torch.special.expit, torch.erfc, torch.sinc, torch.log1p, torch.expm1, torch.reciprocal,
+    torch.atan, torch.floor, torch.round, torch.frac, torch.trunc, torch.logit,
 ]
 _UNARY_METHODS = [
     "relu", "relu_", "sigmoid", "sigmoid_", "tanh", "exp", "log", "sqrt", "rsqrt", "abs",
     "neg", "clamp", "clamp_", "clamp_min", "clamp_max", "float", "half", "double", "bfloat16",
     "to", "type", "type_as", "contiguous", "clone", "detach", "square", "erf", "gelu",
     "hardswish", "sign", "nan_to_num", "requires_grad_",
+    "sin", "cos", "atan", "erfc", "sinc", "log1p", "expm1", "reciprocal", "floor", "round",
+    "frac", "trunc", "logit",
 ]
 _UNARY_MODULES = [
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Mish, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh,
     nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Softplus, nn.Sigmoid, nn.Tanh, nn.Identity,
     nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Tanhshrink,
+    nn.LogSigmoid, nn.Softsign, nn.Softshrink, nn.Hardshrink, nn.RReLU, nn.Threshold,
 ]
 
 
