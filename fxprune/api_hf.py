@@ -125,7 +125,25 @@ def _new_config(model: nn.Module, shapes: Dict[str, torch.Size]):
                 "the heads (ignore= the attention groups) or ship the slim model with "
                 "save_slim / --export")
         config.head_dim = head_dim
+    _validate(model, config)
     return config
+
+
+def _validate(model: nn.Module, config) -> None:
+    """The config's own checks (transformers 5 validates on save): a refusal becomes an
+    :class:`FxpruneError` with the likely fix, before anything is written."""
+    check = getattr(config, "validate", None)
+    if not callable(check):
+        return
+    try:
+        check()
+    except Exception as exc:  # the library's validation error types vary by version
+        reason = " ".join(str(exc).split())
+        raise FxpruneError(
+            f"{type(model).__name__}'s config refuses the slim sizes: {reason}. If the hidden "
+            "size must be a multiple of the head count, prune with round_to= a multiple of "
+            "the head count (e.g. round_to=8), or keep the residual stream with ignore=[its "
+            "group]") from None
 
 
 def _takes_head_dim(model: nn.Module) -> bool:

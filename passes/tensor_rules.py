@@ -16,6 +16,7 @@ from .rule_table import (RULES, RuleContext, as_tlabel, canonical, shape_of, tar
                          unknown_rule, untracked_output)
 from .reshape import reshape_label
 from .size_rules import check_computed_sizes
+from .statistics import statistic_mean_args
 
 # --------------------------------------------------------------------------- passthrough
 _UNARY_FUNCS = [
@@ -148,7 +149,11 @@ def _multi_output(node) -> bool:
 @RULES.function(torch.mean, torch.sum, torch.amax, torch.amin, torch.var, torch.std,
                 torch.logsumexp, torch.prod)
 def reduce_rule(ctx: RuleContext):
-    """Reducing over a channel dim mixes channels with no parameter to slice: blocked."""
+    """Reducing over a channel dim mixes channels with no parameter to slice: blocked.
+    Except a statistic, ``mean(dim, keepdim=True)`` (RMSNorm's mean square, a written-out
+    LayerNorm): the slim model takes it over the kept channels, as a LayerNorm over a
+    pruned stream does (design §7), and the masked reference does the same
+    (:mod:`.statistics`)."""
     x = ctx.node.args[0]
     label, shape = ctx.label(x), shape_of(x)
     multi = _multi_output(ctx.node)
@@ -156,9 +161,10 @@ def reduce_rule(ctx: RuleContext):
         return untracked_output(ctx.node)
     label = ctx.space.collapse(as_tlabel(label, shape))
     reduced = _dims_arg(ctx, len(shape))
-    for d in reduced:
-        ctx.space.block(label.dims[d], f"reduction over channels at {ctx.where}")
     keepdim = bool(ctx.arg(2, "keepdim", False))
+    if statistic_mean_args(ctx.node) is None:
+        for d in reduced:
+            ctx.space.block(label.dims[d], f"reduction over channels at {ctx.where}")
     dims = [None if (d in reduced) else lab for d, lab in enumerate(label.dims)]
     if not keepdim:
         dims = [lab for d, lab in enumerate(dims) if d not in reduced]

@@ -2,7 +2,8 @@
 
 The *reference* is the original graph with every removed channel cut at its
 consumers (their input slices zeroed) and every LayerNorm that normalises across a
-pruned dimension computing its statistics over the kept channels only. The slim
+pruned dimension, and every ``mean(..., keepdim=True)`` statistic over one, computing
+its statistics over the kept channels only. The slim
 model must equal it up to float rounding. The producers' output slices of removed
 channels are zeroed too: once every consumer is cut that changes nothing, and a
 tensor that is both (a weight reused transposed, ``F.linear(h, enc.weight.t())``)
@@ -28,6 +29,7 @@ from ..errors import FxpruneError, TraceError
 from .groups import LABEL_KEY, Analysis
 from .rule_table import canonical
 from .shape_prop import propagate_shapes
+from .statistics import masked_mean, statistic_mean_args
 
 __all__ = ["verify_rewrite", "slim_shapes", "masked_reference", "check", "tolerance",
            "max_relative_error", "masked_layer_norm", "masked_channel_norm"]
@@ -97,6 +99,7 @@ def masked_reference(analysis: Analysis, kept: Dict[str, List[int]]) -> torch.fx
                         else gm.get_buffer(member.target)
                     tensor.index_fill_(member.dim, torch.as_tensor(idx), 0.0)
     _mask_layer_norms(gm, keep)
+    _mask_means(gm, keep)
     gm.recompile()
     return gm
 
@@ -133,6 +136,27 @@ def _mask_layer_norms(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
             new = gm.graph.call_function(fn, (x, shape, weight, bias, eps, mask_node))
         # the replacement carries the node's label and shape: a later LayerNorm that
         # reads it (a pre-norm block on the same residual stream) is masked too
+        new.meta.update(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def _mask_means(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
+    """Replace every ``mean(..., keepdim=True)`` whose dims carry removed channels by
+    :func:`masked_mean` (the channel rules let such statistics through: tensor_rules'
+    ``reduce_rule``)."""
+    for node in list(gm.graph.nodes):
+        found = statistic_mean_args(node)
+        if found is None:
+            continue
+        x, dims = found
+        mask = _keep_mask_for(x, dims, keep)
+        if mask is None:
+            continue
+        name = f"_fxprune_keep_{node.name}"
+        gm.register_buffer(name, mask)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(masked_mean, (x, dims, gm.graph.get_attr(name)))
         new.meta.update(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)

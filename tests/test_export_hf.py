@@ -71,8 +71,15 @@ def test_llama_gqa_groups_take_query_heads_with_their_kv_head():
     assert mlp.size == 48 and mlp.prunable
     assert {m.target for m in mlp.members} >= {"model.layers.0.mlp.up_proj.weight",
                                                "model.layers.0.mlp.down_proj.weight"}
-    # RMSNorm's statistics are a plain mean over the hidden size: the stream stays fixed
-    assert "reduction over channels" in groups["model.embed_tokens"].reason
+    # RMSNorm's mean square over the hidden size is a statistic taken over the kept
+    # channels (passes/statistics.py): the residual stream is prunable, with every
+    # RMSNorm weight, the embedding and the LM head's input columns
+    stream = groups["model.embed_tokens"]
+    assert (stream.kind, stream.prunable, stream.size) == ("stream", True, 32)
+    dims = {m.target: m.dim for m in stream.members}
+    assert dims["lm_head.weight"] == 1 and dims["model.embed_tokens.weight"] == 1
+    assert {"model.norm.weight", "model.layers.0.input_layernorm.weight",
+            "model.layers.0.post_attention_layernorm.weight"} <= set(dims)
 
 
 def test_llama_compile_l2_is_exact_at_any_batch_and_length():

@@ -46,15 +46,19 @@ def test_gqa_decoder_round_trips_with_fewer_heads(cls, cfg_cls, tmp_path):
     result = fxprune.compile(model, "l2", (ids,), sparsity=0.5, progress=False)
     back = _reload_matches(result, model, (ids,), transformers.AutoModelForCausalLM, tmp_path)
     cfg = back.config
-    assert (cfg.num_attention_heads, cfg.num_key_value_heads, cfg.intermediate_size,
-            cfg.head_dim) == (2, 1, 24, 8)
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+            cfg.intermediate_size, head_dim) == (16, 2, 1, 24, 8)
     assert back.generate(ids[:1], max_new_tokens=3, do_sample=False).shape == (1, 11)
     assert model.config.num_attention_heads == 4   # the dense model is untouched
 
 
 def test_uniform_flops_budget_keeps_equal_counts_per_layer(tmp_path):
+    """uniform=True for equal counts per layer; round_to=4 keeps the hidden size a
+    multiple of the head count, which Llama's config requires."""
     model, ids = _llama(), torch.randint(0, 64, (2, 8))
-    result = fxprune.compile(model, "l2", (ids,), flops=0.6, uniform=True, progress=False)
+    result = fxprune.compile(model, "l2", (ids,), flops=0.6, uniform=True, round_to=4,
+                             progress=False)
     assert result.report.flops_ratio <= 0.6 + 1e-9
     kept = {gid: len(k) for gid, k in result.plan.kept.items()}
     assert len({n for g, n in kept.items() if "mlp" in g}) == 1
@@ -69,6 +73,17 @@ def test_non_uniform_plan_is_refused_with_the_fix(tmp_path):
     if len(counts) == 1:
         pytest.skip("this random plan happens to be uniform")
     with pytest.raises(fxprune.FxpruneError, match="uniform=True"):
+        fxprune.save_pretrained(result, model, str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_config_the_library_refuses_is_an_fxprune_error(tmp_path):
+    model, ids = _llama(), torch.randint(0, 64, (2, 8))
+    result = fxprune.compile(model, "l2", (ids,), flops=0.6, uniform=True, progress=False)
+    hidden = len(result.plan.kept["model.embed_tokens"])
+    heads = 2 * len(result.plan.kept["model.layers.0.self_attn.q_proj"])  # 2 queries per KV
+    assert hidden % heads, "the plan this test needs: a hidden size the heads do not divide"
+    with pytest.raises(fxprune.FxpruneError, match="round_to="):
         fxprune.save_pretrained(result, model, str(tmp_path / "x"))
     assert not (tmp_path / "x").exists()
 
