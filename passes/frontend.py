@@ -14,7 +14,9 @@ FX front end; its channel rules are the ATen entries of the one rule table
 error (with its advice) is raised with export's reason appended. With FX-only options
 (``leaf_modules``, ``concrete_args``) there is no switch. Which front end made a graph is
 recorded in ``gm.meta["fxprune_frontend"]`` (:func:`frontend_of`); ``compile``'s report
-says it.
+says it. Dict example inputs become :class:`.keyword_inputs.KeywordInputs`: export
+captures them as keyword inputs (``"auto"`` goes straight to export when they are not the
+forward's leading parameters), with ``use_cache=False`` bound where ``forward`` takes it.
 """
 from __future__ import annotations
 
