@@ -95,7 +95,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     batch_list = prepare_batches(data, batches, crit.needs_data)
     state = stage.PruneState(
         model=model, crit=crit, inputs=example_input_tuple(example_inputs, batch_list, model),
-        batches=batch_list, loss=wrap_loss(loss_fn, output_fn), options=dict(options),
+        batches=batch_list, loss=wrap_loss(loss_fn, output_fn, model), options=dict(options),
         trace_kw=dict(leaf_modules=leaf_modules, concrete_args=concrete_args, frontend=frontend),
         ignore=resolve_ignore(model, ignore), normalize=normalize,
         max_layer_sparsity=max_layer_sparsity, verify=verify, progress=show_progress(progress),

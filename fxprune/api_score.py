@@ -29,7 +29,7 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
     inputs = example_input_tuple(example_inputs, batch_list, model)
     analysis = analyze(capture(model, inputs, leaf_modules=leaf_modules,
                                concrete_args=concrete_args, frontend=frontend))
-    return score_analysis(analysis, crit, batch_list, wrap_loss(loss_fn, output_fn), options,
+    return score_analysis(analysis, crit, batch_list, wrap_loss(loss_fn, output_fn, model), options,
                           show_progress(progress))
 
 

@@ -14,7 +14,9 @@ FX front end; its channel rules are the ATen entries of the one rule table
 error (with its advice) is raised with export's reason appended. With FX-only options
 (``leaf_modules``, ``concrete_args``) there is no switch. Which front end made a graph is
 recorded in ``gm.meta["fxprune_frontend"]`` (:func:`frontend_of`); ``compile``'s report
-says it.
+says it. Dict example inputs become :class:`.keyword_inputs.KeywordInputs`: export
+captures them as keyword inputs (``"auto"`` goes straight to export when they are not the
+forward's leading parameters), with ``use_cache=False`` bound where ``forward`` takes it.
 """
 from __future__ import annotations
 
@@ -29,6 +31,8 @@ from ..errors import FxpruneError, TraceError
 from . import aten_rules  # noqa: F401  (register the ATen rules)
 from .aten_lowering import lower_to_torch
 from .export_capture import export_dynamic
+from .keyword_inputs import (check_fx_inputs, drop_keyword_check, export_call, fits_fx,
+                             keyword_inputs)
 from .layer_modules import restore_layer_modules
 from .shape_prop import propagate_shapes
 from .trace import _note_dropped_hooks, as_input_tuple, gc_paused, trace
@@ -52,6 +56,11 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, frontend: str
     """The model's graph from the chosen front end (module docstring)."""
     if frontend not in FRONTENDS:
         raise FxpruneError(f"frontend={frontend!r}: choose one of {', '.join(FRONTENDS)}")
+    example_inputs = keyword_inputs(model, example_inputs)  # a dict: .keyword_inputs
+    if frontend == "auto" and not fits_fx(model, example_inputs):
+        frontend = "export"  # keyword inputs symbolic tracing cannot pass positionally
+    if frontend == "fx":
+        check_fx_inputs(model, example_inputs)
     if frontend == "export" or (frontend == "auto" and _made_by_export(model)):
         return _export(model, example_inputs, leaf_modules, concrete_args, share_params)
     try:
@@ -98,13 +107,15 @@ def export_graph(model: torch.nn.Module, example_inputs: Any, *,
         else:
             twin = module_twin(model).eval()  # own flags and hooks, shared tensors
             _note_dropped_hooks(drop_user_hooks(twin), model)
-            gm = export_dynamic(twin, as_input_tuple(example_inputs)).program.module()
+            args, kwargs = export_call(twin, example_inputs)  # use_cache=False bound
+            gm = export_dynamic(twin, args, kwargs).program.module()
             # ep.module() refuses train()/eval(); its graph has the eval branches baked
             # in, and restored layer modules (norms) follow the flag like FX's do
             gm.__dict__.pop("train", None)
             gm.__dict__.pop("eval", None)
             _drop_fake_values(gm)
             _plain_calling_convention(gm)
+            drop_keyword_check(gm, example_inputs)
             lower_to_torch(gm)
             restore_layer_modules(gm)
             gm.eval()

@@ -11,6 +11,7 @@ that makes them so).
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
 
@@ -18,11 +19,13 @@ import torch
 
 from ..criteria import Criterion, ScoringContext
 from ..criteria.aggregate import channel_scores
-from ..criteria.scoring import (Batch, default_loss, make_scoring_copy, module_device_dtype,
+from ..criteria.scoring import (Batch, make_scoring_copy, module_device_dtype,
                                 prepare_for_scoring)
 from ..errors import DataError, FxpruneError
 from ..progress import logged_batches
 from .groups import Analysis
+from .keyword_inputs import KeywordInputs, align_batches, split_batch
+from .model_loss import default_model_loss
 from .lower_attention import math_attention
 from .trace import as_input_tuple
 
@@ -49,7 +52,9 @@ def prepare_batches(data: Any, batches: Optional[int] = None, needed: bool = Tru
     """Materialise calibration ``data`` as a list of ``(inputs_tuple, targets)``.
 
     ``data`` is an iterable of ``(inputs, targets)`` pairs (a ``DataLoader`` works);
-    ``inputs`` is a tensor or a tuple/list of tensors. At most ``batches`` batches are
+    ``inputs`` is a tensor, a tuple/list of tensors or a dict of keyword inputs; a batch
+    may also be one dict of keyword inputs whose ``labels`` are the targets (``None``
+    without them). Dict inputs stay dicts here: :func:`example_input_tuple` orders them. At most ``batches`` batches are
     taken (all when ``None``). ``None`` data gives ``None``, or :class:`DataError` when
     the criterion ``needed`` it; so do an empty iterable and a batch that is not a pair.
     """
@@ -64,11 +69,15 @@ def prepare_batches(data: Any, batches: Optional[int] = None, needed: bool = Tru
     for i, item in enumerate(data):
         if batches is not None and len(out) >= batches:
             break
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
+        if isinstance(item, Mapping):  # a Hugging Face batch: its labels are the targets
+            inputs, targets = split_batch(item)
+        elif not isinstance(item, (tuple, list)) or len(item) != 2:
             raise DataError(f"calibration batch {i} is a {type(item).__name__}, expected "
-                            "an (inputs, targets) pair")
-        inputs, targets = item
-        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+                            "an (inputs, targets) pair or a dict of keyword inputs")
+        else:
+            inputs, targets = item
+        if not isinstance(inputs, Mapping):
+            inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
         out.append((inputs, targets))
     if not out:
         raise DataError("the calibration data is empty: data-driven criteria need at "
@@ -79,13 +88,22 @@ def prepare_batches(data: Any, batches: Optional[int] = None, needed: bool = Tru
 def example_input_tuple(example_inputs: Any, batch_list, model: torch.nn.Module) -> tuple:
     """The example inputs as a tuple: as given, else the first calibration batch's inputs
     cast to the model's floating dtype (a float16 model fed float32 data). Refuses an
-    empty batch (:func:`check_not_empty`)."""
-    if example_inputs is None:
+    empty batch (:func:`check_not_empty`). Dict inputs (of the example and of the
+    batches, in place) become :class:`~.keyword_inputs.KeywordInputs` in the forward's
+    parameter order (:func:`~.keyword_inputs.align_batches`)."""
+    given = example_inputs is not None
+    example_inputs = align_batches(model, example_inputs, batch_list)
+    if not given:
         if batch_list is None:
             raise DataError("pass example_inputs (or data, whose first batch is used)")
         _, dtype = module_device_dtype(model)
-        example_inputs = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point()
-                               else x for x in batch_list[0][0])
+        first = batch_list[0][0]
+        cast = tuple(x.to(dtype) if torch.is_tensor(x) and x.is_floating_point()
+                     else x for x in first)
+        example_inputs = first.with_values(cast) if isinstance(first, KeywordInputs) else cast
+    if isinstance(example_inputs, KeywordInputs):
+        check_not_empty(example_inputs)
+        return example_inputs
     inputs = as_input_tuple(example_inputs)
     check_not_empty(inputs)
     return inputs
@@ -102,22 +120,26 @@ def check_not_empty(inputs) -> None:
 
 
 # ----------------------------------------------------------------------------- loss
-def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable]) -> Callable:
+def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable],
+              model: Optional[torch.nn.Module] = None) -> Callable:
     """The loss the criteria see: ``loss_fn(output_fn(outputs), targets)``, checked.
 
-    Without ``loss_fn`` and ``output_fn`` a model output that is not a tensor (a dict,
-    tuple or dataclass) raises :class:`DataError` saying to pass ``output_fn``. Class
+    Without ``loss_fn`` and ``output_fn`` the loss is :mod:`.model_loss`'s default for
+    ``model``: cross-entropy of a logits tensor; a Hugging Face model's own loss on its
+    ``ModelOutput``'s logits and labels; without targets, cross-entropy against the
+    model's own argmax. Other outputs that are not a tensor (a dict, tuple or dataclass)
+    raise :class:`DataError` saying to pass ``output_fn``. Class
     targets out of range and a loss that is not a one-element tensor (a Python float,
     a per-sample vector) raise :class:`DataError` too: each criterion differentiates the
     loss, so either would otherwise surface as a raw IndexError / RuntimeError /
     AttributeError from deep inside the criterion."""
-    base = loss_fn or default_loss
+    base = loss_fn or default_model_loss(model)
     if output_fn is not None:
         inner = lambda outputs, targets: base(output_fn(outputs), targets)  # noqa: E731
     elif loss_fn is not None:
         inner = base
     else:
-        inner = _default_loss_of_logits
+        inner = base
     return lambda outputs, targets: _checked_loss(inner, outputs, targets, loss_fn is None)
 
 
@@ -149,24 +171,6 @@ def _targets_out_of_range(outputs, targets, exc: IndexError, default: bool) -> s
             f"indices that do not fit {classes}. Check the dataset's labels and the model's "
             "num_classes (a checkpoint for another label set?), or pass a loss_fn that "
             "matches your targets")
-
-
-def _default_loss_of_logits(outputs, targets):
-    if not torch.is_tensor(outputs):
-        raise DataError(
-            f"the model returns {_describe_output(outputs)}, not a logits tensor, so the "
-            "default loss (cross-entropy) cannot be computed: pass output_fn= to pick the "
-            "logits (e.g. output_fn=lambda out: out['logits'], out[0] or out.logits), or a "
-            "loss_fn(outputs, targets) that takes the whole output")
-    return default_loss(outputs, targets)
-
-
-def _describe_output(outputs) -> str:
-    if isinstance(outputs, dict):
-        return f"a dict with keys {sorted(map(str, outputs))}"
-    if isinstance(outputs, (tuple, list)):
-        return f"a {type(outputs).__name__} of {len(outputs)}"
-    return f"a {type(outputs).__name__}"
 
 
 # ----------------------------------------------------------------------------- scores

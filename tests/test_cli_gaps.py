@@ -143,3 +143,21 @@ def test_cli_scoring_logs_progress_when_stderr_is_not_a_terminal(tmp_path, capsy
     err = capsys.readouterr().err  # captured: not a terminal
     assert code == 0, err
     assert "fxprune: scoring (taylor): batch 2/2" in err, err
+
+
+@pytest.mark.parametrize("frontend", ["fx", "export"])
+def test_frontend_reaches_compile(tmp_path, capsys, frontend):
+    """``--frontend`` chooses the graph capture; the report says which one ran, and
+    both name the same groups."""
+    kept, sizes = _prune(capsys, tmp_path, "--frontend", frontend,
+                         "--report", str(tmp_path / "r.json"))
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["frontend"] == frontend
+    assert kept["features.1.0"] == sizes["features.1.0"] // 2
+
+
+def test_unknown_frontend_is_refused(capsys):
+    from fxprune.cli import main
+    with pytest.raises(SystemExit) as exit_:
+        main(["prune", "tiny_vgg", "--sparsity", "0.5", "--frontend", "jit"])
+    assert exit_.value.code == 2 and "--frontend" in capsys.readouterr().err

@@ -122,6 +122,10 @@ def _prune_parser(sub, common) -> None:
                         "that lost inputs to the dense model's outputs, 'bn' only re-estimates "
                         "batch norms; 'auto' (default): full with --data, none on the "
                         "synthetic default data (noise inputs would mis-fit a real model)")
+    p.add_argument("--frontend", choices=("auto", "fx", "export"), default="auto",
+                   help="graph capture: 'fx' (symbolic tracing), 'export' (torch.export, "
+                        "an ATen graph) or 'auto' (default: export only where symbolic "
+                        "tracing fails)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the slim model against the masked dense model")
     p.add_argument("--no-latency", dest="latency", action="store_false",

@@ -37,7 +37,7 @@ def run_prune(args) -> int:
                         batch_size=args.batch_size, seed=args.seed,
                         labels=crit.needs_data or _wants_repair(args),
                         workers=args.workers, spec=args.model)
-    _analyse(model, calib.example)
+    _analyse(model, calib.example, args.frontend)
     result = _compile(model, crit.name, calib, args)
     summary = _write_outputs(args, result, calib.example, crit.name, size)
     print(result.report.table())
@@ -73,11 +73,11 @@ def _budget_text(budget: Dict[str, Any]) -> str:
     return f"{kind} {value:g}"
 
 
-def _analyse(model, example) -> None:
+def _analyse(model, example, frontend: str = "auto") -> None:
     """The "analysing" stage: trace and group the model, report the group counts."""
     from .. import groups
     log.info("analysing: tracing the model on an input of shape %s", list(example.shape))
-    found = groups(model, example)
+    found = groups(model, example, frontend=frontend)
     fixed = [g for g in found if not g.prunable]
     log.info("analysing: %d coupled channel groups, %d prunable, %d fixed",
              len(found), len(found) - len(fixed), len(fixed))
@@ -113,6 +113,7 @@ def _compile(model, criterion: str, calib, args):
                       normalize=None if args.normalize == "none" else args.normalize,
                       ignore=ignore_names(args.ignore),
                       max_layer_sparsity=args.max_layer_sparsity, round_to=args.round_to,
+                      frontend=args.frontend,
                       **_criterion_options(criterion, args), **budget)
 
 

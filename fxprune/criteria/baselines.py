@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
-from ..errors import CriterionError
+from ..errors import CriterionError, DataError
 from . import Criterion, ScoringContext, register_criterion
 from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
                       progress_iter)
@@ -79,6 +79,10 @@ def per_sample_grads(module: torch.nn.Module, params: Dict[str, Tensor], inputs,
     ``mode="vmap"``: ``vmap(grad)`` over ``chunk`` samples at a time (default: as many
     as fit in ~32M gradient elements). ``mode="loop"``: one backward per sample.
     """
+    if targets is None:  # a dict batch without labels (passes/keyword_inputs.py)
+        raise DataError("per-sample gradients (obd) need per-sample targets, and this "
+                        "calibration batch has none: give every batch its labels "
+                        "(a 'labels' entry of a dict batch), or use taylor/oba/obs")
     names = list(params)
     primals = {n: p.detach() for n, p in params.items()}
     n_total = inputs[0].shape[0]
