@@ -102,6 +102,20 @@ def check_output(path: Optional[str], option: str, suffixes: Sequence[str]) -> N
     _check_writable(path, option, directory)
 
 
+def check_output_folder(path: str, option: str) -> None:
+    """An output folder (``hf:`` models' ``--out DIR``): new or empty, in a writable
+    parent directory; checked before any work."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isfile(path):
+        raise CliError(f"{option} {path}: is a file; a Hugging Face model is written as a "
+                       "folder (or give a .pt / .safetensors file name)")
+    if os.path.isdir(path) and os.listdir(path):
+        raise CliError(f"{option} {path}: the folder is not empty; choose a new folder")
+    if not os.path.isdir(parent):
+        raise CliError(f"{option} {path}: directory {parent} does not exist")
+    _check_writable(path, option, parent)
+
+
 def _check_writable(path: str, option: str, directory: str) -> None:
     """Create and remove a file next to ``path``, as the atomic write will (so that a
     read-only directory is found now, not after minutes of scoring)."""
@@ -159,6 +173,9 @@ def load_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int],
     a ViT's position embedding is sized by it). A checkpoint that pickles Python objects
     is refused unless ``allow_pickle`` (``--allow-pickle``)."""
     from ..models import create_model
+    from .hf import is_hf, load_hf
+    if is_hf(spec):
+        return load_hf(spec, checkpoint).to(device)
     check_checkpoint(checkpoint)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     log.info("loading %s%s", spec, f" with weights from {checkpoint}" if checkpoint else
@@ -187,6 +204,9 @@ def _timm_size_kwargs(spec: str, input_size: Optional[Tuple[int, ...]]) -> dict:
 
 def resolve_input_size(spec: str, model, given: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
     """``--input-size`` if given, else the model's default input size."""
+    from .hf import hf_input_size, is_hf
+    if is_hf(spec):
+        return hf_input_size(model, given)
     if given is not None:
         return tuple(given)
     if spec.startswith("timm:"):

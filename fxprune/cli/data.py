@@ -21,7 +21,7 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from .common import log
+from .common import CliError, log
 from ..errors import DataError
 
 if TYPE_CHECKING:
@@ -84,8 +84,15 @@ def calibration(source: DataSource, model, size: Tuple[int, ...], device, *, bat
                 spec: str = "") -> Calibration:
     """Load the calibration batches. ``labels=False`` (data-free criteria) loads a
     single batch, only for its example input."""
+    from .hf import is_text_model, synthetic_tokens
     count = batches if labels else 1
-    if source.kind == "synthetic":
+    if is_text_model(model) and source.kind != "synthetic":
+        raise CliError(f"--data: {source.describe()} holds images; a text model is calibrated "
+                       "on synthetic token ids here (drop --data), or through the API with "
+                       "your own tokenised batches")
+    if source.kind == "synthetic" and is_text_model(model):
+        data = synthetic_tokens(model, size, device, count, batch_size, seed, labels)
+    elif source.kind == "synthetic":
         data = _synthetic(model, size, device, count, batch_size, seed, labels)
     elif source.kind == "folder":
         data = _folder(source.path, model, size, count, batch_size, seed, workers, spec)

@@ -53,7 +53,8 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
 def _model_args(p: argparse.ArgumentParser) -> None:
     """MODEL and the options every command that builds a model takes."""
     p.add_argument("model", metavar="MODEL",
-                   help="timm:NAME, torchvision:NAME, path/file.py:factory or a registered name")
+                   help="timm:NAME, torchvision:NAME, hf:FOLDER (a local Hugging Face model "
+                        "folder), path/file.py:factory or a registered name")
     p.add_argument("--checkpoint", metavar="PATH",
                    help="weights to load (.pth/.pt/.bin/.ckpt or .safetensors)")
     p.add_argument("--allow-pickle", action="store_true",
@@ -62,7 +63,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-classes", type=positive_int, metavar="N",
                    help="classifier size, when the checkpoint's differs from the default")
     p.add_argument("--input-size", type=input_size, metavar="C,H,W",
-                   help="one example's shape without the batch dim (default: the model's)")
+                   help="one example's shape without the batch dim (default: the model's; "
+                        "a text model's sequence length, default 32)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
                    help="where to run (default: cpu)")
 
@@ -108,6 +110,10 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--round-to", type=positive_int, default=1, metavar="N",
                    help="keep every pruned layer's width a multiple of N (8/16/32 suit most "
                         "accelerators; a head of d dims counts d; default: 1)")
+    p.add_argument("--uniform", action="store_true",
+                   help="meet --flops/--params by removing the same fraction of every group, "
+                        "so that every layer keeps the same number of heads and MLP units "
+                        "(what a Hugging Face config can hold: hf:PATH --out DIR)")
     p.add_argument("--max-layer-sparsity", type=sparsity_ratio, default=0.95, metavar="R",
                    help="remove at most fraction R of any group's channels (default: 0.95)")
     p.add_argument("--steps", type=positive_int, metavar="N",

@@ -9,14 +9,16 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List
 
-from .common import (CliError, check_checkpoint, check_output, load_model, log,
-                         public_mode, resolve_criterion, resolve_device, resolve_input_size,
-                         seed_everything)
+from .common import (CliError, check_checkpoint, check_output, check_output_folder,
+                     load_model, log, public_mode, resolve_criterion, resolve_device,
+                     resolve_input_size, seed_everything)
 from ..plan import atomic_path
 from .data import calibration, parse_source
+from .hf import is_hf, write_hf_out
 from .report import recount, save_module_atomic, write_report, write_sidecar
 
 REPORT_SUFFIXES = (".png", ".svg", ".html", ".htm", ".json")
+OUT_SUFFIXES = (".pt", ".pth", ".safetensors")
 
 
 def run_prune(args) -> int:
@@ -39,7 +41,7 @@ def run_prune(args) -> int:
                         workers=args.workers, spec=args.model)
     _analyse(model, calib.example, args.frontend)
     result = _compile(model, crit.name, calib, args)
-    summary = _write_outputs(args, result, calib.example, crit.name, size)
+    summary = _write_outputs(args, result, calib.example, crit.name, size, model)
     print(result.report.table())
     print(summary)
     return 0
@@ -47,7 +49,10 @@ def run_prune(args) -> int:
 
 def _check_args(args) -> None:
     """Everything that can be checked before the (slow) model is built."""
-    check_output(args.out, "--out", (".pt", ".pth", ".safetensors"))
+    if is_hf(args.model) and args.out and not args.out.lower().endswith(OUT_SUFFIXES):
+        check_output_folder(args.out, "--out")
+    else:
+        check_output(args.out, "--out", OUT_SUFFIXES)
     check_output(args.export, "--export", (".pt2",))
     check_output(args.plan, "--plan", (".json",))
     check_output(args.report, "--report", REPORT_SUFFIXES)
@@ -113,7 +118,7 @@ def _compile(model, criterion: str, calib, args):
                       normalize=None if args.normalize == "none" else args.normalize,
                       ignore=ignore_names(args.ignore),
                       max_layer_sparsity=args.max_layer_sparsity, round_to=args.round_to,
-                      frontend=args.frontend,
+                      frontend=args.frontend, uniform=args.uniform,
                       **_criterion_options(criterion, args), **budget)
 
 
@@ -146,15 +151,16 @@ def _repair_mode(args, calib):
     return "full" if args.repair == "auto" else args.repair
 
 
-def _write_outputs(args, result, example, criterion: str, size) -> str:
-    """Write the plan, report, slim model (+ sidecar) and torch.export program; return
-    the one-line input -> output summary of the slim model."""
+def _write_outputs(args, result, example, criterion: str, size, model) -> str:
+    """Write the plan, report, slim model (+ sidecar, or a Hugging Face folder for an
+    ``hf:`` model) and torch.export program; return the one-line input -> output summary
+    of the slim model."""
     report, slim = result.report, result.module.cpu().eval()
     example = example.cpu()
     meta = {"model": args.model, "checkpoint": args.checkpoint, "criterion": criterion,
             "input_size": list(size), "budget": result.plan.meta.get("budget"),
             "seed": args.seed, "data": args.data or "synthetic"}
-    flops, params, out_shape = recount(slim, list(example.shape))
+    flops, params, out_shape = recount(slim, list(example.shape), example.dtype)
     written: List[str] = []
     if args.plan:
         result.plan.meta.update(model=args.model, report=report.to_dict())
@@ -163,7 +169,9 @@ def _write_outputs(args, result, example, criterion: str, size) -> str:
     if args.report:
         write_report(report, args.report)
         written.append(f"report {args.report}")
-    if args.out and args.out.lower().endswith(".safetensors"):
+    if args.out and is_hf(args.model) and not args.out.lower().endswith(OUT_SUFFIXES):
+        written.append(write_hf_out(result, model, args.out))
+    elif args.out and args.out.lower().endswith(".safetensors"):
         written.append(write_safetensors(result, args, report, list(example.shape)))
     elif args.out:
         save_module_atomic(slim, args.out)

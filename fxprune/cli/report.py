@@ -246,14 +246,19 @@ def load_slim(path: str):
     return module, recorded
 
 
-def recount(module, shape) -> Tuple[int, int, Any]:
-    """FLOPs (FlopCounterMode), parameter count and output shape on zeros of ``shape``."""
+def recount(module, shape, dtype=None) -> Tuple[int, int, Any]:
+    """FLOPs (FlopCounterMode), parameter count and output shape on zeros of ``shape``
+    (of ``dtype`` when it is an integer type, token ids; else the module's float type)."""
     import torch
     from torch.utils.flop_counter import FlopCounterMode
-    dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
+    if dtype is None or dtype.is_floating_point:
+        dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
+                     torch.float32)
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         out = module(torch.zeros(*shape, dtype=dtype))
+    if not torch.is_tensor(out) and isinstance(out, dict) and "logits" in out:
+        out = out["logits"]
     out_shape = list(out.shape) if torch.is_tensor(out) else type(out).__name__
     log.debug("recounted %s", counter.get_total_flops())
     return int(counter.get_total_flops()), sum(p.numel() for p in module.parameters()), out_shape
