@@ -109,7 +109,12 @@ def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable]) -> Cal
     targets out of range and a loss that is not a one-element tensor (a Python float,
     a per-sample vector) raise :class:`DataError` too: each criterion differentiates the
     loss, so either would otherwise surface as a raw IndexError / RuntimeError /
-    AttributeError from deep inside the criterion."""
+    AttributeError from deep inside the criterion.
+
+    Without ``output_fn`` the wrapper records the loss it applies to the outputs as its
+    ``__wrapped__`` (``loss_fn``, or :func:`~fxprune.criteria.scoring.default_loss`), so
+    a criterion can recognise the default cross-entropy behind it (``inspect.unwrap``:
+    SOSP-I's closed-form curvature); with ``output_fn`` it records nothing."""
     base = loss_fn or default_loss
     if output_fn is not None:
         inner = lambda outputs, targets: base(output_fn(outputs), targets)  # noqa: E731
@@ -117,7 +122,13 @@ def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable]) -> Cal
         inner = base
     else:
         inner = _default_loss_of_logits
-    return lambda outputs, targets: _checked_loss(inner, outputs, targets, loss_fn is None)
+
+    def checked(outputs, targets):
+        return _checked_loss(inner, outputs, targets, loss_fn is None)
+
+    if output_fn is None:
+        checked.__wrapped__ = base
+    return checked
 
 
 def _checked_loss(inner: Callable, outputs, targets, default: bool):

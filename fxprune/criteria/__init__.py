@@ -59,8 +59,8 @@ class Criterion:
 _REGISTRY = Registry("criterion")
 
 #: Modules of this package that hold shared machinery, not criteria.
-_INFRASTRUCTURE = {"aggregate", "gauss_newton", "oba_graph", "oba_records", "oba_tangents",
-                   "scoring", "structures"}
+_INFRASTRUCTURE = {"aggregate", "gauss_newton", "oba_graph", "oba_ops", "oba_records",
+                   "oba_tangents", "scoring", "structures"}
 
 
 def register_criterion(criterion: Criterion, *, overwrite: bool = False) -> Criterion:

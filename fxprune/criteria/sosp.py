@@ -37,8 +37,7 @@ from ..errors import CriterionError
 from ..group import Group
 from . import Criterion, ScoringContext, register_criterion
 from .aggregate import signed_channel_sums
-from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
-                      progress_iter)
+from .scoring import batch_loss, calibrate, check_finite, require_batches, zero_sums
 from .perturb import CONSUMER_ROLES, perturb_option
 from .structures import STRUCTURE_ROLES, kernel_sizes, structure_index
 
@@ -63,34 +62,28 @@ def sosp_h_terms(module: torch.nn.Module, groups: Iterable[Group], batches,
     cross-entropy by default). Returns two dicts over every parameter that requires grad, float64,
     each parameter's shape. Raises :class:`DataError` on a non-finite loss or curvature.
     """
-    if not batches:
-        raise CriterionError("sosp-h needs calibration data (at least one batch)")
-    loss_fn = loss_fn or default_loss
+    require_batches(batches, "sosp-h")
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     index = structure_index(groups, params, perturb)
     struc = index.theta_struc(params)
     names = list(params)
-    sums = {f"{k}:{n}": torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-            for n, p in params.items() for k in ("g", "h")}
-    count = 0
+    sums = zero_sums(params, "g", "h")
+
+    def step(i, inputs, targets):
+        _hvp_batch(module, params, names, struc, index.sign, inputs, targets, loss_fn, sums, i)
+
     with torch.enable_grad():
-        for i, batch in enumerate(progress_iter(batches, progress, "sosp-h")):
-            _hvp_batch(module, params, names, struc, index.sign,
-                       cast_batch(batch, module), loss_fn, sums, i)
-            count += 1
-    sums, count = all_reduce_sums(sums, count)
+        sums, count = calibrate(module, batches, step, sums, desc="sosp-h", progress=progress)
     first = {n: sums[f"g:{n}"] / count for n in names}
     second = {n: sums[f"h:{n}"] / count for n in names}
     return first, second
 
 
-def _hvp_batch(module, params, names, struc, sign, batch, loss_fn, sums, i) -> None:
+def _hvp_batch(module, params, names, struc, sign, inputs, targets, loss_fn, sums, i) -> None:
     """Add one batch's ``δθ⊙g`` and ``δθ⊙Hδθ_struc`` (double backward) into ``sums``
     (``δθ = sign·θ``; only its structure slices are aggregated)."""
-    inputs, targets = batch
     plist = [params[n] for n in names]
-    loss = loss_fn(module(*inputs), targets)
-    check_finite(loss.detach(), "the loss", i)
+    loss = batch_loss(loss_fn, module(*inputs), targets, i)
     grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
     dot = sum(((g * struc[n]).sum() for n, g in zip(names, grads)
                if g is not None and n in struc), torch.zeros((), device=loss.device))
