@@ -28,7 +28,7 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from ..errors import CriterionError
-from . import Criterion, ScoringContext, register_criterion
+from . import ScoringContext, criterion
 from .scoring import batch_loss, calibrate, default_loss, zero_sums
 
 log = logging.getLogger(__name__)
@@ -131,23 +131,15 @@ def obd_scores(module: torch.nn.Module, batches, loss_fn: Optional[Callable] = N
             for n, p in params.items()}
 
 
+@criterion("taylor", "first-order Taylor: |Σ θ·g| over every member slice of a channel, g "
+                     "averaged over the calibration batches", options=())
 def _score_taylor(ctx: ScoringContext) -> Dict[str, Tensor]:
     return taylor_scores(ctx.module, ctx.batches, ctx.loss_fn, progress=ctx.progress)
 
 
+@criterion("obd", "Optimal Brain Damage: ½ Σ θ²·diag empirical Fisher (per-sample "
+                  "gradients over all calibration samples)", options=("per_sample", "chunk"))
 def _score_obd(ctx: ScoringContext) -> Dict[str, Tensor]:
     return obd_scores(ctx.module, ctx.batches, ctx.loss_fn,
                       per_sample=ctx.options.get("per_sample", "auto"),
                       chunk=ctx.options.get("chunk"), progress=ctx.progress)
-
-
-register_criterion(Criterion(
-    name="taylor",
-    description="first-order Taylor: |Σ θ·g| over every member slice of a channel, g "
-                "averaged over the calibration batches",
-    score=_score_taylor, needs_data=True, options=()))
-register_criterion(Criterion(
-    name="obd",
-    description="Optimal Brain Damage: ½ Σ θ²·diag empirical Fisher (per-sample gradients "
-                "over all calibration samples)",
-    score=_score_obd, needs_data=True, options=("per_sample", "chunk")))

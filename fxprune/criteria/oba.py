@@ -37,7 +37,7 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from ..errors import CriterionError
-from . import Criterion, ScoringContext, register_criterion
+from . import ScoringContext, criterion
 from .oba_graph import GraphPlan, build_plan, scoring_state
 from .oba_ops import detach_tree as _detach
 from .oba_ops import tangent
@@ -311,38 +311,30 @@ def _delta(ctx: ScoringContext, gm: torch.fx.GraphModule, desc: str
     return consumer_delta(ctx.groups, dict(gm.named_parameters()))
 
 
-def _score_oba(ctx: ScoringContext) -> Dict[str, Tensor]:
-    """Registry entry of ``"oba"``: :func:`oba_scores` on the context."""
-    gm = _check_module(ctx)
-    return oba_scores(gm, ctx.batches, ctx.loss_fn,
-                      first_order=bool(ctx.options.get("first_order", False)),
-                      progress=ctx.progress, delta=_delta(ctx, gm, "oba"))
-
-
-def _score_oba_exact(ctx: ScoringContext) -> Dict[str, Tensor]:
-    """Registry entry of ``"oba-exact"``: :func:`oba_exact_scores` on the context."""
-    gm = _check_module(ctx)
-    return oba_exact_scores(gm, ctx.batches, ctx.loss_fn,
-                            first_order=bool(ctx.options.get("first_order", False)),
-                            progress=ctx.progress, delta=_delta(ctx, gm, "oba-exact"))
-
-
 def _aggregate(groups, scores: Dict[str, Tensor], ctx: ScoringContext) -> Dict[str, Tensor]:
     """Channel scores: over every member slice (``perturb="weights"``) or over the
     consumer slices, where the consumer cut's δθ lives (``perturb="consumer"``)."""
     return perturbed_channel_scores(groups, scores, perturb_option(ctx.options, "oba"))
 
 
-register_criterion(Criterion(
-    name="oba",
-    description="Optimal Brain Apoptosis: θ·H̃θ with the series/parallel (bilinear-node) "
-                "Hessian blocks, one forward-AD and two backward passes per batch "
-                "(option perturb='consumer': δθ = the consumer cut)",
-    score=_score_oba, needs_data=True, aggregate=_aggregate,
-    options=("first_order", "perturb")))
-register_criterion(Criterion(
-    name="oba-exact",
-    description="OBA with the full Hessian: θ·Hθ by double backward (Pearlmutter HVP; "
-                "option perturb='consumer')",
-    score=_score_oba_exact, needs_data=True, aggregate=_aggregate,
-    options=("first_order", "perturb")))
+def _registry_entry(scores: Callable, desc: str) -> Callable:
+    """The ``score(ctx)`` of criterion ``desc``: ``scores`` (:func:`oba_scores` or
+    :func:`oba_exact_scores`) on the context's traced scoring copy."""
+    def score(ctx: ScoringContext) -> Dict[str, Tensor]:
+        gm = _check_module(ctx)
+        return scores(gm, ctx.batches, ctx.loss_fn,
+                      first_order=bool(ctx.options.get("first_order", False)),
+                      progress=ctx.progress, delta=_delta(ctx, gm, desc))
+    score.__name__ = score.__qualname__ = f"_score_{desc.replace('-', '_')}"
+    return score
+
+
+criterion("oba", "Optimal Brain Apoptosis: θ·H̃θ with the series/parallel (bilinear-node) "
+                 "Hessian blocks, one forward-AD and two backward passes per batch (option "
+                 "perturb='consumer': δθ = the consumer cut)",
+          aggregate=_aggregate, options=("first_order", "perturb"))(
+    _registry_entry(oba_scores, "oba"))
+criterion("oba-exact", "OBA with the full Hessian: θ·Hθ by double backward (Pearlmutter "
+                       "HVP; option perturb='consumer')",
+          aggregate=_aggregate, options=("first_order", "perturb"))(
+    _registry_entry(oba_exact_scores, "oba-exact"))

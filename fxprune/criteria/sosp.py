@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ..errors import CriterionError
 from ..group import Group
-from . import Criterion, ScoringContext, register_criterion
+from . import ScoringContext, criterion
 from .aggregate import signed_channel_sums
 from .scoring import batch_loss, calibrate, check_finite, require_batches, zero_sums
 from .perturb import CONSUMER_ROLES, perturb_option
@@ -140,6 +140,9 @@ def _perturb(ctx: ScoringContext) -> str:
     return perturb_option(ctx.options, "sosp")
 
 
+@criterion("sosp-h", "SOSP-H: |θ_s·g| + ½|θ_s·(Hθ_struc)| per channel, exact Hessian, one "
+                     "Hessian-vector product per batch (option scale='kernel')",
+           aggregate=sosp_aggregate, options=("scale", "perturb"))
 def _score_sosp_h(ctx: ScoringContext) -> Dict[str, Tensor]:
     _scale(ctx)
     first, second = sosp_h_terms(ctx.module, ctx.groups, ctx.batches, ctx.loss_fn,
@@ -187,18 +190,6 @@ def greedy_order(Q: Tensor, ids: List[Tuple[str, int]], caps: Dict[str, int]
     return order
 
 
-def _score_sosp_i(ctx: ScoringContext) -> Dict[str, Tensor]:
-    from .gauss_newton import gauss_newton_terms
-
-    terms = gauss_newton_terms(
-        ctx.module, ctx.groups, ctx.batches, ctx.loss_fn,
-        jacobian=ctx.options.get("jacobian", "auto"), chunk=ctx.options.get("chunk"),
-        max_structures=int(ctx.options.get("max_structures", 20000)),
-        progress=ctx.progress, perturb=_perturb(ctx))
-    ctx.state["sosp"] = dict(terms, curvature="gauss-newton")
-    return per_parameter(terms["first"], terms["second"], dict(ctx.module.named_parameters()))
-
-
 def _select_sosp_i(groups, channel_scores, ctx: ScoringContext, caps: Dict[str, int]):
     state = ctx.state.get("sosp")
     if state is None or "Q" not in state:
@@ -209,15 +200,17 @@ def _select_sosp_i(groups, channel_scores, ctx: ScoringContext, caps: Dict[str, 
     return greedy_order(state["Q"], state["ids"], caps)
 
 
-register_criterion(Criterion(
-    name="sosp-h",
-    description="SOSP-H: |θ_s·g| + ½|θ_s·(Hθ_struc)| per channel, exact Hessian, one "
-                "Hessian-vector product per batch (option scale='kernel')",
-    score=_score_sosp_h, needs_data=True, aggregate=sosp_aggregate,
-    options=("scale", "perturb")))
-register_criterion(Criterion(
-    name="sosp-i",
-    description="SOSP-I: S×S Gauss-Newton structure matrix with greedy joint selection "
-                "(O(S²) memory; mid-size nets)",
-    score=_score_sosp_i, needs_data=True, aggregate=sosp_aggregate, select=_select_sosp_i,
-    options=("scale", "jacobian", "chunk", "max_structures", "perturb")))
+@criterion("sosp-i", "SOSP-I: S×S Gauss-Newton structure matrix with greedy joint selection "
+                     "(O(S²) memory; mid-size nets)",
+           aggregate=sosp_aggregate, select=_select_sosp_i,
+           options=("scale", "jacobian", "chunk", "max_structures", "perturb"))
+def _score_sosp_i(ctx: ScoringContext) -> Dict[str, Tensor]:
+    from .gauss_newton import gauss_newton_terms
+
+    terms = gauss_newton_terms(
+        ctx.module, ctx.groups, ctx.batches, ctx.loss_fn,
+        jacobian=ctx.options.get("jacobian", "auto"), chunk=ctx.options.get("chunk"),
+        max_structures=int(ctx.options.get("max_structures", 20000)),
+        progress=ctx.progress, perturb=_perturb(ctx))
+    ctx.state["sosp"] = dict(terms, curvature="gauss-newton")
+    return per_parameter(terms["first"], terms["second"], dict(ctx.module.named_parameters()))
