@@ -21,7 +21,7 @@ _LAZY: Dict[str, str] = {
     "Connectivity": ".passes.connectivity", "register_leaf": ".passes.trace",
     "Gradual": ".passes.gradual",
     "Plan": ".plan", "CompileResult": ".report", "Report": ".report",
-    "save_slim": ".slim_io", "load_slim": ".slim_io", "save_pretrained": ".api_hf",
+    "save_slim": ".slim_io", "load_slim": ".api_slim", "save_pretrained": ".api_hf",
     **{name: ".errors" for name in (
         "FxpruneError", "TraceError", "AnalysisError", "BudgetError", "DataError",
         "CheckpointError", "CriterionError", "DegenerateScoresError", "PlanError",

@@ -3,9 +3,11 @@
 A ``torch.save``d slim GraphModule can only be read with ``torch.load(weights_only=False)``,
 which runs whatever code the file pickles. :func:`save_slim` writes the slim model's
 weights as a safetensors file (tensors only, nothing runs on load) and its plan as JSON
-(also embedded in the safetensors metadata); :func:`load_slim` rebuilds the slim model
-from the user's own model definition with :func:`fxprune.apply_plan` and loads the
-weights into it. ``torch.export`` programs (``.pt2``) are the deployable alternative.
+(also embedded in the safetensors metadata); :func:`slim_plan` and :func:`slim_state`
+read them back. The data model only: :func:`fxprune.load_slim` (``api_slim.py``) rebuilds
+the slim model from the user's own model definition with :func:`fxprune.apply_plan` and
+loads the weights into it. ``torch.export`` programs (``.pt2``) are the deployable
+alternative.
 """
 from __future__ import annotations
 
@@ -54,7 +56,7 @@ def save_slim(result: Any, weights_path: str, plan_path: Optional[str] = None,
 
     ``result`` is a :class:`~fxprune.CompileResult` (its ``module`` and ``plan``) or a
     slim module with ``plan=`` given. Both files are written atomically. Reload with
-    :func:`load_slim` on the model definition the plan was made on."""
+    :func:`fxprune.load_slim` on the model definition the plan was made on."""
     from safetensors.torch import save
     module = getattr(result, "module", result)
     plan = plan if plan is not None else getattr(result, "plan", None)
@@ -85,37 +87,24 @@ def read_slim_metadata(weights_path: str) -> Dict[str, str]:
         raise CheckpointError(f"{weights_path}: cannot read safetensors file: {exc}") from exc
 
 
-def load_slim(model: torch.nn.Module, plan: Union[Plan, str, None], weights_path: str,
-              example_inputs: Any = None, *, verify: bool = True, leaf_modules=(),
-              concrete_args=None) -> torch.fx.GraphModule:
-    """Rebuild a slim model saved with :func:`save_slim` on ``model`` (a fresh instance
-    of the definition the plan was made on) and load its weights; nothing is unpickled.
-
-    ``plan``: a :class:`Plan`, a plan JSON path, or ``None`` for the plan embedded in
-    the weights file. ``example_inputs`` default to the plan's recorded input shapes.
-    ``verify`` checks the rewrite on ``model``'s own weights before the slim weights are
-    loaded. Returns the slim GraphModule in eval mode."""
-    from safetensors.torch import load_file
-    from .api_prune import apply_plan
-    from .models.checkpoint import compare_state_dicts, mismatch_message
-    meta = read_slim_metadata(weights_path)
+def slim_plan(weights_path: str, plan: Union[Plan, str, None],
+              meta: Dict[str, str]) -> Plan:
+    """The plan of a slim weights file: ``plan`` itself, read from a plan JSON path, or
+    (``None``) the plan embedded in the file's metadata ``meta``."""
     if plan is None:
         if _PLAN_KEY not in meta:
             raise CheckpointError(f"{weights_path}: no plan is embedded in this file; pass "
                                   "the plan JSON written next to it")
-        plan = Plan.from_json(meta[_PLAN_KEY])
-    elif not isinstance(plan, Plan):
-        plan = Plan.from_json(os.fspath(plan))
-    slim = apply_plan(model, plan, example_inputs, verify=verify, leaf_modules=leaf_modules,
-                      concrete_args=concrete_args).module
+        return Plan.from_json(meta[_PLAN_KEY])
+    return plan if isinstance(plan, Plan) else Plan.from_json(os.fspath(plan))
+
+
+def slim_state(weights_path: str, meta: Dict[str, str]) -> Dict[str, torch.Tensor]:
+    """The state dict stored by :func:`save_slim` (CPU tensors, no pickle), tied entries
+    restored under every name they were saved under (from ``meta``'s aliases)."""
+    from safetensors.torch import load_file
     state = load_file(weights_path, device="cpu")
     for alias, name in json.loads(meta.get(_ALIAS_KEY, "{}")).items():
         if name in state:
             state[alias] = state[name]
-    missing, unexpected, mismatched = compare_state_dicts(slim.state_dict(), state)
-    if missing or unexpected or mismatched:
-        raise CheckpointError(mismatch_message(weights_path, slim, missing, unexpected,
-                                               mismatched)
-                              + "\n  Is this the plan these weights were saved with?")
-    slim.load_state_dict(state, strict=True)
-    return slim.eval()
+    return state

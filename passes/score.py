@@ -19,7 +19,7 @@ import torch
 
 from ..criteria import Criterion, ScoringContext
 from ..criteria.aggregate import channel_scores
-from ..criteria.scoring import (Batch, make_scoring_copy, module_device_dtype,
+from ..criteria.scoring import (Batch, default_loss, make_scoring_copy, module_device_dtype,
                                 prepare_for_scoring)
 from ..errors import DataError, FxpruneError
 from ..progress import logged_batches
@@ -132,7 +132,13 @@ def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable],
     targets out of range and a loss that is not a one-element tensor (a Python float,
     a per-sample vector) raise :class:`DataError` too: each criterion differentiates the
     loss, so either would otherwise surface as a raw IndexError / RuntimeError /
-    AttributeError from deep inside the criterion."""
+    AttributeError from deep inside the criterion.
+
+    Without ``output_fn`` the wrapper records the loss it applies to a logits tensor as
+    its ``__wrapped__`` (``loss_fn``, or :func:`~fxprune.criteria.scoring.default_loss`,
+    which the default model loss applies to tensor outputs), so a criterion can recognise
+    the default cross-entropy behind it (``inspect.unwrap``: SOSP-I's closed-form
+    curvature); with ``output_fn`` it records nothing."""
     base = loss_fn or default_model_loss(model)
     if output_fn is not None:
         inner = lambda outputs, targets: base(output_fn(outputs), targets)  # noqa: E731
@@ -140,7 +146,13 @@ def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable],
         inner = base
     else:
         inner = base
-    return lambda outputs, targets: _checked_loss(inner, outputs, targets, loss_fn is None)
+
+    def checked(outputs, targets):
+        return _checked_loss(inner, outputs, targets, loss_fn is None)
+
+    if output_fn is None:
+        checked.__wrapped__ = loss_fn if loss_fn is not None else default_loss
+    return checked
 
 
 def _checked_loss(inner: Callable, outputs, targets, default: bool):

@@ -4,9 +4,6 @@ Brute force over layer pairs: H̃ is built column by column on tiny float64 nets
 for piecewise-linear nets H̃ equals the functional Hessian H_F (design §5.1 oracle);
 for attention, from OBA's surrogate S written out by hand with a unit direction.
 """
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,11 +11,8 @@ from torch import nn
 from torch.func import jvp
 
 import fxprune
-
-_spec = importlib.util.spec_from_file_location(
-    "oba_oracles", pathlib.Path(__file__).with_name("test_oba.py"))
-oracles = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(oracles)
+import oba_oracles as oracles
+from fxprune.criteria.oba import oba_scores
 
 
 class TwoBranch(nn.Module):
@@ -141,5 +135,5 @@ def test_attention_parallel_blocks_are_non_zero(heads):
     assert conn.kind("q", "k") == "parallel" and conn.kind("k", "v") == "parallel"
     check_blocks(model, x, fl, H, {"series", "parallel"})
     # H̃θ from the brute-force matrix equals what the OBA pass computes
-    scores = fl.cat(oracles.oba_scores(oracles.trace(model), [((x,), y)]))
+    scores = fl.cat(oba_scores(oracles.trace(model), [((x,), y)]))
     assert oracles.rel_err(scores, fl.vec * (H @ fl.vec)) <= 1e-8

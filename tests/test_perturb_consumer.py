@@ -7,9 +7,6 @@ the functional Hessian by double backward (piecewise-linear nets: ReLU, eval-BN,
 pooling, conv, linear), OBA-exact and SOSP-H against the exact Hessian, SOSP-I against
 the Gauss-Newton matrix built from the full output Jacobian.
 """
-import importlib.util
-import pathlib
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -24,21 +21,12 @@ from fxprune.errors import CriterionError
 from fxprune.models import create_model
 from fxprune.models.fixtures import randomize_norms
 from fxprune.models.registry import model_input_size
+import oba_oracles as oba_t
+import sosp_oracles as sosp_t
 
 D = torch.float64
 CONSUMER = ("consumer",)
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        f"{name}_oracles", pathlib.Path(__file__).with_name(f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-oba_t, sosp_t = _load("test_oba"), _load("test_sosp")
 
 
 class Functional(nn.Module):
@@ -158,7 +146,7 @@ def test_oba_consumer_attention_matches_hand_written_surrogate(heads):
     fl = oba_t.Flat(att)
     dvec = fl.cat({n: delta[f"1.{n}"] if f"1.{n}" in delta else torch.zeros_like(p)
                    for n, p in fl.params.items()})
-    _, ref = oba_t._attention_reference(att, model[0](x).detach(), y, direction=dvec)
+    _, ref = oba_t.attention_reference(att, model[0](x).detach(), y, direction=dvec)
     got = oba_scores(torch.fx.symbolic_trace(model), [batch], delta=delta)
     assert ref.abs().max() > 1e-6
     assert oba_t.rel_err(fl.cat({n: got[f"1.{n}"] for n in fl.names}), ref) <= 1e-8

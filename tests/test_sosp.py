@@ -3,14 +3,14 @@
 Oracles work on the flattened parameter vector of tiny float64 nets (eval mode, random
 BN statistics): the exact Hessian from ``torch.autograd.functional.hessian``, the full
 output Jacobian Φ from ``torch.autograd.functional.jacobian`` and R from the softmax.
-Structures are rebuilt here from the groups' members (roles producer/bias/norm).
+Structures are rebuilt here from the groups' members (roles producer/bias/norm); the
+models and oracles live in ``sosp_oracles.py``.
 """
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 import fxprune
 from fxprune.criteria import ScoringContext, get_criterion
@@ -18,156 +18,10 @@ from fxprune.criteria.scoring import make_scoring_copy
 from fxprune.criteria.sosp import greedy_order
 from fxprune.errors import CriterionError, DataError
 from fxprune.passes.trace import trace
-from fxprune.models.fixtures import randomize_norms
-
-D = torch.float64
-ROLES = ("producer", "bias", "norm")
-
+from sosp_oracles import (D, Flat, context, make, oracle_gn, oracle_grad, oracle_hessian,
+                          rel)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-# ----------------------------------------------------------------------------- models
-class Chain(nn.Module):
-    """conv(+bias) -> BN -> ReLU -> conv -> BN -> ReLU -> pool -> fc."""
-
-    def __init__(self, cin=2, w=(3, 4), classes=3, act=F.relu):
-        super().__init__()
-        self.act = act
-        self.c1, self.b1 = nn.Conv2d(cin, w[0], 3, padding=1), nn.BatchNorm2d(w[0])
-        self.c2 = nn.Conv2d(w[0], w[1], 3, padding=1, bias=False)
-        self.b2 = nn.BatchNorm2d(w[1])
-        self.fc = nn.Linear(w[1], classes)
-
-    def forward(self, x):
-        x = self.act(self.b1(self.c1(x)))
-        x = self.act(self.b2(self.c2(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-class Res(nn.Module):
-    """stem -> basic block (identity) -> basic block (1x1 projection) -> fc."""
-
-    def __init__(self, classes=3):
-        super().__init__()
-        self.stem, self.bn = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
-        self.a1, self.an1 = nn.Conv2d(3, 2, 3, padding=1, bias=False), nn.BatchNorm2d(2)
-        self.a2, self.an2 = nn.Conv2d(2, 3, 3, padding=1, bias=False), nn.BatchNorm2d(3)
-        self.b1, self.bn1 = nn.Conv2d(3, 2, 3, 2, 1, bias=False), nn.BatchNorm2d(2)
-        self.b2, self.bn2 = nn.Conv2d(2, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4)
-        self.sc, self.scn = nn.Conv2d(3, 4, 1, 2, bias=False), nn.BatchNorm2d(4)
-        self.fc = nn.Linear(4, classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn(self.stem(x)))
-        x = F.relu(x + self.an2(self.a2(F.relu(self.an1(self.a1(x))))))
-        y = self.bn2(self.b2(F.relu(self.bn1(self.b1(x)))))
-        x = F.relu(y + self.scn(self.sc(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-class MLP(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.l1, self.ln = nn.Linear(4, 5), nn.LayerNorm(5)
-        self.l2, self.l3 = nn.Linear(5, 3), nn.Linear(3, 3)
-
-    def forward(self, x):
-        return self.l3(torch.tanh(self.l2(F.gelu(self.ln(self.l1(x))))))
-
-
-seeded = randomize_norms
-
-
-def make(name):
-    gen = torch.Generator().manual_seed(3)
-    if name == "mlp":
-        model, shape = seeded(MLP()), (5, 4)
-    else:
-        model, shape = seeded(Chain() if name == "chain" else Res()), (4, 2, 6, 6)
-    batches = [((torch.randn(*shape, generator=gen, dtype=D),),
-                torch.randint(0, 3, (shape[0],), generator=gen)) for _ in range(2)]
-    return model, batches
-
-
-def context(model, batches, **options):
-    x = batches[0][0][0]
-    groups = fxprune.groups(model, x)
-    return ScoringContext(make_scoring_copy(trace(model, x)), groups, batches, None,
-                          options=options), groups
-
-
-# ----------------------------------------------------------------------------- oracle
-class Flat:
-    """The model as a function of its flattened parameter vector."""
-
-    def __init__(self, model):
-        self.model = model
-        self.params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        self.names = list(self.params)
-        self.vec = torch.cat([p.reshape(-1) for p in self.params.values()])
-        self.offsets, o = {}, 0
-        for n in self.names:
-            self.offsets[n] = o
-            o += self.params[n].numel()
-
-    def __call__(self, v, x):
-        params, o = {}, 0
-        for n in self.names:
-            k = self.params[n].numel()
-            params[n] = v[o:o + k].view_as(self.params[n])
-            o += k
-        return functional_call(self.model, params, (x,))
-
-    def structure(self, group, c, roles=ROLES):
-        """θ_s on the flat vector: θ on the channel's member slices with ``roles``."""
-        out = torch.zeros_like(self.vec)
-        for m in group.members:
-            if m.target not in self.params or (roles and m.role not in roles):
-                continue
-            mask = torch.zeros_like(self.params[m.target])
-            mask.movedim(m.dim, 0)[list(m.index_map[c])] = 1
-            o = self.offsets[m.target]
-            out[o:o + mask.numel()] += (mask * self.params[m.target]).reshape(-1)
-        return out
-
-
-def oracle_grad(fl, batches):
-    """Batch-averaged gradient of the mean cross-entropy."""
-    gs = []
-    for (x,), y in batches:
-        v = fl.vec.clone().requires_grad_(True)
-        gs.append(torch.autograd.grad(F.cross_entropy(fl(v, x), y), v)[0])
-    return sum(gs) / len(gs)
-
-
-def oracle_hessian(fl, batches):
-    """Batch-averaged exact Hessian of the mean cross-entropy."""
-    hs = [torch.autograd.functional.hessian(lambda v: F.cross_entropy(fl(v, x), y), fl.vec,
-                                            vectorize=True, outer_jacobian_strategy="forward-mode")
-          for (x,), y in batches]
-    return sum(hs) / len(hs)
-
-
-def oracle_gn(fl, batches, loss=None):
-    """Batch-averaged Gauss-Newton matrix (1/N) Σ φ_nᵀ R_n φ_n."""
-    total = 0
-    for (x,), y in batches:
-        z = fl(fl.vec, x).detach()
-        phi = torch.autograd.functional.jacobian(lambda v: fl(v, x), fl.vec,
-                                                 vectorize=True)  # [N, C, P]
-        if loss is None:
-            p = z.softmax(-1)
-            R = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / z.shape[0]
-            total = total + torch.einsum("ncp,ncd,ndq->pq", phi, R, phi)
-        else:
-            Hz = torch.autograd.functional.hessian(lambda zz: loss(zz, y), z, vectorize=True)
-            total = total + torch.einsum("ncp,ncmd,mdq->pq", phi, Hz, phi)
-    return total / len(batches)
-
-
-def rel(a, b):
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
 # ----------------------------------------------------------------------------- SOSP-H
@@ -256,6 +110,30 @@ def test_sosp_i_other_loss_uses_autograd_curvature():
     _, theta = _structures(fl, groups)
     G = oracle_gn(fl, batches, loss=loss)
     assert rel(ctx.state["sosp"]["second_s"], theta @ G @ theta.T) <= 1e-8
+
+
+def test_sosp_i_closed_form_curvature_behind_the_compile_loss_wrapper(monkeypatch):
+    """compile and saliency hand the criteria a checked wrapper of the loss
+    (passes/score.py wrap_loss): the default cross-entropy behind it must still take the
+    closed-form curvature; a user loss or an output_fn must not."""
+    import fxprune.criteria.gauss_newton as gn
+    from fxprune.passes.score import wrap_loss
+    z, t = torch.randn(4, 3, dtype=D), torch.randint(0, 3, (4,))
+    assert gn._is_cross_entropy(wrap_loss(None, None), z, t)
+    assert not gn._is_cross_entropy(wrap_loss(lambda o, y: (o ** 2).mean(), None), z, t)
+    assert not gn._is_cross_entropy(wrap_loss(None, lambda o: o), z, t)
+    model, batches = make("chain")
+    with monkeypatch.context() as m:  # the reference: autograd curvature throughout
+        m.setattr(gn, "_is_cross_entropy", lambda *args: False)
+        want = fxprune.saliency(model, "sosp-i", data=batches, progress=False)
+
+    def refuse(*args):
+        raise AssertionError("autograd curvature used for the default cross-entropy")
+
+    monkeypatch.setattr(gn, "_autograd_curvature", refuse)
+    got = fxprune.saliency(model, "sosp-i", data=batches, progress=False)
+    for gid, s in want.groups.items():
+        torch.testing.assert_close(got.groups[gid], s, rtol=1e-9, atol=1e-12)
 
 
 def test_sosp_i_refuses_too_many_structures():

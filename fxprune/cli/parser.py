@@ -50,6 +50,15 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
     return p
 
 
+def _model_command(sub, common, name: str, help: str, description: str
+                   ) -> argparse.ArgumentParser:
+    """A sub-command that builds a model: MODEL and the options every such command takes
+    (:func:`_model_args`). Returns its parser."""
+    p = sub.add_parser(name, parents=[common], help=help, description=description)
+    _model_args(p)
+    return p
+
+
 def _model_args(p: argparse.ArgumentParser) -> None:
     """MODEL and the options every command that builds a model takes."""
     p.add_argument("model", metavar="MODEL",
@@ -71,10 +80,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 
 def _prune_parser(sub, common) -> None:
     """The ``prune`` sub-command and its options."""
-    p = sub.add_parser("prune", parents=[common], help="prune a model to a budget",
-                       description="Prune MODEL to a FLOPs, parameter or sparsity budget and "
-                                   "write the slim model, plan and report.")
-    _model_args(p)
+    p = _model_command(sub, common, "prune", "prune a model to a budget",
+                       "Prune MODEL to a FLOPs, parameter or sparsity budget and write the "
+                       "slim model, plan and report.")
     p.add_argument("--criterion", metavar="NAME",
                    help="saliency criterion (default: obs with --data, l2 on the synthetic "
                         "default data, as compile's criterion='auto'; see 'fxprune criteria')")
@@ -148,10 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
     common = _common(False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _prune_parser(sub, common)
-    g = sub.add_parser("groups", parents=[common], help="show a model's coupled channel groups",
-                       description="Print the coupled-channel groups and the connectivity "
-                                   "summary of MODEL; optionally draw the group graph.")
-    _model_args(g)
+    g = _model_command(sub, common, "groups", "show a model's coupled channel groups",
+                       "Print the coupled-channel groups and the connectivity summary of "
+                       "MODEL; optionally draw the group graph.")
     g.add_argument("--graph", metavar="FILE",
                    help="write the group graph: .dot (Graphviz text), .svg or .html "
                         "(a picture laid out by layer order)")

@@ -8,6 +8,11 @@ Contract of ``Criterion.score(ctx)``: reads ``ctx.module`` (a scoring copy: eval
 float32/float64, attention lowered to math), ``ctx.batches`` and ``ctx.loss_fn``;
 returns ``{qualified parameter name: tensor of the parameter's shape}``; never mutates
 the user's model.
+
+A new criterion is one module in this package, discovered on first use: a ``score(ctx)``
+function registered with the :func:`criterion` decorator (the built-ins do the same); a
+data-driven one runs its per-batch step in the shared calibration loop
+(:func:`.scoring.calibrate`: progress, dtype cast, loss finiteness, all-reduce).
 """
 from __future__ import annotations
 
@@ -59,8 +64,8 @@ class Criterion:
 _REGISTRY = Registry("criterion")
 
 #: Modules of this package that hold shared machinery, not criteria.
-_INFRASTRUCTURE = {"aggregate", "gauss_newton", "oba_graph", "oba_records", "oba_tangents",
-                   "scoring", "structures"}
+_INFRASTRUCTURE = {"aggregate", "gauss_newton", "oba_graph", "oba_ops", "oba_records",
+                   "oba_tangents", "scoring", "structures"}
 
 
 def register_criterion(criterion: Criterion, *, overwrite: bool = False) -> Criterion:

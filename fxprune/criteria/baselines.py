@@ -14,8 +14,9 @@ instead (slow but works for any model), and ``"auto"`` (default) falls back to t
 when vmap fails. Each sample's loss is ``loss_fn`` on a batch of one, which is ℓ_n for
 mean- or sum-reduced losses.
 
-Both score the scoring copy in eval mode, check every batch's loss for NaN/inf, and
-all-reduce their sums over data-parallel ranks (design §8).
+Both score the scoring copy in eval mode with the shared calibration loop
+(:func:`~.scoring.calibrate`: every batch's loss checked for NaN/inf, sums all-reduced
+over data-parallel ranks, design §8).
 """
 from __future__ import annotations
 
@@ -27,9 +28,8 @@ from torch import Tensor
 from torch.func import functional_call, grad, vmap
 
 from ..errors import CriterionError, DataError
-from . import Criterion, ScoringContext, register_criterion
-from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
-                      progress_iter)
+from . import ScoringContext, criterion
+from .scoring import batch_loss, calibrate, default_loss, zero_sums
 
 log = logging.getLogger(__name__)
 
@@ -43,31 +43,22 @@ def _trainable(module: torch.nn.Module) -> Dict[str, Tensor]:
     return {n: p for n, p in module.named_parameters() if p.requires_grad}
 
 
-def _zeros(params: Dict[str, Tensor]) -> Dict[str, Tensor]:
-    return {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-            for n, p in params.items()}
-
-
 def taylor_scores(module: torch.nn.Module, batches, loss_fn: Optional[Callable] = None, *,
                   progress: bool = False) -> Dict[str, Tensor]:
     """``{name: θ⊙ḡ}`` over every parameter (parameter dtype), ḡ averaged over batches."""
-    if not batches:
-        raise CriterionError("taylor needs calibration data (at least one batch)")
-    loss_fn = loss_fn or default_loss
     params = _trainable(module)
     names = list(params)
-    sums, count = _zeros(params), 0
-    for i, batch in enumerate(progress_iter(batches, progress, "taylor")):
-        inputs, targets = cast_batch(batch, module)
+    sums = zero_sums(params)
+
+    def step(i, inputs, targets):
         with torch.enable_grad():
-            loss = loss_fn(module(*inputs), targets)
-            check_finite(loss.detach(), "the loss", i)
+            loss = batch_loss(loss_fn, module(*inputs), targets, i)
             grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
         for n, g in zip(names, grads):
             if g is not None:
                 sums[n] += g.detach()
-        count += 1
-    sums, count = all_reduce_sums(sums, count)
+
+    sums, count = calibrate(module, batches, step, sums, desc="taylor", progress=progress)
     return {n: (p.detach() * (sums[n] / count)).to(p.dtype) for n, p in params.items()}
 
 
@@ -114,15 +105,14 @@ def obd_scores(module: torch.nn.Module, batches, loss_fn: Optional[Callable] = N
     """``{name: ½ θ² F_ii}`` with the empirical diagonal Fisher over all samples."""
     if per_sample not in ("auto", "vmap", "loop"):
         raise CriterionError(f"obd: per_sample={per_sample!r}; use 'auto', 'vmap' or 'loop'")
-    if not batches:
-        raise CriterionError("obd needs calibration data (at least one batch)")
     loss_fn = loss_fn or default_loss
     params = _trainable(module)
-    sums, samples = _zeros(params), 0
-    mode = "vmap" if per_sample == "auto" else per_sample
-    for i, batch in enumerate(progress_iter(batches, progress, "obd")):
-        inputs, targets = cast_batch(batch, module)
-        check_finite(loss_fn(module(*inputs), targets).detach(), "the loss", i)
+    sums = zero_sums(params)
+    mode = "vmap" if per_sample == "auto" else per_sample  # "loop" for good after a failure
+
+    def step(i, inputs, targets):
+        nonlocal mode
+        batch_loss(loss_fn, module(*inputs), targets, i)
         try:
             with torch.enable_grad():
                 pieces = per_sample_grads(module, params, inputs, targets, loss_fn, mode,
@@ -134,33 +124,26 @@ def obd_scores(module: torch.nn.Module, batches, loss_fn: Optional[Callable] = N
                         "per sample", exc)
             mode = "loop"
             with torch.enable_grad():
-                pieces = per_sample_grads(module, params, inputs, targets, loss_fn, mode)
+                pieces = per_sample_grads(module, params, inputs, targets, loss_fn, "loop")
         for piece in pieces:
             for n, g in piece.items():
                 sums[n] += g.detach().to(torch.float64).pow(2).sum(0)
-        samples += inputs[0].shape[0]
-    sums, samples = all_reduce_sums(sums, samples)
+        return inputs[0].shape[0]
+
+    sums, samples = calibrate(module, batches, step, sums, desc="obd", progress=progress)
     return {n: (0.5 * p.detach().pow(2) * (sums[n] / samples)).to(p.dtype)
             for n, p in params.items()}
 
 
+@criterion("taylor", "first-order Taylor: |Σ θ·g| over every member slice of a channel, g "
+                     "averaged over the calibration batches", options=())
 def _score_taylor(ctx: ScoringContext) -> Dict[str, Tensor]:
     return taylor_scores(ctx.module, ctx.batches, ctx.loss_fn, progress=ctx.progress)
 
 
+@criterion("obd", "Optimal Brain Damage: ½ Σ θ²·diag empirical Fisher (per-sample "
+                  "gradients over all calibration samples)", options=("per_sample", "chunk"))
 def _score_obd(ctx: ScoringContext) -> Dict[str, Tensor]:
     return obd_scores(ctx.module, ctx.batches, ctx.loss_fn,
                       per_sample=ctx.options.get("per_sample", "auto"),
                       chunk=ctx.options.get("chunk"), progress=ctx.progress)
-
-
-register_criterion(Criterion(
-    name="taylor",
-    description="first-order Taylor: |Σ θ·g| over every member slice of a channel, g "
-                "averaged over the calibration batches",
-    score=_score_taylor, needs_data=True, options=()))
-register_criterion(Criterion(
-    name="obd",
-    description="Optimal Brain Damage: ½ Σ θ²·diag empirical Fisher (per-sample gradients "
-                "over all calibration samples)",
-    score=_score_obd, needs_data=True, options=("per_sample", "chunk")))

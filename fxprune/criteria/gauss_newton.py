@@ -27,6 +27,7 @@ After U: ``M += U (∇²L U)ᵀ`` costs O(S²·N·C) per batch and the S×S floa
 """
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import Callable, Dict, Iterable, Optional, Sequence
 
@@ -37,8 +38,8 @@ from torch.func import functional_call, jacrev, jvp, vmap
 
 from ..errors import CriterionError
 from ..group import Group
-from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
-                      progress_iter)
+from .scoring import (batch_loss, calibrate, check_finite, default_loss, require_batches,
+                      zero_sums)
 from .structures import StructureIndex, structure_index
 
 log = logging.getLogger(__name__)
@@ -122,7 +123,11 @@ def _reverse_jacobian(module, index, names, primals, inputs, chunk, numel) -> Te
 
 
 def _is_cross_entropy(loss_fn: Optional[Callable], z: Tensor, targets) -> bool:
-    return ((loss_fn is None or loss_fn is default_loss) and z.dim() == 2
+    """True when ``loss_fn`` is the default mean cross-entropy (also behind wrappers
+    that record it as ``__wrapped__``, like compile's checked loss) on ``[N, C]`` logits
+    with class-index targets."""
+    base = None if loss_fn is None else inspect.unwrap(loss_fn)
+    return ((base is None or base is default_loss) and isinstance(z, Tensor) and z.dim() == 2
             and isinstance(targets, Tensor) and not targets.is_floating_point())
 
 
@@ -135,9 +140,19 @@ def loss_curvature(z: Tensor, targets, loss_fn: Optional[Callable], U: Tensor) -
     """
     z = z.detach()
     if _is_cross_entropy(loss_fn, z, targets):
-        p = F.softmax(z, dim=-1)
-        pu = (p * U).sum(-1, keepdim=True)
-        return (p * U - p * pu) / z.shape[0]
+        return _cross_entropy_curvature(z, U)
+    return _autograd_curvature(z, targets, loss_fn, U)
+
+
+def _cross_entropy_curvature(z: Tensor, U: Tensor) -> Tensor:
+    """``∇²_z L · u`` of the mean cross-entropy in closed form, ``(p⊙u − p(pᵀu))/N``."""
+    p = F.softmax(z, dim=-1)
+    pu = (p * U).sum(-1, keepdim=True)
+    return (p * U - p * pu) / z.shape[0]
+
+
+def _autograd_curvature(z: Tensor, targets, loss_fn: Callable, U: Tensor) -> Tensor:
+    """``∇²_z L · u`` of any ``loss_fn`` by forward-over-reverse autograd."""
     grad_z = torch.func.grad(lambda zz: loss_fn(zz, targets))
     with torch.no_grad():
         return vmap(lambda w: jvp(grad_z, (z,), (w,))[1])(U.to(z.dtype))
@@ -174,24 +189,24 @@ def gauss_newton_terms(module: torch.nn.Module, groups: Iterable[Group], batches
     """
     if jacobian not in _MODES:
         raise CriterionError(f"sosp-i: jacobian={jacobian!r}; use one of {', '.join(_MODES)}")
-    if not batches:
-        raise CriterionError("sosp-i needs calibration data (at least one batch)")
+    require_batches(batches, "sosp-i")
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     index = structure_index(groups, params, perturb)
     _check_size(index, max_structures)
     S, names = index.size, list(params)
-    sums = {f"{k}:{n}": torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-            for n, p in params.items() for k in ("g", "h")}
+    sums = zero_sums(params, "g", "h")
     device = next(iter(params.values())).device
     sums["first_s"] = torch.zeros(S, dtype=torch.float64, device=device)
     sums["second_s"] = torch.zeros(S, S, dtype=torch.float64, device=device)
-    count, mode = 0, jacobian
+    mode = jacobian
+
+    def step(i, inputs, targets):
+        nonlocal mode
+        mode = _batch(module, index, params, names, (inputs, targets), loss_fn, mode, chunk,
+                      sums, i)
+
     with torch.enable_grad():
-        for i, batch in enumerate(progress_iter(batches, progress, "sosp-i")):
-            mode = _batch(module, index, params, names, cast_batch(batch, module), loss_fn,
-                          mode, chunk, sums, i)
-            count += 1
-    sums, count = all_reduce_sums(sums, count)
+        sums, count = calibrate(module, batches, step, sums, desc="sosp-i", progress=progress)
     first_s, second_s = sums["first_s"] / count, sums["second_s"] / count
     second_s = 0.5 * (second_s + second_s.T)     # symmetric up to rounding
     return {"ids": index.ids, "first_s": first_s, "second_s": second_s,
@@ -210,8 +225,7 @@ def _batch(module, index, params, names, batch, loss_fn, mode, chunk, sums, i) -
     if not isinstance(z, Tensor):
         raise CriterionError(f"sosp-i needs the model to return one tensor of logits, got "
                              f"{type(z).__name__}; pass output_fn= to pick the logits")
-    loss = (loss_fn or default_loss)(z, targets)
-    check_finite(loss.detach(), "the loss", i)
+    loss = batch_loss(loss_fn, z, targets, i)
     grads = torch.autograd.grad(loss, plist, retain_graph=True, allow_unused=True)
     auto = mode == "auto"
     if auto:

@@ -5,7 +5,7 @@ from typing import Dict
 
 import torch
 
-from . import Criterion, ScoringContext, register_criterion
+from . import ScoringContext, criterion
 from .aggregate import channel_scores, root_of_sum
 
 
@@ -13,16 +13,10 @@ def _params(ctx: ScoringContext):
     return {name: p.detach() for name, p in ctx.module.named_parameters()}
 
 
+@criterion("l1", "L1 norm of every member slice of a channel (data-free)", needs_data=False,
+           options=())
 def _l1(ctx: ScoringContext) -> Dict[str, torch.Tensor]:
     return {name: p.abs() for name, p in _params(ctx).items()}
-
-
-def _l2(ctx: ScoringContext) -> Dict[str, torch.Tensor]:
-    return {name: p.pow(2) for name, p in _params(ctx).items()}
-
-
-def _zeros(ctx: ScoringContext) -> Dict[str, torch.Tensor]:
-    return {name: torch.zeros_like(p) for name, p in _params(ctx).items()}
 
 
 def _l2_aggregate(groups, scores, ctx):
@@ -35,11 +29,13 @@ def _random_aggregate(groups, scores, ctx):
     return {g.id: torch.rand(g.size, generator=generator, dtype=torch.float64) for g in groups}
 
 
-register_criterion(Criterion("l1", "L1 norm of every member slice of a channel (data-free)",
-                             _l1, needs_data=False, options=()))
-register_criterion(Criterion("l2", "L2 norm of every member slice of a channel (data-free)",
-                             _l2, needs_data=False, aggregate=_l2_aggregate,
-                             options=()))
-register_criterion(Criterion("random", "uniformly random channel scores (seeded baseline)",
-                             _zeros, needs_data=False, aggregate=_random_aggregate,
-                             options=("seed",)))
+@criterion("l2", "L2 norm of every member slice of a channel (data-free)", needs_data=False,
+           aggregate=_l2_aggregate, options=())
+def _l2(ctx: ScoringContext) -> Dict[str, torch.Tensor]:
+    return {name: p.pow(2) for name, p in _params(ctx).items()}
+
+
+@criterion("random", "uniformly random channel scores (seeded baseline)", needs_data=False,
+           aggregate=_random_aggregate, options=("seed",))
+def _zeros(ctx: ScoringContext) -> Dict[str, torch.Tensor]:
+    return {name: torch.zeros_like(p) for name, p in _params(ctx).items()}

@@ -37,14 +37,14 @@ from torch import Tensor
 from torch.utils._pytree import tree_map
 
 from ..errors import CriterionError
-from . import Criterion, ScoringContext, register_criterion
-from .oba_graph import GraphPlan, build_plan, scoring_state, tangent
+from . import ScoringContext, criterion
+from .oba_graph import GraphPlan, build_plan, scoring_state
+from .oba_ops import detach_tree as _detach
+from .oba_ops import tangent
 from .oba_records import general_layer_tangent, make_record
-from .oba_graph import detach_tree as _detach
 from .oba_tangents import FALLBACK
 from .perturb import consumer_delta, perturb_option, perturbed_channel_scores
-from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
-                      progress_iter)
+from .scoring import batch_loss, calibrate, default_loss, zero_sums
 
 log = logging.getLogger(__name__)
 
@@ -110,22 +110,19 @@ def _direction(plan: GraphPlan, name: str, p: Tensor) -> Optional[Tensor]:
 
 
 def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, per_batch):
-    """Sum ``per_batch`` scores over ``batches`` (float64 accumulators), all-reduce the
-    sums across ranks, and return the average in each parameter's dtype."""
-    if not batches:
-        raise CriterionError(f"{desc} needs calibration data (at least one batch)")
+    """Sum ``per_batch`` scores over ``batches`` (float64 accumulators) in the shared
+    calibration loop (:func:`~.scoring.calibrate`: sums all-reduced across ranks), and
+    return the average in each parameter's dtype."""
     loss_fn = loss_fn or default_loss
     params = dict(gm.named_parameters())
-    sums = {name: torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-            for name, p in plan.dtheta.items()}
-    count = 0
+    sums = zero_sums(plan.dtheta)
+
+    def step(i, inputs, targets):
+        for name, s in per_batch(inputs, targets, loss_fn, i).items():
+            sums[name] += s.to(torch.float64)
+
     with scoring_state(gm, plan.dtheta.values()):
-        for i, batch in enumerate(progress_iter(batches, progress, desc)):
-            inputs, targets = cast_batch(batch, gm)
-            for name, s in per_batch(inputs, targets, loss_fn, i).items():
-                sums[name] += s.to(torch.float64)
-            count += 1
-    sums, count = all_reduce_sums(sums, count)
+        sums, count = calibrate(gm, batches, step, sums, desc=desc, progress=progress)
     return {name: (sums[name] / count).to(p.dtype) if name in sums else torch.zeros_like(p)
             for name, p in params.items()}
 
@@ -135,8 +132,7 @@ def _oba_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index
     """One batch of OBA: returns ``{δθ parameter name: δθ ⊙ (H̃δθ [+ g])}``."""
     with fwAD.dual_level():
         output, recs = _forward(gm, plan, inputs)
-    loss = loss_fn(output, targets)
-    check_finite(loss.detach(), "the loss", index)
+    loss = batch_loss(loss_fn, output, targets, index)
     names = list(plan.dtheta)
     params = [plan.dtheta[n] for n in names]
     wanted: List[Tensor] = []
@@ -281,8 +277,7 @@ def _exact_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, ind
     """One batch of OBA-exact: ``δθ ⊙ Hδθ`` (+ ``δθ ⊙ g``) by double backward."""
     names = list(plan.dtheta)
     params = [plan.dtheta[n] for n in names]
-    loss = loss_fn(gm(*inputs), targets)
-    check_finite(loss.detach(), "the loss", index)
+    loss = batch_loss(loss_fn, gm(*inputs), targets, index)
     dirs = [_direction(plan, n, p) for n, p in zip(names, params)]
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
     dot = sum((g * d).sum() for g, d in zip(grads, dirs) if g is not None and d is not None)
@@ -316,38 +311,30 @@ def _delta(ctx: ScoringContext, gm: torch.fx.GraphModule, desc: str
     return consumer_delta(ctx.groups, dict(gm.named_parameters()))
 
 
-def _score_oba(ctx: ScoringContext) -> Dict[str, Tensor]:
-    """Registry entry of ``"oba"``: :func:`oba_scores` on the context."""
-    gm = _check_module(ctx)
-    return oba_scores(gm, ctx.batches, ctx.loss_fn,
-                      first_order=bool(ctx.options.get("first_order", False)),
-                      progress=ctx.progress, delta=_delta(ctx, gm, "oba"))
-
-
-def _score_oba_exact(ctx: ScoringContext) -> Dict[str, Tensor]:
-    """Registry entry of ``"oba-exact"``: :func:`oba_exact_scores` on the context."""
-    gm = _check_module(ctx)
-    return oba_exact_scores(gm, ctx.batches, ctx.loss_fn,
-                            first_order=bool(ctx.options.get("first_order", False)),
-                            progress=ctx.progress, delta=_delta(ctx, gm, "oba-exact"))
-
-
 def _aggregate(groups, scores: Dict[str, Tensor], ctx: ScoringContext) -> Dict[str, Tensor]:
     """Channel scores: over every member slice (``perturb="weights"``) or over the
     consumer slices, where the consumer cut's δθ lives (``perturb="consumer"``)."""
     return perturbed_channel_scores(groups, scores, perturb_option(ctx.options, "oba"))
 
 
-register_criterion(Criterion(
-    name="oba",
-    description="Optimal Brain Apoptosis: θ·H̃θ with the series/parallel (bilinear-node) "
-                "Hessian blocks, one forward-AD and two backward passes per batch "
-                "(option perturb='consumer': δθ = the consumer cut)",
-    score=_score_oba, needs_data=True, aggregate=_aggregate,
-    options=("first_order", "perturb")))
-register_criterion(Criterion(
-    name="oba-exact",
-    description="OBA with the full Hessian: θ·Hθ by double backward (Pearlmutter HVP; "
-                "option perturb='consumer')",
-    score=_score_oba_exact, needs_data=True, aggregate=_aggregate,
-    options=("first_order", "perturb")))
+def _registry_entry(scores: Callable, desc: str) -> Callable:
+    """The ``score(ctx)`` of criterion ``desc``: ``scores`` (:func:`oba_scores` or
+    :func:`oba_exact_scores`) on the context's traced scoring copy."""
+    def score(ctx: ScoringContext) -> Dict[str, Tensor]:
+        gm = _check_module(ctx)
+        return scores(gm, ctx.batches, ctx.loss_fn,
+                      first_order=bool(ctx.options.get("first_order", False)),
+                      progress=ctx.progress, delta=_delta(ctx, gm, desc))
+    score.__name__ = score.__qualname__ = f"_score_{desc.replace('-', '_')}"
+    return score
+
+
+criterion("oba", "Optimal Brain Apoptosis: θ·H̃θ with the series/parallel (bilinear-node) "
+                 "Hessian blocks, one forward-AD and two backward passes per batch (option "
+                 "perturb='consumer': δθ = the consumer cut)",
+          aggregate=_aggregate, options=("first_order", "perturb"))(
+    _registry_entry(oba_scores, "oba"))
+criterion("oba-exact", "OBA with the full Hessian: θ·Hθ by double backward (Pearlmutter "
+                       "HVP; option perturb='consumer')",
+          aggregate=_aggregate, options=("first_order", "perturb"))(
+    _registry_entry(oba_exact_scores, "oba-exact"))

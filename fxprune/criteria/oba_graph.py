@@ -11,44 +11,29 @@
   mm, mul, two-operand einsum, ``@``) whose two operands both depend on a graph input
   (attention products, gating, SE); at run time a node only counts when both operands
   are tensors.
-* how to execute every node *out of place*: in-place ops (``relu_``, ``x += y``,
-  ``inplace=True`` modules/functions) run as their functional variants and the result is
-  re-bound to the mutated value, so autograd records and tangents stay intact; the user's
-  graph and modules are never modified.
+* how to execute every node *out of place* (:func:`.oba_ops.resolve`), so autograd
+  records and tangents stay intact; the user's graph and modules are never modified;
+* the cheap tangent rule of every node that has one (:mod:`.oba_tangents`).
 
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
 import operator
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional
 
 import torch
-import torch.autograd.forward_ad as fwAD
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
-from torch.fx.node import map_arg
-from torch.utils._pytree import tree_map
 
 from ..passes.groups import fetch_attr
+from . import oba_tangents
+from .oba_ops import (LAYER_FUNCTIONS, LAYER_MODULES, MATMUL_FUNCTIONS, MATMUL_METHODS,
+                      MUL_FUNCTIONS, MUL_METHODS, Exec, resolve)
 
 log = logging.getLogger(__name__)
-
-LAYER_MODULES = (nn.Linear, nn.modules.conv._ConvNd)
-LAYER_FUNCTIONS = {F.linear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
-                   F.conv_transpose2d, F.conv_transpose3d}
-MATMUL_FUNCTIONS = {operator.matmul, torch.matmul, torch.bmm, torch.mm, torch.einsum}
-MUL_FUNCTIONS = {operator.mul, torch.mul}
-MATMUL_METHODS = {"matmul", "bmm", "mm"}
-MUL_METHODS = {"mul"}
-_INPLACE_OPERATORS = {operator.iadd: operator.add, operator.isub: operator.sub,
-                      operator.imul: operator.mul, operator.itruediv: operator.truediv,
-                      operator.ifloordiv: operator.floordiv, operator.imatmul: operator.matmul,
-                      operator.ipow: operator.pow, operator.imod: operator.mod}
 
 
 @dataclass
@@ -64,68 +49,6 @@ class Layer:
     fast: bool
     module: Optional[nn.Module] = None
     weight: Optional[str] = None
-
-
-@dataclass
-class Exec:
-    """How to run one node out of place: ``fn(*args, **kwargs)`` with node arguments
-    looked up in an environment; ``rebind`` is the node an in-place op mutated."""
-
-    fn: Callable
-    nargs: list
-    kwargs: dict
-    rebind: Optional[Node] = None
-
-    def args(self, env: Dict) -> tuple:
-        """(positional list, keyword dict) with every node replaced by ``env[node]``."""
-        look = env.__getitem__
-        return ([map_arg(a, look) for a in self.nargs],
-                {k: map_arg(v, look) for k, v in self.kwargs.items()})
-
-
-def _method(name: str) -> Callable:
-    """A function calling the tensor method ``name`` on its first argument."""
-    def call(self, *args, **kwargs):
-        return getattr(self, name)(*args, **kwargs)
-    call.__name__ = name
-    return call
-
-
-def _resolve(gm: GraphModule, node: Node) -> Exec:
-    """The out-of-place :class:`Exec` of a call node (see the module docstring)."""
-    args, kwargs = list(node.args), dict(node.kwargs)
-    mutated = args[0] if args and isinstance(args[0], Node) else None
-    if node.op == "call_module":
-        mod = gm.get_submodule(node.target)
-        if getattr(mod, "inplace", False) is True:
-            mod = copy.copy(mod)
-            mod.inplace = False
-            return Exec(mod, args, kwargs, mutated)
-        return Exec(mod, args, kwargs)
-    if node.op == "call_method":
-        name = node.target
-        if name.endswith("_") and not name.startswith("_") and hasattr(Tensor, name[:-1]):
-            return Exec(_method(name[:-1]), args, kwargs, mutated)
-        return Exec(_method(name), args, kwargs)
-    fn = node.target
-    if fn in _INPLACE_OPERATORS:
-        return Exec(_INPLACE_OPERATORS[fn], args, kwargs, mutated)
-    if kwargs.get("inplace") is True:
-        kwargs["inplace"] = False
-        return Exec(fn, args, kwargs, mutated)
-    name = getattr(fn, "__name__", "")
-    if name.endswith("_") and not name.endswith("__"):
-        pure = getattr(torch, name[:-1], None) or getattr(F, name[:-1], None)
-        if callable(pure):
-            return Exec(pure, args, kwargs, mutated)
-    if fn is torch.einsum and len(args) == 2 and isinstance(args[1], (list, tuple)):
-        args = [args[0], *args[1]]
-    if fn in LAYER_FUNCTIONS:                       # input, weight, bias -> slots 0, 1, 2
-        for slot, key in enumerate(("input", "weight", "bias")):
-            if key in kwargs:
-                args += [None] * (slot + 1 - len(args))
-                args[slot] = kwargs.pop(key)
-    return Exec(fn, args, kwargs)
 
 
 def _operands(node: Node, ex: Exec) -> Optional[List[int]]:
@@ -290,7 +213,7 @@ def build_plan(gm: nn.Module) -> GraphPlan:
         if node.op == "get_attr":
             plan._attrs[node] = fetch_attr(gm, node.target)
         elif node.op in ("call_module", "call_function", "call_method"):
-            plan.execs[node] = _resolve(gm, node)
+            plan.execs[node] = resolve(gm, node)
     act, pdeps = _dependencies(gm, plan)
     _find_layers(gm, plan, act, pdeps)
     dnames = set(plan.dtheta)
@@ -299,9 +222,8 @@ def build_plan(gm: nn.Module) -> GraphPlan:
                 (node in plan.layers and plan.layers[node].module is not None) or \
                 any(i in plan.has_tangent for i in node.all_input_nodes):
             plan.has_tangent.add(node)
-    from .oba_tangents import tangent_rule
     for node, ex in plan.execs.items():
-        rule = tangent_rule(gm, node, ex, _operands(node, ex))
+        rule = oba_tangents.tangent_rule(gm, node, ex, _operands(node, ex))
         if rule is not None and node in plan.has_tangent:
             plan.rules[node] = rule
     pos = {n: i for i, n in enumerate(nodes)}
@@ -329,13 +251,3 @@ def scoring_state(model: nn.Module, params: Iterable[Tensor]):
             m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-def detach_tree(value):
-    """``value`` with every tensor in it (tuples, lists, dicts) detached."""
-    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, value)
-
-
-def tangent(value) -> Optional[Tensor]:
-    """The forward-AD tangent of ``value`` (None for non-tensors and zero tangents)."""
-    return fwAD.unpack_dual(value).tangent if isinstance(value, Tensor) else None

@@ -14,8 +14,9 @@ from typing import Callable, List, Optional
 import torch
 from torch import Tensor, nn
 
-from .oba_graph import GraphPlan, Layer, tangent
-from .oba_graph import detach_tree as _detach
+from .oba_graph import GraphPlan, Layer
+from .oba_ops import detach_tree as _detach
+from .oba_ops import tangent
 
 
 def make_record(plan: GraphPlan, node, ex, largs, lkw, value, dargs):

@@ -28,9 +28,9 @@ from torch import Tensor, nn
 from torch.fx import Node
 from torch.utils._pytree import tree_flatten
 
-from .oba_graph import (MATMUL_FUNCTIONS, MATMUL_METHODS, MUL_FUNCTIONS, MUL_METHODS,
-                        Exec, tangent)
-from .oba_graph import detach_tree as _detach
+from .oba_ops import (MATMUL_FUNCTIONS, MATMUL_METHODS, MUL_FUNCTIONS, MUL_METHODS, Exec,
+                      tangent)
+from .oba_ops import detach_tree as _detach
 
 FALLBACK = object()
 

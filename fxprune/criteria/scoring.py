@@ -7,10 +7,12 @@ requiring grad and, for a :class:`torch.fx.GraphModule`, with fused attention
 (``scaled_dot_product_attention``) lowered to explicit FX nodes -- fused kernels support
 neither forward-mode AD nor double backward (design §5).
 
-Calibration batches (from :func:`fxprune.passes.score.prepare_batches`) go through
-:func:`cast_batch`; per-batch statistics are summed, :func:`all_reduce_sums` adds the
-sums of all data-parallel ranks (design §8), and the caller divides by the global
-batch count.
+Every data-driven criterion runs one calibration loop, :func:`calibrate`: calibration
+batches (from :func:`fxprune.passes.score.prepare_batches`) go through :func:`cast_batch`
+under a progress bar (:func:`progress_iter`); a criterion's per-batch step adds its
+statistics into float64 sums (:func:`zero_sums`) and checks the batch's loss
+(:func:`batch_loss`); :func:`all_reduce_sums` adds the sums of all data-parallel ranks
+(design §8), and the caller divides by the global batch (or sample) count.
 """
 from __future__ import annotations
 
@@ -18,13 +20,13 @@ import copy
 import logging
 import math
 import sys
-from typing import Any, Dict, Iterable, List, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import DataError
+from ..errors import CriterionError, DataError
 from ..passes.lower_attention import lower_sdpa
 
 log = logging.getLogger(__name__)
@@ -104,6 +106,53 @@ def check_finite(value: Union[Tensor, float], what: str, batch_index: int) -> No
         raise DataError(f"{what} is not finite (NaN or inf) on calibration batch "
                         f"{batch_index}: check that batch's inputs/targets and the "
                         "loss_fn; a diverged checkpoint also does this")
+
+
+def batch_loss(loss_fn: Optional[Callable], outputs, targets, batch_index: int) -> Tensor:
+    """``loss_fn(outputs, targets)`` (mean cross-entropy when ``loss_fn`` is None), the
+    batch-mean loss of calibration batch ``batch_index``; :class:`DataError` naming the
+    batch when it is not finite."""
+    loss = (loss_fn or default_loss)(outputs, targets)
+    check_finite(loss.detach(), "the loss", batch_index)
+    return loss
+
+
+# ----------------------------------------------------------------------------- the loop
+def require_batches(batches, desc: str) -> None:
+    """Refuse an empty batch list: :class:`CriterionError` saying criterion ``desc``
+    needs calibration data."""
+    if not batches:
+        raise CriterionError(f"{desc} needs calibration data (at least one batch)")
+
+
+def zero_sums(params: Dict[str, Tensor], *kinds: str) -> Dict[str, Tensor]:
+    """Float64 zero accumulators shaped like ``params`` (on their devices): keyed by
+    parameter name, or ``"kind:name"`` for every kind in ``kinds``."""
+    keys = [(n if not kinds else f"{k}:{n}", p) for k in (kinds or ("",))
+            for n, p in params.items()]
+    return {key: torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+            for key, p in keys}
+
+
+def calibrate(module: nn.Module, batches, step: Callable[[int, Tuple[Tensor, ...], Any], Any],
+              sums: Dict[str, Tensor], *, desc: str, progress: bool = False
+              ) -> Tuple[Dict[str, Tensor], Any]:
+    """The calibration loop of every data-driven criterion.
+
+    Refuses an empty ``batches`` (:func:`require_batches`); runs ``step(i, inputs,
+    targets)`` on every batch cast to ``module``'s device and floating dtype
+    (:func:`cast_batch`), under a progress bar named ``desc`` when ``progress``. The step
+    adds batch ``i``'s statistics into ``sums`` in place (checking its loss with
+    :func:`batch_loss`) and returns how much the batch counts: ``None`` for one batch,
+    or a number (e.g. its samples). Returns ``(sums, count)`` summed over every
+    data-parallel rank (:func:`all_reduce_sums`); the caller divides."""
+    require_batches(batches, desc)
+    count = 0
+    for i, batch in enumerate(progress_iter(batches, progress, desc)):
+        inputs, targets = cast_batch(batch, module)
+        weight = step(i, inputs, targets)
+        count += 1 if weight is None else weight
+    return all_reduce_sums(sums, count)
 
 
 # ----------------------------------------------------------------------------- scale

@@ -35,10 +35,9 @@ from torch import Tensor
 
 from ..errors import CriterionError
 from ..group import Group
-from . import Criterion, ScoringContext, register_criterion
+from . import ScoringContext, criterion
 from .aggregate import signed_channel_sums
-from .scoring import (all_reduce_sums, cast_batch, check_finite, default_loss,
-                      progress_iter)
+from .scoring import batch_loss, calibrate, check_finite, require_batches, zero_sums
 from .perturb import CONSUMER_ROLES, perturb_option
 from .structures import STRUCTURE_ROLES, kernel_sizes, structure_index
 
@@ -63,34 +62,28 @@ def sosp_h_terms(module: torch.nn.Module, groups: Iterable[Group], batches,
     cross-entropy by default). Returns two dicts over every parameter that requires grad, float64,
     each parameter's shape. Raises :class:`DataError` on a non-finite loss or curvature.
     """
-    if not batches:
-        raise CriterionError("sosp-h needs calibration data (at least one batch)")
-    loss_fn = loss_fn or default_loss
+    require_batches(batches, "sosp-h")
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     index = structure_index(groups, params, perturb)
     struc = index.theta_struc(params)
     names = list(params)
-    sums = {f"{k}:{n}": torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-            for n, p in params.items() for k in ("g", "h")}
-    count = 0
+    sums = zero_sums(params, "g", "h")
+
+    def step(i, inputs, targets):
+        _hvp_batch(module, params, names, struc, index.sign, inputs, targets, loss_fn, sums, i)
+
     with torch.enable_grad():
-        for i, batch in enumerate(progress_iter(batches, progress, "sosp-h")):
-            _hvp_batch(module, params, names, struc, index.sign,
-                       cast_batch(batch, module), loss_fn, sums, i)
-            count += 1
-    sums, count = all_reduce_sums(sums, count)
+        sums, count = calibrate(module, batches, step, sums, desc="sosp-h", progress=progress)
     first = {n: sums[f"g:{n}"] / count for n in names}
     second = {n: sums[f"h:{n}"] / count for n in names}
     return first, second
 
 
-def _hvp_batch(module, params, names, struc, sign, batch, loss_fn, sums, i) -> None:
+def _hvp_batch(module, params, names, struc, sign, inputs, targets, loss_fn, sums, i) -> None:
     """Add one batch's ``δθ⊙g`` and ``δθ⊙Hδθ_struc`` (double backward) into ``sums``
     (``δθ = sign·θ``; only its structure slices are aggregated)."""
-    inputs, targets = batch
     plist = [params[n] for n in names]
-    loss = loss_fn(module(*inputs), targets)
-    check_finite(loss.detach(), "the loss", i)
+    loss = batch_loss(loss_fn, module(*inputs), targets, i)
     grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
     dot = sum(((g * struc[n]).sum() for n, g in zip(names, grads)
                if g is not None and n in struc), torch.zeros((), device=loss.device))
@@ -147,6 +140,9 @@ def _perturb(ctx: ScoringContext) -> str:
     return perturb_option(ctx.options, "sosp")
 
 
+@criterion("sosp-h", "SOSP-H: |θ_s·g| + ½|θ_s·(Hθ_struc)| per channel, exact Hessian, one "
+                     "Hessian-vector product per batch (option scale='kernel')",
+           aggregate=sosp_aggregate, options=("scale", "perturb"))
 def _score_sosp_h(ctx: ScoringContext) -> Dict[str, Tensor]:
     _scale(ctx)
     first, second = sosp_h_terms(ctx.module, ctx.groups, ctx.batches, ctx.loss_fn,
@@ -194,18 +190,6 @@ def greedy_order(Q: Tensor, ids: List[Tuple[str, int]], caps: Dict[str, int]
     return order
 
 
-def _score_sosp_i(ctx: ScoringContext) -> Dict[str, Tensor]:
-    from .gauss_newton import gauss_newton_terms
-
-    terms = gauss_newton_terms(
-        ctx.module, ctx.groups, ctx.batches, ctx.loss_fn,
-        jacobian=ctx.options.get("jacobian", "auto"), chunk=ctx.options.get("chunk"),
-        max_structures=int(ctx.options.get("max_structures", 20000)),
-        progress=ctx.progress, perturb=_perturb(ctx))
-    ctx.state["sosp"] = dict(terms, curvature="gauss-newton")
-    return per_parameter(terms["first"], terms["second"], dict(ctx.module.named_parameters()))
-
-
 def _select_sosp_i(groups, channel_scores, ctx: ScoringContext, caps: Dict[str, int]):
     state = ctx.state.get("sosp")
     if state is None or "Q" not in state:
@@ -216,15 +200,17 @@ def _select_sosp_i(groups, channel_scores, ctx: ScoringContext, caps: Dict[str, 
     return greedy_order(state["Q"], state["ids"], caps)
 
 
-register_criterion(Criterion(
-    name="sosp-h",
-    description="SOSP-H: |θ_s·g| + ½|θ_s·(Hθ_struc)| per channel, exact Hessian, one "
-                "Hessian-vector product per batch (option scale='kernel')",
-    score=_score_sosp_h, needs_data=True, aggregate=sosp_aggregate,
-    options=("scale", "perturb")))
-register_criterion(Criterion(
-    name="sosp-i",
-    description="SOSP-I: S×S Gauss-Newton structure matrix with greedy joint selection "
-                "(O(S²) memory; mid-size nets)",
-    score=_score_sosp_i, needs_data=True, aggregate=sosp_aggregate, select=_select_sosp_i,
-    options=("scale", "jacobian", "chunk", "max_structures", "perturb")))
+@criterion("sosp-i", "SOSP-I: S×S Gauss-Newton structure matrix with greedy joint selection "
+                     "(O(S²) memory; mid-size nets)",
+           aggregate=sosp_aggregate, select=_select_sosp_i,
+           options=("scale", "jacobian", "chunk", "max_structures", "perturb"))
+def _score_sosp_i(ctx: ScoringContext) -> Dict[str, Tensor]:
+    from .gauss_newton import gauss_newton_terms
+
+    terms = gauss_newton_terms(
+        ctx.module, ctx.groups, ctx.batches, ctx.loss_fn,
+        jacobian=ctx.options.get("jacobian", "auto"), chunk=ctx.options.get("chunk"),
+        max_structures=int(ctx.options.get("max_structures", 20000)),
+        progress=ctx.progress, perturb=_perturb(ctx))
+    ctx.state["sosp"] = dict(terms, curvature="gauss-newton")
+    return per_parameter(terms["first"], terms["second"], dict(ctx.module.named_parameters()))
