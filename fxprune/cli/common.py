@@ -173,9 +173,8 @@ def load_model(spec: str, checkpoint: Optional[str], num_classes: Optional[int],
     a ViT's position embedding is sized by it). A checkpoint that pickles Python objects
     is refused unless ``allow_pickle`` (``--allow-pickle``)."""
     from ..models import create_model
-    from .hf import is_hf, load_hf
     if is_hf(spec):
-        return load_hf(spec, checkpoint).to(device)
+        return _load_hf(spec, checkpoint).to(device)
     check_checkpoint(checkpoint)
     kwargs = {"num_classes": num_classes} if num_classes is not None else {}
     log.info("loading %s%s", spec, f" with weights from {checkpoint}" if checkpoint else
@@ -204,9 +203,8 @@ def _timm_size_kwargs(spec: str, input_size: Optional[Tuple[int, ...]]) -> dict:
 
 def resolve_input_size(spec: str, model, given: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
     """``--input-size`` if given, else the model's default input size."""
-    from .hf import hf_input_size, is_hf
     if is_hf(spec):
-        return hf_input_size(model, given)
+        return _hf_input_size(model, given)
     if given is not None:
         return tuple(given)
     if spec.startswith("timm:"):
@@ -237,3 +235,56 @@ def one_line(message: str) -> str:
     """Collapse a multi-line message into one line."""
     parts = [line.strip() for line in str(message).splitlines() if line.strip()]
     return " ".join(parts) if parts else ""
+
+
+# --------------------------------------------------------------------------- hf:FOLDER
+HF_PREFIX = "hf:"
+#: token ids per calibration sequence when ``--input-size`` is not given
+DEFAULT_SEQ_LEN = 32
+
+
+def is_hf(spec: str) -> bool:
+    return spec.startswith(HF_PREFIX)
+
+
+def _load_hf(spec: str, checkpoint: Optional[str]):
+    """The model in the local folder ``spec[3:]``, in eval mode."""
+    path = spec[len(HF_PREFIX):]
+    if checkpoint:
+        raise CliError("--checkpoint does not apply to hf:PATH: the folder holds the weights")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise CliError(f"{spec}: no config.json in {path!r}; hf:PATH takes a local Hugging "
+                       "Face model folder (one written by save_pretrained); the hub is not "
+                       "reached")
+    try:
+        import transformers
+    except ImportError:
+        raise CliError("hf:PATH needs transformers: pip install 'fxprune[hf]' "
+                       "(or pip install transformers)") from None
+    config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
+    arch = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, arch, None) if arch else None
+    cls = cls or transformers.AutoModel
+    log.info("loading %s from %s", getattr(cls, "__name__", cls), path)
+    return cls.from_pretrained(path, local_files_only=True).eval()
+
+
+def is_text_model(model) -> bool:
+    """A Hugging Face model that takes token ids (its config has a vocabulary and no
+    image size)."""
+    config = getattr(model, "config", None)
+    return (config is not None and getattr(config, "vocab_size", None) is not None
+            and getattr(config, "image_size", None) is None)
+
+
+def _hf_input_size(model, given: Optional[Tuple[int, ...]]) -> Tuple[int, ...]:
+    if given is not None:
+        return tuple(given)
+    config = model.config
+    if is_text_model(model):
+        return (DEFAULT_SEQ_LEN,)
+    size = getattr(config, "image_size", None)
+    if size is None:
+        raise CliError("cannot tell this Hugging Face model's input size: pass --input-size")
+    h, w = (size, size) if isinstance(size, int) else tuple(size)
+    return (getattr(config, "num_channels", 3), h, w)
