@@ -33,7 +33,6 @@ from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
 __all__ = ["node_flops", "graph_flops"]
 
-_nn = nn
 _ZERO_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
     nn.LeakyReLU, nn.Mish, nn.ELU, nn.PReLU, nn.Softmax, nn.Identity, nn.Dropout, nn.Flatten,
