@@ -7,8 +7,11 @@ it times, in the same process and interleaved run by run,
   on meta tensors), ``analyze`` (channel labels, coupled groups with their index maps)
   and ``build_connectivity`` (series/parallel table) on that one graph: what
   ``fxprune.compile`` runs before scoring;
-- **fxprune API**: ``fxprune.groups(model, x)`` followed by ``fxprune.connectivity(model,
-  x)`` (two traces; what a user calling the public API pays);
+- **fxprune API, first call** (``fxprune-api-cold``): the analysis cache emptied, then
+  ``fxprune.groups(model, x)`` followed by ``fxprune.connectivity(model, x)``: what a user
+  pays the first time (one trace: connectivity reuses the groups' trace);
+- **fxprune API, repeated** (``fxprune-api``): the same two calls on the unchanged model
+  (the cache's fingerprint check and copies of the results: ``fxprune/analysis_cache.py``);
 - **Torch-Pruning**: ``tp.DependencyGraph().build_dependency(model, example_inputs=x)``
   followed by ``list(dg.get_all_groups())``.
 
@@ -20,10 +23,18 @@ includes its real forward pass on all intra-op threads.
 Torch-Pruning is an optional benchmark dependency (``pip install torch-pruning``);
 without it only fxprune is timed.
 
+``--part compile`` times, interleaved per model (resnet18/50/101, vit_small/base at
+batch 1), ``fxprune.compile(model, criterion="l2", example_inputs=x, flops=0.5)`` against
+Torch-Pruning's prune step as a user writes it: ``MetaPruner(model, x,
+MagnitudeImportance(p=2), pruning_ratio=0.3, ignored_layers=[classifier], num_heads=...)``
+and ``pruner.step()`` on a fresh deep copy of the model (the copy is not timed: compile
+makes its own copies and is timed with them).
+
 Usage::
 
     python benchmarks/bench_analysis.py
     python benchmarks/bench_analysis.py --repeats 9 --json results.json
+    python benchmarks/bench_analysis.py --part compile --repeats 3
 """
 from __future__ import annotations
 
@@ -74,6 +85,12 @@ def fxprune_api(model: torch.nn.Module, x: torch.Tensor) -> int:
     return len(groups)
 
 
+def fxprune_api_cold(model: torch.nn.Module, x: torch.Tensor) -> int:
+    from fxprune import analysis_cache
+    analysis_cache.clear()
+    return fxprune_api(model, x)
+
+
 def tp_dependency_graph(model: torch.nn.Module, x: torch.Tensor) -> int:
     import torch_pruning as tp
     with torch.enable_grad(), warnings.catch_warnings():
@@ -108,23 +125,99 @@ def bench_model(name: str, tools: Dict[str, Callable], repeats: int) -> Dict[str
     return out
 
 
+# ------------------------------------------------------------ compile(l2) vs TP step
+COMPILE_MODELS = ("resnet18", "resnet50", "resnet101", "vit_small_patch16_224",
+                  "vit_base_patch16_224")
+
+
+def fxprune_compile(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], int]:
+    """``compile(criterion="l2", flops=0.5)``; returns a thunk (nothing to prepare)."""
+    def run() -> int:
+        res = fxprune.compile(model, criterion="l2", example_inputs=x, flops=0.5,
+                              progress=False)
+        return sum(p.numel() for p in res.module.parameters())
+    return run
+
+
+def tp_prune_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], int]:
+    """Torch-Pruning's prune step on a fresh copy (made here, outside the timing)."""
+    import copy
+    import torch_pruning as tp
+    work = copy.deepcopy(model)
+    heads = {m.qkv: m.num_heads for m in work.modules()
+             if hasattr(m, "qkv") and hasattr(m, "num_heads")}
+
+    def run() -> int:
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            pruner = tp.pruner.MetaPruner(
+                work, x, importance=tp.importance.MagnitudeImportance(p=2),
+                pruning_ratio=0.3, ignored_layers=[work.get_classifier()], num_heads=heads,
+                prune_head_dims=True, prune_num_heads=False)
+            pruner.step()
+        return sum(p.numel() for p in work.parameters())
+    return run
+
+
+def compile_part(names: List[str], repeats: int) -> Dict[str, dict]:
+    """compile(l2) vs Torch-Pruning's step per model, interleaved; prints a table."""
+    import timm
+    makers = {"fxprune compile(l2)": fxprune_compile, "Torch-Pruning step": tp_prune_step}
+    results: Dict[str, dict] = {}
+    for name in names:
+        model = timm.create_model(name, pretrained=False).eval()
+        x = torch.randn(1, 3, 224, 224)
+        runs: Dict[str, List[Tuple[float, float, int]]] = {k: [] for k in makers}
+        for make in makers.values():
+            make(model, x)()  # warm-up
+        for _ in range(repeats):
+            for k, make in makers.items():
+                thunk = make(model, x)
+                runs[k].append(timed(thunk))
+        results[name] = {k: {"wall_s": statistics.median(r[0] for r in rs),
+                             "cpu_s": statistics.median(r[1] for r in rs),
+                             "params_after": rs[-1][2], "runs_wall_s": [r[0] for r in rs]}
+                         for k, rs in runs.items()}
+        log_row(name, results[name])
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {repeats} interleaved runs\n")
+    print("| model | compile(l2) wall s | TP step wall s | compile / TP wall | compile CPU s "
+          "| TP CPU s | compile / TP CPU |\n|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        fx, tp_ = r["fxprune compile(l2)"], r["Torch-Pruning step"]
+        print(f"| {name} | {fx['wall_s']:.2f} | {tp_['wall_s']:.2f} | "
+              f"{fx['wall_s'] / tp_['wall_s']:.2f} | {fx['cpu_s']:.2f} | {tp_['cpu_s']:.2f} | "
+              f"{fx['cpu_s'] / tp_['cpu_s']:.2f} |")
+    return results
+
+
+def log_row(name: str, row: Dict[str, dict]) -> None:
+    print(name, {k: [round(w, 3) for w in v["runs_wall_s"]] for k, v in row.items()},
+          flush=True)
+
+
 def markdown(results: Dict[str, Dict[str, dict]]) -> str:
     has_tp = all("torch-pruning" in r for r in results.values())
-    head = ["model", "fxprune wall ms", "fxprune CPU ms", "fxprune API wall ms"]
+    head = ["model", "fxprune wall ms", "fxprune CPU ms", "API first call wall / CPU ms",
+            "API repeated wall / CPU ms"]
     if has_tp:
         head += ["Torch-Pruning wall ms", "Torch-Pruning CPU ms", "speed-up wall",
-                 "speed-up CPU"]
+                 "speed-up CPU", "API first call speed-up wall / CPU",
+                 "API repeated speed-up wall / CPU"]
     head += ["groups fxprune / TP"]
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, r in results.items():
-        fx, api = r["fxprune"], r["fxprune-api"]
+        fx, api, cold = r["fxprune"], r["fxprune-api"], r["fxprune-api-cold"]
         cells = [name, f"{fx['wall_s'] * 1e3:.0f}", f"{fx['cpu_s'] * 1e3:.0f}",
-                 f"{api['wall_s'] * 1e3:.0f}"]
+                 f"{cold['wall_s'] * 1e3:.0f} / {cold['cpu_s'] * 1e3:.0f}",
+                 f"{api['wall_s'] * 1e3:.1f} / {api['cpu_s'] * 1e3:.1f}"]
         groups = f"{fx['groups']}"
         if has_tp:
             tp_ = r["torch-pruning"]
             cells += [f"{tp_['wall_s'] * 1e3:.0f}", f"{tp_['cpu_s'] * 1e3:.0f}",
-                      f"{tp_['wall_s'] / fx['wall_s']:.1f}x", f"{tp_['cpu_s'] / fx['cpu_s']:.1f}x"]
+                      f"{tp_['wall_s'] / fx['wall_s']:.1f}x", f"{tp_['cpu_s'] / fx['cpu_s']:.1f}x",
+                      f"{tp_['wall_s'] / cold['wall_s']:.1f}x / {tp_['cpu_s'] / cold['cpu_s']:.1f}x",
+                      f"{tp_['wall_s'] / api['wall_s']:.0f}x / {tp_['cpu_s'] / api['cpu_s']:.0f}x"]
             groups += f" / {tp_['groups']}"
         rows.append("| " + " | ".join(cells + [groups]) + " |")
     stage_names = list(next(iter(results.values()))["fxprune"]["stages_cpu_s"])
@@ -138,20 +231,24 @@ def markdown(results: Dict[str, Dict[str, dict]]) -> str:
 
 def main(argv=None) -> Dict[str, Dict[str, dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--part", choices=("analysis", "compile"), default="analysis")
+    parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    tools: Dict[str, Callable] = {"fxprune": fxprune_pipeline, "fxprune-api": fxprune_api}
+    if args.part == "compile":
+        return compile_part(args.models or list(COMPILE_MODELS), args.repeats)
+    tools: Dict[str, Callable] = {"fxprune": fxprune_pipeline, "fxprune-api-cold": fxprune_api_cold,
+                                  "fxprune-api": fxprune_api}
     try:
         import torch_pruning  # noqa: F401
         tools["torch-pruning"] = tp_dependency_graph
     except ImportError:
         print("torch-pruning is not installed (pip install torch-pruning): timing fxprune only")
-    results = {name: bench_model(name, tools, args.repeats) for name in args.models}
+    results = {name: bench_model(name, tools, args.repeats) for name in args.models or MODELS}
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.repeats} interleaved runs\n")
     print(markdown(results))

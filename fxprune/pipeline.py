@@ -29,6 +29,7 @@ from .passes.repair import repair as repair_pass
 from .passes.rewrite import rewrite
 from .passes.score import Saliency, score_analysis
 from .passes.select import select_step, step_caps
+from .passes.shape_flops import graph_flops
 from .passes.trace import leaf_notes
 from .passes.verify import slim_shapes, verify_rewrite
 from .report import CompileResult, GroupRow, Report, measure_latency
@@ -189,11 +190,15 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
     return CompileResult(state.current, plan, report, saliency=state.saliency)
 
 
-def per_example_flops(modules, inputs) -> Tuple[tuple, int, List[int]]:
+def per_example_flops(modules, inputs, known: Sequence[Optional[int]] = ()
+                      ) -> Tuple[tuple, int, List[int]]:
     """FLOPs of each of ``modules`` as the report counts them: on one example, as the CLI
     does, or on the whole batch when one of them fails on one (a slim graph that keeps
     the traced batch size, e.g. Swin's window partition). Returns (the inputs counted
-    on, their batch size, the counts): each module is counted once."""
+    on, their batch size, the counts): each module is counted once. ``known[i]``: the
+    count of ``modules[i]`` on all of ``inputs`` if already made (the cost model's dense
+    total), used when the report counts on all of them (a batch of one); graphs whose
+    shapes were propagated on ``inputs`` are counted from those shapes (issue 17)."""
     n = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
     if n > 1:
         one = tuple(x[:1] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
@@ -202,7 +207,18 @@ def per_example_flops(modules, inputs) -> Tuple[tuple, int, List[int]]:
             return one, 1, [count_flops(module, one) for module in modules]
         except Exception as exc:  # noqa: BLE001 - batch-dependent code: count the batch
             log.info("counting FLOPs on the whole batch of %d: one example fails (%s)", n, exc)
-    return inputs, n, [count_flops(module, inputs) for module in modules]
+    known = list(known) + [None] * (len(modules) - len(known))
+    return inputs, n, [k if k is not None else _count_on(module, inputs)
+                       for module, k in zip(modules, known)]
+
+
+def _count_on(module: torch.nn.Module, inputs) -> int:
+    """:func:`count_flops`, from the recorded shapes where they are those of ``inputs``."""
+    if isinstance(module, torch.fx.GraphModule):
+        flops = graph_flops(module, inputs)
+        if flops is not None:
+            return flops
+    return count_flops(module, inputs)
 
 
 def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
@@ -212,9 +228,10 @@ def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs
     optionally the verification error on all of ``inputs`` and the latencies, dense and
     slim timed interleaved. ``predicted`` / ``dense_flops``: the cost model's prediction
     and dense total, both for the whole batch (selection counts the calibration batch)."""
-    sample, batch, (before, after) = per_example_flops((dense.gm, slim), inputs)
+    sample, batch, (before, after) = per_example_flops((dense.gm, slim), inputs,
+                                                       known=(dense_flops, None))
     if predicted is not None and sample is not inputs:  # rescale the batch prediction
-        total = dense_flops if dense_flops is not None else count_flops(dense.gm, inputs)
+        total = dense_flops if dense_flops is not None else _count_on(dense.gm, inputs)
         predicted *= before / max(total, 1)
     report = Report(before, after, count_params(dense.gm),
                     count_params(slim), predicted_flops=predicted,

@@ -14,7 +14,16 @@ from typing import Any, Callable, Dict, Hashable, Iterable
 
 from .errors import DuplicateNameError
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "generation"]
+
+_GENERATION = [0]  # bumped by every registration in any registry
+
+
+def generation() -> int:
+    """A number that changes whenever any registry gains or replaces an entry (the
+    analysis cache, :mod:`fxprune.analysis_cache`, keys on it: a rule or leaf type
+    registered since an analysis makes a new one)."""
+    return _GENERATION[0]
 
 
 class Registry(Dict[Hashable, Any]):
@@ -31,6 +40,18 @@ class Registry(Dict[Hashable, Any]):
                                      "pass overwrite=True to replace it")
         self[key] = entry
         return entry
+
+    def __setitem__(self, key: Hashable, entry: Any) -> None:
+        _GENERATION[0] += 1
+        super().__setitem__(key, entry)
+
+    def __delitem__(self, key: Hashable) -> None:
+        _GENERATION[0] += 1
+        super().__delitem__(key)
+
+    def pop(self, key: Hashable, *default: Any) -> Any:
+        _GENERATION[0] += 1
+        return super().pop(key, *default)
 
     def register(self, *keys: Hashable, overwrite: bool = False) -> Callable[[Any], Any]:
         """Decorator: register the decorated object under every key of ``keys``."""

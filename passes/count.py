@@ -1,8 +1,9 @@
 """Counting pass: FLOPs and parameters, dense and under any keep mask (design §6).
 
-Contract: :func:`cost_model` runs the analysed graph once, node by node, under
-``torch.utils.flop_counter.FlopCounterMode`` (so dense counts are exactly what
-that counter reports) and records for every FLOP-bearing node the labels of the
+Contract: :func:`cost_model` counts every node of the analysed graph as
+``torch.utils.flop_counter.FlopCounterMode`` counts it (so dense counts are exactly what
+that counter reports: from the propagated shapes, :mod:`.shape_flops`, else by running
+the graph node by node on fake tensors) and records for every FLOP-bearing node the labels of the
 dims its cost is proportional to (its output dims plus its contracted input dim).
 Under a keep mask a node's FLOPs scale by the kept fraction of each such dim, and
 a parameter's size by the kept fraction of each recorded dim. Both are exact for
@@ -24,6 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .groups import LABEL_KEY, Analysis
 from .labels import TLabel
 from .rule_table import RuleTable
+from .shape_flops import node_flops
 
 
 def count_flops(module: torch.nn.Module, inputs: Tuple[Any, ...]) -> int:
@@ -95,25 +97,35 @@ class _FlopInterpreter(torch.fx.Interpreter):
         return out
 
 
-def cost_model(analysis: Analysis, inputs: Tuple[Any, ...]) -> CostModel:
-    gm = analysis.gm
+def dense_node_flops(gm: torch.fx.GraphModule, inputs: Tuple[Any, ...]
+                     ) -> Dict[torch.fx.Node, int]:
+    """``{node: FLOPs}`` of the nodes with FLOPs: from the shapes already propagated on
+    ``inputs`` (:mod:`.shape_flops`), else by running the graph on fake tensors."""
+    per_node = node_flops(gm, inputs)
+    if per_node is not None:
+        return per_node
 
     def run(args):
         interp = _FlopInterpreter(gm)
         with torch.no_grad():
             interp.run(*args)
         return interp
-    interp = _with_fake_inputs(run, inputs)
+    return _with_fake_inputs(run, inputs).per_node
+
+
+def cost_model(analysis: Analysis, inputs: Tuple[Any, ...]) -> CostModel:
+    gm = analysis.gm
+    per_node = dense_node_flops(gm, inputs)
     model = CostModel()
     fixed = 0
-    for node, flops in interp.per_node.items():
+    for node, flops in per_node.items():
         arrays = _cost_dims(node)
         if arrays:
             model.node_flops.append((flops, arrays))
         else:
             fixed += flops
     model._fixed_flops = fixed
-    model.dense_flops = sum(interp.per_node.values())
+    model.dense_flops = sum(per_node.values())
     for name, p in gm.named_parameters():
         arrays = [rec.ids for (target, _), rec in analysis.space.records.items() if target == name]
         model.param_dims.append((p.numel(), arrays))
