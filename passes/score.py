@@ -186,6 +186,9 @@ def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, option
     bad = _non_finite(param_scores, group_scores)
     if bad:
         raise _explain_non_finite(bad, module, crit, ctx)
+    if getattr(param_scores, "lazy", False) and module is analysis.gm:
+        # computed on access from the dense weights (magnitude criteria): no copy
+        return Saliency(param_scores, group_scores, crit.name, context=ctx)
     params = {}
     for name, p in analysis.gm.named_parameters():
         s = param_scores.get(name)

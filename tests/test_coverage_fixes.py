@@ -63,7 +63,7 @@ class OptionalMask(nn.Module):
     def forward(self, x, mask=None):
         h = torch.relu(self.a(x))
         if mask is not None:
-            h = h.masked_fill(~mask.unsqueeze(-1), 0.0)
+            h = h.masked_fill((~mask).unsqueeze(-1), 0.0)
         return self.b(h)
 
 
@@ -130,7 +130,7 @@ class Blocked(nn.Module):
         super().__init__()
         self.small = nn.Conv2d(3, 4, 1)
         self.wide = nn.Conv2d(4, 64, 3, padding=1)
-        self.out = nn.Conv2d(64, 4, 3, padding=1)
+        self.out = nn.Conv2d(64, 4, 1)
 
     def forward(self, x):
         return self.out(mystery(self.wide(torch.relu(self.small(x))))).mean((2, 3))
