@@ -31,6 +31,10 @@ Usage::
     nice -n 10 python -m benchmarks.coverage            # run / resume the 50
     python -m benchmarks.coverage --list                 # the sample, nothing run
     python -m benchmarks.coverage --table                # markdown from the rows
+    nice -n 10 python -m benchmarks.coverage --names a,b --memory-gb 16 --note "why"
+                                                         # (re)measure some names of the
+                                                         # sample: drop their rows first;
+                                                         # the note goes in note_rerun
 """
 from __future__ import annotations
 
@@ -143,8 +147,10 @@ def done_rows(path: str = ROWS) -> Dict[str, Dict]:
         return {r["model"]: r for r in (json.loads(line) for line in f if line.strip())}
 
 
-def run_all(names: List[str], timeout: float, memory_gb: float, path: str = ROWS) -> None:
-    """Run the models not yet in ``path``, appending one row per model as it ends."""
+def run_all(names: List[str], timeout: float, memory_gb: float, path: str = ROWS,
+            note: str = "") -> None:
+    """Run the models not yet in ``path``, appending one row per model as it ends
+    (with ``note`` as its ``note_rerun`` field when given)."""
     done = done_rows(path)
     for name in names:
         if name in done:
@@ -162,6 +168,8 @@ def run_all(names: List[str], timeout: float, memory_gb: float, path: str = ROWS
         except subprocess.TimeoutExpired:
             row = {"model": name, "status": "timeout", "error": f"over {timeout:.0f} s"}
         row.setdefault("seconds", round(time.perf_counter() - start, 1))
+        if note:
+            row["note_rerun"] = note
         with open(path, "a") as f:
             f.write(json.dumps(row) + "\n")
         print(f"{name}: {row['status']} {row.get('error', '')}", flush=True)
@@ -197,6 +205,8 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per model")
     p.add_argument("--memory-gb", type=float, default=6.0, help="address-space limit per model")
     p.add_argument("-n", type=int, default=50, help="sample size")
+    p.add_argument("--names", help="comma-separated names of the sample to run (only those)")
+    p.add_argument("--note", default="", help="note_rerun field of the rows this run writes")
     args = p.parse_args(argv)
     if args.one:
         _limit_memory(args.memory_gb)
@@ -208,7 +218,13 @@ def main(argv=None) -> None:
     elif args.table:
         print(table(names))
     else:
-        run_all(names, args.timeout, args.memory_gb)
+        if args.names:
+            wanted = args.names.split(",")
+            unknown = sorted(set(wanted) - set(names))
+            if unknown:
+                p.error(f"not in the sample: {', '.join(unknown)}")
+            names = [n for n in names if n in wanted]
+        run_all(names, args.timeout, args.memory_gb, note=args.note)
 
 
 if __name__ == "__main__":

@@ -35,6 +35,7 @@ def compile_unstructured(state, sparsity: float) -> CompileResult:
     analysis = analyze(capture(state.model, inputs, **state.trace_kw))
     sal = score_analysis(analysis, crit, state.batches, state.loss, state.options,
                          state.progress)
+    sal.parameters = dict(sal.parameters)  # magnitude scores are lazy; the masks change gm
     gm = analysis.gm
     masks: Dict[str, torch.Tensor] = {}
     by_tensor: Dict[int, torch.Tensor] = {}  # tied weights: one mask, applied once

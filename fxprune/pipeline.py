@@ -18,17 +18,18 @@ from . import api_gradual
 from .criteria import Criterion
 from .criteria.aggregate import weight_norms
 from .criteria.scoring import cast_batch
+from .errors import BudgetError
 from .ignore import ignored
 from .plan import Plan, check_plan, fingerprint, input_shapes
 from .passes.budget import Budget
 from .passes.count import CostModel, cost_model, count_flops, count_params
 from .passes.degenerate import check_scores
-from .passes.frontend import capture, frontend_of
+from .passes.frontend import capture, frontend_notes, frontend_of
 from .passes.groups import Analysis, analyze
 from .passes.repair import repair as repair_pass
 from .passes.rewrite import rewrite
 from .passes.score import Saliency, score_analysis
-from .passes.select import select_step, step_caps
+from .passes.select import budget_blockers, select_step, step_caps
 from .passes.shape_flops import graph_flops
 from .passes.trace import leaf_notes
 from .passes.verify import slim_shapes, verify_rewrite
@@ -78,7 +79,10 @@ def analyse(state: PruneState) -> None:
     """Trace (a copy of) the current model and analyse its groups; the first call also
     builds the dense cost model. Writes ``analysis`` (and ``dense``, ``dense_cost``)."""
     source = state.model if state.current is None else state.current
-    state.analysis = analyze(capture(source, state.inputs, **state.trace_kw))
+    # the dense graph reads the model's own tensors: every pass that writes works on a
+    # copy of its own (passes/trace.py), so a model of W GiB compiles in about 2 W
+    state.analysis = analyze(capture(source, state.inputs, share_params=True, lazy=False,
+                                     **state.trace_kw))
     if state.dense is None:
         state.dense, state.current = state.analysis, state.model
         state.dense_cost = cost_model(state.dense, state.inputs)
@@ -106,10 +110,18 @@ def select(state: PruneState, budget: Budget) -> None:
     order = crit.select(groups, sal.groups, sal.context, caps) if crit.select else None
     cost_now = state.dense_cost if analysis is state.dense else cost_model(analysis,
                                                                            state.inputs)
-    state.kept = select_step(groups, sal.groups, budget, caps, analysis.keep_mask, cost_now,
-                             state.dense_cost, order=order, normalize=state.normalize,
-                             tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
-                             round_to=state.round_to, uniform=state.uniform)
+    try:
+        state.kept = select_step(groups, sal.groups, budget, caps, analysis.keep_mask,
+                                 cost_now, state.dense_cost, order=order,
+                                 normalize=state.normalize,
+                                 tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
+                                 round_to=state.round_to, uniform=state.uniform)
+    except BudgetError as exc:  # name what blocks the budget (the costliest fixed groups)
+        spec = budget.spec
+        raise BudgetError(str(exc) + budget_blockers(
+            analysis.groups, [g.id for g in groups], analysis.keep_mask,
+            getattr(cost_now, spec.cost), getattr(state.dense_cost, spec.dense_total),
+            budget.kind)) from None
 
 
 def _tiebreak(criterion: str, groups, gm) -> Optional[Dict[str, torch.Tensor]]:
@@ -237,6 +249,7 @@ def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs
                     count_params(slim), predicted_flops=predicted,
                     frontend=frontend_of(dense.gm))
     report.notes.extend(leaf_notes(dense.gm))  # submodules kept whole by trace's leaf retry
+    report.notes.extend(frontend_notes(dense.gm))  # why torch.export was used, if it was
     if batch > 1:
         report.notes.append(f"FLOPs and latency are for the whole batch of {batch} examples "
                             "(the model does not run on one example)")

@@ -11,15 +11,28 @@ knowledge. What is lowered is the table in :mod:`.aten_rules` (``ATEN_AS_FUNCTIO
 the method-like packets ``ATEN_LIKE_METHOD`` whose first argument is a tensor); the rest
 stays ATen and is handled by the ATen rules.
 
+Grad-mode blocks: export captures a ``with torch.no_grad():`` block inside ``forward`` as
+the higher-order op ``wrap_with_set_grad_enabled(False, submod, *operands)`` over a
+submodule of its own (the rotary-embedding tables of timm's gemma4 ViT). Lowering inlines
+the submodule's graph in its place, so the channel rules see its ops, and detaches each
+output of a grad-disabled block: reverse-mode gradients (scoring) stop at the block's
+outputs exactly as under ``no_grad``; a block that enables grad is inlined as is (the
+captured program runs for inference and scoring, where grad is on). One difference:
+``no_grad`` does not stop forward-mode tangents, ``detach`` does; it matters only where
+the block reads a parameter, and no such block has been met.
+
 Contract: reads and rewrites ``gm.graph`` in place (targets, ops and arguments of call
-nodes; nothing else), then recompiles. Invariant: every lowered call computes what the ATen
+nodes; grad-mode blocks inlined and their submodules deleted), then recompiles. Invariant: every lowered call computes what the ATen
 call did (same positional arguments; dropped trailing arguments are ATen-only flags).
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx
 
+from ..errors import TraceError
 from .aten_rules import ATEN_AS_FUNCTION, ATEN_LIKE_METHOD, NOT_AS_METHOD
 
 __all__ = ["lower_to_torch"]
@@ -51,7 +64,7 @@ _FUNCTIONS, _METHODS = _tables()
 
 def lower_to_torch(gm: torch.fx.GraphModule) -> int:
     """Lower the ATen calls of ``gm`` that have torch-level twins; return how many."""
-    count = 0
+    count = _inline_grad_mode_blocks(gm)
     for node in gm.graph.nodes:
         if node.op != "call_function":
             continue
@@ -72,3 +85,67 @@ def lower_to_torch(gm: torch.fx.GraphModule) -> int:
             count += 1
     gm.recompile()
     return count
+
+
+def _grad_mode_op():
+    return getattr(getattr(torch.ops, "higher_order", None), "wrap_with_set_grad_enabled", None)
+
+
+def _inline_grad_mode_blocks(gm: torch.fx.GraphModule) -> int:
+    """Inline every ``wrap_with_set_grad_enabled`` block (module docstring); its nested
+    blocks first. Returns how many blocks were inlined."""
+    op = _grad_mode_op()
+    hops = [n for n in gm.graph.nodes if op is not None and n.op == "call_function"
+            and n.target is op]
+    count = 0
+    for node in hops:
+        enabled, sub_node, *operands = node.args
+        sub = getattr(gm, sub_node.target)
+        count += _inline_grad_mode_blocks(sub) + 1
+        with gm.graph.inserting_before(node):
+            outputs = _copy_body(gm, sub, sub_node.target, operands)
+            if not enabled:
+                outputs = [gm.graph.call_function(aten.detach.default, (o,))
+                           if isinstance(o, torch.fx.Node) else o for o in outputs]
+        for user in list(node.users):
+            if user.target is not operator.getitem or user.args[0] is not node:
+                raise TraceError(f"the torch.export graph uses the outputs of the no_grad "
+                                 f"block {node.name} other than by index ({user.format_node()}); "
+                                 "use the FX front end (frontend='fx')")
+            user.replace_all_uses_with(outputs[user.args[1]])
+            gm.graph.erase_node(user)
+        gm.graph.erase_node(node)
+        if not sub_node.users:
+            gm.graph.erase_node(sub_node)
+            gm.delete_submodule(sub_node.target)
+    return count
+
+
+def _copy_body(gm: torch.fx.GraphModule, sub: torch.fx.GraphModule, prefix: str,
+               operands) -> list:
+    """Copy ``sub``'s nodes into ``gm``'s graph at the insertion point, its placeholders
+    bound to ``operands``; ``get_attr`` targets of ``sub`` become attributes of ``gm``
+    under ``prefix_name``. Returns the values ``sub`` returns, as a list."""
+    env = {}
+    placeholders = iter(operands)
+    outputs: list = []
+    for inner in sub.graph.nodes:
+        if inner.op == "placeholder":
+            env[inner] = next(placeholders)
+        elif inner.op == "output":
+            result = torch.fx.node.map_arg(inner.args[0], lambda n: env[n])
+            outputs = list(result) if isinstance(result, (tuple, list)) else [result]
+        elif inner.op == "get_attr":
+            name = f"{prefix}_{inner.target.replace('.', '_')}"
+            setattr(gm, name, _fetch_attr(sub, inner.target))
+            env[inner] = gm.graph.get_attr(name)
+            env[inner].meta = dict(inner.meta)
+        else:
+            env[inner] = gm.graph.node_copy(inner, lambda n: env[n])
+    return outputs
+
+
+def _fetch_attr(module: torch.nn.Module, target: str):
+    for part in target.split("."):
+        module = getattr(module, part)
+    return module

@@ -8,10 +8,16 @@ nodes read the parameters and buffers under the model's own qualified names
 (``layer1.0.conv1.weight``), so groups, plans and reports name the same tensors as on the
 FX front end; its channel rules are the ATen entries of the one rule table
 (:mod:`.aten_rules`). ``"auto"`` (the default) traces symbolically and switches to
-``torch.export`` only when symbolic tracing fails (a shape check in ``forward``:
+``torch.export`` when symbolic tracing fails (a shape check in ``forward``:
 ``if x.shape[-1] % 2``; Python iteration or item assignment on a traced value; a
-``**kwargs`` forward), where export sees concrete example shapes; when both fail, the FX
-error (with its advice) is raised with export's reason appended. With FX-only options
+``**kwargs`` forward), where export sees concrete example shapes; when the traced graph
+fails shape propagation on the example inputs (a ``None`` default argument that tracing
+turned into an input: ``~patch_valid``); and when tracing succeeded only by keeping
+submodules whole as leaves (:mod:`.trace`'s retry: a shape check inside a block, as in
+timm's TinyViT, would otherwise fix the channels of every such block). When both fail,
+the FX error (with its advice) is raised with export's reason appended; when export
+fails after a leaf retry, the FX graph with its leaves is kept. Why FX was not used is
+``gm.meta["fxprune_fx_failure"]``, and :func:`frontend_notes` makes it a report note. With FX-only options
 (``leaf_modules``, ``concrete_args``) there is no switch. Which front end made a graph is
 recorded in ``gm.meta["fxprune_frontend"]`` (:func:`frontend_of`); ``compile``'s report
 says it. Dict example inputs become :class:`.keyword_inputs.KeywordInputs`: export
@@ -35,15 +41,16 @@ from .keyword_inputs import (check_fx_inputs, drop_keyword_check, export_call, f
                              keyword_inputs)
 from .layer_modules import restore_layer_modules
 from .shape_prop import propagate_shapes
-from .trace import _note_dropped_hooks, as_input_tuple, gc_paused, trace
+from .trace import LEAF_RETRIES, _note_dropped_hooks, as_input_tuple, gc_paused, trace
 from .twin import drop_user_hooks, module_twin, own_tensors
 
-__all__ = ["FRONTENDS", "capture", "export_graph", "frontend_of"]
+__all__ = ["FRONTENDS", "capture", "export_graph", "frontend_of", "frontend_notes"]
 
 log = logging.getLogger(__name__)
 
 FRONTENDS = ("auto", "fx", "export")
 META_KEY = "fxprune_frontend"
+FX_FAILURE = "fxprune_fx_failure"
 
 def frontend_of(gm: torch.nn.Module) -> str:
     """``"fx"`` or ``"export"``: which front end made ``gm`` (``"fx"`` if unknown)."""
@@ -52,8 +59,9 @@ def frontend_of(gm: torch.nn.Module) -> str:
 
 def capture(model: torch.nn.Module, example_inputs: Any = None, *, frontend: str = "auto",
             concrete_args: Optional[Dict[str, Any]] = None, leaf_modules: Sequence[Any] = (),
-            share_params: bool = False) -> torch.fx.GraphModule:
-    """The model's graph from the chosen front end (module docstring)."""
+            share_params: bool = False, lazy: Optional[bool] = None) -> torch.fx.GraphModule:
+    """The model's graph from the chosen front end (module docstring); ``share_params``
+    and ``lazy`` as in :func:`.trace.trace`."""
     if frontend not in FRONTENDS:
         raise FxpruneError(f"frontend={frontend!r}: choose one of {', '.join(FRONTENDS)}")
     example_inputs = keyword_inputs(model, example_inputs)  # a dict: .keyword_inputs
@@ -63,12 +71,14 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, frontend: str
         check_fx_inputs(model, example_inputs)
     if frontend == "export" or (frontend == "auto" and _made_by_export(model)):
         return _export(model, example_inputs, leaf_modules, concrete_args, share_params)
+    may_switch = frontend == "auto" and example_inputs is not None and not (
+        leaf_modules or concrete_args)  # (FX-only options: the user steers symbolic tracing)
     try:
         gm = trace(model, example_inputs, concrete_args=concrete_args,
-                   leaf_modules=leaf_modules, share_params=share_params)
+                   leaf_modules=leaf_modules, share_params=share_params, lazy=lazy)
     except TraceError as exc:
-        if frontend == "fx" or example_inputs is None or leaf_modules or concrete_args:
-            raise  # (FX-only options given: the user is steering symbolic tracing)
+        if not may_switch:
+            raise
         log.info("%s: symbolic tracing failed (%s); trying the torch.export front end",
                  type(model).__name__, _cause(exc))
         try:
@@ -76,10 +86,36 @@ def capture(model: torch.nn.Module, example_inputs: Any = None, *, frontend: str
         except FxpruneError as export_exc:  # both failed: the FX advice, export's reason
             raise TraceError(f"{exc} (The torch.export front end failed too: "
                              f"{_cause(export_exc)})") from exc
-        gm.meta["fxprune_fx_failure"] = _cause(exc)
+        gm.meta[FX_FAILURE] = _cause(exc)
         return gm
     gm.meta.setdefault(META_KEY, "fx")
+    if may_switch and gm.meta.get(LEAF_RETRIES):
+        return _export_over_leaves(model, example_inputs, share_params, gm)
     return gm
+
+
+def _export_over_leaves(model, example_inputs, share_params, fx_gm):
+    """The export graph of a model that symbolic tracing took only with leaves kept
+    whole, or the FX graph with its leaves when export fails too (module docstring)."""
+    leaves = ", ".join(f"`{path}` ({type_name})" for path, type_name, *_ in
+                       fx_gm.meta[LEAF_RETRIES])
+    try:
+        gm = export_graph(model, example_inputs, share_params=share_params)
+    except FxpruneError as exc:
+        log.info("%s: torch.export failed too (%s); keeping the FX graph with %s as leaves",
+                 type(model).__name__, _cause(exc), leaves)
+        return fx_gm
+    log.info("%s: symbolic tracing kept %s whole; the torch.export graph prunes inside them",
+             type(model).__name__, leaves)
+    gm.meta[FX_FAILURE] = (f"symbolic tracing would keep {leaves} whole as leaves "
+                           f"({fx_gm.meta[LEAF_RETRIES][0][2]})")
+    return gm
+
+
+def frontend_notes(gm: torch.nn.Module) -> list:
+    """A report note saying why the export front end was used in place of FX, if so."""
+    why = getattr(gm, "meta", {}).get(FX_FAILURE)
+    return [f"frontend: torch.export, because {why}"] if why else []
 
 
 def _made_by_export(model: torch.nn.Module) -> bool:

@@ -2,7 +2,9 @@
 
 Contract: reads an :class:`~.groups.Analysis` (the labeled graph and its groups) and
 a plan ``{group id: kept channel indices}``; returns a *new* GraphModule (the
-analysed one is deep-copied, never modified) in which
+analysed one's module tree and graph are deep-copied, never modified; its tensors are
+not: each becomes its slice, or a clone when nothing is removed from it, so the slim
+model owns its tensors and the peak is the dense weights plus the slim ones) in which
 
 * every parameter/buffer dimension recorded by the analysis keeps only the indices
   of kept channels (tied tensors are sliced once);
@@ -36,14 +38,46 @@ def rewrite(analysis: Analysis, kept: Dict[str, List[int]]) -> torch.fx.GraphMod
     """Slim copy of ``analysis.gm`` keeping ``kept[group id]`` channels of each group."""
     keep = analysis.keep_mask(kept)
     old_gm = analysis.gm
-    gm = copy.deepcopy(old_gm)
+    gm = copy.deepcopy(old_gm, _shared_tensors(old_gm))  # module tree and graph only
     _copy_meta(old_gm, gm)
     _slice_tensors(gm, analysis, keep)
+    _own_the_rest(gm, old_gm)
     _update_modules(gm, old_gm)
     _patch_literals(gm, keep)
     gm.graph.lint()
     gm.recompile()
     return gm
+
+
+def _shared_tensors(gm: nn.Module) -> dict:
+    """A ``deepcopy`` memo under which every parameter and buffer of ``gm`` copies to
+    itself: the copy is made without a dense copy of the weights (a model of W GiB
+    would need 2 W before slicing), and :func:`_own_the_rest` then clones what slicing
+    did not replace."""
+    memo = {}
+    for t in list(gm.parameters()) + list(gm.buffers()):
+        memo[id(t)] = t
+    return memo
+
+
+def _own_the_rest(gm: nn.Module, old_gm: nn.Module) -> None:
+    """Clone every tensor of ``gm`` still shared with ``old_gm`` (ties kept), so that the
+    slim model owns all its tensors and writing to it leaves the dense model alone."""
+    shared = {id(t) for t in old_gm.parameters()}
+    shared |= {id(t) for t in old_gm.buffers()}
+    clones: Dict[int, torch.Tensor] = {}
+    for mod in gm.modules():
+        for key in ("_parameters", "_buffers"):
+            tensors = mod.__dict__.get(key) or {}
+            for name, t in tensors.items():
+                if t is None or id(t) not in shared:
+                    continue
+                if id(t) not in clones:
+                    with torch.no_grad():
+                        data = t.detach().clone()
+                    clones[id(t)] = (nn.Parameter(data, requires_grad=t.requires_grad)
+                                     if isinstance(t, nn.Parameter) else data)
+                tensors[name] = clones[id(t)]
 
 
 def _copy_meta(src: torch.fx.GraphModule, dst: torch.fx.GraphModule) -> None:

@@ -209,10 +209,15 @@ def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, option
     bad = _non_finite(param_scores, group_scores)
     if bad:
         raise _explain_non_finite(bad, module, crit, ctx)
+    if getattr(param_scores, "lazy", False) and module is analysis.gm:
+        # computed on access from the dense weights (magnitude criteria): no copy
+        return Saliency(param_scores, group_scores, crit.name, context=ctx)
     params = {}
     for name, p in analysis.gm.named_parameters():
         s = param_scores.get(name)
-        params[name] = (s.detach().to(p.dtype) if s is not None else torch.zeros_like(p.detach()))
+        # unscored: a zero of the parameter's shape that takes no memory (a broadcast view)
+        params[name] = (s.detach().to(p.dtype) if s is not None else
+                        torch.zeros((), dtype=p.dtype, device=p.device).expand(p.shape))
     return Saliency(params, group_scores, crit.name, context=ctx)
 
 

@@ -220,7 +220,7 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
             f"{budget.kind}={budget.ratio} cannot be reached: the best reachable ratio is "
             f"{best:.3f} (limited by max_layer_sparsity, at least one channel per group, "
             + (f"kept widths in multiples of round_to={round_to}, " if round_to > 1 else "")
-            + "and groups that are not prunable - see the groups' reasons)")
+            + "and groups that are not prunable)")
     while lo < hi:
         mid = (lo + hi) // 2
         if cost(kept_after(mid)) <= target * (1 + 1e-9):
@@ -258,6 +258,33 @@ def select_uniform_budget(groups, scores: Scores, budget: Budget, caps: Dict[str
         else:
             lo = mid + 1
     return kept_at(lo)
+
+
+def budget_blockers(all_groups: Sequence[Group], free: Sequence[str], keep_mask,
+                    measure: Callable, dense: float, kind: str, top: int = 3) -> str:
+    """The ``top`` groups that selection may not prune (not prunable, or ignored) and
+    that hold the most of the budget's cost (``measure`` of the mask that removes all
+    their channels, from the current model's cost; as a share of ``dense``), each with
+    its share and reason: what a
+    :class:`BudgetError` names so that the user sees what blocks the budget."""
+    free, now = set(free), measure(keep_mask({}))  # (below dense after earlier steps)
+    rows = []
+    for g in all_groups:
+        if g.id in free:
+            continue
+        held = now - measure(keep_mask({g.id: []}))
+        if held > 0:
+            rows.append((held, g))
+    rows.sort(key=lambda r: (-r[0], r[1].id))
+    if not rows:
+        return ""
+    parts = []
+    for held, g in rows[:top]:
+        reason = " ".join((g.reason or "ignored (ignore=)").split())
+        reason = reason if len(reason) <= 240 else reason[:240] + "..."
+        parts.append(f"`{g.id}` ({held / dense:.0%} of the {kind}): {reason}")
+    return (f"; the groups holding the most {kind} that cannot be pruned: "
+            + "; ".join(parts))
 
 
 def step_caps(groups: Sequence[Group], max_layer_sparsity: float,

@@ -21,7 +21,9 @@ tensor, ties kept), because later passes write to it in place (unstructured mask
 see that. Callers whose GraphModule never escapes and is never written to (the
 analysis API: its results are groups and a connectivity table) pass
 ``share_params=True`` and skip that copy (their GraphModule also generates its Python
-code lazily, on first call). Rewrite passes deep-copy before slicing.
+code lazily, on first call); so does structured ``compile``, whose dense graph is only
+read (scoring that sets ``requires_grad`` or casts works on its own scoring copy, the
+rewrite builds the slim model from slices and clones, verification masks per node).
 
 Shapes are propagated by :mod:`.shape_prop`; module twins live in :mod:`.twin`.
 """
@@ -130,19 +132,23 @@ def gc_paused():
 
 def trace(model: torch.nn.Module, example_inputs: Any = None, *,
           concrete_args: Optional[Dict[str, Any]] = None,
-          leaf_modules: Sequence[Any] = (), share_params: bool = False) -> torch.fx.GraphModule:
+          leaf_modules: Sequence[Any] = (), share_params: bool = False,
+          lazy: Optional[bool] = None) -> torch.fx.GraphModule:
     """Trace an eval-mode copy of ``model``; propagate shapes if inputs are given.
 
     ``leaf_modules`` may hold module types or qualified names to keep opaque.
     ``share_params=True``: the GraphModule reads the user's parameter and buffer
     tensors instead of copies (its module objects and flags are still its own); only
     for callers that neither return it nor write to its tensors (module docstring).
+    ``lazy``: generate the GraphModule's code on first call (default: when
+    ``share_params``, the analysis API's case; ``compile`` shares but runs the graph).
     """
     with gc_paused():
-        return _trace(model, example_inputs, concrete_args, leaf_modules, share_params)
+        return _trace(model, example_inputs, concrete_args, leaf_modules, share_params,
+                      share_params if lazy is None else lazy)
 
 
-def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
+def _trace(model, example_inputs, concrete_args, leaf_modules, share_params, lazy):
     if isinstance(model, torch.fx.GraphModule):
         gm = copy.deepcopy(model).eval()
         _note_dropped_hooks(drop_user_hooks(gm), model)
@@ -153,7 +159,7 @@ def _trace(model, example_inputs, concrete_args, leaf_modules, share_params):
         # Forget the tracer class: GraphModule pickles a reference to it, and a saved
         # slim model must load without fxprune installed.
         graph._tracer_cls = None
-        gm = _graph_module_class(share_params)(tracer.root, graph, type(model).__name__)
+        gm = _graph_module_class(lazy)(tracer.root, graph, type(model).__name__)
         gm._tracer_cls = None
         gm.meta[LEAF_RETRIES] = tracer.retried
         if not share_params:

@@ -9,7 +9,10 @@ channels are zeroed too: once every consumer is cut that changes nothing, and a
 tensor that is both (a weight reused transposed, ``F.linear(h, enc.weight.t())``)
 carries one role in the groups but must be cut in both uses. :func:`masked_reference` builds the
 reference (a new GraphModule; the analysed one is untouched); :func:`check` compares;
-:func:`verify_rewrite` runs the two and refuses a slim model outside the dtype's tolerance,
+:func:`verify_rewrite` runs the two and refuses a slim model outside the dtype's tolerance
+(it runs the reference without a dense copy of the weights: a graph copy that shares the
+analysed tensors, each cut tensor masked into a temporary copy for the one node that reads
+it, so verifying a model of W GiB needs one layer's worth more, not W),
 and :func:`slim_shapes` propagates the slim model's shapes (a failure is a rewrite bug).
 """
 from __future__ import annotations
@@ -98,8 +101,7 @@ def masked_reference(analysis: Analysis, kept: Dict[str, List[int]]) -> torch.fx
                     tensor = gm.get_parameter(member.target) if _is_param(gm, member.target) \
                         else gm.get_buffer(member.target)
                     tensor.index_fill_(member.dim, torch.as_tensor(idx), 0.0)
-    _mask_layer_norms(gm, keep)
-    _mask_means(gm, keep)
+    _mask_statistics(gm, keep)
     gm.recompile()
     return gm
 
@@ -110,6 +112,12 @@ def _is_param(gm: nn.Module, target: str) -> bool:
         return True
     except AttributeError:
         return False
+
+
+def _mask_statistics(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
+    """Statistics over pruned dims run over the kept entries: norms, then means."""
+    _mask_layer_norms(gm, keep)
+    _mask_means(gm, keep)
 
 
 def _mask_layer_norms(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
@@ -272,7 +280,7 @@ def verify_rewrite(analysis: Analysis, slim: torch.nn.Module, kept: Dict[str, Li
     computes with the removed channels masked. Returns the relative error; raises
     ``FxpruneError`` when it is above the dtype's tolerance or not finite."""
     log.info("verifying against the masked reference")
-    error = check(slim, masked_reference(analysis, kept), inputs)
+    error = _check_lean(analysis, slim, kept, inputs)
     if not math.isfinite(error):
         raise FxpruneError("verification failed: the model's output on the example "
                            "inputs is not finite (NaN or inf), so the slim model cannot "
@@ -292,3 +300,84 @@ def slim_shapes(slim: torch.fx.GraphModule, inputs) -> None:
         raise FxpruneError(f"the slim model fails on the example inputs that the dense model "
                            f"runs on ({exc.__cause__ or exc}): a rewrite bug; please report this "
                            "model (and prune around it meanwhile with ignore=[...])") from exc
+
+
+def _check_lean(analysis: Analysis, slim: nn.Module, kept: Dict[str, List[int]], inputs) -> float:
+    """:func:`check` of ``slim`` against the masked reference, run node by node with
+    shared tensors (module docstring). Graphs with a pytree calling convention (inputs
+    flattened in generated code) are checked on a :func:`masked_reference` copy."""
+    if type(analysis.gm.graph._codegen) is not torch.fx.graph.CodeGen:
+        return check(slim, masked_reference(analysis, kept), inputs)
+    gm = copy.deepcopy(analysis.gm, {id(t): t for t in _tensors(analysis.gm)})
+    for a, b in zip(analysis.gm.graph.nodes, gm.graph.nodes):
+        b.meta[LABEL_KEY] = a.meta.get(LABEL_KEY)
+        if "tensor_meta" in a.meta:
+            b.meta["tensor_meta"] = a.meta["tensor_meta"]
+    _mask_statistics(gm, analysis.keep_mask(kept))
+    gm.recompile()
+    gm.eval()
+    was = slim.training
+    slim.eval()
+    try:
+        with torch.no_grad():
+            reference = _CutInterpreter(gm, _cuts(analysis, kept)).run(*inputs)
+            return max_relative_error(slim(*inputs), reference)
+    finally:
+        slim.train(was)
+
+
+def _tensors(module: nn.Module) -> list:
+    return list(module.parameters()) + \
+        list(module.buffers())
+
+
+def _cuts(analysis: Analysis, kept) -> Dict[int, list]:
+    """``{id(tensor): [(dim, indices to zero), ...]}``: what :func:`masked_reference`
+    zeroes, keyed by the tensor itself (a tied tensor is cut under all its names)."""
+    gm, cuts = analysis.gm, {}
+    for group in analysis.groups:
+        if group.id not in kept:
+            continue
+        removed = sorted(set(range(group.size)) - set(kept[group.id]))
+        for member in group.members:
+            idx = [i for c in removed for i in member.index_map[c]]
+            if member.role in _CUT_ROLES and idx:
+                tensor = gm.get_parameter(member.target) if _is_param(gm, member.target) \
+                    else gm.get_buffer(member.target)
+                cuts.setdefault(id(tensor), []).append((member.dim, torch.as_tensor(idx)))
+    return cuts
+
+
+class _CutInterpreter(torch.fx.Interpreter):
+    """Runs the graph with every cut tensor replaced, for the node that reads it, by a
+    masked copy (a module's own tensors are swapped in and back around its call)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, cuts: Dict[int, list]):
+        super().__init__(gm)
+        self.cuts = cuts
+
+    def _masked(self, t: torch.Tensor) -> torch.Tensor:
+        out = t.detach().clone()
+        for dim, idx in self.cuts[id(t)]:
+            out.index_fill_(dim, idx.to(out.device), 0.0)
+        return out
+
+    def get_attr(self, target, args, kwargs):
+        value = super().get_attr(target, args, kwargs)
+        return self._masked(value) if id(value) in self.cuts else value
+
+    def call_module(self, target, args, kwargs):
+        swapped = []
+        for mod in self.fetch_attr(target).modules():
+            for key in ("_parameters", "_buffers"):
+                tensors = mod.__dict__.get(key) or {}
+                for name, t in tensors.items():
+                    if t is not None and id(t) in self.cuts:
+                        swapped.append((tensors, name, t))
+        try:
+            for tensors, name, t in swapped:
+                tensors[name] = self._masked(t)
+            return super().call_module(target, args, kwargs)
+        finally:
+            for tensors, name, t in swapped:
+                tensors[name] = t
