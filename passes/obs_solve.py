@@ -20,7 +20,7 @@ its arguments.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -90,13 +90,13 @@ FLUSH_COLUMNS = 256
 class _Greedy:
     """Working set of :func:`greedy_removal` on the columns still present.
 
-    The inverse at the current step is ``H − L Rᵀ``: ``H`` as of the last flush (only the
-    columns alive then), ``L``/``R`` the pending factors, one ``[h, (B⁻¹ hᵀ)ᵀ]`` pair per
-    step, folded into ``H`` by one matrix product every ``FLUSH_COLUMNS`` columns (the
-    rank-b update of the whole ``d x d`` inverse at every step was memory-bound). ``W``
-    is compensated every step; ``blocks[s]`` are the current diagonal blocks
-    ``(H⁻¹)_{uu}`` of the remaining units with ``s`` columns, downdated every step, so
-    no step gathers from the full inverse."""
+    The inverse at the current step is ``H − L Rᵀ``: ``H`` as of the last fold (only the
+    columns alive then), ``L``/``R`` the pending factors (``[h, (B⁻¹ hᵀ)ᵀ]`` of each step,
+    in preallocated buffers), folded into ``H`` by one matrix product every
+    ``FLUSH_COLUMNS`` columns (a rank-b update of the whole ``d x d`` inverse at every
+    step was memory-bound). ``W`` is compensated every step; ``blocks[s]`` are the
+    current diagonal blocks ``(H⁻¹)_{uu}`` of the remaining units with ``s`` columns,
+    downdated every step, so no step gathers from the full inverse."""
 
     def __init__(self, Hinv: Tensor, W: Tensor, units: Sequence[Tensor]):
         dev = Hinv.device
@@ -104,8 +104,10 @@ class _Greedy:
         self.alive = torch.arange(Hinv.shape[0], device=dev)   # compact -> original
         self.pos = self.alive.clone()                           # original -> compact
         self.removed = torch.zeros(Hinv.shape[0], dtype=torch.bool, device=dev)
-        self.left: List[Tensor] = []
-        self.right: List[Tensor] = []
+        self.cap = max(int(FLUSH_COLUMNS), 1)
+        self.L = Hinv.new_empty(Hinv.shape[0], self.cap)
+        self.R = Hinv.new_empty(Hinv.shape[0], self.cap)
+        self.filled = 0
         self.units = [u.to(dev) for u in units]
         by_size: Dict[int, List[int]] = {}
         for i, u in enumerate(self.units):
@@ -118,8 +120,12 @@ class _Greedy:
         """``[n]``: each remaining unit's ``ΔE`` now; ``inf`` for removed units."""
         out = torch.full((n,), float("inf"), dtype=self.H.dtype, device=self.H.device)
         for s, ids in self.ids.items():
-            if len(ids):
-                w = self.W[:, self.pos[self.cols[s]]].permute(1, 2, 0)   # [n_s, s, o]
+            if not len(ids):
+                continue
+            w = self.W[:, self.pos[self.cols[s]]].permute(1, 2, 0)       # [n_s, s, o]
+            if s == 1:  # scalar blocks: no batched solve
+                out[ids] = (w[:, 0].pow(2).sum(1) / self.blocks[s][:, 0, 0]).clamp_min(0)
+            else:
                 x = torch.linalg.solve(self.blocks[s], w)
                 out[ids] = (w * x).sum((1, 2)).clamp_min(0)
         return out
@@ -127,10 +133,10 @@ class _Greedy:
     def remove(self, chosen: Tensor) -> None:
         """Delete the units ``chosen``: compensate ``W`` and downdate the inverse."""
         orig = torch.cat([self.units[u] for u in chosen.tolist()])
-        M = self.pos[orig]
+        M, f = self.pos[orig], self.filled
         h = self.H[:, M]                                                  # [d_a, m]
-        if self.left:
-            h = h - torch.cat(self.left, 1) @ torch.cat(self.right, 1)[M].T
+        if f:
+            h = torch.addmm(h, self.L[:, :f], self.R[M, :f].T, alpha=-1)
         proj = torch.linalg.solve(h[M], h.T)                  # [m, d_a] = B⁻¹ (H⁻¹)_{M,:}
         self.W = torch.addmm(self.W, self.W[:, M], proj, alpha=-1)
         self.W[:, M] = 0
@@ -142,18 +148,25 @@ class _Greedy:
                 c = self.pos[self.cols[s]]                                # [n_s, s]
                 self.blocks[s] = self.blocks[s][keep] - torch.bmm(
                     h[c], proj[:, c].permute(1, 0, 2))
-        self.left.append(h)
-        self.right.append(proj.T)
-        if sum(x.shape[1] for x in self.left) >= FLUSH_COLUMNS:
-            self.flush()
+        m = len(M)
+        if f + m > self.cap:
+            self.fold(h, proj)
+        else:
+            self.L[:, f:f + m], self.R[:, f:f + m] = h, proj.T
+            self.filled = f + m
 
-    def flush(self) -> None:
-        """Fold the pending factors into ``H``; drop the removed rows and columns."""
-        self.H = torch.addmm(self.H, torch.cat(self.left, 1), torch.cat(self.right, 1).T,
-                             alpha=-1)
-        self.left, self.right = [], []
+    def fold(self, h: Optional[Tensor] = None, proj: Optional[Tensor] = None) -> None:
+        """Fold the pending factors (and ``h projᵀ``, not buffered) into ``H``, then drop
+        the removed rows and columns from ``H``, ``W`` and the buffers."""
+        f = self.filled
+        if f:
+            self.H = torch.addmm(self.H, self.L[:, :f], self.R[:, :f].T, alpha=-1)
+        if h is not None:
+            self.H = torch.addmm(self.H, h, proj, alpha=-1)
+        self.filled = 0
         keep = ~self.removed[self.alive]
         self.H, self.W = self.H[keep][:, keep], self.W[:, keep]
+        self.L, self.R = self.L[keep], self.R[keep]
         self.alive = self.alive[keep]
         self.pos[self.alive] = torch.arange(len(self.alive), device=self.alive.device)
 
