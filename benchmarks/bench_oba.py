@@ -100,7 +100,7 @@ def time_model(name: str, args) -> dict:
     gm, batches, groups = build(name, args.batch, args.device, args.batches)
     methods = [m for m in METHODS if (m != "oba-exact" or args.exact)
                and (m == "grad" or m in args.methods)]
-    for m in methods:                                   # warm-up
+    for m in methods if args.warmup else ():            # warm-up
         run_method(m, gm, batches, groups)
     times = {m: [] for m in methods}
     for _ in range(args.repeats):
@@ -139,6 +139,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the warm-up call of each method (for slow runs)")
     p.add_argument("--batches", type=int, default=1,
                    help="calibration batches per obs / obs-gram call (ratios per batch)")
     p.add_argument("--device", default="cpu")
@@ -155,7 +157,8 @@ def main(argv=None) -> None:
         return
     print(f"command: python benchmarks/bench_oba.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
-          f"batch {args.batch}, {args.repeats} repeats (median), {args.batches} "
+          f"batch {args.batch}, {args.repeats} repeats (median"
+          f"{'' if args.warmup else ', no warm-up'}), {args.batches} "
           f"calibration batch(es) per {'/'.join(PER_BATCH)} call\n")
     mem_kind = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS growth"
     methods = [m for m in METHODS if (m != "oba-exact" or args.exact)
