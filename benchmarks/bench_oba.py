@@ -8,9 +8,13 @@ times, interleaved per repeat:
   cross-entropy loss w.r.t. all parameters, same batch;
 * ``oba``: :func:`~fxprune.criteria.oba.oba_scores` on that batch (one call = one batch);
 * ``oba-exact``: :func:`~fxprune.criteria.oba.oba_exact_scores` (double backward);
-* ``obs``: the ``"obs"`` criterion's scoring (one no-grad pass accumulating every
-  consumer layer's input Gram matrix, then the per-layer greedy OBS solves), with the
-  model's groups from ``fxprune.groups`` (issue 12: goal ≤ 2 gradient passes).
+* ``obs``: the ``"obs"`` criterion's scoring (one no-grad pass per batch accumulating
+  every consumer layer's input Gram matrix, then the per-layer greedy OBS solves), with
+  the model's groups from ``fxprune.groups`` (issue 12: goal ≤ 2 gradient passes per
+  calibration batch). With ``--batches N`` obs scores N batches in one call and its
+  ratio is per batch: obs time ÷ (N × one gradient pass). ``obs-gram`` times the Gram
+  pass alone (same N batches), so obs − obs-gram is the per-layer solves, paid once
+  per scoring call whatever N is.
 
 Times are medians over ``--repeats`` after one warm-up; the ratio is the median of the
 per-repeat ratios. Peak memory is measured in a fresh subprocess per (model, method): on
@@ -22,6 +26,7 @@ point; on CUDA ``torch.cuda.max_memory_allocated`` above the post-set-up allocat
 
     python benchmarks/bench_oba.py
     python benchmarks/bench_oba.py --models resnet50 --batch 8 --repeats 5 --no-memory
+    python benchmarks/bench_oba.py --methods obs obs-gram --batches 4 --no-exact --no-memory
 """
 from __future__ import annotations
 
@@ -37,14 +42,18 @@ import torch
 import fxprune
 from fxprune.criteria import ScoringContext, get_criterion
 from fxprune.criteria.oba import oba_exact_scores, oba_scores
+from fxprune.criteria.obs import accumulate_grams, find_consumers
 from fxprune.criteria.scoring import default_loss, make_scoring_copy
 from peak_memory import peak_growth_mib
 
-METHODS = ("grad", "oba", "oba-exact", "obs")
+METHODS = ("grad", "oba", "oba-exact", "obs", "obs-gram")
+#: Methods scored on all ``--batches`` batches (their ratio is per batch).
+PER_BATCH = ("obs", "obs-gram")
 
 
-def build(name: str, batch: int, device: str):
-    """(scoring copy of the traced timm model, [(inputs, targets)], its groups)."""
+def build(name: str, batch: int, device: str, n_batches: int = 1):
+    """(scoring copy of the traced timm model, ``n_batches`` random ``(inputs, targets)``,
+    its groups)."""
     import timm
 
     torch.manual_seed(0)
@@ -53,14 +62,18 @@ def build(name: str, batch: int, device: str):
     # attn_mask/is_causal, with defaults; its fused attention is lowered by the copy).
     gm = make_scoring_copy(torch.fx.symbolic_trace(model))
     size = model.pretrained_cfg.get("input_size", (3, 224, 224))
-    x = torch.randn(batch, *size, device=device)
-    y = torch.randint(0, model.num_classes, (batch,), device=device)
-    groups = fxprune.groups(model, x[:1])  # qualified names match the traced copy's
-    return gm, [((x,), y)], groups
+    batches = [((torch.randn(batch, *size, device=device),),
+                torch.randint(0, model.num_classes, (batch,), device=device))
+               for _ in range(n_batches)]
+    groups = fxprune.groups(model, batches[0][0][0][:1])  # names match the traced copy's
+    return gm, batches, groups
 
 
 def run_method(method: str, gm, batches, groups=()) -> None:
-    """One call of ``method`` on ``batches`` (a single batch)."""
+    """One call of ``method``: on every batch for :data:`PER_BATCH` methods, on the first
+    batch otherwise."""
+    if method not in PER_BATCH:
+        batches = batches[:1]
     if method == "grad":
         (inputs, targets), = batches
         params = [p for p in gm.parameters() if p.requires_grad]
@@ -70,6 +83,8 @@ def run_method(method: str, gm, batches, groups=()) -> None:
     elif method == "obs":
         ctx = ScoringContext(module=gm, groups=list(groups), batches=batches)
         get_criterion("obs").score(ctx)
+    elif method == "obs-gram":
+        accumulate_grams(gm, find_consumers(gm, groups)[0], batches)
     else:
         oba_exact_scores(gm, batches)
 
@@ -82,10 +97,10 @@ def _sync(device: str) -> None:
 
 def time_model(name: str, args) -> dict:
     """Median seconds per method and median ratios to ``grad``."""
-    gm, batches, groups = build(name, args.batch, args.device)
+    gm, batches, groups = build(name, args.batch, args.device, args.batches)
     methods = [m for m in METHODS if (m != "oba-exact" or args.exact)
                and (m == "grad" or m in args.methods)]
-    for m in methods:                                   # warm-up
+    for m in methods if args.warmup else ():            # warm-up
         run_method(m, gm, batches, groups)
     times = {m: [] for m in methods}
     for _ in range(args.repeats):
@@ -97,19 +112,22 @@ def time_model(name: str, args) -> dict:
             times[m].append(time.perf_counter() - t0)
     out = {m: statistics.median(v) for m, v in times.items()}
     for m in methods[1:]:
-        out[f"{m}/grad"] = statistics.median(a / b for a, b in zip(times[m], times["grad"]))
+        per = len(batches) if m in PER_BATCH else 1
+        out[f"{m}/grad"] = statistics.median(a / (per * b)
+                                             for a, b in zip(times[m], times["grad"]))
     return out
 
 
 def memory_child(name: str, method: str, args) -> float:
     """Peak memory (MiB) of one ``method`` call above the post-set-up level."""
-    gm, batches, groups = build(name, args.batch, args.device)
+    gm, batches, groups = build(name, args.batch, args.device, args.batches)
     return peak_growth_mib(lambda: run_method(method, gm, batches, groups), args.device)
 
 
 def memory(name: str, method: str, args) -> float:
     """Peak memory (MiB) of ``method`` on ``name``, measured in a fresh subprocess."""
     cmd = [sys.executable, __file__, "--_memory", name, method, "--batch", str(args.batch),
+           "--batches", str(args.batches),
            "--device", args.device, "--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -121,6 +139,10 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="skip the warm-up call of each method (for slow runs)")
+    p.add_argument("--batches", type=int, default=1,
+                   help="calibration batches per obs / obs-gram call (ratios per batch)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-exact", dest="exact", action="store_false")
@@ -135,7 +157,9 @@ def main(argv=None) -> None:
         return
     print(f"command: python benchmarks/bench_oba.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
-          f"batch {args.batch}, {args.repeats} repeats (median)\n")
+          f"batch {args.batch}, {args.repeats} repeats (median"
+          f"{'' if args.warmup else ', no warm-up'}), {args.batches} "
+          f"calibration batch(es) per {'/'.join(PER_BATCH)} call\n")
     mem_kind = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS growth"
     methods = [m for m in METHODS if (m != "oba-exact" or args.exact)
                and (m == "grad" or m in args.methods)]
