@@ -203,6 +203,10 @@ def _predicted_latency(report: Report, cost: CostModel, keep, inputs) -> None:
     if n > 1:
         report.notes.append(f"latency est: the latency table was timed on the example "
                             f"inputs, a batch of {n}")
+    if table.unreliable:
+        report.notes.append("latency est: unreliable, the latency table's timing rounds "
+                            "disagree for many layers (other load on the machine?); re-run "
+                            "on an idle machine")
 
 
 def per_example_flops(modules, inputs) -> Tuple[tuple, int, List[int]]:

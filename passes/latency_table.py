@@ -13,7 +13,9 @@ load spike hits all widths) with the median of ``repeats`` passes each (fewer fo
 layers: at most ``point_budget_ms`` per width and round). The whole dense graph is timed
 the same way; what the layers do not account for is the table's fixed part
 (normalisation, activations, pooling, additions, attention products: all costed at
-their dense time, a conservative prediction).
+their dense time, a conservative prediction). A layer whose rounds disagree by more than
+:data:`NOISY_SPREAD` is marked noisy; a table with many noisy layers is
+:attr:`~LatencyTable.unreliable` (a loaded machine) and the report says so.
 
 Costing (:meth:`LatencyTable.cost`, which ``CostModel.latency`` calls): a layer's width
 under a keep mask is the geometric mean of the kept fractions of the dims a prunable
@@ -53,6 +55,10 @@ log = logging.getLogger(__name__)
 
 Timer = Callable[[nn.Module, Tuple[Any, ...]], float]  # ms of one forward pass
 
+#: A layer whose round medians at one width differ by more than this fraction of their
+#: median is noisy; when more than a quarter of the layers are, the table is unreliable.
+NOISY_SPREAD = 0.5
+
 
 @dataclass
 class LayerCurve:
@@ -62,6 +68,7 @@ class LayerCurve:
     arrays: List[np.ndarray]        # atomic ids of the dims its width follows
     widths: np.ndarray              # increasing, last == 1.0
     times_ms: np.ndarray            # non-decreasing
+    noisy: bool = False             # its timing rounds disagreed by more than NOISY_SPREAD
 
     def width(self, keep: np.ndarray) -> float:
         """Geometric mean of the kept fractions of :attr:`arrays` under ``keep``."""
@@ -84,6 +91,11 @@ class LatencyTable:
     fixed_ms: float = 0.0
     measured_dense_ms: float = 0.0   # the whole dense graph, timed
     device: str = "cpu"
+
+    @property
+    def unreliable(self) -> bool:
+        """More than a quarter of the layers timed noisily (other load on the machine)."""
+        return sum(c.noisy for c in self.layers) > len(self.layers) / 4
 
     def cost(self, keep: np.ndarray) -> float:
         """Predicted latency (ms) of the model under the keep mask ``keep``."""
@@ -159,6 +171,11 @@ def measure_table(analysis: Analysis, inputs: Tuple[Any, ...], *, points: int = 
     log.info("latency table: dense %.3f ms (%.3f ms in %d layers, %.3f ms fixed), "
              "measured in %.1f s", table.dense_ms, in_layers, len(table.layers),
              table.fixed_ms, time.perf_counter() - start)
+    if table.unreliable:
+        log.warning("latency table: the timing rounds of %d of %d layers disagree by more "
+                    "than %d%% (other load on the machine?): the latency budget's "
+                    "prediction is unreliable", sum(c.noisy for c in table.layers),
+                    len(table.layers), int(NOISY_SPREAD * 100))
     return table
 
 
@@ -227,12 +244,14 @@ def _time_layer(spec: _Spec, points: int, rounds: int, max_repeats: int, budget_
         for k in order:
             _, m, x = variants[k]
             per[k].append(statistics.median(timer(m, x) for _ in range(repeats)))
-    times = isotonic([statistics.median(p) for p in per])
+    medians = [statistics.median(p) for p in per]
+    noisy = any(max(p) - min(p) > NOISY_SPREAD * m for p, m in zip(per, medians))
+    times = isotonic(medians)
     widths = np.array([w for w, _, _ in variants])
-    log.debug("latency table: %s widths %s ms %s", spec.name, np.round(widths, 3),
-              np.round(times, 4))
+    log.debug("latency table: %s widths %s ms %s%s", spec.name, np.round(widths, 3),
+              np.round(times, 4), " (noisy)" if noisy else "")
     arrays = [a for a in (spec.out_ids, spec.in_ids) if a is not None]
-    return LayerCurve(spec.name, arrays, widths, times)
+    return LayerCurve(spec.name, arrays, widths, times, noisy)
 
 
 def _variants(spec: _Spec, points: int) -> List[Tuple[float, nn.Module, tuple]]:

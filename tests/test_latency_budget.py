@@ -136,6 +136,18 @@ def test_noisy_timings_become_non_decreasing():
         assert np.all(np.diff(curve.times_ms) >= 0), curve
 
 
+def test_a_table_timed_under_heavy_load_is_flagged_unreliable(monkeypatch):
+    rng = np.random.default_rng(0)
+
+    def loaded(module, inputs):  # every pass 1-10x slower at random: a loaded machine
+        return float(rng.uniform(1, 10)) * fake_timer(module, inputs)
+    model, x = _mlp(), torch.randn(1, 16)
+    assert not measure_table(_analysis(model, x), (x,), timer=fake_timer).unreliable
+    monkeypatch.setattr(latency_table, "wall_timer", loaded)
+    report = fxprune.compile(model, "l2", x, latency=0.8).report
+    assert any("latency est: unreliable" in note for note in report.notes)
+
+
 def test_cost_model_measures_the_table_only_when_asked(monkeypatch):
     model, x = _mlp(), torch.randn(1, 16)
     calls = []
