@@ -38,8 +38,8 @@ def check_gradual(gradual: Optional[Gradual], budgets: List[Budget], between_ste
         raise BudgetError("steps=N does not round kept widths yet: pass round_to=1 with "
                           "steps=, or drop steps= to use round_to")
     if budgets[0].spec.cost is None:
-        raise BudgetError(f"steps=N prunes to a flops=r or params=r budget, not "
-                          f"{budgets[0].kind}=r")
+        raise BudgetError(f"steps=N prunes to a flops=r or params=r (or latency=r) budget, "
+                          f"not {budgets[0].kind}=r")
     if len(budgets) > 1 or between_steps is not None:
         raise BudgetError("steps=N prunes gradually to one budget without fine-tuning in "
                           "between: pass one flops=r or params=r (not a list) and no "

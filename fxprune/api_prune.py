@@ -45,12 +45,12 @@ AUTO_CRITERION = {"data": "obs", "data-free": "l2"}
 
 
 def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any = None,
-            data: Any = None, *, flops=None, params=None, sparsity=None,
+            data: Any = None, *, flops=None, params=None, sparsity=None, latency=None,
             loss_fn: Optional[Callable] = None, batches: Optional[int] = None,
             max_layer_sparsity: float = 0.95, ignore: Sequence[str] = (),
             unstructured: bool = False, between_steps: Optional[Callable] = None,
             output_fn: Optional[Callable] = None, verify: bool = True,
-            latency: bool = False, progress: Optional[bool] = None,
+            measure_latency: bool = False, progress: Optional[bool] = None,
             normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
             repair: Optional[str] = "auto", round_to: int = 1, frontend: str = "auto",
             steps=None, uniform: bool = False, **options) -> CompileResult:
@@ -61,8 +61,11 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     (:data:`AUTO_CRITERION`, chosen by the quality benchmark).
     Exactly one budget: ``flops=r`` / ``params=r`` (kept fraction of the dense count;
     a decreasing list runs iterative pruning, re-scoring between steps and calling
-    ``between_steps(module, step)``) or ``sparsity=r`` (remove ``floor(r*size)``
+    ``between_steps(module, step)``), ``latency=r`` (kept fraction of the dense latency
+    on the model's device, predicted by a per-layer latency table timed there:
+    :mod:`fxprune.passes.latency_table`) or ``sparsity=r`` (remove ``floor(r*size)``
     channels of every group); the kinds are :data:`fxprune.passes.budget.BUDGETS`.
+    ``measure_latency=True`` times the dense and the slim model for the report.
     ``unstructured=True`` with ``sparsity=r`` masks weights.
     ``normalize``: ``"mean"`` (default) ranks channels globally by score ÷ their group's
     mean |score|, ``"max"`` by score ÷ the group's maximum (design §5.5), ``None`` by raw
@@ -88,6 +91,8 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     or ``"auto"`` (default: export only where symbolic tracing fails); the report's
     ``frontend`` says which was used.
     """
+    budget_given = dict(flops=flops, params=params, sparsity=sparsity,
+                        latency=_latency_budget(latency))
     criterion = resolve_criterion(criterion, data is not None, unstructured)
     crit = get_criterion(criterion)
     check_options(crit, options, keywords_of(compile), "compile")
@@ -102,10 +107,11 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         repair_mode=resolve_repair(repair, batch_list, unstructured),
         round_to=check_round_to(round_to), uniform=_check_uniform(uniform, steps, unstructured))
     if unstructured:
-        if sparsity is None or flops is not None or params is not None:
+        if sparsity is None or any(v is not None for k, v in budget_given.items()
+                                   if k != "sparsity"):
             raise BudgetError("unstructured pruning takes sparsity=r only")
         return compile_unstructured(state, sparsity)
-    budgets = budget_steps(flops=flops, params=params, sparsity=sparsity)
+    budgets = budget_steps(**budget_given)
     gradual = as_gradual(steps)
     check_gradual(gradual, budgets, between_steps, crit, state.round_to)
     _warn_obs_unrepaired(crit, state.repair_mode)
@@ -121,7 +127,16 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         stage.record_step(state)
         if between_steps is not None:
             between_steps(state.current, step)
-    return stage.finish(state, budgets, criterion, latency)
+    return stage.finish(state, budgets, criterion, measure_latency)
+
+
+def _latency_budget(latency):
+    """``latency=`` is the latency budget; a bool is the old name of measure_latency."""
+    if isinstance(latency, bool):
+        raise BudgetError(f"latency={latency} is a budget now (latency=0.5 keeps half the "
+                          "dense latency): to time dense and slim for the report pass "
+                          f"measure_latency={latency}")
+    return latency
 
 
 def _check_uniform(uniform, steps, unstructured: bool) -> bool:

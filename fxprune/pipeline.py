@@ -33,7 +33,8 @@ from .passes.select import budget_blockers, select_step, step_caps
 from .passes.shape_flops import graph_flops
 from .passes.trace import leaf_notes
 from .passes.verify import slim_shapes, verify_rewrite
-from .report import CompileResult, GroupRow, Report, measure_latency
+from .report import CompileResult, GroupRow, Report
+from .report import measure_latency as time_dense_and_slim
 
 __all__ = ["PruneState", "analyse", "score", "select", "select_gradually",
            "rewrite_and_verify", "repair",
@@ -182,9 +183,10 @@ def record_step(state: PruneState) -> None:
     state.current = state.slim
 
 
-def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
+def finish(state: PruneState, steps: List[Budget], criterion: str, measure_latency: bool
            ) -> CompileResult:
-    """The plan (with the dense model's fingerprint) and the report of the last step."""
+    """The plan (with the dense model's fingerprint) and the report of the last step
+    (with the latency table's prediction when a latency budget measured one)."""
     dense, inputs = state.dense, state.inputs
     plan = Plan(state.plan_kept, {g.id: g.size for g in dense.groups if g.id in state.plan_kept},
                 {"criterion": criterion, "budget": [b.__dict__ for b in steps],
@@ -192,14 +194,33 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, latency: bool
                  "input_shapes": input_shapes(inputs),
                  "fingerprint": fingerprint(dense.groups, type(state.model).__name__,
                                             input_shapes(inputs))})
-    report = build_report(dense, state.current, plan, inputs, False, latency,
-                          predicted=state.dense_cost.flops(dense.keep_mask(plan.kept)),
+    keep = dense.keep_mask(plan.kept)
+    report = build_report(dense, state.current, plan, inputs, False, measure_latency,
+                          predicted=state.dense_cost.flops(keep),
                           dense_flops=state.dense_cost.dense_flops)
+    _predicted_latency(report, state.dense_cost, keep, inputs)
     report.max_rel_error = max(state.errors) if state.errors else None
     report.notes.extend(dict.fromkeys(state.notes))
     report.repair = state.repaired
     report.note_shortfall(steps[-1].kind, steps[-1].ratio, steps[-1].spec.achieved)
     return CompileResult(state.current, plan, report, saliency=state.saliency)
+
+
+def _predicted_latency(report: Report, cost: CostModel, keep, inputs) -> None:
+    """The latency table's dense and slim prediction into ``report`` (when measured)."""
+    table = cost.latency_table
+    if table is None:
+        return
+    report.predicted_latency_before_ms = table.dense_ms
+    report.predicted_latency_after_ms = table.cost(keep)
+    n = next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim() > 0), 1)
+    if n > 1:
+        report.notes.append(f"latency est: the latency table was timed on the example "
+                            f"inputs, a batch of {n}")
+    if table.unreliable:
+        report.notes.append("latency est: unreliable, the latency table's timing rounds "
+                            "disagree for many layers (other load on the machine?); re-run "
+                            "on an idle machine")
 
 
 def per_example_flops(modules, inputs, known: Sequence[Optional[int]] = ()
@@ -234,7 +255,7 @@ def _count_on(module: torch.nn.Module, inputs) -> int:
 
 
 def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs, verify: bool,
-                 latency: bool, predicted: Optional[float] = None,
+                 measure_latency: bool, predicted: Optional[float] = None,
                  dense_flops: Optional[int] = None) -> Report:
     """Counts per example (:func:`per_example_flops`), one row per dense group, and
     optionally the verification error on all of ``inputs`` and the latencies, dense and
@@ -258,8 +279,8 @@ def build_report(dense: Analysis, slim: torch.fx.GraphModule, plan: Plan, inputs
         report.groups.append(GroupRow(g.id, g.kind, g.size, kept, g.prunable, g.reason))
     if verify:
         report.max_rel_error = verify_rewrite(dense, slim, plan.kept, inputs)
-    if latency:
-        timed = measure_latency(dense.gm, slim, sample)
+    if measure_latency:
+        timed = time_dense_and_slim(dense.gm, slim, sample)
         report.latency_before_ms, report.latency_after_ms = timed["before_ms"], timed["after_ms"]
         report.latency_speedup_range = timed["speedup_range"]
     return report

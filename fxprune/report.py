@@ -39,6 +39,9 @@ class Report:
     latency_before_ms: Optional[float] = None
     latency_after_ms: Optional[float] = None
     latency_speedup_range: Optional[List[float]] = None  # lowest, highest per-round speedup
+    # the per-layer latency table's prediction (passes/latency_table.py), dense and slim
+    predicted_latency_before_ms: Optional[float] = None
+    predicted_latency_after_ms: Optional[float] = None
     max_rel_error: Optional[float] = None
     notes: List[str] = field(default_factory=list)
     repair: Optional[RepairSummary] = None  # what the repair pass did (last step)
@@ -52,13 +55,27 @@ class Report:
     def params_ratio(self) -> float:
         return self.params_after / max(self.params_before, 1)
 
+    @property
+    def predicted_latency_ratio(self) -> Optional[float]:
+        """Slim / dense latency as the latency table predicts it (None without one)."""
+        if self.predicted_latency_before_ms is None or self.predicted_latency_after_ms is None:
+            return None
+        return self.predicted_latency_after_ms / max(self.predicted_latency_before_ms, 1e-12)
+
+    @property
+    def measured_latency_ratio(self) -> Optional[float]:
+        """Slim / dense latency as timed for the report (None when not measured)."""
+        if self.latency_before_ms is None or self.latency_after_ms is None:
+            return None
+        return self.latency_after_ms / max(self.latency_before_ms, 1e-12)
+
     def note_shortfall(self, kind: str, target: float, achieved_attr: Optional[str]) -> None:
         """Say why the achieved ratio (attribute ``achieved_attr``; None for a budget
         without one, e.g. sparsity) is well below the target: channel units are coarse."""
         if achieved_attr is None:
             return
         achieved = getattr(self, achieved_attr)
-        if target - achieved > 0.02:
+        if achieved is not None and target - achieved > 0.02:
             self.notes.append(
                 f"{kind}: kept {achieved:.3f} for a target of {target}: channel "
                 "granularity - removing the next lowest-ranked unit (a whole head, conv "
@@ -80,6 +97,7 @@ class Report:
         if self.latency_before_ms is not None and self.latency_after_ms is not None:
             lines.extend(latency_lines(self.latency_before_ms, self.latency_after_ms,
                                        self.latency_speedup_range))
+        lines.extend(self._predicted_latency_lines())
         if self.max_rel_error is not None:
             lines.append(f"verified: max |slim - masked reference| / max|ref| = {self.max_rel_error:.2e}")
         flagged = {r.id for r in self.bottlenecks()}
@@ -97,12 +115,29 @@ class Report:
 
     __str__ = table
 
+    def _predicted_latency_lines(self) -> List[str]:
+        """The latency table's prediction, and predicted vs measured ratio when timed."""
+        predicted = self.predicted_latency_ratio
+        if predicted is None:
+            return []
+        lines = [f"{'latency est':<12}{self.predicted_latency_before_ms:>16.2f}"
+                 f"{self.predicted_latency_after_ms:>16.2f}{predicted:>9.3f}"
+                 "  (ms, per-layer latency table)"]
+        measured = self.measured_latency_ratio
+        lines.append(f"latency ratio slim/dense: predicted {predicted:.3f}"
+                     + (f", measured {measured:.3f}" if measured is not None
+                        else " (not measured)"))
+        return lines
+
     def to_dict(self) -> Dict[str, Any]:
         return {"flops_before": self.flops_before, "flops_after": self.flops_after,
                 "params_before": self.params_before, "params_after": self.params_after,
                 "latency_before_ms": self.latency_before_ms,
                 "latency_after_ms": self.latency_after_ms,
-                "latency_speedup_range": self.latency_speedup_range, "max_rel_error": self.max_rel_error,
+                "latency_speedup_range": self.latency_speedup_range,
+                "predicted_latency_before_ms": self.predicted_latency_before_ms,
+                "predicted_latency_after_ms": self.predicted_latency_after_ms,
+                "max_rel_error": self.max_rel_error,
                 "groups": [r.__dict__ for r in self.groups], "notes": self.notes,
                 "frontend": self.frontend,
                 "repair": self.repair.to_dict() if self.repair is not None else None}

@@ -6,7 +6,8 @@ front end   ``trace`` (+ ``twin``, ``shape_prop``)  -> GraphModule with shapes
 analysis    ``groups`` (rules: ``rule_table`` and its families; ``ties``) -> Analysis;
             ``connectivity`` -> series/parallel structure
 scoring     ``lower_attention`` -> ``score`` (dispatches to ``fxprune.criteria``)
-selection   ``degenerate`` (score checks), ``count`` (cost model), ``budget``, ``widths``,
+selection   ``degenerate`` (score checks), ``count`` (cost model; ``latency_table`` for
+            latency budgets), ``budget``, ``widths``,
             ``select`` -> kept channels per group
 rewrite     ``rewrite`` -> slim GraphModule; ``verify`` (masked-equivalence oracle)
 repair      ``sweep`` -> ``repair`` (``lstsq``; ``obs_solve`` for ``criterion="obs"``)
@@ -17,5 +18,5 @@ keeps; ``passes/README.md`` has the same list as a table.
 
 #: Pass modules in pipeline order (helpers of a pass are listed after it).
 PIPELINE = ("trace", "twin", "shape_prop", "groups", "ties", "connectivity",
-            "lower_attention", "score", "degenerate", "count", "budget", "widths", "select",
-            "rewrite", "verify", "sweep", "repair", "lstsq", "obs_solve")
+            "lower_attention", "score", "degenerate", "count", "latency_table", "budget",
+            "widths", "select", "rewrite", "verify", "sweep", "repair", "lstsq", "obs_solve")

@@ -51,6 +51,10 @@ BUDGETS: Dict[str, BudgetKind] = {k.name: k for k in (
     BudgetKind("params", "the fraction of dense parameters kept", kept=True, cost="params",
                dense_total="dense_params", achieved="params_ratio", iterable=True),
     BudgetKind("sparsity", "the fraction of every group's channels removed", kept=False),
+    BudgetKind("latency", "the fraction of the dense model's latency kept, predicted by "
+               "a per-layer latency table measured on the model's device", kept=True,
+               cost="latency", dense_total="dense_latency",
+               achieved="predicted_latency_ratio", iterable=True),
 )}
 
 

@@ -8,13 +8,14 @@ dims its cost is proportional to (its output dims plus its contracted input dim)
 Under a keep mask a node's FLOPs scale by the kept fraction of each such dim, and
 a parameter's size by the kept fraction of each recorded dim. Both are exact for
 conv / linear / matmul / attention, which is what selection needs; the slim model
-is re-counted independently to check.
+is re-counted independently to check. Latency (the ``latency`` budget) is costed by
+the per-layer table of :mod:`.latency_table`, measured only when first asked for.
 """
 from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,8 +23,10 @@ import torch.fx
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+from ..errors import BudgetError
 from .groups import LABEL_KEY, Analysis
 from .labels import TLabel
+from .latency_table import LatencyTable, measure_table
 from .rule_table import RuleTable
 from .shape_flops import node_flops
 
@@ -69,7 +72,27 @@ class CostModel:
     def params(self, keep: np.ndarray) -> float:
         return sum(n * _fraction_product(arrays, keep) for n, arrays in self.param_dims)
 
+    def latency(self, keep: np.ndarray) -> float:
+        """Predicted latency (ms) under ``keep``: the per-layer latency table
+        (:mod:`.latency_table`), measured on the model's device on first use."""
+        return self.latency_model().cost(keep)
+
+    @property
+    def dense_latency(self) -> float:
+        return self.latency_model().dense_ms
+
+    def latency_model(self) -> LatencyTable:
+        """The latency table, measured now unless it already is (or was injected)."""
+        if self.latency_table is None:
+            if self._measure_latency is None:
+                raise BudgetError("this cost model has no latency table: build it with "
+                                  "cost_model(analysis, inputs) to measure one")
+            self.latency_table = self._measure_latency()
+        return self.latency_table
+
     _fixed_flops: int = 0
+    latency_table: Optional[LatencyTable] = None   # None until a latency budget needs it
+    _measure_latency: Optional[Callable[[], LatencyTable]] = None
 
 
 def _fraction_product(arrays: List[np.ndarray], keep: np.ndarray) -> float:
@@ -130,6 +153,7 @@ def cost_model(analysis: Analysis, inputs: Tuple[Any, ...]) -> CostModel:
         arrays = [rec.ids for (target, _), rec in analysis.space.records.items() if target == name]
         model.param_dims.append((p.numel(), arrays))
     model.dense_params = sum(p.numel() for p in gm.parameters())
+    model._measure_latency = lambda: measure_table(analysis, inputs)
     return model
 
 

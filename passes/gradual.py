@@ -91,10 +91,12 @@ def as_gradual(steps) -> Optional[Gradual]:
 
 def schedule(budget: Budget, steps: int) -> List[Budget]:
     """The per-step targets: ``ratio ** (k / steps)`` for k = 1..steps, the last exactly
-    ``ratio``. Only flops/params budgets (kept fractions) have a gradual schedule."""
-    if budget.kind not in ("flops", "params"):
-        raise BudgetError(f"steps= needs a flops=r or params=r budget, not {budget.kind}=: "
-                          "the schedule is exponential in the kept fraction of the cost")
+    ``ratio``. Only costed budgets of kept fractions (flops, params, latency: the
+    :data:`~.budget.BUDGETS` kinds with a cost) have a gradual schedule."""
+    if budget.spec.cost is None or not budget.spec.kept:
+        raise BudgetError(f"steps= needs a flops=r or params=r (or latency=r) budget, not "
+                          f"{budget.kind}=: the schedule is exponential in the kept fraction "
+                          "of the cost")
     ratios = [budget.ratio ** (k / steps) for k in range(1, steps)] + [budget.ratio]
     return [Budget(budget.kind, r) for r in ratios]
 

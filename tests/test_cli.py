@@ -151,8 +151,9 @@ def test_prune_image_folder_safetensors_iterative(workdir, checkpoints):
             pixels = torch.randint(0, 255, (10, 10, 3), generator=gen, dtype=torch.uint8)
             Image.fromarray(pixels.numpy()).save(workdir / "images" / cls / f"{i}.png")
     proc = run_cli("prune", RESNET, "--checkpoint", checkpoints["safetensors"], "--criterion",
-                   "l2", "--params", "0.9,0.8", "--data", "images", *SMALL, "--no-latency",
-                   "--report", "report.html", "--plan", "plan2.json", cwd=workdir)
+                   "l2", "--params", "0.9,0.8", "--data", "images", *SMALL,
+                   "--no-measure-latency", "--report", "report.html", "--plan", "plan2.json",
+                   cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "ImageFolder images: 6 images in 2 classes" in proc.stderr
     assert "step 2/2" in proc.stderr
@@ -166,8 +167,8 @@ def test_prune_default_criterion_on_synthetic_data(workdir):
     """The default criterion on the synthetic data is the data-free l2 (compile's
     criterion='auto'; obs needs real data), tiny input."""
     proc = run_cli("prune", RESNET, "--flops", "0.6", "--input-size", "3,32,32",
-                   "--batch-size", "2", "--batches", "1", "--no-latency", "--plan", "oba.json",
-                   cwd=workdir)
+                   "--batch-size", "2", "--batches", "1", "--no-measure-latency",
+                   "--plan", "oba.json", cwd=workdir)
     assert proc.returncode == 0, proc.stderr
     assert "data-free" in proc.stderr  # l2 only takes the input shape from the data
     assert json.loads((workdir / "oba.json").read_text())["meta"]["criterion"] == "l2"
@@ -186,7 +187,7 @@ def test_fashion_mnist_idx_files(tmp_path):
     assert torch.equal(read_idx(str(tmp_path / "train-images-idx3-ubyte.gz")), images)
     proc = run_cli("prune", "tiny_vgg", "--criterion", "oba", "--sparsity", "0.25",
                    "--data", f"fashion-mnist:{tmp_path}", "--batch-size", "4", "--batches", "2",
-                   "--no-latency", cwd=tmp_path)
+                   "--no-measure-latency", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert "Fashion-MNIST" in proc.stderr
 

@@ -49,8 +49,8 @@ def _prune(capsys, tmp_path, *extra):
     """``fxprune prune tiny_vgg --criterion l2 --sparsity 0.5 ... --plan p.json``: the
     plan's kept counts and the group sizes."""
     from fxprune.cli import main
-    code = main(["prune", "tiny_vgg", "--criterion", "l2", "--sparsity", "0.5", "--no-latency",
-                 "--no-verify", "-q", "--plan", str(tmp_path / "p.json"), *extra])
+    code = main(["prune", "tiny_vgg", "--criterion", "l2", "--sparsity", "0.5",
+                 "--no-measure-latency", "--no-verify", "-q", "--plan", str(tmp_path / "p.json"), *extra])
     assert code == 0, capsys.readouterr().err
     plan = json.loads((tmp_path / "p.json").read_text())
     return {g: len(k) for g, k in plan["kept"].items()}, plan["sizes"]
@@ -76,7 +76,7 @@ def test_round_to_reaches_compile(tmp_path, capsys):
 def test_ignore_of_an_unknown_module_is_refused(tmp_path, capsys):
     from fxprune.cli import main
     code = main(["prune", "tiny_vgg", "--criterion", "l2", "--sparsity", "0.5",
-                 "--ignore", "no_such_layer", "--no-latency", "-q"])
+                 "--ignore", "no_such_layer", "--no-measure-latency", "-q"])
     assert code == 2 and "no_such_layer" in capsys.readouterr().err
 
 
@@ -139,7 +139,7 @@ def test_cli_scoring_logs_progress_when_stderr_is_not_a_terminal(tmp_path, capsy
     from fxprune.cli import main
     monkeypatch.setattr(fxprune.progress, "INTERVAL_S", 0.0)
     code = main(["prune", "tiny_vgg", "--criterion", "taylor", "--sparsity", "0.5",
-                 "--batches", "2", "--batch-size", "2", "--no-latency", "--no-verify"])
+                 "--batches", "2", "--batch-size", "2", "--no-measure-latency", "--no-verify"])
     err = capsys.readouterr().err  # captured: not a terminal
     assert code == 0, err
     assert "fxprune: scoring (taylor): batch 2/2" in err, err

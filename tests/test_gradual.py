@@ -219,7 +219,7 @@ def test_cli_prune_steps(tmp_path, monkeypatch, capsys):
     from fxprune.cli import main
     monkeypatch.chdir(tmp_path)
     code = main(["prune", "tiny_resnet", "--criterion", "l2", "--flops", "0.5", "--steps", "3",
-                 "--no-latency", "--plan", "plan.json"])
+                 "--no-measure-latency", "--plan", "plan.json"])
     assert code in (0, None)
     plan = json.loads((tmp_path / "plan.json").read_text())
     report = plan["meta"]["report"]

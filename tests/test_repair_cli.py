@@ -7,7 +7,7 @@ import sys
 def _prune(*extra):
     env = dict(os.environ, PYTHONWARNINGS="ignore", OMP_NUM_THREADS="1")
     args = ["tiny_resnet", "--input-size", "3,16,16", "--flops", "0.6", "--criterion", "l2",
-            "--batches", "4", "--batch-size", "4", "--no-latency", *extra]
+            "--batches", "4", "--batch-size", "4", "--no-measure-latency", *extra]
     return subprocess.run([sys.executable, "-m", "fxprune.cli", "prune", *args],
                           capture_output=True, text=True, timeout=300, env=env)
 

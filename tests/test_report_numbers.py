@@ -74,7 +74,7 @@ def test_report_flops_are_per_example_whatever_the_batch():
     model(torch.zeros(1, 3, 8, 8))  # materialise the lazy layer
     one = fxprune.compile(model, "l2", torch.randn(1, 3, 8, 8), sparsity=0.5).report
     eight = fxprune.compile(model, "l2", torch.randn(8, 3, 8, 8), sparsity=0.5,
-                            latency=True).report
+                            measure_latency=True).report
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(torch.zeros(1, 3, 8, 8))

@@ -79,7 +79,7 @@ def test_cli_checkpoint_refuses_pickled_code(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path, marker = planted_checkpoint(tmp_path, create_model("tiny_mlp").state_dict())
     for command in (["prune", "tiny_mlp", "--sparsity", "0.5", "--criterion", "l2",
-                     "--no-latency"], ["groups", "tiny_mlp", "-q"]):
+                     "--no-measure-latency"], ["groups", "tiny_mlp", "-q"]):
         code, _, err = call_main(capsys, *command, "--checkpoint", path)
         assert code == 2 and not marker.exists(), err
         lines = [ln for ln in err.splitlines() if "error:" in ln]
@@ -153,7 +153,7 @@ def test_safetensors_slim_round_trip(tmp_path):
 def test_cli_prune_out_safetensors(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     code, out, err = call_main(capsys, "prune", "tiny_vgg", "--criterion", "l2", "--sparsity",
-                               "0.5", "--out", "slim.safetensors", "--no-latency", "-q")
+                               "0.5", "--out", "slim.safetensors", "--no-measure-latency", "-q")
     assert code == 0, err
     assert (tmp_path / "slim.safetensors").is_file() and (tmp_path / "slim.plan.json").is_file()
     plan = json.loads((tmp_path / "slim.plan.json").read_text())

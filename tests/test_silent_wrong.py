@@ -281,7 +281,7 @@ def test_cli_forwards_seed_to_the_random_criterion(tmp_path, capsys, monkeypatch
     kept = []
     for seed in ("1", "2"):
         code = main(["prune", "tiny_vgg", "--criterion", "random", "--sparsity", "0.5",
-                     "--seed", seed, "--no-latency", "-q", "--plan", f"p{seed}.json"])
+                     "--seed", seed, "--no-measure-latency", "-q", "--plan", f"p{seed}.json"])
         assert code == 0, capsys.readouterr().err
         kept.append(json.loads((tmp_path / f"p{seed}.json").read_text())["kept"])
     assert kept[0] != kept[1]

@@ -37,6 +37,14 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(EXIT_USAGE)
 
 
+class _Renamed(argparse.Action):
+    """A flag that was renamed: an error naming the new flag (its ``metavar``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was renamed {self.metavar} (--latency R is now a "
+                     "latency budget)")
+
+
 def _common(defaults: bool) -> argparse.ArgumentParser:
     """--debug/--verbose/--quiet, accepted before and after the sub-command."""
     p = argparse.ArgumentParser(add_help=False)
@@ -81,8 +89,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
 def _prune_parser(sub, common) -> None:
     """The ``prune`` sub-command and its options."""
     p = _model_command(sub, common, "prune", "prune a model to a budget",
-                       "Prune MODEL to a FLOPs, parameter or sparsity budget and write the "
-                       "slim model, plan and report.")
+                       "Prune MODEL to a FLOPs, parameter, latency or sparsity budget and "
+                       "write the slim model, plan and report.")
     p.add_argument("--criterion", metavar="NAME",
                    help="saliency criterion (default: obs with --data, l2 on the synthetic "
                         "default data, as compile's criterion='auto'; see 'fxprune criteria')")
@@ -92,6 +100,9 @@ def _prune_parser(sub, common) -> None:
                              "decreasing list 0.6,0.5,0.4 prunes iteratively")
     budget.add_argument("--params", type=ratio_list, metavar="R",
                         help="keep fraction R of the dense parameters (list: iterative)")
+    budget.add_argument("--latency", type=ratio_list, metavar="R",
+                        help="keep fraction R of the dense latency on --device, predicted by "
+                             "a per-layer latency table timed there (list: iterative)")
     budget.add_argument("--sparsity", type=sparsity_ratio, metavar="R",
                         help="remove fraction R of the channels of every group")
     p.add_argument("--data", metavar="DATA",
@@ -126,7 +137,7 @@ def _prune_parser(sub, common) -> None:
                    help="remove at most fraction R of any group's channels (default: 0.95)")
     p.add_argument("--steps", type=positive_int, metavar="N",
                    help="prune gradually in N steps on an exponential schedule to the one "
-                        "--flops/--params budget, re-scoring after each step (the OBA "
+                        "--flops/--params/--latency budget, re-scoring after each step (the OBA "
                         "paper's procedure uses 50); costs about N scoring passes")
     p.add_argument("--normalize", choices=("mean", "max", "none"), default="mean",
                    help="global ranking: channel score / its group's mean |score| "
@@ -142,8 +153,10 @@ def _prune_parser(sub, common) -> None:
                         "tracing fails)")
     p.add_argument("--no-verify", action="store_true",
                    help="skip checking the slim model against the masked dense model")
-    p.add_argument("--no-latency", dest="latency", action="store_false",
-                   help="skip the latency measurement")
+    p.add_argument("--no-measure-latency", dest="measure_latency", action="store_false",
+                   help="skip timing the dense and slim model for the report")
+    p.add_argument("--no-latency", nargs=0, action=_Renamed, help=argparse.SUPPRESS,
+                   default=argparse.SUPPRESS, metavar="--no-measure-latency")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_lazy("prune", "run_prune"))
 

@@ -62,12 +62,14 @@ def _check_args(args) -> None:
 
 
 def budget_kwargs(args) -> Dict[str, Any]:
-    """``{"flops": r}``, ``{"params": [r1, r2]}`` or ``{"sparsity": r}``."""
-    for kind in ("flops", "params", "sparsity"):
-        value = getattr(args, kind)
+    """``{"flops": r}``, ``{"params": [r1, r2]}``, ``{"latency": r}``... : the one
+    budget flag given, one per kind of :data:`fxprune.passes.budget.BUDGETS`."""
+    from ..passes.budget import BUDGETS
+    for kind in BUDGETS:
+        value = getattr(args, kind, None)
         if value is not None:
             return {kind: value}
-    raise CliError("give one budget: --flops R, --params R or --sparsity R")
+    raise CliError("give one budget: " + ", ".join(f"--{kind} R" for kind in BUDGETS))
 
 
 def _budget_text(budget: Dict[str, Any]) -> str:
@@ -102,7 +104,7 @@ def _compile(model, criterion: str, calib, args):
         if step + 1 == steps:
             if verify:
                 log.info("verifying: slim model against the masked dense model")
-            if args.latency:
+            if args.measure_latency:
                 log.info("measuring latency (dense and slim interleaved, 7 rounds of 5 "
                          "forward passes, batch 1)")
 
@@ -112,7 +114,8 @@ def _compile(model, criterion: str, calib, args):
              f" on {n_batches} calibration batch(es)" if n_batches else "", _budget_text(budget))
     return fx_compile(model, criterion, example_inputs=calib.example, data=calib.batches,
                       batches=args.batches if calib.batches is not None else None,
-                      progress=not args.quiet, latency=args.latency, verify=verify,
+                      progress=not args.quiet, measure_latency=args.measure_latency,
+                      verify=verify,
                       between_steps=None if args.steps else between_steps, repair=repair,
                       steps=args.steps,
                       normalize=None if args.normalize == "none" else args.normalize,

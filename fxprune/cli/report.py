@@ -39,7 +39,7 @@ def report_from_dict(data: Dict[str, Any]) -> Report:
     report.groups = [GroupRow(**{k: v for k, v in g.items() if k in fields})
                      for g in data.get("groups", [])]
     for key in ("latency_before_ms", "latency_after_ms", "latency_speedup_range",
-                "max_rel_error"):
+                "predicted_latency_before_ms", "predicted_latency_after_ms", "max_rel_error"):
         setattr(report, key, data.get(key))
     report.notes = list(data.get("notes", []))
     if data.get("repair"):
