@@ -25,7 +25,8 @@ def dense_folder(tmp_path_factory):
 def test_prune_writes_a_folder_from_pretrained_loads(dense_folder, tmp_path):
     out = tmp_path / "slim"
     proc = run_cli("prune", f"hf:{dense_folder}", "--flops", "0.6", "--uniform",
-                   "--round-to", "4", "--input-size", "16", "--out", out, "--no-measure-latency")
+                   "--round-to", "4", "--input-size", "16", "--out", out,
+                   "--no-measure-latency")
     assert proc.returncode == 0, proc.stderr
     assert "Hugging Face folder" in proc.stderr and "front end: torch.export" in proc.stdout
     back = transformers.AutoModelForCausalLM.from_pretrained(str(out)).eval()
