@@ -160,13 +160,9 @@ def test_vit_pixel_values_and_labels_compile_with_obs():
 
 def test_qwen2_gqa_with_cache_default_compiles_with_taylor():
     """num_key_value_heads=2 < num_attention_heads=4; ``use_cache`` left on; dict batches
-    without labels (next-token loss) for saliency and compile; verified; any batch size
-    and length afterwards."""
+    without labels (next-token loss); verified; any batch size and length afterwards."""
     model = _qwen2()
     data = [_text(s, batch=2, vocab=64, labels=0) for s in (0, 1)]
-    sal = fxprune.saliency(model, "taylor", data=data, progress=False)
-    heads = sal.groups["model.layers.0.self_attn.q_proj"]  # a KV head with its 2 queries
-    assert heads.shape == (2,) and bool((heads != 0).all())
     res = fxprune.compile(model, "taylor", data=data, flops=0.6, repair=None, progress=False)
     assert res.report.frontend == "export" and res.report.max_rel_error < 1e-6
     assert res.report.flops_after < 0.62 * res.report.flops_before
@@ -175,3 +171,12 @@ def test_qwen2_gqa_with_cache_default_compiles_with_taylor():
         ids = torch.randint(0, 64, (batch, seq))
         out = slim(input_ids=ids, attention_mask=torch.ones_like(ids))
         assert out["logits"].shape == (batch, seq, 64) and "past_key_values" not in out
+
+
+@pytest.mark.slow
+def test_qwen2_saliency_takes_dict_batches():
+    model = _qwen2()
+    data = [_text(s, batch=2, vocab=64, labels=0) for s in (0, 1)]
+    sal = fxprune.saliency(model, "taylor", data=data, progress=False)
+    heads = sal.groups["model.layers.0.self_attn.q_proj"]  # a KV head with its 2 queries
+    assert heads.shape == (2,) and bool((heads != 0).all())
