@@ -221,13 +221,19 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
             f"{best:.3f} (limited by max_layer_sparsity, at least one channel per group, "
             + (f"kept widths in multiples of round_to={round_to}, " if round_to > 1 else "")
             + "and groups that are not prunable)")
+    return kept_after(_first_within(lambda k: cost(kept_after(k)), target, lo, hi))
+
+
+def _first_within(cost_at: Callable[[int], float], target: float, lo: int, hi: int) -> int:
+    """The smallest ``k`` in ``[lo, hi]`` with ``cost_at(k) <= target`` (up to rounding),
+    by bisection: the cost does not rise with ``k`` and ``cost_at(hi)`` is within."""
     while lo < hi:
         mid = (lo + hi) // 2
-        if cost(kept_after(mid)) <= target * (1 + 1e-9):
+        if cost_at(mid) <= target * (1 + 1e-9):
             hi = mid
         else:
             lo = mid + 1
-    return kept_after(lo)
+    return lo
 
 
 def select_uniform_budget(groups, scores: Scores, budget: Budget, caps: Dict[str, int],
@@ -251,13 +257,7 @@ def select_uniform_budget(groups, scores: Scores, budget: Budget, caps: Dict[str
             f"fraction removed from every group reaches {cost(kept_at(hi)) / dense:.3f} at "
             "best (the smallest groups' max_layer_sparsity caps it); lower the budget or "
             "drop uniform=True")
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if cost(kept_at(mid)) <= target * (1 + 1e-9):
-            hi = mid
-        else:
-            lo = mid + 1
-    return kept_at(lo)
+    return kept_at(_first_within(lambda i: cost(kept_at(i)), target, lo, hi))
 
 
 def budget_blockers(all_groups: Sequence[Group], free: Sequence[str], keep_mask,

@@ -115,33 +115,22 @@ def _is_param(gm: nn.Module, target: str) -> bool:
 
 
 def _mask_statistics(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
-    """Statistics over pruned dims run over the kept entries: norms, then means."""
-    _mask_layer_norms(gm, keep)
-    _mask_means(gm, keep)
-
-
-def _mask_layer_norms(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
-    """Replace every norm whose statistics run over a pruned dim (LayerNorm,
-    ``GroupNorm(1, C)``, batch norm with batch statistics) by its masked form."""
+    """Replace every statistic that runs over a pruned dim by its masked form, which
+    takes it over the kept entries only: norms (LayerNorm, ``GroupNorm(1, C)``, batch
+    norm with batch statistics) and ``mean(..., keepdim=True)`` (the channel rules let
+    such means through: tensor_rules' ``reduce_rule``)."""
     for node in list(gm.graph.nodes):
-        found = _norm_args(gm, node)
+        found = _statistic(gm, node)
         if found is None:
             continue
-        fn, x, dims, weight, bias, eps = found
+        fn, x, dims, args_with = found
         mask = _keep_mask_for(x, dims, keep)
         if mask is None:
             continue
         name = f"_fxprune_keep_{node.name}"
         gm.register_buffer(name, mask)
         with gm.graph.inserting_before(node):
-            mask_node = gm.graph.get_attr(name)
-            if isinstance(weight, str):
-                weight = gm.graph.get_attr(weight)
-            if isinstance(bias, str):
-                bias = gm.graph.get_attr(bias)
-            shape = tuple(x.meta["tensor_meta"].shape[d] for d in dims) \
-                if fn is masked_layer_norm else tuple(dims)
-            new = gm.graph.call_function(fn, (x, shape, weight, bias, eps, mask_node))
+            new = gm.graph.call_function(fn, args_with(gm.graph.get_attr(name)))
         # the replacement carries the node's label and shape: a later LayerNorm that
         # reads it (a pre-norm block on the same residual stream) is masked too
         new.meta.update(node.meta)
@@ -149,25 +138,22 @@ def _mask_layer_norms(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
         gm.graph.erase_node(node)
 
 
-def _mask_means(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
-    """Replace every ``mean(..., keepdim=True)`` whose dims carry removed channels by
-    :func:`masked_mean` (the channel rules let such statistics through: tensor_rules'
-    ``reduce_rule``)."""
-    for node in list(gm.graph.nodes):
-        found = statistic_mean_args(node)
-        if found is None:
-            continue
-        x, dims = found
-        mask = _keep_mask_for(x, dims, keep)
-        if mask is None:
-            continue
-        name = f"_fxprune_keep_{node.name}"
-        gm.register_buffer(name, mask)
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(masked_mean, (x, dims, gm.graph.get_attr(name)))
-        new.meta.update(node.meta)
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
+def _statistic(gm: torch.fx.GraphModule, node: torch.fx.Node):
+    """``(masked function, input, statistics dims, args(mask node))`` of a node whose
+    statistics may run over channels, else None (call ``args`` inside the graph's
+    insertion point: it adds the weight and bias attribute nodes)."""
+    mean = statistic_mean_args(node)
+    if mean is not None:
+        x, dims = mean
+        return masked_mean, x, dims, lambda mask: (x, dims, mask)
+    norm = _norm_args(gm, node)
+    if norm is None:
+        return None
+    fn, x, dims, weight, bias, eps = norm
+    shape = tuple(x.meta["tensor_meta"].shape[d] for d in dims) \
+        if fn is masked_layer_norm else tuple(dims)
+    attr = lambda t: gm.graph.get_attr(t) if isinstance(t, str) else t  # noqa: E731
+    return fn, x, dims, lambda mask: (x, shape, attr(weight), attr(bias), eps, mask)
 
 
 def _norm_args(gm, node):
