@@ -148,7 +148,15 @@ def test_zoo_full_through_the_export_front_end(spec):
     size = SMALL.get(spec, 224)
     model = build(spec, {"img_size": size} if spec in SMALL else {}).double()
     x = torch.randn(1, 3, size, size, dtype=torch.float64)
-    assert _groups_summary(fxprune.groups(model, x, frontend="export")) == \
-        _groups_summary(fxprune.groups(model, x, frontend="fx"))
+    exported = sorted(_groups_summary(fxprune.groups(model, x, frontend="export")))
+    fx = fxprune.groups(model, x, frontend="fx")
+    if any("unknown op" in (g.reason or "") for g in fx):
+        # FX keeps an op whole that export decomposes (torchvision's nn.MultiheadAttention):
+        # the same groups, and every channel FX prunes export prunes too
+        by_id = {g[0]: g for g in exported}
+        assert sorted(by_id) == sorted(g.id for g in fx)
+        assert all(by_id[g.id][2] for g in fx if g.prunable)
+    else:  # the same groups (in any order)
+        assert exported == sorted(_groups_summary(fx))
     res = check_prune(model, x, frontend="export")
     assert res.report.frontend == "export"

@@ -15,7 +15,7 @@ from torch.func import functional_call
 
 import fxprune
 from fxprune.criteria import get_criterion
-from fxprune.criteria.oba import oba_exact_scores, oba_scores
+from fxprune.criteria.oba import oba_scores
 from fxprune.criteria.perturb import consumer_delta
 from fxprune.errors import CriterionError
 from fxprune.models import create_model
