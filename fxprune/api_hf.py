@@ -168,9 +168,9 @@ def save_pretrained(slim, model: nn.Module, folder: str) -> str:
     config = _new_config(model, {k: v.shape for k, v in state.items()})
     with torch.device("meta"):
         target = type(model)(config)
-    _check_shapes(target, state)
+    wanted = {k: v.shape for k, v in target.state_dict().items()}
+    _check_shapes(wanted, state)
     target = target.to_empty(device="cpu").to(next(iter(state.values())).dtype)
-    wanted = target.state_dict()
     missing = [k for k in wanted if k not in state and not _tied(target, k)]
     if missing:
         raise FxpruneError(f"the slim model has no weights for {missing[:3]} of "
@@ -184,9 +184,9 @@ def save_pretrained(slim, model: nn.Module, folder: str) -> str:
     return folder
 
 
-def _check_shapes(target: nn.Module, state: Dict[str, torch.Tensor]) -> None:
-    bad = [(k, tuple(v.shape), tuple(state[k].shape)) for k, v in target.state_dict().items()
-           if k in state and v.shape != state[k].shape]
+def _check_shapes(wanted: Dict[str, torch.Size], state: Dict[str, torch.Tensor]) -> None:
+    bad = [(k, tuple(shape), tuple(state[k].shape)) for k, shape in wanted.items()
+           if k in state and shape != state[k].shape]
     if bad:
         k, want, got = bad[0]
         raise FxpruneError(f"the new config builds `{k}` as {want} but the slim model has "

@@ -21,7 +21,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, List, Optional, Tuple
 
-from .common import CliError, log
+from .common import CliError, is_text_model, log
+from .hf import synthetic_tokens
 from ..errors import DataError
 
 if TYPE_CHECKING:
@@ -84,7 +85,6 @@ def calibration(source: DataSource, model, size: Tuple[int, ...], device, *, bat
                 spec: str = "") -> Calibration:
     """Load the calibration batches. ``labels=False`` (data-free criteria) loads a
     single batch, only for its example input."""
-    from .hf import is_text_model, synthetic_tokens
     count = batches if labels else 1
     if is_text_model(model) and source.kind != "synthetic":
         raise CliError(f"--data: {source.describe()} holds images; a text model is calibrated "

@@ -11,9 +11,9 @@ from __future__ import annotations
 import logging
 from typing import List, Tuple
 
-from .common import CliError, is_hf, is_text_model
+from .common import CliError
 
-__all__ = ["is_hf", "is_text_model", "synthetic_tokens", "write_hf_out"]
+__all__ = ["synthetic_tokens", "write_hf_out"]
 
 log = logging.getLogger(__name__)
 

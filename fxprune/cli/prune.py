@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 from typing import Any, Dict, List
 
-from .common import (CliError, check_checkpoint, check_output, check_output_folder,
+from .common import (CliError, check_checkpoint, check_output, check_output_folder, is_hf,
                      load_model, log, public_mode, resolve_criterion, resolve_device,
                      resolve_input_size, seed_everything)
 from ..plan import atomic_path
 from .data import calibration, parse_source
-from .hf import is_hf, write_hf_out
+from .hf import write_hf_out
 from .report import recount, save_module_atomic, write_report, write_sidecar
 
 REPORT_SUFFIXES = (".png", ".svg", ".html", ".htm", ".json")
@@ -49,7 +49,7 @@ def run_prune(args) -> int:
 
 def _check_args(args) -> None:
     """Everything that can be checked before the (slow) model is built."""
-    if is_hf(args.model) and args.out and not args.out.lower().endswith(OUT_SUFFIXES):
+    if _out_is_hf_folder(args):
         check_output_folder(args.out, "--out")
     else:
         check_output(args.out, "--out", OUT_SUFFIXES)
@@ -59,6 +59,11 @@ def _check_args(args) -> None:
     check_checkpoint(args.checkpoint)
     if args.export and os.path.abspath(args.export) == os.path.abspath(args.out or ""):
         raise CliError("--out and --export must be different files")
+
+
+def _out_is_hf_folder(args) -> bool:
+    """``--out DIR`` of an ``hf:`` model: a Hugging Face folder, not a file."""
+    return bool(args.out) and is_hf(args.model) and not args.out.lower().endswith(OUT_SUFFIXES)
 
 
 def budget_kwargs(args) -> Dict[str, Any]:
@@ -172,7 +177,7 @@ def _write_outputs(args, result, example, criterion: str, size, model) -> str:
     if args.report:
         write_report(report, args.report)
         written.append(f"report {args.report}")
-    if args.out and is_hf(args.model) and not args.out.lower().endswith(OUT_SUFFIXES):
+    if _out_is_hf_folder(args):
         written.append(write_hf_out(result, model, args.out))
     elif args.out and args.out.lower().endswith(".safetensors"):
         written.append(write_safetensors(result, args, report, list(example.shape)))
