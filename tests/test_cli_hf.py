@@ -10,15 +10,14 @@ from test_cli import assert_one_line_error, call_main, run_cli
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import DECODER, tiny  # noqa: E402  (after the importorskip)
+
 
 @pytest.fixture(scope="module")
 def dense_folder(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=2, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=64)
     folder = tmp_path_factory.mktemp("dense") / "llama"
-    transformers.LlamaForCausalLM(cfg).save_pretrained(str(folder))
+    tiny("LlamaForCausalLM", DECODER, dtype=None, max_position_embeddings=64
+         ).save_pretrained(str(folder))
     return folder
 
 

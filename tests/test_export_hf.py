@@ -7,22 +7,15 @@ import fxprune
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import BERT, DECODER, tiny  # noqa: E402  (after the importorskip)
+
 
 def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=16)
-    return transformers.BertModel(cfg).double().eval()
+    return tiny("BertModel", BERT)
 
 
 def _llama(layers=2):
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=layers, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=32,
-                                   use_cache=False)
-    return transformers.LlamaForCausalLM(cfg).double().eval()
+    return tiny("LlamaForCausalLM", DECODER, num_hidden_layers=layers, use_cache=False)
 
 
 def _ids(batch=2, seq=8, vocab=50):

@@ -11,29 +11,21 @@ from fxprune.passes.score import example_input_tuple, prepare_batches, wrap_loss
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import BERT, DECODER, VIT, tiny  # noqa: E402  (after the importorskip)
+
 
 def _bert_cls(labels=3):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
-                                  num_attention_heads=4, intermediate_size=48,
-                                  max_position_embeddings=16, num_labels=labels)
-    return transformers.BertForSequenceClassification(cfg).double().eval()
+    return tiny("BertForSequenceClassification", BERT, num_hidden_layers=1,
+                intermediate_size=48, num_labels=labels)
 
 
 def _vit():
-    torch.manual_seed(0)
-    cfg = transformers.ViTConfig(image_size=16, patch_size=4, hidden_size=32,
-                                 num_hidden_layers=1, num_attention_heads=4,
-                                 intermediate_size=48, num_labels=5)
-    return transformers.ViTForImageClassification(cfg).double().eval()
+    return tiny("ViTForImageClassification", VIT, num_labels=5)
 
 
 def _qwen2():
-    torch.manual_seed(0)  # use_cache stays at its default (True): the capture turns it off
-    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=48,
-                                   num_hidden_layers=1, num_attention_heads=4,
-                                   num_key_value_heads=2, max_position_embeddings=32)
-    return transformers.Qwen2ForCausalLM(cfg).double().eval()
+    # use_cache stays at its default (True): the capture turns it off
+    return tiny("Qwen2ForCausalLM", DECODER, num_hidden_layers=1)
 
 
 def _text(seed, batch=4, seq=8, vocab=50, labels=3, pad=False):

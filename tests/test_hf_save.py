@@ -8,22 +8,15 @@ import fxprune
 
 transformers = pytest.importorskip("transformers")
 
+from hf_models import BERT, DECODER, tiny  # noqa: E402  (after the importorskip)
 
-def _llama(cls="LlamaForCausalLM", cfg_cls="LlamaConfig"):
-    torch.manual_seed(0)
-    cfg = getattr(transformers, cfg_cls)(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        use_cache=False)
-    return getattr(transformers, cls)(cfg).double().eval()
+
+def _llama(cls="LlamaForCausalLM"):
+    return tiny(cls, DECODER, use_cache=False)
 
 
 def _bert(classes=3):
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(vocab_size=50, hidden_size=32, num_hidden_layers=2,
-                                  num_attention_heads=4, intermediate_size=64,
-                                  max_position_embeddings=16, num_labels=classes)
-    return transformers.BertForSequenceClassification(cfg).double().eval()
+    return tiny("BertForSequenceClassification", BERT, num_labels=classes)
 
 
 def _logits(out):
@@ -39,10 +32,9 @@ def _reload_matches(result, model, inputs, auto, tmp_path):
     return back
 
 
-@pytest.mark.parametrize("cls,cfg_cls", [("LlamaForCausalLM", "LlamaConfig"),
-                                         ("Qwen2ForCausalLM", "Qwen2Config")])
-def test_gqa_decoder_round_trips_with_fewer_heads(cls, cfg_cls, tmp_path):
-    model, ids = _llama(cls, cfg_cls), torch.randint(0, 64, (2, 8))
+@pytest.mark.parametrize("cls", ["LlamaForCausalLM", "Qwen2ForCausalLM"])
+def test_gqa_decoder_round_trips_with_fewer_heads(cls, tmp_path):
+    model, ids = _llama(cls), torch.randint(0, 64, (2, 8))
     result = fxprune.compile(model, "l2", (ids,), sparsity=0.5, progress=False)
     back = _reload_matches(result, model, (ids,), transformers.AutoModelForCausalLM, tmp_path)
     cfg = back.config
