@@ -8,8 +8,8 @@ traces once, and calling either again on an unchanged model traces not at all (i
 
 An entry is keyed on the model object's identity (a weak reference: the entry goes when
 the model does) and is valid while a cheap :func:`fingerprint` of the model is equal:
-every module's qualified name, object identity, class, the class's ``forward`` (a
-patched method) and training flag; every
+every module's qualified name, object identity, class, the functions its class and
+base classes define (a patched ``forward`` or helper method) and training flag; every
 parameter's and buffer's name, identity, shape, dtype, device and ``requires_grad``;
 every other attribute in a module's ``__dict__`` (scalars by value, containers by
 identity and length, anything else by identity); the example inputs' structure, shapes,
@@ -17,7 +17,9 @@ dtypes and devices (not their values); the trace options; and the generation of 
 registries (a channel rule or leaf type registered since makes a new analysis).
 Replacing a submodule, resizing or re-assigning a weight, ``model.half()`` /
 ``.to(device)``, ``train()`` / ``eval()`` or setting a flag such as ``fused_attn`` all
-change the fingerprint. Weight *values* are not in it: the analysis never reads them.
+change the fingerprint. Weight *values* are not in it: the analysis never reads them. Not in it either: the
+module-level functions a ``forward`` calls (patching one of those needs :func:`clear`
+or ``cache=False``).
 
 The model is never mutated (tracing works on a twin, :mod:`fxprune.passes.trace`). The
 cached results are never handed out: callers get copies (:func:`copy_groups`,
@@ -134,6 +136,7 @@ def fingerprint(model: torch.nn.Module) -> tuple:
     """What the analysis of ``model`` depends on, short of tensor values (module
     docstring). Two equal fingerprints of one model object give equal analyses."""
     parts: List[tuple] = []
+    methods: Dict[type, tuple] = {}
     for name, mod in model.named_modules(remove_duplicate=False):
         attrs = []
         for k, v in mod.__dict__.items():
@@ -141,11 +144,25 @@ def fingerprint(model: torch.nn.Module) -> tuple:
                 continue
             attrs.append((k, _value_spec(v)))
         kind = type(mod)
-        parts.append((name, id(mod), kind, getattr(kind, "forward", None), mod.training,
+        if kind not in methods:
+            methods[kind] = _methods_spec(kind)
+        parts.append((name, id(mod), kind, methods[kind], mod.training,
                       tuple(attrs),
                       _tensors_spec(mod._parameters), _tensors_spec(mod._buffers),
                       tuple((k, id(c)) for k, c in mod._modules.items())))
     return tuple(parts)
+
+
+def _methods_spec(kind: type) -> tuple:
+    """Identity of every function defined by ``kind`` and its bases below ``nn.Module``
+    (a class whose ``forward`` or helper method was patched gets a new spec)."""
+    out = []
+    for cls in kind.__mro__:
+        if cls is torch.nn.Module or cls is object:
+            break
+        out.extend((cls.__qualname__, k, id(v)) for k, v in vars(cls).items()
+                   if callable(v) or isinstance(v, (staticmethod, classmethod, property)))
+    return tuple(out)
 
 
 def _tensors_spec(tensors: Dict[str, Optional[torch.Tensor]]) -> tuple:

@@ -160,6 +160,28 @@ def test_module_flag_and_patched_forward_are_reanalysed(traces, monkeypatch):
     assert len(traces) == 3
 
 
+class Helped(nn.Module):
+    """A forward that calls a helper method of its class."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+
+    def body(self, x):
+        return self.b(self.a(x).relu())
+
+    def forward(self, x):
+        return self.out(self.body(x))
+
+
+def test_patched_helper_method_is_reanalysed(traces, monkeypatch):
+    model, x = Helped(), torch.randn(2, 8)
+    assert any("a.weight" in g.targets for g in fxprune.groups(model, x))
+    monkeypatch.setattr(Helped, "body", lambda self, x: self.b(x))
+    assert not any("a.weight" in g.targets for g in fxprune.groups(model, x))
+    assert len(traces) == 2
+
+
 class Opaque(nn.Module):
     def __init__(self):
         super().__init__()
