@@ -116,6 +116,7 @@ def run_one(name: str) -> Dict:
         row.update(status="pruned", flops_ratio=round(rep.flops_ratio, 4),
                    max_rel_error=rep.max_rel_error,
                    prunable_groups=sum(g.prunable for g in groups), groups=len(groups),
+                   frontend=rep.frontend,
                    leaves=[n for n in rep.notes if n.startswith("tracing:")])
     row["seconds"] = round(time.perf_counter() - start, 1)
     return row
@@ -184,14 +185,17 @@ def table(names: List[str], path: str = ROWS) -> str:
         counts[status] = counts.get(status, 0) + 1
     head = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
     out = [f"{len(names)} models — {head}", "",
-           "| model | outcome | build | kept FLOPs | max rel. error | prunable groups | s | reason / note |",
-           "|---|---|---|---|---|---|---|---|"]
+           "| model | outcome | build | front end | kept FLOPs | max rel. error | prunable groups "
+           "| s | reason / note |",
+           "|---|---|---|---|---|---|---|---|---|"]
     for name in names:
         r = rows.get(name, {"status": "not run yet"})
         err = r.get("max_rel_error")
         note = r.get("error") or "; ".join(r.get("leaves", []))
         groups = f"{r['prunable_groups']} / {r['groups']}" if "groups" in r else ""
-        out.append(f"| {name} | {r['status']} | {r.get('build', '')} | {r.get('flops_ratio', '')} "
+        # rows measured before the front end was recorded show "" (not re-run)
+        out.append(f"| {name} | {r['status']} | {r.get('build', '')} | {r.get('frontend', '')} "
+                   f"| {r.get('flops_ratio', '')} "
                    f"| {'' if err is None else f'{err:.1e}'} | {groups} | {r.get('seconds', '')} "
                    f"| {note.replace('|', '/')} |")
     return "\n".join(out)
