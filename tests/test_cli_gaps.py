@@ -73,6 +73,20 @@ def test_round_to_reaches_compile(tmp_path, capsys):
     assert all(kept[g] == 8 for g in kept if sizes[g] == 8)  # 8 -> 4 would not be a multiple
 
 
+def test_threads_sets_torchs_thread_count(capsys, monkeypatch):
+    import torch
+    from fxprune.cli import main
+    before = torch.get_num_threads()
+    try:
+        assert main(["criteria", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit) as exit_:
+        main(["criteria", "--threads", "0"])
+    assert exit_.value.code == 2 and "--threads" in capsys.readouterr().err
+
+
 def test_ignore_of_an_unknown_module_is_refused(tmp_path, capsys):
     from fxprune.cli import main
     code = main(["prune", "tiny_vgg", "--criterion", "l2", "--sparsity", "0.5",

@@ -55,6 +55,9 @@ def _common(defaults: bool) -> argparse.ArgumentParser:
                    help="more detail (library info messages, full group tables)")
     p.add_argument("-q", "--quiet", action="store_true", default=d(False),
                    help="no stage lines or progress bars on stderr")
+    p.add_argument("--threads", type=positive_int, metavar="N", default=d(None),
+                   help="CPU threads for torch (default: torch's own choice); on a busy "
+                        "machine fewer threads make latency measurements steadier")
     return p
 
 
@@ -282,6 +285,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
+    if args.threads is not None:
+        import torch  # here, not at the top: --help and --version must not import torch
+        torch.set_num_threads(args.threads)
     with _cli_logging(args):
         return _run(args)
 
