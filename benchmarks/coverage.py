@@ -149,10 +149,11 @@ def done_rows(path: str = ROWS) -> Dict[str, Dict]:
 
 
 def run_all(names: List[str], timeout: float, memory_gb: float, path: str = ROWS,
-            note: str = "") -> None:
-    """Run the models not yet in ``path``, appending one row per model as it ends
-    (with ``note`` as its ``note_rerun`` field when given)."""
-    done = done_rows(path)
+            note: str = "", rerun: bool = False) -> None:
+    """Run the models not yet in ``path`` (all of ``names`` with ``rerun``), appending
+    one row per model as it ends (with ``note`` as its ``note_rerun`` field when given);
+    a model's last row is the one the table shows."""
+    done = {} if rerun else done_rows(path)
     for name in names:
         if name in done:
             continue
@@ -211,6 +212,8 @@ def main(argv=None) -> None:
     p.add_argument("-n", type=int, default=50, help="sample size")
     p.add_argument("--names", help="comma-separated names of the sample to run (only those)")
     p.add_argument("--note", default="", help="note_rerun field of the rows this run writes")
+    p.add_argument("--rerun", action="store_true",
+                   help="run the --names models again even if they have a row")
     args = p.parse_args(argv)
     if args.one:
         _limit_memory(args.memory_gb)
@@ -228,7 +231,9 @@ def main(argv=None) -> None:
             if unknown:
                 p.error(f"not in the sample: {', '.join(unknown)}")
             names = [n for n in names if n in wanted]
-        run_all(names, args.timeout, args.memory_gb, note=args.note)
+        if args.rerun and not args.names:
+            p.error("--rerun needs --names (it would re-run the whole sample)")
+        run_all(names, args.timeout, args.memory_gb, note=args.note, rerun=args.rerun)
 
 
 if __name__ == "__main__":
