@@ -188,7 +188,10 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
                concrete_args=None, frontend: str = "auto") -> CompileResult:
     """Replay a saved plan on a fresh copy of the same model. With calibration ``data``
     the slim model is repaired after verification, as :func:`compile` repairs it
-    (``repair="auto"``: ``"full"`` with data, else nothing)."""
+    (``repair="auto"``: ``"full"`` with data, else nothing). Without ``example_inputs``
+    (and ``data``) the inputs are rebuilt from the plan's record of the compile's
+    example inputs (:mod:`fxprune.passes.input_spec`): keyword names and constants,
+    shapes, dtypes; token ids within the recorded range, 0/1 masks as ones."""
     batch_list = prepare_batches(data, batches, False)
     repair_mode = resolve_repair(repair, batch_list, False)
     if example_inputs is None and batch_list is None:

@@ -22,7 +22,8 @@ holds each free dim's bound (``None``: unbounded), and the log says it.
 Fallbacks, and why: a model may really fix a dimension (a position embedding added to
 the full sequence, a ``view(3)`` of a batch-1 input). Export then fails (a constraint
 violation, or the widened input does not fit); the sequence dim is made static first,
-then the batch dim, and a warning names what stays fixed and why. A model that cannot be exported at all raises :class:`~fxprune.errors.TraceError`.
+then the batch dim, and a warning names what stays fixed and why. A model that cannot be
+exported at all raises :class:`~fxprune.errors.TraceError`.
 """
 from __future__ import annotations
 
