@@ -133,3 +133,16 @@ def test_bert_slim_takes_other_lengths_and_refuses_past_its_positions(slim_l2):
         capture.program.module()(**_text(2, 17, 50))
     with pytest.raises(Exception):
         dense(**_text(2, 17, 50))  # the dense model cannot either
+
+
+@pytest.mark.parametrize("family", ["bert", "vit", "qwen2-gqa"])
+def test_slim_torch_save_round_trip(family, slim_l2, tmp_path):
+    """The export front end's slim GraphModule pickles (design §7: ``torch.save`` /
+    ``torch.load`` need no fxprune): no run-time guard function, the plain FX tracer."""
+    _, _, _, inputs, key, _ = FAMILIES[family]
+    slim = slim_l2(family).module
+    path = tmp_path / "slim.pt"
+    torch.save(slim, path)
+    loaded = torch.load(path, weights_only=False)
+    x = inputs(3, 6, 5)
+    torch.testing.assert_close(loaded(**x)[key], slim(**x)[key], rtol=0, atol=0)
