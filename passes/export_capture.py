@@ -120,7 +120,8 @@ def _build_spec(module, args, kwargs, free):
     from torch.export import Dim
     # the sequence dim is Dim.DYNAMIC: export may bound it (a position table of N rows:
     # 1 <= seq <= N) instead of failing, but still refuses to specialise it to a constant
-    symbols = {BATCH: Dim("batch", min=1), SEQ: Dim.DYNAMIC}
+    # (a torch before Dim.DYNAMIC: a named Dim, so a bound falls back to a fixed length)
+    symbols = {BATCH: Dim("batch", min=1), SEQ: getattr(Dim, "DYNAMIC", None) or Dim("seq", min=1)}
 
     def one(value):
         dims = free_dims(value, free)
