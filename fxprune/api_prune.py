@@ -26,6 +26,7 @@ from .passes.rewrite import rewrite
 from .passes.score import example_input_tuple, prepare_batches, wrap_loss
 from .passes.select import DEFAULT_NORMALIZE, check_normalize
 from .passes.frontend import capture
+from .passes.input_spec import inputs_from_spec
 from .passes.gradual import as_gradual
 from .passes.trace import as_input_tuple
 from .passes.groups import analyze
@@ -187,11 +188,14 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
                concrete_args=None, frontend: str = "auto") -> CompileResult:
     """Replay a saved plan on a fresh copy of the same model. With calibration ``data``
     the slim model is repaired after verification, as :func:`compile` repairs it
-    (``repair="auto"``: ``"full"`` with data, else nothing)."""
+    (``repair="auto"``: ``"full"`` with data, else nothing). Without ``example_inputs``
+    (and ``data``) the inputs are rebuilt from the plan's record of the compile's
+    example inputs (:mod:`fxprune.passes.input_spec`): keyword names and constants,
+    shapes, dtypes; token ids within the recorded range, 0/1 masks as ones."""
     batch_list = prepare_batches(data, batches, False)
     repair_mode = resolve_repair(repair, batch_list, False)
     if example_inputs is None and batch_list is None:
-        example_inputs = _zeros_of_plan_shapes(model, plan)
+        example_inputs = _inputs_of_plan(model, plan)
     inputs = example_input_tuple(example_inputs, batch_list, model)
     analysis = analyze(capture(model, inputs, leaf_modules=leaf_modules,
                                concrete_args=concrete_args, frontend=frontend))
@@ -203,8 +207,13 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
     return CompileResult(slim, plan, report)
 
 
-def _zeros_of_plan_shapes(model: torch.nn.Module, plan: Plan) -> tuple:
-    """Example inputs from the input shapes a plan records (zeros, the model's dtype)."""
+def _inputs_of_plan(model: torch.nn.Module, plan: Plan):
+    """Example inputs rebuilt from what the plan records (:mod:`fxprune.passes.input_spec`:
+    keyword names, dtypes, shapes, integer ranges); plans from before that record have
+    their input shapes only, rebuilt as zeros of the model's dtype."""
+    spec = plan.meta.get("inputs")
+    if isinstance(spec, dict):
+        return inputs_from_spec(model, spec)
     shapes = plan.meta.get("input_shapes")
     if not shapes:
         raise FxpruneError("pass example_inputs: this plan does not record input shapes")

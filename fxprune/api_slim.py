@@ -27,7 +27,8 @@ def load_slim(model: torch.nn.Module, plan: Union[Plan, str, None], weights_path
     unpickled.
 
     ``plan``: a :class:`Plan`, a plan JSON path, or ``None`` for the plan embedded in
-    the weights file. ``example_inputs`` default to the plan's recorded input shapes.
+    the weights file. ``example_inputs`` default to inputs rebuilt from the plan's
+    record (as :func:`~fxprune.apply_plan` rebuilds them: token ids too).
     ``verify`` checks the rewrite on ``model``'s own weights before the slim weights are
     loaded. Returns the slim GraphModule in eval mode. Raises :class:`CheckpointError`
     when the weights do not fit the rebuilt model (another plan's weights)."""

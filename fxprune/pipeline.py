@@ -26,6 +26,7 @@ from .passes.count import CostModel, cost_model, count_flops, count_params
 from .passes.degenerate import check_scores
 from .passes.frontend import capture, frontend_notes, frontend_of
 from .passes.groups import Analysis, analyze
+from .passes.input_spec import input_spec
 from .passes.repair import repair as repair_pass
 from .passes.rewrite import rewrite
 from .passes.score import Saliency, score_analysis
@@ -191,7 +192,7 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, measure_laten
     plan = Plan(state.plan_kept, {g.id: g.size for g in dense.groups if g.id in state.plan_kept},
                 {"criterion": criterion, "budget": [b.__dict__ for b in steps],
                  "round_to": state.round_to, "uniform": state.uniform,
-                 "input_shapes": input_shapes(inputs),
+                 "input_shapes": input_shapes(inputs), "inputs": input_spec(inputs),
                  "fingerprint": fingerprint(dense.groups, type(state.model).__name__,
                                             input_shapes(inputs))})
     keep = dense.keep_mask(plan.kept)

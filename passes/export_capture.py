@@ -13,10 +13,17 @@ Why inputs are widened: export specialises every dimension whose example size is
 A dim of size 1 that is meant to be free is therefore exported from a copy of the input
 repeated to size 2 along it; the program computes the same function at every size.
 
+Bounds: the sequence dim is exported as ``Dim.DYNAMIC``, so a model may bound it without
+failing the capture: BERT slices its ``position_ids`` buffer of
+``max_position_embeddings`` entries, so its program takes ``1 <= seq <= 512`` (longer
+inputs fail the program's guard, as they fail the model). ``DynamicCapture.max_size``
+holds each free dim's bound (``None``: unbounded), and the log says it.
+
 Fallbacks, and why: a model may really fix a dimension (a position embedding added to
 the full sequence, a ``view(3)`` of a batch-1 input). Export then fails (a constraint
 violation, or the widened input does not fit); the sequence dim is made static first,
-then the batch dim, and a warning names what stays fixed and why. A model that cannot be exported at all raises :class:`~fxprune.errors.TraceError`.
+then the batch dim, and a warning names what stays fixed and why. A model that cannot be
+exported at all raises :class:`~fxprune.errors.TraceError`.
 """
 from __future__ import annotations
 
@@ -36,10 +43,12 @@ BATCH, SEQ = "batch", "seq"
 
 
 class DynamicCapture:
-    """An exported program and the dims left free in it (``{"batch", "seq"}`` subset)."""
+    """An exported program, the dims left free in it (``{"batch", "seq"}`` subset) and,
+    per free dim, the largest size the program takes (``max_size``; ``None``: no bound)."""
 
     def __init__(self, program, free: Tuple[str, ...]):
         self.program, self.free = program, free
+        self.max_size = {kind: _upper_bound(program, kind) for kind in free}
 
 
 def free_dims(value: Any, kinds: Sequence[str]) -> Dict[int, str]:
@@ -86,12 +95,14 @@ def export_dynamic(module: torch.nn.Module, args: Tuple[Any, ...],
                              f"{type(exc).__name__}: {_first_line(exc)}. Make the forward "
                              "exportable (torch.export's error above names the line), or "
                              "use the FX front end (frontend='fx')") from exc
+        capture = DynamicCapture(program, free)
+        _note_bounds(module, capture)
         if free != tried[0]:
             fixed = sorted(set(tried[0]) - set(free))
             log.warning("%s: the exported program fixes the %s dimension(s) to the example "
                         "input's size (%s)", type(module).__name__, "/".join(fixed),
                         _first_line(last))
-        return DynamicCapture(program, free)
+        return capture
     raise AssertionError("unreachable: the static attempt either returns or raises")
 
 
@@ -107,7 +118,10 @@ def _build_spec(module, args, kwargs, free):
     a tuple parallel to ``args``; with them, a dict keyed by the forward's parameter
     names (what torch.export expects when kwargs are given)."""
     from torch.export import Dim
-    symbols = {BATCH: Dim("batch", min=1), SEQ: Dim("seq", min=1)}
+    # the sequence dim is Dim.DYNAMIC: export may bound it (a position table of N rows:
+    # 1 <= seq <= N) instead of failing, but still refuses to specialise it to a constant
+    # (a torch before Dim.DYNAMIC: a named Dim, so a bound falls back to a fixed length)
+    symbols = {BATCH: Dim("batch", min=1), SEQ: getattr(Dim, "DYNAMIC", None) or Dim("seq", min=1)}
 
     def one(value):
         dims = free_dims(value, free)
@@ -125,6 +139,36 @@ def _build_spec(module, args, kwargs, free):
     dyn = {n: p[1] for n, p in zip(names, pos)}
     dyn.update({k: p[1] for k, p in kw.items()})
     return wide_args, wide_kwargs, dyn
+
+
+def _upper_bound(program, kind: str) -> Optional[int]:
+    """The largest size of the ``kind`` dims of the program's inputs that its range
+    constraints allow (``None`` when unbounded)."""
+    ranges = program.range_constraints
+    bounds = []
+    for node in program.graph.nodes:
+        value = node.meta.get("val") if node.op == "placeholder" else None
+        if not isinstance(value, torch.Tensor) or node.name not in _user_inputs(program):
+            continue
+        for d, k in free_dims(value, (kind,)).items():
+            size = value.shape[d]
+            expr = size.node.expr if isinstance(size, torch.SymInt) else None
+            upper = ranges[expr].upper if expr in ranges else None
+            if getattr(upper, "is_Integer", False):  # not int_oo (no bound)
+                bounds.append(int(upper))
+    return min(bounds) if bounds else None
+
+
+def _user_inputs(program) -> set:
+    return set(program.graph_signature.user_inputs)
+
+
+def _note_bounds(module, capture: DynamicCapture) -> None:
+    for kind, upper in capture.max_size.items():
+        if upper is not None:
+            log.info("%s: the exported program takes a %s dimension of at most %d (the "
+                     "model bounds it, e.g. by its number of position embeddings)",
+                     type(module).__name__, kind, upper)
 
 
 def _first_line(exc: Optional[BaseException]) -> str:

@@ -144,7 +144,7 @@ def export_graph(model: torch.nn.Module, example_inputs: Any, *,
             twin = module_twin(model).eval()  # own flags and hooks, shared tensors
             _note_dropped_hooks(drop_user_hooks(twin), model)
             args, kwargs = export_call(twin, example_inputs)  # use_cache=False bound
-            gm = export_dynamic(twin, args, kwargs).program.module()
+            gm = _unlifted(export_dynamic(twin, args, kwargs).program)
             # ep.module() refuses train()/eval(); its graph has the eval branches baked
             # in, and restored layer modules (norms) follow the flag like FX's do
             gm.__dict__.pop("train", None)
@@ -159,6 +159,22 @@ def export_graph(model: torch.nn.Module, example_inputs: Any, *,
                 own_tensors(gm)
         gm.meta[META_KEY] = "export"
         propagate_shapes(gm, as_input_tuple(example_inputs))
+    return gm
+
+
+def _unlifted(program) -> torch.fx.GraphModule:
+    """``program.module()`` made picklable, so that slim models ``torch.save`` and
+    ``torch.load`` (design §7): without the ``_guards_fn`` submodule torch >= 2.9 calls
+    after the placeholders (its ``forward`` is a function made at run time; the input
+    checks stay, as the module's pre-hook on the range constraints, torch's own
+    alternative), and with the plain FX tracer for unpickling (export's
+    ``_ModuleStackTracer`` cannot be rebuilt without its root module)."""
+    try:
+        gm = program.module(check_guards=False)
+    except TypeError:  # an older torch: no guards submodule, the pre-hook checks
+        gm = program.module()
+    for owner in (gm, gm.graph):
+        owner._tracer_cls, owner._tracer_extras = None, {}
     return gm
 
 

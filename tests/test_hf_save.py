@@ -8,7 +8,7 @@ import fxprune
 
 transformers = pytest.importorskip("transformers")
 
-from hf_models import BERT, DECODER, tiny  # noqa: E402  (after the importorskip)
+from hf_models import BERT, DECODER, VIT, tiny  # noqa: E402  (after the importorskip)
 
 
 def _llama(cls="LlamaForCausalLM"):
@@ -19,16 +19,20 @@ def _bert(classes=3):
     return tiny("BertForSequenceClassification", BERT, num_labels=classes)
 
 
-def _logits(out):
-    return out["logits"] if isinstance(out, dict) else getattr(out, "logits", out)
+def _logits(out, key="logits"):
+    return out[key] if isinstance(out, dict) else getattr(out, key, out)
 
 
-def _reload_matches(result, model, inputs, auto, tmp_path):
+def _reload_matches(result, model, inputs, auto, tmp_path, key="logits"):
+    """Save, reload with ``auto``, compare ``key`` of the outputs; ``inputs`` a tuple of
+    positional inputs or a dict of keyword inputs."""
     folder = fxprune.save_pretrained(result, model, str(tmp_path / "slim"))
     back = auto.from_pretrained(folder, dtype=torch.float64).eval()
+    args, kwargs = ((), inputs) if isinstance(inputs, dict) else (inputs, {})
     with torch.no_grad():
-        assert torch.allclose(_logits(back(*inputs)), _logits(result.module(*inputs)),
-                              atol=1e-10)
+        assert torch.allclose(_logits(back(*args, **kwargs), key),
+                              _logits(result.module(*args, **kwargs), key), atol=1e-10)
+    assert type(back) is type(model)
     return back
 
 
@@ -101,6 +105,37 @@ def test_bert_heads_the_config_cannot_hold_are_refused(tmp_path):
                              ignore=heads, progress=False)
     with pytest.raises(fxprune.FxpruneError, match="hidden_size / num_attention_heads"):
         fxprune.save_pretrained(result, model, str(tmp_path / "x"))
+
+
+def test_vit_round_trips_with_fewer_heads_and_a_slimmer_stream(tmp_path):
+    model = tiny("ViTForImageClassification", VIT, num_labels=5)
+    x = {"pixel_values": torch.randn(2, 3, 16, 16, dtype=torch.float64)}
+    result = fxprune.compile(model, "l2", x, flops=0.6, uniform=True, progress=False)
+    back = _reload_matches(result, model, x,
+                           transformers.AutoModelForImageClassification, tmp_path)
+    cfg = back.config
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.intermediate_size) == (24, 3, 36)
+    assert cfg.hidden_size // cfg.num_attention_heads == 8  # the head size is kept
+
+
+def test_bert_model_round_trips_its_mlp_and_refuses_fewer_heads(tmp_path):
+    """BertModel returns its last hidden state, so its stream keeps every channel; fewer
+    heads of the same size then have no BERT config (head size = hidden / heads), and
+    save_pretrained refuses them with the fix. Its MLP units round-trip."""
+    model = tiny("BertModel", BERT)
+    ids = torch.randint(0, 50, (2, 8))
+    x = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    pruned = fxprune.compile(model, "l2", x, flops=0.7, uniform=True, progress=False)
+    assert all(len(pruned.plan.kept[g]) == 3 for g in pruned.plan.kept if "attention" in g)
+    with pytest.raises(fxprune.FxpruneError, match="ignore= the attention groups"):
+        fxprune.save_pretrained(pruned, model, str(tmp_path / "x"))
+    assert not (tmp_path / "x").exists()
+    heads = [g.id for g in fxprune.groups(model, x) if g.kind == "head"]
+    result = fxprune.compile(model, "l2", x, flops=0.7, uniform=True, ignore=heads,
+                             progress=False)
+    back = _reload_matches(result, model, x, transformers.AutoModel, tmp_path,
+                           key="last_hidden_state")
+    assert (back.config.num_attention_heads, back.config.intermediate_size) == (4, 25)
 
 
 def test_not_a_hugging_face_model_is_refused(tmp_path):
