@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import functools
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -76,8 +76,8 @@ def oba_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = 
     plan = build_plan(gm)
     plan.delta = _restrict(plan, delta, "oba")
     return _average(gm, plan, batches, loss_fn, progress, "oba", batch_chunk,
-                    lambda inputs, targets, lf, i: _oba_batch(gm, plan, inputs, targets,
-                                                              lf, first_order, i))
+                    lambda inputs, targets, lf, i, add: _oba_batch(
+                        gm, plan, inputs, targets, lf, first_order, i, add))
 
 
 def oba_exact_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = None,
@@ -89,8 +89,8 @@ def oba_exact_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callab
     plan = build_plan(gm)
     plan.delta = _restrict(plan, delta, "oba-exact")
     return _average(gm, plan, batches, loss_fn, progress, "oba-exact", batch_chunk,
-                    lambda inputs, targets, lf, i: _exact_batch(gm, plan, inputs, targets,
-                                                                lf, first_order, i))
+                    lambda inputs, targets, lf, i, add: _exact_batch(
+                        gm, plan, inputs, targets, lf, first_order, i, add))
 
 
 def _restrict(plan: GraphPlan, delta: Optional[Dict[str, Tensor]], desc: str
@@ -113,19 +113,23 @@ def _direction(plan: GraphPlan, name: str, p: Tensor) -> Optional[Tensor]:
 
 
 def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, batch_chunk, per_batch):
-    """Sum ``per_batch`` scores over ``batches`` (float64 accumulators; each batch in
+    """Run ``per_batch(inputs, targets, loss_fn, index, add)`` on every batch (in
     sub-batches of ``batch_chunk`` samples, :func:`~.scoring.over_sub_batches`) in the
-    shared calibration loop (:func:`~.scoring.calibrate`: sums all-reduced across
-    ranks), and return the average in each parameter's dtype."""
+    shared calibration loop (:func:`~.scoring.calibrate`: sums all-reduced across ranks);
+    ``add(name, term)`` adds ``δθ ⊙ term`` of δθ parameter ``name`` into its float64 sum.
+    Returns the average in each parameter's dtype."""
     size = check_batch_chunk(batch_chunk, desc)
     params = dict(gm.named_parameters())
     sums = zero_sums(plan.dtheta)
+    dirs = {n: _direction(plan, n, p) for n, p in plan.dtheta.items()}
+
+    def add(name: str, term: Optional[Tensor]) -> None:
+        if term is not None and dirs[name] is not None:
+            sums[name] += dirs[name] * term
 
     def step(i, inputs, targets):
-        def run(x, y, lf):
-            for name, s in per_batch(x, y, lf, i).items():
-                sums[name] += s
-        over_sub_batches(inputs, targets, loss_fn, size, run, i)
+        over_sub_batches(inputs, targets, loss_fn, size,
+                         lambda x, y, lf: per_batch(x, y, lf, i, add), i)
 
     with scoring_state(gm, plan.dtheta.values()):
         sums, count = calibrate(gm, batches, step, sums, desc=desc, progress=progress)
@@ -134,39 +138,35 @@ def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, batch_chunk,
 
 
 # ----------------------------------------------------------------------------- OBA
-def _oba_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index):
-    """One (sub-)batch of OBA: returns ``{δθ parameter name: δθ ⊙ (H̃δθ [+ g])}``.
+def _oba_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index, add):
+    """One (sub-)batch of OBA: ``add(name, H̃δθ [+ g] terms)`` for every δθ parameter.
 
     Forward (live values + tangents), then the cotangent pass, whose hooks turn each
-    record's cotangent into direct terms and injections at once and free its tangents,
-    then the injection pass, which consumes the first pass's autograd graph."""
+    record's cotangent into direct terms (added at once) and injections and free its
+    tangents, then the injection pass, which consumes the first pass's autograd graph."""
     with fwAD.dual_level():
         output, recs = forward(gm, plan, inputs)
     loss = batch_loss(loss_fn, output, targets, index)
     del output
     names = list(plan.dtheta)
     params = [plan.dtheta[n] for n in names]
-    sink, grads = _cotangent_pass(loss, recs, params if first_order else [])
+    sink = Injections(add)
+    grads = _cotangent_pass(loss, recs, params if first_order else [], sink)
     del loss, recs
-    direct, outs, couts = sink.direct, sink.outs, sink.couts
-    sink = None
-    hv = (torch.autograd.grad(outs, params, couts, allow_unused=True) if outs
+    outs, couts = sink.outs, sink.couts
+    del sink
+    hv = (list(torch.autograd.grad(outs, params, couts, allow_unused=True)) if outs
           else [None] * len(params))
     del outs, couts
-    scores = {}
-    for k, (name, p) in enumerate(zip(names, params)):
-        d = _direction(plan, name, p)
-        if d is None:
-            scores[name] = torch.zeros_like(p.detach())
-            continue
-        total = [t for t in (hv[k], direct.pop(name, None),
-                             grads[k] if first_order else None) if t is not None]
-        scores[name] = d * sum(total[1:], total[0]) if total else torch.zeros_like(d)
-    return scores
+    for k, name in enumerate(names):
+        h, hv[k] = hv[k], None
+        add(name, h)
+        if first_order:
+            add(name, grads[k])
 
 
-def _cotangent_pass(loss: Tensor, recs: list, params: List[Tensor]
-                    ) -> Tuple[Injections, List[Optional[Tensor]]]:
+def _cotangent_pass(loss: Tensor, recs: list, params: List[Tensor], sink: Injections
+                    ) -> List[Optional[Tensor]]:
     """The backward of ``loss`` that feeds every record its cotangent through a hook on
     its ``hooked`` tensor (:mod:`.oba_records`); the graph is kept for the injection pass.
 
@@ -174,9 +174,8 @@ def _cotangent_pass(loss: Tensor, recs: list, params: List[Tensor]
     upward injections) and ``params`` (for the first-order term), so autograd runs every
     node on a path to them -- and no weight gradient unless ``params`` is given. Records
     whose hook did not fire then (their tensor lies on no such path) get a second,
-    smaller backward; a tensor the loss does not depend on gets no cotangent. Returns the
-    injections and the gradients of ``params``."""
-    sink = Injections()
+    smaller backward; a tensor the loss does not depend on gets no cotangent. Leaves the
+    direct terms and injections in ``sink``; returns the gradients of ``params``."""
     pending: Dict[int, object] = {}
     handles = []
     for k, rec in enumerate(recs):
@@ -197,7 +196,7 @@ def _cotangent_pass(loss: Tensor, recs: list, params: List[Tensor]
     for x, g in zip(aliases, got):
         if g is not None:
             sink.inject(x, g)
-    return sink, list(got[len(aliases):])
+    return list(got[len(aliases):])
 
 
 def _fire(pending: Dict[int, object], k: int, sink: Injections, grad: Tensor) -> None:
@@ -209,25 +208,24 @@ def _fire(pending: Dict[int, object], k: int, sink: Injections, grad: Tensor) ->
 
 
 # ----------------------------------------------------------------------------- exact
-def _exact_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index):
-    """One batch of OBA-exact: ``δθ ⊙ Hδθ`` (+ ``δθ ⊙ g``) by double backward."""
+def _exact_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index, add):
+    """One (sub-)batch of OBA-exact: ``add(name, Hδθ [+ g])`` by double backward."""
     names = list(plan.dtheta)
     params = [plan.dtheta[n] for n in names]
     loss = batch_loss(loss_fn, gm(*inputs), targets, index)
     dirs = [_direction(plan, n, p) for n, p in zip(names, params)]
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    del loss
     dot = sum((g * d).sum() for g, d in zip(grads, dirs) if g is not None and d is not None)
-    if not isinstance(dot, Tensor) or not dot.requires_grad:
-        hv = [None] * len(params)
-    else:
-        hv = torch.autograd.grad(dot, params, allow_unused=True)
-    scores = {}
-    for name, p, d, g, h in zip(names, params, dirs, grads, hv):
-        total = torch.zeros_like(p) if h is None else h
-        if first_order and g is not None:
-            total = total + g.detach()
-        scores[name] = torch.zeros_like(total) if d is None else d * total
-    return scores
+    for name, g in zip(names, grads) if first_order else ():
+        add(name, None if g is None else g.detach())
+    del grads                                  # dot's graph does not keep them
+    hv = ([None] * len(params) if not isinstance(dot, Tensor) or not dot.requires_grad
+          else list(torch.autograd.grad(dot, params, allow_unused=True)))
+    del dot
+    for k, name in enumerate(names):
+        h, hv[k] = hv[k], None
+        add(name, h)
 
 
 # ----------------------------------------------------------------------------- registry

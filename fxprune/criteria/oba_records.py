@@ -23,18 +23,15 @@ from .oba_ops import tangent
 
 
 class Injections:
-    """What the records leave during the cotangent pass: ``direct`` weight terms by δθ
-    name (summed), and ``outs``/``couts``, the (live tensor, cotangent) pairs the
-    injection pass carries back to the parameters."""
+    """What the records leave during the cotangent pass: direct weight terms, handed at
+    once to ``add_direct(δθ name, term)`` (which folds them into the score sums), and
+    ``outs``/``couts``, the (live tensor, cotangent) pairs the injection pass carries back
+    to the parameters."""
 
-    def __init__(self):
-        self.direct: dict = {}
+    def __init__(self, add_direct: Callable[[str, Tensor], None]):
+        self.add_direct = add_direct
         self.outs: List[Tensor] = []
         self.couts: List[Tensor] = []
-
-    def add_direct(self, name: str, term: Tensor) -> None:
-        """Add a direct term of parameter ``name``."""
-        self.direct[name] = self.direct[name] + term if name in self.direct else term
 
     def inject(self, at: Tensor, cot: Tensor) -> None:
         """Inject cotangent ``cot`` at the live tensor ``at``."""
