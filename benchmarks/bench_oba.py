@@ -169,6 +169,8 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="what to time besides the gradient pass (grad is always timed)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--no-time", dest="time", action="store_false",
+                   help="peak memory only (no timing runs)")
     p.add_argument("--_memory", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.vit_depth:
@@ -188,13 +190,21 @@ def main(argv=None) -> None:
     methods = [m for m in METHODS if (m != "oba-exact" or args.exact)
                and (m == "grad" or m in args.methods)]
     head = "".join(f" {m} (s) | {m} ÷ grad |" for m in methods[1:])
-    print(f"| model | grad pass (s) |{head} {mem_kind} {' / '.join(methods)} (MiB) |")
-    print("|---|---|" + "---|---|" * (len(methods) - 1) + "---|")
+    if not args.time:
+        print(f"| model | {mem_kind} {' / '.join(methods)} (MiB) | ÷ grad |\n|---|---|---|")
+    else:
+        print(f"| model | grad pass (s) |{head} {mem_kind} {' / '.join(methods)} (MiB) |")
+        print("|---|---|" + "---|---|" * (len(methods) - 1) + "---|")
     for name in args.models:
-        r = time_model(name, args)
+        r = time_model(name, args) if args.time else None
         mem = "n/a"
         if args.memory:
             mem = " / ".join(f"{memory(name, m, args):.0f}" for m in methods)
+        if r is None:
+            peaks = [float(x) for x in mem.split(" / ")]
+            rel = " / ".join(f"{x / peaks[0]:.2f}" for x in peaks[1:])
+            print(f"| {name} | {mem} | {rel} |", flush=True)
+            continue
         cells = "".join(f" {r[m]:.2f} | {r[f'{m}/grad']:.2f} |" for m in methods[1:])
         print(f"| {name} | {r['grad']:.2f} |{cells} {mem} |", flush=True)
 
