@@ -21,7 +21,8 @@ times, interleaved per repeat:
   per scoring call whatever N is.
 
 Times are medians over ``--repeats`` after one warm-up; the ratio is the median of the
-per-repeat ratios. Peak memory is measured in a fresh subprocess per (model, method): on
+per-repeat ratios. ``--clock process`` times by this process's CPU time instead of the
+wall clock (steadier when the machine is oversubscribed; with ``--threads 1``). Peak memory is measured in a fresh subprocess per (model, method): on
 CPU, after set-up (the model, its scoring copy and the batch) the kernel's peak-RSS mark
 is reset (``/proc/self/clear_refs``) and the figure is its growth (``VmHWM`` of
 ``/proc/self/status``, the per-process value behind ``getrusage().ru_maxrss``, which
@@ -117,13 +118,14 @@ def time_model(name: str, args) -> dict:
     for m in methods if args.warmup else ():            # warm-up
         run_method(m, gm, batches, groups, args.batch_chunk)
     times = {m: [] for m in methods}
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     for _ in range(args.repeats):
         for m in methods:
             _sync(args.device)
-            t0 = time.perf_counter()
+            t0 = clock()
             run_method(m, gm, batches, groups, args.batch_chunk)
             _sync(args.device)
-            times[m].append(time.perf_counter() - t0)
+            times[m].append(clock() - t0)
     out = {m: statistics.median(v) for m, v in times.items()}
     for m in methods[1:]:
         per = len(batches) if m in PER_BATCH else 1
@@ -168,6 +170,9 @@ def main(argv=None) -> None:
     p.add_argument("--no-exact", dest="exact", action="store_false")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="what to time besides the gradient pass (grad is always timed)")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="time by wall clock, or by this process's CPU time (steadier on an "
+                        "oversubscribed machine; CPU only, with --threads 1)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--no-time", dest="time", action="store_false",
                    help="peak memory only (no timing runs)")
@@ -182,6 +187,7 @@ def main(argv=None) -> None:
         return
     print(f"command: python benchmarks/bench_oba.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
+          f"{args.clock} clock, "
           f"batch {args.batch}, {args.repeats} repeats (median"
           f"{'' if args.warmup else ', no warm-up'}), {args.batches} "
           f"calibration batch(es) per {'/'.join(PER_BATCH)} call, batch_chunk "

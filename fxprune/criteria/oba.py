@@ -11,9 +11,18 @@ of x along δθ at the true primal values. ``∇_θ S`` is assembled from local
 vector-Jacobian products ("cotangent injections"): for every bilinear node the VJP of
 ``a ↦ a ⋆ T_v`` at ``g_z`` is injected at u and the VJP of ``b ↦ T_u ⋆ b`` at v, then one
 backward pass carries all injections to the parameters. Per batch this costs one forward
-pass that carries the live (autograd) values and the forward-AD tangents side by side,
-one backward for the cotangents, the local VJPs, and one backward of the injections --
-a constant number of passes, independent of depth.
+pass that carries the live (autograd) values and the forward-AD tangents side by side
+(:mod:`.oba_forward`), one backward for the cotangents (no weight gradients), the local
+VJPs, and one backward of the injections -- a constant number of passes, independent of
+depth. In conv-FLOPs: a gradient pass is 3 (forward, input and weight gradients), OBA 6
+(forward, tangent, input gradients, direct weight terms, injection input and weight
+gradients), so ≈ 2 gradient passes plus elementwise work.
+
+Memory: the local VJPs run in backward hooks of the cotangent pass as each cotangent
+arrives, and each record then drops its tangents; direct terms go straight into the
+float64 score sums. What the injection pass needs at its start is the first pass's graph
+and the injections (≈ the layer inputs' size). Option ``batch_chunk`` scores sub-batches
+(:func:`~.scoring.over_sub_batches`), so both scale with the sub-batch.
 
 Two identities that hold because δθ = θ on layer parameters keep it cheap: a layer
 ``Y = F(X; W) + b`` has tangent ``T_Y = F(X + T_X; W) + b`` (one call instead of two), and
