@@ -7,15 +7,15 @@ holding the tangents its cotangent hook will need. Every dual value is dropped a
 last use in the graph (``plan.dies_after``), so tangents are held only by the records.
 Tangents come from the cheap rules of :mod:`.oba_tangents` applied to the live primal
 where a node has one, else from running the node under forward AD; a fast layer's tangent
-is ``F(X + T_X; W) + b`` (one call; δθ = θ) or ``F(T_X; W) + F(X; δW) + δb``.
+is ``F(X + T_X; W) + b = Y + F(T_X; W)`` (one call; δθ = θ) or ``F(T_X; W) + F(X; δW) + δb``.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
 from ..errors import CriterionError
@@ -26,6 +26,8 @@ from .oba_records import general_layer_tangent, make_record
 from .oba_tangents import FALLBACK
 
 __all__ = ["forward"]
+
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def forward(gm, plan: GraphPlan, inputs):
@@ -78,14 +80,8 @@ def _run_node(plan: GraphPlan, node, live, dual, recs) -> None:
                                         tangent(dargs[layer.x]), value)
         dvalue = fwAD.make_dual(value.detach(), t_y)
     elif layer is not None and layer.fast:
-        t_x = tangent(dargs[layer.x])
         with torch.no_grad():
-            if t_x is None:
-                t_y = value.detach()
-            else:
-                fargs = [_detach(a) for a in largs]
-                fargs[layer.x] = fargs[layer.x] + t_x
-                t_y = ex.fn(*fargs, **_detach(lkw))
+            t_y = _fast_tangent(layer, ex, largs, lkw, tangent(dargs[layer.x]), value)
         dvalue = fwAD.make_dual(value.detach(), t_y)
     else:
         dvalue = _dual_value(plan, node, ex, value, largs, lkw, dargs, dkw)
@@ -96,6 +92,24 @@ def _run_node(plan: GraphPlan, node, live, dual, recs) -> None:
         rec = make_record(plan, node, ex, largs, lkw, value, dargs)
         if rec is not None:
             recs.append(rec)
+
+
+def _fast_tangent(layer, ex, largs, lkw, t_x: Optional[Tensor], value: Tensor) -> Tensor:
+    """``T_Y = F(X + T_X; W) + b = Y + F(T_X; W)`` (F without its bias) of a fast layer for
+    δθ = θ: a Linear module adds Y inside its GEMM (``addmm``), a Conv module adds on
+    the smaller of X and Y; other layers call ``F(X + T_X; W) + b``. Runs under no_grad."""
+    y, mod = value.detach(), layer.module
+    if t_x is None:
+        return y
+    if isinstance(mod, nn.Linear) and t_x.dim() > 0 and y.shape[-1] == mod.out_features:
+        t = torch.addmm(y.reshape(-1, y.shape[-1]), t_x.reshape(-1, t_x.shape[-1]),
+                        mod.weight.detach().t())
+        return t.view(y.shape)
+    if isinstance(mod, _CONVS) and y.numel() < t_x.numel():
+        return y + mod._conv_forward(t_x, mod.weight.detach(), None)
+    fargs = [_detach(a) for a in largs]
+    fargs[layer.x] = fargs[layer.x] + t_x
+    return ex.fn(*fargs, **_detach(lkw))
 
 
 def _dual_value(plan: GraphPlan, node, ex, value, largs, lkw, dargs, dkw):
