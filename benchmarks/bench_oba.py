@@ -151,8 +151,8 @@ def memory(name: str, method: str, args) -> float:
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> None:
-    """Parse the command line, time every model, print the markdown table."""
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
     p.add_argument("--batch", type=int, default=8)
@@ -181,14 +181,19 @@ def main(argv=None) -> None:
     if args.vit_depth:
         args.models = [f"{m}:{args.vit_depth}" if m == "vit_small_patch16_224" else m
                        for m in args.models]
+    return args
+
+
+def main(argv=None) -> None:
+    """Parse the command line, time every model, print the markdown table."""
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._memory:
         print(json.dumps(memory_child(*args._memory, args)))
         return
     print(f"command: python benchmarks/bench_oba.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
-          f"{args.clock} clock, "
-          f"batch {args.batch}, {args.repeats} repeats (median"
+          f"{args.clock} clock, batch {args.batch}, {args.repeats} repeats (median"
           f"{'' if args.warmup else ', no warm-up'}), {args.batches} "
           f"calibration batch(es) per {'/'.join(PER_BATCH)} call, batch_chunk "
           f"{args.batch_chunk}\n")

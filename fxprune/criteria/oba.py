@@ -37,8 +37,8 @@ channel score sums ``δθ_i (H̃δθ)_i`` over the channel's consumer slices onl
 """
 from __future__ import annotations
 
-import logging
 import functools
+import logging
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -121,7 +121,8 @@ def _direction(plan: GraphPlan, name: str, p: Tensor) -> Optional[Tensor]:
     return p.detach() if plan.delta is None else plan.delta.get(name)
 
 
-def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, batch_chunk, per_batch):
+def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, batch_chunk,
+             per_batch):
     """Run ``per_batch(inputs, targets, loss_fn, index, add)`` on every batch (in
     sub-batches of ``batch_chunk`` samples, :func:`~.scoring.over_sub_batches`) in the
     shared calibration loop (:func:`~.scoring.calibrate`: sums all-reduced across ranks);
