@@ -30,11 +30,10 @@ import math
 import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
-from torch.utils._pytree import tree_flatten, tree_unflatten
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import CriterionError, DataError
 from ..passes.lower_attention import lower_sdpa
