@@ -8,6 +8,10 @@ times, interleaved per repeat:
   cross-entropy loss w.r.t. all parameters, same batch;
 * ``oba``: :func:`~fxprune.criteria.oba.oba_scores` on that batch (one call = one batch);
 * ``oba-exact``: :func:`~fxprune.criteria.oba.oba_exact_scores` (double backward);
+* ``sosp-h``: :func:`~fxprune.criteria.sosp.sosp_h_terms` (one exact HVP) with the
+  model's groups;
+* ``--batch-chunk N`` scores oba / oba-exact / sosp-h in sub-batches of N samples
+  (option ``batch_chunk``: memory ∝ the sub-batch, scores unchanged);
 * ``obs``: the ``"obs"`` criterion's scoring (one no-grad pass per batch accumulating
   every consumer layer's input Gram matrix, then the per-layer greedy OBS solves), with
   the model's groups from ``fxprune.groups`` (issue 12: goal ≤ 2 gradient passes per
@@ -17,7 +21,8 @@ times, interleaved per repeat:
   per scoring call whatever N is.
 
 Times are medians over ``--repeats`` after one warm-up; the ratio is the median of the
-per-repeat ratios. Peak memory is measured in a fresh subprocess per (model, method): on
+per-repeat ratios. ``--clock process`` times by this process's CPU time instead of the
+wall clock (steadier when the machine is oversubscribed; with ``--threads 1``). Peak memory is measured in a fresh subprocess per (model, method): on
 CPU, after set-up (the model, its scoring copy and the batch) the kernel's peak-RSS mark
 is reset (``/proc/self/clear_refs``) and the figure is its growth (``VmHWM`` of
 ``/proc/self/status``, the per-process value behind ``getrusage().ru_maxrss``, which
@@ -27,6 +32,11 @@ point; on CUDA ``torch.cuda.max_memory_allocated`` above the post-set-up allocat
     python benchmarks/bench_oba.py
     python benchmarks/bench_oba.py --models resnet50 --batch 8 --repeats 5 --no-memory
     python benchmarks/bench_oba.py --methods obs obs-gram --batches 4 --no-exact --no-memory
+    python benchmarks/bench_oba.py --models resnet18 resnet152 --methods oba sosp-h \
+        --batch-chunk 4 --threads 1
+
+``--vit-depth D`` replaces ``vit_small_patch16_224`` by the same ViT with D blocks
+(``vit_small_patch16_224:D`` as a model name does the same for one model).
 """
 from __future__ import annotations
 
@@ -44,9 +54,10 @@ from fxprune.criteria import ScoringContext, get_criterion
 from fxprune.criteria.oba import oba_exact_scores, oba_scores
 from fxprune.criteria.obs import accumulate_grams, find_consumers
 from fxprune.criteria.scoring import default_loss, make_scoring_copy
+from fxprune.criteria.sosp import sosp_h_terms
 from peak_memory import peak_growth_mib
 
-METHODS = ("grad", "oba", "oba-exact", "obs", "obs-gram")
+METHODS = ("grad", "oba", "oba-exact", "sosp-h", "obs", "obs-gram")
 #: Methods scored on all ``--batches`` batches (their ratio is per batch).
 PER_BATCH = ("obs", "obs-gram")
 
@@ -57,7 +68,9 @@ def build(name: str, batch: int, device: str, n_batches: int = 1):
     import timm
 
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False).eval().to(device)
+    name, _, depth = name.partition(":")
+    kwargs = {"depth": int(depth)} if depth else {}
+    model = timm.create_model(name, pretrained=False, **kwargs).eval().to(device)
     # timm models trace with plain symbolic_trace (ViT gets two extra placeholders,
     # attn_mask/is_causal, with defaults; its fused attention is lowered by the copy).
     gm = make_scoring_copy(torch.fx.symbolic_trace(model))
@@ -69,9 +82,9 @@ def build(name: str, batch: int, device: str, n_batches: int = 1):
     return gm, batches, groups
 
 
-def run_method(method: str, gm, batches, groups=()) -> None:
+def run_method(method: str, gm, batches, groups=(), chunk=None) -> None:
     """One call of ``method``: on every batch for :data:`PER_BATCH` methods, on the first
-    batch otherwise."""
+    batch otherwise; ``chunk``: option ``batch_chunk`` of oba / oba-exact / sosp-h."""
     if method not in PER_BATCH:
         batches = batches[:1]
     if method == "grad":
@@ -79,14 +92,16 @@ def run_method(method: str, gm, batches, groups=()) -> None:
         params = [p for p in gm.parameters() if p.requires_grad]
         torch.autograd.grad(default_loss(gm(*inputs), targets), params)
     elif method == "oba":
-        oba_scores(gm, batches)
+        oba_scores(gm, batches, batch_chunk=chunk)
+    elif method == "sosp-h":
+        sosp_h_terms(gm, groups, batches, batch_chunk=chunk)
     elif method == "obs":
         ctx = ScoringContext(module=gm, groups=list(groups), batches=batches)
         get_criterion("obs").score(ctx)
     elif method == "obs-gram":
         accumulate_grams(gm, find_consumers(gm, groups)[0], batches)
     else:
-        oba_exact_scores(gm, batches)
+        oba_exact_scores(gm, batches, batch_chunk=chunk)
 
 
 def _sync(device: str) -> None:
@@ -101,15 +116,16 @@ def time_model(name: str, args) -> dict:
     methods = [m for m in METHODS if (m != "oba-exact" or args.exact)
                and (m == "grad" or m in args.methods)]
     for m in methods if args.warmup else ():            # warm-up
-        run_method(m, gm, batches, groups)
+        run_method(m, gm, batches, groups, args.batch_chunk)
     times = {m: [] for m in methods}
+    clock = time.process_time if args.clock == "process" else time.perf_counter
     for _ in range(args.repeats):
         for m in methods:
             _sync(args.device)
-            t0 = time.perf_counter()
-            run_method(m, gm, batches, groups)
+            t0 = clock()
+            run_method(m, gm, batches, groups, args.batch_chunk)
             _sync(args.device)
-            times[m].append(time.perf_counter() - t0)
+            times[m].append(clock() - t0)
     out = {m: statistics.median(v) for m, v in times.items()}
     for m in methods[1:]:
         per = len(batches) if m in PER_BATCH else 1
@@ -121,20 +137,22 @@ def time_model(name: str, args) -> dict:
 def memory_child(name: str, method: str, args) -> float:
     """Peak memory (MiB) of one ``method`` call above the post-set-up level."""
     gm, batches, groups = build(name, args.batch, args.device, args.batches)
-    return peak_growth_mib(lambda: run_method(method, gm, batches, groups), args.device)
+    return peak_growth_mib(lambda: run_method(method, gm, batches, groups, args.batch_chunk),
+                           args.device)
 
 
 def memory(name: str, method: str, args) -> float:
     """Peak memory (MiB) of ``method`` on ``name``, measured in a fresh subprocess."""
     cmd = [sys.executable, __file__, "--_memory", name, method, "--batch", str(args.batch),
-           "--batches", str(args.batches),
+           "--batches", str(args.batches)] + (
+           ["--batch-chunk", str(args.batch_chunk)] if args.batch_chunk else []) + [
            "--device", args.device, "--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(res.stdout.strip().splitlines()[-1])
 
 
-def main(argv=None) -> None:
-    """Parse the command line, time every model, print the markdown table."""
+def parse_args(argv=None) -> argparse.Namespace:
+    """The command line (see the module docstring)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["resnet50", "vit_small_patch16_224"])
     p.add_argument("--batch", type=int, default=8)
@@ -143,34 +161,61 @@ def main(argv=None) -> None:
                    help="skip the warm-up call of each method (for slow runs)")
     p.add_argument("--batches", type=int, default=1,
                    help="calibration batches per obs / obs-gram call (ratios per batch)")
+    p.add_argument("--batch-chunk", type=int, default=None,
+                   help="option batch_chunk (samples per sub-batch) of oba/oba-exact/sosp-h")
+    p.add_argument("--vit-depth", type=int, default=None,
+                   help="score vit_small_patch16_224 with this many blocks")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-exact", dest="exact", action="store_false")
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS,
                    help="what to time besides the gradient pass (grad is always timed)")
+    p.add_argument("--clock", choices=("wall", "process"), default="wall",
+                   help="time by wall clock, or by this process's CPU time (steadier on an "
+                        "oversubscribed machine; CPU only, with --threads 1)")
     p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--no-time", dest="time", action="store_false",
+                   help="peak memory only (no timing runs)")
     p.add_argument("--_memory", nargs=2, metavar=("MODEL", "METHOD"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.vit_depth:
+        args.models = [f"{m}:{args.vit_depth}" if m == "vit_small_patch16_224" else m
+                       for m in args.models]
+    return args
+
+
+def main(argv=None) -> None:
+    """Parse the command line, time every model, print the markdown table."""
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     if args._memory:
         print(json.dumps(memory_child(*args._memory, args)))
         return
     print(f"command: python benchmarks/bench_oba.py {' '.join(sys.argv[1:])}".rstrip())
     print(f"torch {torch.__version__}, device {args.device}, {args.threads} threads, "
-          f"batch {args.batch}, {args.repeats} repeats (median"
+          f"{args.clock} clock, batch {args.batch}, {args.repeats} repeats (median"
           f"{'' if args.warmup else ', no warm-up'}), {args.batches} "
-          f"calibration batch(es) per {'/'.join(PER_BATCH)} call\n")
+          f"calibration batch(es) per {'/'.join(PER_BATCH)} call, batch_chunk "
+          f"{args.batch_chunk}\n")
     mem_kind = "peak CUDA alloc" if args.device.startswith("cuda") else "peak RSS growth"
     methods = [m for m in METHODS if (m != "oba-exact" or args.exact)
                and (m == "grad" or m in args.methods)]
     head = "".join(f" {m} (s) | {m} ÷ grad |" for m in methods[1:])
-    print(f"| model | grad pass (s) |{head} {mem_kind} {' / '.join(methods)} (MiB) |")
-    print("|---|---|" + "---|---|" * (len(methods) - 1) + "---|")
+    if not args.time:
+        print(f"| model | {mem_kind} {' / '.join(methods)} (MiB) | ÷ grad |\n|---|---|---|")
+    else:
+        print(f"| model | grad pass (s) |{head} {mem_kind} {' / '.join(methods)} (MiB) |")
+        print("|---|---|" + "---|---|" * (len(methods) - 1) + "---|")
     for name in args.models:
-        r = time_model(name, args)
+        r = time_model(name, args) if args.time else None
         mem = "n/a"
         if args.memory:
             mem = " / ".join(f"{memory(name, m, args):.0f}" for m in methods)
+        if r is None:
+            peaks = [float(x) for x in mem.split(" / ")]
+            rel = " / ".join(f"{x / peaks[0]:.2f}" for x in peaks[1:])
+            print(f"| {name} | {mem} | {rel} |", flush=True)
+            continue
         cells = "".join(f" {r[m]:.2f} | {r[f'{m}/grad']:.2f} |" for m in methods[1:])
         print(f"| {name} | {r['grad']:.2f} |{cells} {mem} |", flush=True)
 

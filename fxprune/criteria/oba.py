@@ -11,9 +11,18 @@ of x along δθ at the true primal values. ``∇_θ S`` is assembled from local
 vector-Jacobian products ("cotangent injections"): for every bilinear node the VJP of
 ``a ↦ a ⋆ T_v`` at ``g_z`` is injected at u and the VJP of ``b ↦ T_u ⋆ b`` at v, then one
 backward pass carries all injections to the parameters. Per batch this costs one forward
-pass that carries the live (autograd) values and the forward-AD tangents side by side,
-one backward for the cotangents, the local VJPs, and one backward of the injections --
-a constant number of passes, independent of depth.
+pass that carries the live (autograd) values and the forward-AD tangents side by side
+(:mod:`.oba_forward`), one backward for the cotangents (no weight gradients), the local
+VJPs, and one backward of the injections -- a constant number of passes, independent of
+depth. In conv-FLOPs: a gradient pass is 3 (forward, input and weight gradients), OBA 6
+(forward, tangent, input gradients, direct weight terms, injection input and weight
+gradients), so ≈ 2 gradient passes plus elementwise work.
+
+Memory: the local VJPs run in backward hooks of the cotangent pass as each cotangent
+arrives, and each record then drops its tangents; direct terms go straight into the
+float64 score sums. What the injection pass needs at its start is the first pass's graph
+and the injections (≈ the layer inputs' size). Option ``batch_chunk`` scores sub-batches
+(:func:`~.scoring.over_sub_batches`), so both scale with the sub-batch.
 
 Two identities that hold because δθ = θ on layer parameters keep it cheap: a layer
 ``Y = F(X; W) + b`` has tangent ``T_Y = F(X + T_X; W) + b`` (one call instead of two), and
@@ -28,23 +37,22 @@ channel score sums ``δθ_i (H̃δθ)_i`` over the channel's consumer slices onl
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Dict, List, Optional
 
 import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor
-from torch.utils._pytree import tree_map
 
 from ..errors import CriterionError
 from . import ScoringContext, criterion
+from .oba_forward import forward
 from .oba_graph import GraphPlan, build_plan, scoring_state
-from .oba_ops import detach_tree as _detach
-from .oba_ops import tangent
-from .oba_records import general_layer_tangent, make_record
-from .oba_tangents import FALLBACK
+from .oba_records import Injections
 from .perturb import consumer_delta, perturb_option, perturbed_channel_scores
-from .scoring import batch_loss, calibrate, default_loss, zero_sums
+from .scoring import (batch_loss, calibrate, check_batch_chunk, over_sub_batches,
+                      zero_sums)
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +62,8 @@ __all__ = ["oba_scores", "oba_exact_scores"]
 # ----------------------------------------------------------------------------- driver
 def oba_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = None, *,
                first_order: bool = False, progress: bool = False,
-               delta: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+               delta: Optional[Dict[str, Tensor]] = None,
+               batch_chunk: Optional[int] = None) -> Dict[str, Tensor]:
     """OBA per-parameter scores ``δθ ⊙ H̃δθ`` (+ ``δθ ⊙ g`` with ``first_order``).
 
     ``gm`` is a traced GraphModule (ideally a :func:`~.scoring.make_scoring_copy`); it
@@ -66,28 +75,31 @@ def oba_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = 
     outside δθ get zeros. ``delta``: ``{parameter name: δθ}`` in place of ``δθ = θ`` (e.g.
     the consumer cut, :func:`~.perturb.consumer_delta`); it must lie on the layer
     parameters (others are dropped with a warning) and costs one more layer call and
-    input VJP per layer and batch.
+    input VJP per layer and batch. ``batch_chunk``: score each batch in sub-batches of at
+    most that many samples (memory ∝ the sub-batch; the loss must be a batch mean of
+    per-sample losses, :func:`~.scoring.over_sub_batches`); None: whole batches.
     """
     if not isinstance(gm, torch.fx.GraphModule):
         raise CriterionError(f"OBA needs a torch.fx.GraphModule, got {type(gm).__name__}: "
                              "trace the model first (torch.fx.symbolic_trace)")
     plan = build_plan(gm)
     plan.delta = _restrict(plan, delta, "oba")
-    return _average(gm, plan, batches, loss_fn, progress, "oba",
-                    lambda inputs, targets, lf, i: _oba_batch(gm, plan, inputs, targets,
-                                                              lf, first_order, i))
+    return _average(gm, plan, batches, loss_fn, progress, "oba", batch_chunk,
+                    lambda inputs, targets, lf, i, add: _oba_batch(
+                        gm, plan, inputs, targets, lf, first_order, i, add))
 
 
 def oba_exact_scores(gm: torch.fx.GraphModule, batches, loss_fn: Optional[Callable] = None,
                      *, first_order: bool = False, progress: bool = False,
-                     delta: Optional[Dict[str, Tensor]] = None) -> Dict[str, Tensor]:
+                     delta: Optional[Dict[str, Tensor]] = None,
+                     batch_chunk: Optional[int] = None) -> Dict[str, Tensor]:
     """``δθ ⊙ Hδθ`` with the full Hessian of the batch-mean loss (Pearlmutter: the
     gradient of ``g·δθ`` by double backward); same contract as :func:`oba_scores`."""
     plan = build_plan(gm)
     plan.delta = _restrict(plan, delta, "oba-exact")
-    return _average(gm, plan, batches, loss_fn, progress, "oba-exact",
-                    lambda inputs, targets, lf, i: _exact_batch(gm, plan, inputs, targets,
-                                                                lf, first_order, i))
+    return _average(gm, plan, batches, loss_fn, progress, "oba-exact", batch_chunk,
+                    lambda inputs, targets, lf, i, add: _exact_batch(
+                        gm, plan, inputs, targets, lf, first_order, i, add))
 
 
 def _restrict(plan: GraphPlan, delta: Optional[Dict[str, Tensor]], desc: str
@@ -109,17 +121,25 @@ def _direction(plan: GraphPlan, name: str, p: Tensor) -> Optional[Tensor]:
     return p.detach() if plan.delta is None else plan.delta.get(name)
 
 
-def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, per_batch):
-    """Sum ``per_batch`` scores over ``batches`` (float64 accumulators) in the shared
-    calibration loop (:func:`~.scoring.calibrate`: sums all-reduced across ranks), and
-    return the average in each parameter's dtype."""
-    loss_fn = loss_fn or default_loss
+def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, batch_chunk,
+             per_batch):
+    """Run ``per_batch(inputs, targets, loss_fn, index, add)`` on every batch (in
+    sub-batches of ``batch_chunk`` samples, :func:`~.scoring.over_sub_batches`) in the
+    shared calibration loop (:func:`~.scoring.calibrate`: sums all-reduced across ranks);
+    ``add(name, term)`` adds ``δθ ⊙ term`` of δθ parameter ``name`` into its float64 sum.
+    Returns the average in each parameter's dtype."""
+    size = check_batch_chunk(batch_chunk, desc)
     params = dict(gm.named_parameters())
     sums = zero_sums(plan.dtheta)
+    dirs = {n: _direction(plan, n, p) for n, p in plan.dtheta.items()}
+
+    def add(name: str, term: Optional[Tensor]) -> None:
+        if term is not None and dirs[name] is not None:
+            sums[name] += dirs[name] * term
 
     def step(i, inputs, targets):
-        for name, s in per_batch(inputs, targets, loss_fn, i).items():
-            sums[name] += s.to(torch.float64)
+        over_sub_batches(inputs, targets, loss_fn, size,
+                         lambda x, y, lf: per_batch(x, y, lf, i, add), i)
 
     with scoring_state(gm, plan.dtheta.values()):
         sums, count = calibrate(gm, batches, step, sums, desc=desc, progress=progress)
@@ -128,170 +148,94 @@ def _average(gm, plan: GraphPlan, batches, loss_fn, progress, desc, per_batch):
 
 
 # ----------------------------------------------------------------------------- OBA
-def _oba_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index):
-    """One batch of OBA: returns ``{δθ parameter name: δθ ⊙ (H̃δθ [+ g])}``."""
+def _oba_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index, add):
+    """One (sub-)batch of OBA: ``add(name, H̃δθ [+ g] terms)`` for every δθ parameter.
+
+    Forward (live values + tangents), then the cotangent pass, whose hooks turn each
+    record's cotangent into direct terms (added at once) and injections and free its
+    tangents, then the injection pass, which consumes the first pass's autograd graph."""
     with fwAD.dual_level():
-        output, recs = _forward(gm, plan, inputs)
+        output, recs = forward(gm, plan, inputs)
     loss = batch_loss(loss_fn, output, targets, index)
+    del output
     names = list(plan.dtheta)
     params = [plan.dtheta[n] for n in names]
-    wanted: List[Tensor] = []
-    for rec in recs:
-        rec.request(wanted)
-    extra = params if first_order else []
-    got = (torch.autograd.grad(loss, wanted + extra, retain_graph=True, allow_unused=True)
-           if wanted or extra else [])
-    cot = {id(t): g for t, g in zip(wanted, got)}
-    outs: List[Tensor] = []
-    couts: List[Tensor] = []
-    direct: Dict[str, Tensor] = {}
-    for rec in recs:
-        rec.inject(cot, outs, couts, direct)
-    hv = (torch.autograd.grad(outs, params, couts, allow_unused=True) if outs
+    sink = Injections(add)
+    grads = _cotangent_pass(loss, recs, params if first_order else [], sink)
+    del loss, recs
+    outs, couts = sink.outs, sink.couts
+    del sink
+    hv = (list(torch.autograd.grad(outs, params, couts, allow_unused=True)) if outs
           else [None] * len(params))
-    scores = {}
-    for k, (name, p) in enumerate(zip(names, params)):
-        total = torch.zeros_like(p, dtype=p.dtype) if hv[k] is None else hv[k]
-        if name in direct:
-            total = total + direct[name]
-        if first_order and got[len(wanted) + k] is not None:
-            total = total + got[len(wanted) + k]
-        d = _direction(plan, name, p)
-        scores[name] = torch.zeros_like(total) if d is None else d * total
-    return scores
+    del outs, couts
+    for k, name in enumerate(names):
+        h, hv[k] = hv[k], None
+        add(name, h)
+        if first_order:
+            add(name, grads[k])
 
 
-def _forward(gm, plan: GraphPlan, inputs):
-    """Run the graph once with live (autograd) values and, side by side, forward-AD dual
-    values along δθ (computed under ``no_grad``). Must run inside ``fwAD.dual_level()``.
-    Returns the live output and the bilinear-node records (tangents unpacked)."""
-    live: Dict = {}
-    dual: Dict = {}
-    recs: list = []
-    inputs = list(inputs)
-    for pos, node in enumerate(gm.graph.nodes):
-        if node.op == "placeholder":
-            value = inputs.pop(0) if inputs else (node.args[0] if node.args else None)
-            live[node], dual[node] = value, _detach(value)
-        elif node.op == "get_attr":
-            value = plan.attr(node)
-            live[node] = value
-            d = _detach(value)
-            if node in plan.has_tangent:
-                t = plan.delta_of(value)
-                d = fwAD.make_dual(d, t if t is not None else torch.zeros_like(d))
-            dual[node] = d
-        elif node.op == "output":
-            return torch.fx.node.map_arg(node.args[0], lambda n: live[n]), recs
-        else:
-            _run_node(plan, node, live, dual, recs)
-        for dead in plan.dies_after[pos]:
-            live.pop(dead, None)
-            dual.pop(dead, None)
-    raise CriterionError("the graph has no output node")
+def _cotangent_pass(loss: Tensor, recs: list, params: List[Tensor], sink: Injections
+                    ) -> List[Optional[Tensor]]:
+    """The backward of ``loss`` that feeds every record its cotangent through a hook on
+    its ``hooked`` tensor (:mod:`.oba_records`); the graph is kept for the injection pass.
 
-
-def _run_node(plan: GraphPlan, node, live, dual, recs) -> None:
-    """Evaluate one call node on the live and the dual values; record bilinear nodes."""
-    ex = plan.execs[node]
-    largs, lkw = ex.args(live)
-    layer = plan.layers.get(node)
-    special = layer is not None or node in plan.bilinear
-    dargs, dkw = ex.args(dual) if (special or node in plan.has_tangent) else (None, None)
-    if layer is not None:
-        x = largs[layer.x]
-        if isinstance(x, Tensor) and x.requires_grad:
-            largs[layer.x] = x.view_as(x)     # alias: its grad is this layer's message
-    value = ex.fn(*largs, **lkw)
-    if node not in plan.has_tangent:
-        dvalue = _detach(value)
-    elif layer is not None and layer.fast and plan.delta is not None:
-        with torch.no_grad():
-            t_y = general_layer_tangent(plan, layer, ex, largs, lkw,
-                                        tangent(dargs[layer.x]), value)
-        dvalue = fwAD.make_dual(value.detach(), t_y)
-    elif layer is not None and layer.fast:
-        t_x = tangent(dargs[layer.x])
-        with torch.no_grad():
-            if t_x is None:
-                t_y = value.detach()
-            else:
-                fargs = [_detach(a) for a in largs]
-                fargs[layer.x] = fargs[layer.x] + t_x
-                t_y = ex.fn(*fargs, **_detach(lkw))
-        dvalue = fwAD.make_dual(value.detach(), t_y)
-    else:
-        dvalue = _dual_value(plan, node, ex, value, largs, lkw, dargs, dkw)
-    live[node], dual[node] = value, dvalue
-    if ex.rebind is not None:                  # functionalised in-place op
-        live[ex.rebind], dual[ex.rebind] = value, dvalue
-    if special:
-        rec = make_record(plan, node, ex, largs, lkw, value, dargs)
-        if rec is not None:
-            recs.append(rec)
-
-
-def _dual_value(plan: GraphPlan, node, ex, value, largs, lkw, dargs, dkw):
-    """The dual value of a node: from its tangent rule applied to the live primal when
-    it has one (no recomputation), else by running the node under forward AD."""
-    rule = plan.rules.get(node)
-    with torch.no_grad():
-        t = rule(value, largs, lkw, dargs, dkw) if rule is not None else FALLBACK
-    if t is FALLBACK:
-        return _forward_ad(node, ex, dargs, dkw)
-    if t is None:
-        return _detach(value)
-    if isinstance(value, Tensor):
-        return fwAD.make_dual(value.detach(), t)
-    return type(value)(fwAD.make_dual(v.detach(), ti) for v, ti in zip(value, t))
-
-
-def _forward_ad(node, ex, dargs, dkw):
-    """Run ``node`` on dual values under ``no_grad``; ops whose no-grad path is a fused
-    kernel without forward AD (``nn.MultiheadAttention``) are retried with grad on."""
+    The pass captures the input aliases of the fast layers (their cotangents are the
+    upward injections) and ``params`` (for the first-order term), so autograd runs every
+    node on a path to them -- and no weight gradient unless ``params`` is given. Records
+    whose hook did not fire then (their tensor lies on no such path) get a second,
+    smaller backward; a tensor the loss does not depend on gets no cotangent. Leaves the
+    direct terms and injections in ``sink``; returns the gradients of ``params``."""
+    pending: Dict[int, object] = {}
+    handles = []
+    for k, rec in enumerate(recs):
+        t = rec.hooked
+        if t is not None:
+            pending[k] = rec
+            handles.append(t.register_hook(functools.partial(_fire, pending, k, sink)))
+    aliases = [r.alias for r in recs if r.alias is not None]
     try:
-        with torch.no_grad():
-            return ex.fn(*dargs, **dkw)
-    except (NotImplementedError, RuntimeError) as exc:
-        if "forward AD" not in str(exc):
-            raise
-        first = exc
-    try:
-        out = ex.fn(*dargs, **dkw)
-    except (NotImplementedError, RuntimeError) as exc:
-        raise CriterionError(
-            f"OBA: node {node.name!r} ({node.target}) does not support forward-mode AD "
-            f"({first}); trace through that module or lower the op before scoring"
-        ) from exc
+        got = (torch.autograd.grad(loss, aliases + params, retain_graph=True,
+                                   allow_unused=True) if aliases or params else ())
+        if pending:
+            late = [r.hooked for r in pending.values()]
+            torch.autograd.grad(loss, late, retain_graph=True, allow_unused=True)
+    finally:
+        for h in handles:
+            h.remove()
+    for x, g in zip(aliases, got):
+        if g is not None:
+            sink.inject(x, g)
+    return list(got[len(aliases):])
 
-    def redual(v):
-        if not isinstance(v, Tensor):
-            return v
-        p, t = fwAD.unpack_dual(v)
-        return fwAD.make_dual(p.detach(), t.detach()) if t is not None else p.detach()
-    return tree_map(redual, out)
+
+def _fire(pending: Dict[int, object], k: int, sink: Injections, grad: Tensor) -> None:
+    """The cotangent hook of record ``k``: runs it once (a second pass may reach it again);
+    returns None, so the cotangent flows on unchanged."""
+    rec = pending.pop(k, None)
+    if rec is not None:
+        rec.on_cotangent(grad, sink)
 
 
 # ----------------------------------------------------------------------------- exact
-def _exact_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index):
-    """One batch of OBA-exact: ``δθ ⊙ Hδθ`` (+ ``δθ ⊙ g``) by double backward."""
+def _exact_batch(gm, plan: GraphPlan, inputs, targets, loss_fn, first_order, index, add):
+    """One (sub-)batch of OBA-exact: ``add(name, Hδθ [+ g])`` by double backward."""
     names = list(plan.dtheta)
     params = [plan.dtheta[n] for n in names]
     loss = batch_loss(loss_fn, gm(*inputs), targets, index)
     dirs = [_direction(plan, n, p) for n, p in zip(names, params)]
     grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+    del loss
     dot = sum((g * d).sum() for g, d in zip(grads, dirs) if g is not None and d is not None)
-    if not isinstance(dot, Tensor) or not dot.requires_grad:
-        hv = [None] * len(params)
-    else:
-        hv = torch.autograd.grad(dot, params, allow_unused=True)
-    scores = {}
-    for name, p, d, g, h in zip(names, params, dirs, grads, hv):
-        total = torch.zeros_like(p) if h is None else h
-        if first_order and g is not None:
-            total = total + g.detach()
-        scores[name] = torch.zeros_like(total) if d is None else d * total
-    return scores
+    for name, g in zip(names, grads) if first_order else ():
+        add(name, None if g is None else g.detach())
+    del grads                                  # dot's graph does not keep them
+    hv = ([None] * len(params) if not isinstance(dot, Tensor) or not dot.requires_grad
+          else list(torch.autograd.grad(dot, params, allow_unused=True)))
+    del dot
+    for k, name in enumerate(names):
+        h, hv[k] = hv[k], None
+        add(name, h)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -324,17 +268,18 @@ def _registry_entry(scores: Callable, desc: str) -> Callable:
         gm = _check_module(ctx)
         return scores(gm, ctx.batches, ctx.loss_fn,
                       first_order=bool(ctx.options.get("first_order", False)),
-                      progress=ctx.progress, delta=_delta(ctx, gm, desc))
+                      progress=ctx.progress, delta=_delta(ctx, gm, desc),
+                      batch_chunk=ctx.options.get("batch_chunk"))
     score.__name__ = score.__qualname__ = f"_score_{desc.replace('-', '_')}"
     return score
 
 
 criterion("oba", "Optimal Brain Apoptosis: θ·H̃θ with the series/parallel (bilinear-node) "
-                 "Hessian blocks, one forward-AD and two backward passes per batch (option "
-                 "perturb='consumer': δθ = the consumer cut)",
-          aggregate=_aggregate, options=("first_order", "perturb"))(
+                 "Hessian blocks, one forward-AD and two backward passes per batch (options "
+                 "perturb='consumer': δθ = the consumer cut; batch_chunk: sub-batch size)",
+          aggregate=_aggregate, options=("first_order", "perturb", "batch_chunk"))(
     _registry_entry(oba_scores, "oba"))
 criterion("oba-exact", "OBA with the full Hessian: θ·Hθ by double backward (Pearlmutter "
-                       "HVP; option perturb='consumer')",
-          aggregate=_aggregate, options=("first_order", "perturb"))(
+                       "HVP; options perturb='consumer', batch_chunk)",
+          aggregate=_aggregate, options=("first_order", "perturb", "batch_chunk"))(
     _registry_entry(oba_exact_scores, "oba-exact"))

@@ -1,11 +1,14 @@
 """Per-node records of the OBA surrogate's backward (design §5.1).
 
-The forward pass of :mod:`.oba` leaves one record per executed bilinear node; after the
-cotangent pass each record turns the loss cotangents it asked for into the surrogate's
-"cotangent injections" (local vector-Jacobian products with the tangents in place of
-one operand) or into direct weight terms. Contract: records hold detached copies of the
-operands they need; ``request`` names the live tensors whose cotangents they read,
-``inject`` only appends to the lists/dict it is given.
+The forward pass of :mod:`.oba` leaves one record per executed bilinear node. During the
+cotangent pass a backward hook on the record's live output (``hooked``: Y of a layer, z
+of a bilinear node) receives the loss cotangent there and at once turns it into the
+surrogate's "cotangent injections" (local vector-Jacobian products with the tangents in
+place of one operand) or direct weight terms, which it leaves in an :class:`Injections`;
+then the record drops its tangents and operands (``release``), so tangents never outlive
+their use. A fast layer's upward injection is the cotangent of its input alias
+(``alias``), which the cotangent pass captures itself. Contract: records hold detached
+copies of the operands they need; ``on_cotangent`` only adds to the sink it is given.
 """
 from __future__ import annotations
 
@@ -17,6 +20,23 @@ from torch import Tensor, nn
 from .oba_graph import GraphPlan, Layer
 from .oba_ops import detach_tree as _detach
 from .oba_ops import tangent
+
+
+class Injections:
+    """What the records leave during the cotangent pass: direct weight terms, handed at
+    once to ``add_direct(δθ name, term)`` (which folds them into the score sums), and
+    ``outs``/``couts``, the (live tensor, cotangent) pairs the injection pass carries back
+    to the parameters."""
+
+    def __init__(self, add_direct: Callable[[str, Tensor], None]):
+        self.add_direct = add_direct
+        self.outs: List[Tensor] = []
+        self.couts: List[Tensor] = []
+
+    def inject(self, at: Tensor, cot: Tensor) -> None:
+        """Inject cotangent ``cot`` at the live tensor ``at``."""
+        self.outs.append(at)
+        self.couts.append(cot)
 
 
 def make_record(plan: GraphPlan, node, ex, largs, lkw, value, dargs):
@@ -105,31 +125,28 @@ class _LayerRec:
         self.args = [_detach(a) for a in largs] if self.need_y else None
         self.kwargs = _detach(lkw) if self.need_y else None
 
-    def request(self, wanted: List[Tensor]) -> None:
-        """Append the tensors whose loss cotangents this record needs."""
-        if self.need_y:
-            wanted.append(self.y)
-        if self.up and not self.general:
-            wanted.append(self.x)
+    @property
+    def hooked(self) -> Optional[Tensor]:
+        """The live tensor whose cotangent this record reads (Y), or None."""
+        return self.y if self.need_y and self.y is not None and self.y.requires_grad else None
 
-    def inject(self, cot, outs, couts, direct) -> None:
-        """Given the cotangents ``cot`` (by tensor id), add (tensor, cotangent) pairs to
-        ``outs``/``couts`` for the final backward and direct parameter terms to
-        ``direct``."""
-        g_y = cot.get(id(self.y)) if self.need_y else None
-        if g_y is not None and self.t_x is not None:
-            c = self._weight_vjp(g_y)
-            name = self.layer.weight
-            direct[name] = direct[name] + c if name in direct else c
-        if not self.up:
-            return
-        if self.general:
-            g_x = self._input_vjp(g_y) if g_y is not None else None
-        else:
-            g_x = cot.get(id(self.x))
-        if g_x is not None:
-            outs.append(self.x)
-            couts.append(g_x)
+    @property
+    def alias(self) -> Optional[Tensor]:
+        """The input alias whose cotangent is this layer's upward injection (δθ = θ)."""
+        return self.x if self.up and not self.general else None
+
+    def on_cotangent(self, g_y: Tensor, sink: Injections) -> None:
+        """Given ``g_Y``: the direct weight term ``VJP_W[F(T_X; ·)](g_Y)`` and, for a
+        general δθ, the upward injection ``VJP_X[F(·; δW)](g_Y)`` at X; then release."""
+        if self.t_x is not None:
+            sink.add_direct(self.layer.weight, self._weight_vjp(g_y))
+        if self.general and self.up:
+            sink.inject(self.x, self._input_vjp(g_y))
+        self.release()
+
+    def release(self) -> None:
+        """Drop the tangent and the operands (after the cotangent pass)."""
+        self.t_x = self.args = self.kwargs = self.y = None
 
     def _input_vjp(self, g_y: Tensor) -> Tensor:
         """``VJP_X[F(·; δW)](g_Y)``: an input gradient with δW in place of W."""
@@ -188,24 +205,27 @@ class _BilinearRec:
             full[self.bias] = None
         return self.ex.fn(*full, **self.kwargs)
 
-    def request(self, wanted: List[Tensor]) -> None:
-        """Append the tensors whose loss cotangents this record needs."""
-        wanted.append(self.z)
+    @property
+    def hooked(self) -> Optional[Tensor]:
+        """The live tensor whose cotangent this record reads (z), or None."""
+        return self.z if self.z is not None and self.z.requires_grad else None
 
-    def inject(self, cot, outs, couts, direct) -> None:
-        """Add the (operand, local VJP) pairs of this node to ``outs``/``couts``."""
-        g = cot.get(id(self.z))
-        if g is None:
-            return
+    alias = None
+
+    def on_cotangent(self, g: Tensor, sink: Injections) -> None:
+        """Given ``g_z``: inject the (operand, local VJP) pairs; then release."""
         plain = self._plain_matmul()
         if self.need_u:
-            outs.append(self.u)
-            couts.append(g @ self.t_v.transpose(-2, -1) if plain
-                         else _local_vjp(self._call, [self.u, self.t_v], 0, g))
+            sink.inject(self.u, g @ self.t_v.transpose(-2, -1) if plain
+                        else _local_vjp(self._call, [self.u, self.t_v], 0, g))
         if self.need_v:
-            outs.append(self.v)
-            couts.append(self.t_u.transpose(-2, -1) @ g if plain
-                         else _local_vjp(self._call, [self.t_u, self.v], 1, g))
+            sink.inject(self.v, self.t_u.transpose(-2, -1) @ g if plain
+                        else _local_vjp(self._call, [self.t_u, self.v], 1, g))
+        self.release()
+
+    def release(self) -> None:
+        """Drop the tangents and the operands (after the cotangent pass)."""
+        self.t_u = self.t_v = self.args = self.kwargs = self.z = None
 
     def _plain_matmul(self) -> bool:
         """A matmul/bmm without broadcasting: its VJPs are one product each."""

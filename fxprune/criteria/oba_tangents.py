@@ -114,7 +114,7 @@ def _relu(value, largs, lkw, dargs, dkw):
     if _has_tangent((dargs[1:], dkw)) or not isinstance(dargs[0], Tensor):
         return FALLBACK
     t = tangent(dargs[0])
-    return None if t is None else torch.where(value > 0, t, 0)
+    return None if t is None else torch.ops.aten.threshold_backward(t, value.detach(), 0)
 
 
 def _batch_norm(mod: nn.modules.batchnorm._BatchNorm) -> Callable:

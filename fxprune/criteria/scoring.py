@@ -13,6 +13,14 @@ under a progress bar (:func:`progress_iter`); a criterion's per-batch step adds 
 statistics into float64 sums (:func:`zero_sums`) and checks the batch's loss
 (:func:`batch_loss`); :func:`all_reduce_sums` adds the sums of all data-parallel ranks
 (design §8), and the caller divides by the global batch (or sample) count.
+
+Option ``batch_chunk`` of OBA, OBA-exact and SOSP-H (:func:`over_sub_batches`) bounds
+their memory: a batch is scored in sub-batches of at most that many samples, each with
+its loss scaled by its share of the batch. In eval mode (no BatchNorm statistics) a
+sample's outputs depend on that sample only, so when the loss is the batch mean of
+per-sample losses every per-batch statistic (g, Hv, H̃v) is the share-weighted sum of
+the sub-batches' and the scores are unchanged (up to rounding); the loss is checked to
+be such a mean on every batch.
 """
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from ..errors import CriterionError, DataError
 from ..passes.lower_attention import lower_sdpa
@@ -115,6 +124,89 @@ def batch_loss(loss_fn: Optional[Callable], outputs, targets, batch_index: int) 
     loss = (loss_fn or default_loss)(outputs, targets)
     check_finite(loss.detach(), "the loss", batch_index)
     return loss
+
+
+# ----------------------------------------------------------------------------- sub-batches
+def check_batch_chunk(value, desc: str) -> Optional[int]:
+    """Option ``batch_chunk``: None (whole batches) or a positive int, else
+    :class:`CriterionError`."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise CriterionError(f"{desc}: batch_chunk={value!r} must be a positive number of "
+                             "samples per sub-batch (or None for whole batches)")
+    return value
+
+
+def _batch_size(inputs: Tuple, targets) -> int:
+    """The leading size shared by every tensor of ``inputs`` and ``targets``."""
+    sizes = {t.shape[0] for t in tree_flatten((inputs, targets))[0]
+             if isinstance(t, Tensor) and t.dim() > 0}
+    if len(sizes) != 1:
+        raise CriterionError(f"batch_chunk needs inputs and targets that share their first "
+                             f"(batch) dimension; got leading sizes {sorted(sizes)}: score "
+                             "without batch_chunk")
+    return sizes.pop()
+
+
+def _rows(value, a: int, b: int):
+    """Samples ``a:b`` of every tensor with a batch dimension in ``value``."""
+    leaves, spec = tree_flatten(value)
+    return tree_unflatten([t[a:b] if isinstance(t, Tensor) and t.dim() > 0 else t
+                           for t in leaves], spec)
+
+
+def over_sub_batches(inputs: Tuple, targets, loss_fn: Optional[Callable],
+                     size: Optional[int], run: Callable, batch_index: int) -> None:
+    """Call ``run(inputs_c, targets_c, loss_c)`` on every sub-batch of at most ``size``
+    samples (once on the whole batch when ``size`` is None or not smaller than it), where
+    ``loss_c(outputs, targets) = (n_c / n) · loss_fn(outputs, targets)``. Afterwards
+    :class:`CriterionError` unless ``loss_fn`` on the whole batch's outputs equals the sum
+    of the scaled sub-batch losses (a batch mean of per-sample losses), the condition
+    under which sub-batch statistics add up to the batch's."""
+    loss_fn = loss_fn or default_loss
+    n = _batch_size(inputs, targets) if size is not None else 0
+    if size is None or size >= n:
+        run(inputs, targets, loss_fn)
+        return
+    seen: List[Tuple[Any, Tensor]] = []
+    for a in range(0, n, size):
+        share = (min(n, a + size) - a) / n
+
+        def loss_c(outputs, tgt, share=share):
+            loss = share * loss_fn(outputs, tgt)
+            seen.append((_detached(outputs), loss.detach()))
+            return loss
+        run(_rows(inputs, a, a + size), _rows(targets, a, a + size), loss_c)
+    _check_mean_loss(loss_fn, seen, targets, batch_index)
+
+
+def _detached(value):
+    """``value`` with every tensor detached."""
+    leaves, spec = tree_flatten(value)
+    return tree_unflatten([t.detach() if isinstance(t, Tensor) else t for t in leaves], spec)
+
+
+def _check_mean_loss(loss_fn: Callable, seen, targets, batch_index: int) -> None:
+    """The whole batch's loss (from the sub-batches' outputs) must equal the sum of the
+    scaled sub-batch losses."""
+    specs = [tree_flatten(out) for out, _ in seen]
+    if not specs or any(spec != specs[0][1] for _, spec in specs):
+        return
+    columns = list(zip(*(leaves for leaves, _ in specs)))
+    if not all(isinstance(t, Tensor) and t.dim() > 0 for col in columns for t in col):
+        log.debug("batch_chunk: outputs are not all batched tensors; loss check skipped")
+        return
+    whole = tree_unflatten([torch.cat(col) for col in columns], specs[0][1])
+    with torch.no_grad():
+        want = float(loss_fn(whole, targets))
+    got = float(sum(loss for _, loss in seen))
+    if abs(got - want) > 1e-5 * max(1.0, abs(want)):
+        raise CriterionError(
+            f"batch_chunk: on calibration batch {batch_index} the loss of the whole batch "
+            f"({want:.6g}) is not the share-weighted sum of its sub-batches' ({got:.6g}), so "
+            "sub-batch scores would not add up: use a loss that is the batch mean of "
+            "per-sample losses, or score without batch_chunk")
 
 
 # ----------------------------------------------------------------------------- the loop

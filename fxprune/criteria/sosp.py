@@ -37,7 +37,8 @@ from ..errors import CriterionError
 from ..group import Group
 from . import ScoringContext, criterion
 from .aggregate import signed_channel_sums
-from .scoring import batch_loss, calibrate, check_finite, require_batches, zero_sums
+from .scoring import (batch_loss, calibrate, check_batch_chunk, check_finite,
+                      over_sub_batches, require_batches, zero_sums)
 from .perturb import CONSUMER_ROLES, perturb_option
 from .structures import STRUCTURE_ROLES, kernel_sizes, structure_index
 
@@ -51,7 +52,8 @@ _SCALES = (None, "none", "kernel")
 # ----------------------------------------------------------------------------- SOSP-H
 def sosp_h_terms(module: torch.nn.Module, groups: Iterable[Group], batches,
                  loss_fn: Optional[Callable] = None, *, progress: bool = False,
-                 perturb: str = "weights") -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
+                 perturb: str = "weights", batch_chunk: Optional[int] = None
+                 ) -> Tuple[Dict[str, Tensor], Dict[str, Tensor]]:
     """Per-parameter ``(δθ⊙g, δθ⊙Hδθ_struc)`` averaged over ``batches``; ``δθ = θ`` on
     the structures' producer/bias/norm slices (``perturb="weights"``) or ``-θ`` on their
     consumer slices (``perturb="consumer"``, :func:`structure_index`).
@@ -61,8 +63,11 @@ def sosp_h_terms(module: torch.nn.Module, groups: Iterable[Group], batches,
     ``(inputs_tuple, targets)``; ``loss_fn(outputs, targets)``: batch-mean loss (mean
     cross-entropy by default). Returns two dicts over every parameter that requires grad, float64,
     each parameter's shape. Raises :class:`DataError` on a non-finite loss or curvature.
+    ``batch_chunk``: score each batch in sub-batches of at most that many samples (memory
+    ∝ the sub-batch; the loss must be a batch mean, :func:`~.scoring.over_sub_batches`).
     """
     require_batches(batches, "sosp-h")
+    size = check_batch_chunk(batch_chunk, "sosp-h")
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     index = structure_index(groups, params, perturb)
     struc = index.theta_struc(params)
@@ -70,7 +75,8 @@ def sosp_h_terms(module: torch.nn.Module, groups: Iterable[Group], batches,
     sums = zero_sums(params, "g", "h")
 
     def step(i, inputs, targets):
-        _hvp_batch(module, params, names, struc, index.sign, inputs, targets, loss_fn, sums, i)
+        over_sub_batches(inputs, targets, loss_fn, size, lambda x, y, lf: _hvp_batch(
+            module, params, names, struc, index.sign, x, y, lf, sums, i), i)
 
     with torch.enable_grad():
         sums, count = calibrate(module, batches, step, sums, desc="sosp-h", progress=progress)
@@ -87,15 +93,19 @@ def _hvp_batch(module, params, names, struc, sign, inputs, targets, loss_fn, sum
     grads = torch.autograd.grad(loss, plist, create_graph=True, allow_unused=True)
     dot = sum(((g * struc[n]).sum() for n, g in zip(names, grads)
                if g is not None and n in struc), torch.zeros((), device=loss.device))
-    hv = (torch.autograd.grad(dot, plist, allow_unused=True) if dot.requires_grad
-          else [None] * len(plist))
-    for n, g, h in zip(names, grads, hv):
-        theta = sign * params[n].detach().to(torch.float64)
+    del loss
+    for n, g in zip(names, grads):          # the first-order term, then free g
         if g is not None:
-            sums[f"g:{n}"] += theta * g.detach()
+            sums[f"g:{n}"] += sign * params[n].detach().to(torch.float64) * g.detach()
+    del grads
+    hv = (list(torch.autograd.grad(dot, plist, allow_unused=True)) if dot.requires_grad
+          else [None] * len(plist))
+    del dot
+    for k, n in enumerate(names):
+        h, hv[k] = hv[k], None
         if h is not None:
             check_finite(h, f"the Hessian-vector product at {n}", i)
-            sums[f"h:{n}"] += theta * h
+            sums[f"h:{n}"] += sign * params[n].detach().to(torch.float64) * h
 
 
 def per_parameter(first: Dict[str, Tensor], second: Dict[str, Tensor],
@@ -141,12 +151,13 @@ def _perturb(ctx: ScoringContext) -> str:
 
 
 @criterion("sosp-h", "SOSP-H: |θ_s·g| + ½|θ_s·(Hθ_struc)| per channel, exact Hessian, one "
-                     "Hessian-vector product per batch (option scale='kernel')",
-           aggregate=sosp_aggregate, options=("scale", "perturb"))
+                     "Hessian-vector product per batch (options scale='kernel', batch_chunk)",
+           aggregate=sosp_aggregate, options=("scale", "perturb", "batch_chunk"))
 def _score_sosp_h(ctx: ScoringContext) -> Dict[str, Tensor]:
     _scale(ctx)
     first, second = sosp_h_terms(ctx.module, ctx.groups, ctx.batches, ctx.loss_fn,
-                                 progress=ctx.progress, perturb=_perturb(ctx))
+                                 progress=ctx.progress, perturb=_perturb(ctx),
+                                 batch_chunk=ctx.options.get("batch_chunk"))
     ctx.state["sosp"] = {"first": first, "second": second, "curvature": "hessian"}
     return per_parameter(first, second, dict(ctx.module.named_parameters()))
 
