@@ -7,6 +7,7 @@ import fxprune
 from fxprune.criteria.aggregate import channel_scores, root_of_sum
 from fxprune.criteria.magnitude import LazyScores, _l2_aggregate, _squares_finite, all_finite
 from fxprune.models import create_model, list_models, model_input_size
+from fxprune.passes.count import count_flops
 from fxprune.passes.frontend import capture
 from fxprune.passes.groups import analyze
 from fxprune.passes.rewrite import rewrite
@@ -123,3 +124,19 @@ def test_pruned_layer_norm_stream_needs_the_masked_statistics(monkeypatch):
     monkeypatch.setattr(verify, "_statistic_calls", lambda gm, keep: {})
     with pytest.raises(fxprune.FxpruneError, match="verification failed"):
         verify_rewrite(analysis, slim, kept, (x,))
+
+
+# ----------------------------------------------------------------------------- report FLOPs
+@pytest.mark.parametrize("name", ["tiny_vit", "tiny_resnet", "tiny_flatten", "tiny_split"])
+def test_report_flops_per_example_from_propagated_shapes(name):
+    """A batch of 3: the report counts one example from shapes propagated on it (not a
+    counted run on fake tensors) -- the same numbers -- and the slim model keeps the
+    shapes recorded on the batch."""
+    model, _ = fixture(name)
+    x = torch.randn(3, *model_input_size(name), dtype=D)
+    res = fxprune.compile(model, "l2", example_inputs=x, flops=0.6, progress=False)
+    assert res.report.flops_before == count_flops(model, (x[:1],))
+    assert res.report.flops_after == count_flops(res.module, (x[:1],))
+    shapes = [n.meta["tensor_meta"].shape for n in res.module.graph.nodes
+              if n.op == "placeholder"]
+    assert shapes and all(s[0] == 3 for s in shapes)
