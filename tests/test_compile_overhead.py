@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import fxprune
+from fxprune.criteria import aggregate, magnitude
 from fxprune.criteria.aggregate import channel_scores, root_of_sum
 from fxprune.criteria.magnitude import LazyScores, _l2_aggregate, _squares_finite, all_finite
 from fxprune.models import create_model, list_models, model_input_size
@@ -83,6 +84,25 @@ def test_l2_aggregate_equals_the_generic_aggregation(name):
     for gid in slow:
         assert fast[gid].dtype == slow[gid].dtype
         torch.testing.assert_close(fast[gid], slow[gid], rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("name", FIXTURES)
+def test_tiebreak_weight_norms_equal_the_aggregate_ones(name):
+    model, x = fixture(name)
+    model = model.float()  # float32 weights: the norms are still float64
+    analysis = analyze(capture(model, (x.float(),)))
+    fast, slow = magnitude.weight_norms(analysis.groups, analysis.gm), \
+        aggregate.weight_norms(analysis.groups, analysis.gm)
+    assert set(fast) == set(slow)
+    for gid in slow:
+        assert fast[gid].dtype == slow[gid].dtype == D
+        torch.testing.assert_close(fast[gid], slow[gid], rtol=1e-12, atol=0)
+
+
+def test_lazy_scores_membership_computes_nothing():
+    calls = []
+    scores = LazyScores({"w": torch.ones(3)}, lambda p: calls.append(1) or p)
+    assert "w" in scores and "v" not in scores and not calls
 
 
 # ----------------------------------------------------------------------------- verification

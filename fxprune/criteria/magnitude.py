@@ -50,6 +50,9 @@ class LazyScores(Mapping):
     def __getitem__(self, name: str) -> torch.Tensor:
         return self._fn(self._params[name])
 
+    def __contains__(self, name) -> bool:  # Mapping's would compute the score to find out
+        return name in self._params
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._params)
 
@@ -99,6 +102,15 @@ def _l2_aggregate(groups, scores, ctx):
         out[g.id] = root_of_sum(total if total is not None
                                 else torch.zeros(g.size, dtype=torch.float64))
     return out
+
+
+def weight_norms(groups, module: torch.nn.Module) -> Dict[str, torch.Tensor]:
+    """:func:`.aggregate.weight_norms` (every channel's float64 L2 norm over the member
+    slices that are parameters of ``module``: selection's tie-break key) computed as
+    :func:`_l2_aggregate` computes it: each tensor squared once, one at a time."""
+    squares = LazyScores({n: p.detach() for n, p in module.named_parameters()},
+                         lambda p: p.to(torch.float64, copy=True).pow_(2))
+    return _l2_aggregate(groups, squares, None)
 
 
 def _square_sums(groups, scores) -> Dict[Tuple[str, int], torch.Tensor]:
