@@ -30,11 +30,20 @@ MagnitudeImportance(p=2), pruning_ratio=0.3, ignored_layers=[classifier], num_he
 and ``pruner.step()`` on a fresh deep copy of the model (the copy is not timed: compile
 makes its own copies and is timed with them).
 
+``--part share`` runs ``fxprune.compile(model, criterion="oba", data=<--batches random
+batches of --batch-size 224x224 images>, flops=0.5, repair=None)`` (resnet50 and
+vit_base_patch16_224 by default) and times each stage of the pipeline
+(:mod:`fxprune.pipeline`: analyse = trace + shapes + groups + cost model, score,
+select, rewrite + verification, finish = plan + FLOPs + report) in CPU seconds: the
+share of everything around scoring is ``1 - score / total`` (issue 17: goal <= 25 %).
+Repair is off: it is a pass of its own after verification, not overhead of scoring.
+
 Usage::
 
     python benchmarks/bench_analysis.py
     python benchmarks/bench_analysis.py --repeats 9 --json results.json
     python benchmarks/bench_analysis.py --part compile --repeats 3
+    python benchmarks/bench_analysis.py --part share --batches 4 --batch-size 8
 """
 from __future__ import annotations
 
@@ -191,6 +200,66 @@ def compile_part(names: List[str], repeats: int) -> Dict[str, dict]:
     return results
 
 
+# ------------------------------------------------------------ share of compile(oba)
+SHARE_MODELS = ("resnet50", "vit_base_patch16_224")
+STAGES = ("analyse", "score", "select", "rewrite_and_verify", "repair", "finish")
+
+
+def stage_times(run: Callable[[], object]) -> Dict[str, float]:
+    """CPU seconds of each :data:`STAGES` function of :mod:`fxprune.pipeline` (summed
+    over calls) and ``total`` during ``run()``; the stages are wrapped for the call only."""
+    from fxprune import pipeline
+    spent = {k: 0.0 for k in STAGES}
+    originals = {k: getattr(pipeline, k) for k in STAGES}
+
+    def timed_stage(name, fn):
+        def wrapper(*args, **kwargs):
+            c0 = time.process_time()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[name] += time.process_time() - c0
+        return wrapper
+
+    for k, fn in originals.items():
+        setattr(pipeline, k, timed_stage(k, fn))
+    try:
+        c0 = time.process_time()
+        run()
+        spent["total"] = time.process_time() - c0
+    finally:
+        for k, fn in originals.items():
+            setattr(pipeline, k, fn)
+    return spent
+
+
+def share_part(names: List[str], repeats: int, n_batches: int, batch_size: int
+               ) -> Dict[str, dict]:
+    """Per model: the stage times of compile(oba) (median of ``repeats``); prints a table."""
+    import timm
+    results = {}
+    for name in names:
+        torch.manual_seed(0)
+        model = timm.create_model(name, pretrained=False).eval()
+        data = [(torch.randn(batch_size, 3, 224, 224), torch.randint(0, 1000, (batch_size,)))
+                for _ in range(n_batches)]
+        runs = [stage_times(lambda: fxprune.compile(model, criterion="oba", data=data,
+                                                    flops=0.5, repair=None, progress=False))
+                for _ in range(repeats)]
+        results[name] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+        print(name, {k: round(v, 2) for k, v in results[name].items()}, flush=True)
+    print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, {n_batches} "
+          f"calibration batches of {batch_size}, median of {repeats}\n")
+    cols = [k for k in STAGES if k != "repair"]
+    print("| model | total CPU s | " + " | ".join(f"{k} s" for k in cols)
+          + " | around scoring |\n|" + "---|" * (len(cols) + 3))
+    for name, r in results.items():
+        around = 1 - r["score"] / r["total"]
+        print(f"| {name} | {r['total']:.1f} | " + " | ".join(f"{r[k]:.2f}" for k in cols)
+              + f" | {around:.1%} |")
+    return results
+
+
 def log_row(name: str, row: Dict[str, dict]) -> None:
     print(name, {k: [round(w, 3) for w in v["runs_wall_s"]] for k, v in row.items()},
           flush=True)
@@ -231,16 +300,21 @@ def markdown(results: Dict[str, Dict[str, dict]]) -> str:
 
 def main(argv=None) -> Dict[str, Dict[str, dict]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--part", choices=("analysis", "compile"), default="analysis")
+    parser.add_argument("--part", choices=("analysis", "compile", "share"), default="analysis")
     parser.add_argument("--models", nargs="+", default=None)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--batches", type=int, default=4, help="--part share: calibration batches")
+    parser.add_argument("--batch-size", type=int, default=8, help="--part share: their size")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.part == "compile":
         return compile_part(args.models or list(COMPILE_MODELS), args.repeats)
+    if args.part == "share":
+        return share_part(args.models or list(SHARE_MODELS), args.repeats, args.batches,
+                          args.batch_size)
     tools: Dict[str, Callable] = {"fxprune": fxprune_pipeline, "fxprune-api-cold": fxprune_api_cold,
                                   "fxprune-api": fxprune_api}
     try:

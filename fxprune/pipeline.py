@@ -16,7 +16,7 @@ import torch
 
 from . import api_gradual
 from .criteria import Criterion
-from .criteria.aggregate import weight_norms
+from .criteria.magnitude import weight_norms
 from .criteria.scoring import cast_batch
 from .errors import BudgetError
 from .ignore import ignored
@@ -32,6 +32,7 @@ from .passes.rewrite import rewrite
 from .passes.score import Saliency, score_analysis
 from .passes.select import budget_blockers, select_step, step_caps
 from .passes.shape_flops import graph_flops
+from .passes.shape_prop import propagate_shapes
 from .passes.trace import leaf_notes
 from .passes.verify import slim_shapes, verify_rewrite
 from .report import CompileResult, GroupRow, Report
@@ -238,12 +239,32 @@ def per_example_flops(modules, inputs, known: Sequence[Optional[int]] = ()
         one = tuple(x[:1] if torch.is_tensor(x) and x.dim() > 0 and x.shape[0] == n else x
                     for x in inputs)
         try:
-            return one, 1, [count_flops(module, one) for module in modules]
+            return one, 1, [_count_on_one(module, one) for module in modules]
         except Exception as exc:  # noqa: BLE001 - batch-dependent code: count the batch
             log.info("counting FLOPs on the whole batch of %d: one example fails (%s)", n, exc)
     known = list(known) + [None] * (len(modules) - len(known))
     return inputs, n, [k if k is not None else _count_on(module, inputs)
                        for module, k in zip(modules, known)]
+
+
+def _count_on_one(module: torch.nn.Module, one) -> int:
+    """:func:`count_flops` on one example. A GraphModule is counted from its shapes
+    propagated on that example (meta tensors: a fraction of a counted run on fake
+    tensors, issue 17); the shapes it recorded on the batch are put back afterwards."""
+    if isinstance(module, torch.fx.GraphModule):
+        saved = [(node, dict(node.meta)) for node in module.graph.nodes]
+        try:
+            propagate_shapes(module, one)
+            flops = graph_flops(module, one)
+        except Exception:  # noqa: BLE001 - e.g. batch-dependent code: count it by running
+            flops = None
+        finally:
+            for node, meta in saved:
+                node.meta.clear()
+                node.meta.update(meta)
+        if flops is not None:
+            return flops
+    return count_flops(module, one)
 
 
 def _count_on(module: torch.nn.Module, inputs) -> int:

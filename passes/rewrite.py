@@ -111,10 +111,9 @@ def _slice_tensors(gm: torch.fx.GraphModule, analysis: Analysis, keep: np.ndarra
                 new = new.index_select(rec.dim, torch.as_tensor(positions, device=new.device))
         if new.shape == tensor.shape:
             continue
+        # index_select made ``new`` a tensor of its own: no clone needed
         if isinstance(tensor, nn.Parameter):
-            new = nn.Parameter(new.clone(), requires_grad=tensor.requires_grad)
-        else:
-            new = new.clone()
+            new = nn.Parameter(new, requires_grad=tensor.requires_grad)
         replaced[id(tensor)] = new
         _assign(module, name, new)
 

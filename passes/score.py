@@ -19,6 +19,7 @@ import torch
 
 from ..criteria import Criterion, ScoringContext
 from ..criteria.aggregate import channel_scores
+from ..criteria.magnitude import all_finite
 from ..criteria.scoring import (Batch, default_loss, make_scoring_copy, module_device_dtype,
                                 prepare_for_scoring)
 from ..errors import DataError, FxpruneError
@@ -237,10 +238,18 @@ def _score(crit: Criterion, ctx: ScoringContext):
 
 
 def _non_finite(param_scores, group_scores) -> List[str]:
-    bad = [f"parameter `{n}`" for n, t in param_scores.items()
-           if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    """Names of the parameters and groups with a non-finite score. Each tensor is checked
+    through its sum (:func:`~fxprune.criteria.magnitude.all_finite`: exact, one reduction
+    instead of an ``isfinite`` mask per tensor); lazy scores (magnitude criteria) answer
+    from the weights without being materialised."""
+    finite = getattr(param_scores, "finite", None)
+    if finite is not None:
+        bad = [f"parameter `{n}`" for n in param_scores if not finite(n)]
+    else:
+        bad = [f"parameter `{n}`" for n, t in param_scores.items()
+               if torch.is_tensor(t) and not all_finite(t)]
     bad += [f"group `{g}`" for g, t in group_scores.items()
-            if torch.is_tensor(t) and t.is_floating_point() and not bool(torch.isfinite(t).all())]
+            if torch.is_tensor(t) and not all_finite(t)]
     return bad
 
 

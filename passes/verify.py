@@ -10,13 +10,15 @@ tensor that is both (a weight reused transposed, ``F.linear(h, enc.weight.t())``
 carries one role in the groups but must be cut in both uses. :func:`masked_reference` builds the
 reference (a new GraphModule; the analysed one is untouched); :func:`check` compares;
 :func:`verify_rewrite` runs the two and refuses a slim model outside the dtype's tolerance
-(it runs the reference without a dense copy of the weights: a graph copy that shares the
-analysed tensors, each cut tensor masked into a temporary copy for the one node that reads
-it, so verifying a model of W GiB needs one layer's worth more, not W),
+(it runs the reference on the analysed graph itself, through an interpreter: each cut tensor
+is masked into a temporary copy for the one node that reads it and each statistic over a
+pruned dim is called in its masked form, so verifying copies neither the graph nor the
+weights: a model of W GiB needs one layer's worth more, not W),
 and :func:`slim_shapes` propagates the slim model's shapes (a failure is a rewrite bug).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -130,7 +132,8 @@ def _mask_statistics(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
         name = f"_fxprune_keep_{node.name}"
         gm.register_buffer(name, mask)
         with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(fn, args_with(gm.graph.get_attr(name)))
+            attr = lambda t: gm.graph.get_attr(t) if isinstance(t, str) else t  # noqa: E731
+            new = gm.graph.call_function(fn, args_with(gm.graph.get_attr(name), attr))
         # the replacement carries the node's label and shape: a later LayerNorm that
         # reads it (a pre-norm block on the same residual stream) is masked too
         new.meta.update(node.meta)
@@ -139,21 +142,21 @@ def _mask_statistics(gm: torch.fx.GraphModule, keep: np.ndarray) -> None:
 
 
 def _statistic(gm: torch.fx.GraphModule, node: torch.fx.Node):
-    """``(masked function, input, statistics dims, args(mask node))`` of a node whose
-    statistics may run over channels, else None (call ``args`` inside the graph's
-    insertion point: it adds the weight and bias attribute nodes)."""
+    """``(masked function, input, statistics dims, args(mask, attr))`` of a node whose
+    statistics may run over channels, else None. ``args`` builds the masked call's
+    arguments; ``attr`` turns the qualified name of a module norm's weight or bias into
+    what the caller runs on (a ``get_attr`` node, or the tensor itself)."""
     mean = statistic_mean_args(node)
     if mean is not None:
         x, dims = mean
-        return masked_mean, x, dims, lambda mask: (x, dims, mask)
+        return masked_mean, x, dims, lambda mask, attr: (x, dims, mask)
     norm = _norm_args(gm, node)
     if norm is None:
         return None
     fn, x, dims, weight, bias, eps = norm
     shape = tuple(x.meta["tensor_meta"].shape[d] for d in dims) \
         if fn is masked_layer_norm else tuple(dims)
-    attr = lambda t: gm.graph.get_attr(t) if isinstance(t, str) else t  # noqa: E731
-    return fn, x, dims, lambda mask: (x, shape, attr(weight), attr(bias), eps, mask)
+    return fn, x, dims, lambda mask, attr: (x, shape, attr(weight), attr(bias), eps, mask)
 
 
 def _norm_args(gm, node):
@@ -289,32 +292,49 @@ def slim_shapes(slim: torch.fx.GraphModule, inputs) -> None:
 
 
 def _check_lean(analysis: Analysis, slim: nn.Module, kept: Dict[str, List[int]], inputs) -> float:
-    """:func:`check` of ``slim`` against the masked reference, run node by node with
-    shared tensors (module docstring). Graphs with a pytree calling convention (inputs
-    flattened in generated code) are checked on a :func:`masked_reference` copy."""
+    """:func:`check` of ``slim`` against the masked reference, run node by node on the
+    analysed graph itself (module docstring): no copy of the graph or the weights. Graphs
+    with a pytree calling convention (inputs flattened in generated code) are checked on
+    a :func:`masked_reference` copy."""
     if type(analysis.gm.graph._codegen) is not torch.fx.graph.CodeGen:
         return check(slim, masked_reference(analysis, kept), inputs)
-    gm = copy.deepcopy(analysis.gm, {id(t): t for t in _tensors(analysis.gm)})
-    for a, b in zip(analysis.gm.graph.nodes, gm.graph.nodes):
-        b.meta[LABEL_KEY] = a.meta.get(LABEL_KEY)
-        if "tensor_meta" in a.meta:
-            b.meta["tensor_meta"] = a.meta["tensor_meta"]
-    _mask_statistics(gm, analysis.keep_mask(kept))
-    gm.recompile()
-    gm.eval()
-    was = slim.training
-    slim.eval()
+    gm = analysis.gm
+    statistics = _statistic_calls(gm, analysis.keep_mask(kept))
+    with _eval_mode(gm), _eval_mode(slim), torch.no_grad():
+        reference = _CutInterpreter(gm, _cuts(analysis, kept), statistics).run(*inputs)
+        return max_relative_error(slim(*inputs), reference)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Every submodule in eval mode, and back to its own flag afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    module.eval()
     try:
-        with torch.no_grad():
-            reference = _CutInterpreter(gm, _cuts(analysis, kept)).run(*inputs)
-            return max_relative_error(slim(*inputs), reference)
+        yield
     finally:
-        slim.train(was)
+        for m, flag in flags:
+            m.training = flag
 
 
-def _tensors(module: nn.Module) -> list:
-    return list(module.parameters()) + \
-        list(module.buffers())
+class _Attr(str):
+    """The qualified name of a tensor a masked statistic reads (a module norm's weight)."""
+
+
+def _statistic_calls(gm: torch.fx.GraphModule, keep: np.ndarray) -> Dict[torch.fx.Node, tuple]:
+    """``{node: (masked function, its arguments)}`` for every node that
+    :func:`_mask_statistics` would replace, without changing the graph: the arguments
+    hold the graph's nodes, :class:`_Attr` names and the keep mask itself."""
+    out = {}
+    for node in gm.graph.nodes:
+        found = _statistic(gm, node)
+        if found is None:
+            continue
+        fn, x, dims, args_with = found
+        mask = _keep_mask_for(x, dims, keep)
+        if mask is not None:
+            out[node] = (fn, args_with(mask, lambda t: _Attr(t) if isinstance(t, str) else t))
+    return out
 
 
 def _cuts(analysis: Analysis, kept) -> Dict[int, list]:
@@ -336,11 +356,22 @@ def _cuts(analysis: Analysis, kept) -> Dict[int, list]:
 
 class _CutInterpreter(torch.fx.Interpreter):
     """Runs the graph with every cut tensor replaced, for the node that reads it, by a
-    masked copy (a module's own tensors are swapped in and back around its call)."""
+    masked copy (a module's own tensors are swapped in and back around its call), and
+    every statistic over a pruned dim by its masked form (``statistics``:
+    :func:`_statistic_calls`)."""
 
-    def __init__(self, gm: torch.fx.GraphModule, cuts: Dict[int, list]):
+    def __init__(self, gm: torch.fx.GraphModule, cuts: Dict[int, list],
+                 statistics: Dict[torch.fx.Node, tuple]):
         super().__init__(gm)
-        self.cuts = cuts
+        self.cuts, self.statistics = cuts, statistics
+
+    def run_node(self, n: torch.fx.Node) -> Any:
+        if n not in self.statistics:
+            return super().run_node(n)
+        fn, args = self.statistics[n]
+        with self._set_current_node(n):
+            args = [self.get_attr(a, (), {}) if isinstance(a, _Attr) else a for a in args]
+            return fn(*torch.fx.node.map_arg(tuple(args), lambda m: self.env[m]))
 
     def _masked(self, t: torch.Tensor) -> torch.Tensor:
         out = t.detach().clone()
