@@ -1,7 +1,8 @@
 """Counting pass: FLOPs and parameters, dense and under any keep mask (design §6).
 
 Contract: :func:`cost_model` counts every node of the analysed graph as
-``torch.utils.flop_counter.FlopCounterMode`` counts it (so dense counts are exactly what
+:func:`.shape_flops.flop_counter` counts it (``FlopCounterMode`` plus the CPU attention
+kernel's formula it lacks; so dense counts are exactly what
 that counter reports: from the propagated shapes, :mod:`.shape_flops`, else by running
 the graph node by node on fake tensors) and records for every FLOP-bearing node the labels of the
 dims its cost is proportional to (its output dims plus its contracted input dim).
@@ -21,21 +22,20 @@ import numpy as np
 import torch
 import torch.fx
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
 from ..errors import BudgetError
 from .groups import LABEL_KEY, Analysis
 from .labels import TLabel
 from .latency_table import LatencyTable, measure_table
 from .rule_table import RuleTable
-from .shape_flops import node_flops
+from .shape_flops import flop_counter, node_flops
 
 
 def count_flops(module: torch.nn.Module, inputs: Tuple[Any, ...]) -> int:
     """Total FLOPs of one forward pass, as FlopCounterMode counts them (on fake
     tensors when possible: same count, no arithmetic)."""
     def run(args):
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with torch.no_grad(), counter:
             module(*args)
         return int(counter.get_total_flops())
@@ -111,7 +111,7 @@ class _FlopInterpreter(torch.fx.Interpreter):
         self.per_node: Dict[torch.fx.Node, int] = {}
 
     def run_node(self, n):
-        counter = FlopCounterMode(display=False)
+        counter = flop_counter()
         with counter:
             out = super().run_node(n)
         flops = int(counter.get_total_flops())

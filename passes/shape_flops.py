@@ -2,8 +2,8 @@
 
 Contract: :func:`node_flops` reads a GraphModule whose shapes :mod:`.shape_prop`
 propagated on ``inputs`` and returns ``{node: FLOPs}`` for the nodes with non-zero FLOPs,
-exactly what ``torch.utils.flop_counter.FlopCounterMode`` counts when the node runs on
-those shapes (the dense counts of :mod:`.count` are defined that way); or ``None`` when
+exactly what :func:`flop_counter` (``torch.utils.flop_counter.FlopCounterMode`` plus
+the CPU attention kernel's formula it lacks) counts when the node runs on those shapes (the dense counts of :mod:`.count` are defined that way); or ``None`` when
 the recorded shapes are not those of ``inputs`` (then the caller counts by running the
 graph). It writes nothing. Three kinds of node (issue 17: counting the whole graph on
 fake tensors was half of a ``compile(criterion="l2")``):
@@ -31,7 +31,32 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 from torch.utils.flop_counter import FlopCounterMode, conv_flop_count
 
-__all__ = ["node_flops", "graph_flops"]
+__all__ = ["node_flops", "graph_flops", "flop_counter", "attention_flops"]
+
+
+def attention_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    """Scaled dot-product attention's two products, Q·Kᵀ and P·V: ``2·N·L·S·(E + Ev)``
+    for ``N`` the query's leading dims (batch × heads; grouped key/value heads broadcast
+    to them), ``L``/``S`` the query/key lengths, ``E``/``Ev`` the query/value head dims:
+    the count torch's counter gives the CUDA attention kernels."""
+    *lead, length, e = query_shape
+    return 2 * math.prod(lead) * length * key_shape[-2] * (e + value_shape[-1])
+
+
+#: Attention kernels ``torch.utils.flop_counter`` has no formula for (it counts them as
+#: 0): the CPU flash kernel that ``F.scaled_dot_product_attention`` dispatches to on the
+#: CPU, so without this a timm ViT's attention products were free on the CPU and counted
+#: on CUDA, and a FLOPs budget meant two things.
+_EXTRA_FORMULAS = {getattr(torch.ops.aten, name): attention_flops
+                   for name in ("_scaled_dot_product_flash_attention_for_cpu",
+                                "_scaled_dot_product_attention_math_for_mps")
+                   if hasattr(torch.ops.aten, name)}
+
+
+def flop_counter() -> FlopCounterMode:
+    """The FLOP counter every count of fxprune uses: ``FlopCounterMode`` (no display)
+    with the formulas it lacks (:data:`_EXTRA_FORMULAS`)."""
+    return FlopCounterMode(display=False, custom_mapping=_EXTRA_FORMULAS)
 
 _ZERO_MODULES = (
     nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
@@ -262,7 +287,7 @@ class _NodeCounter(torch.fx.Interpreter):
             with self.mode:
                 for arg in node.all_input_nodes:
                     self.env[arg] = self._stand_in(arg)
-                counter = FlopCounterMode(display=False)
+                counter = flop_counter()
                 with torch.no_grad(), counter:
                     self.run_node(node)
             return int(counter.get_total_flops())

@@ -86,3 +86,43 @@ def test_a_module_resized_after_propagation_is_not_counted_from_stale_shapes():
     gm = trace(model, x)
     gm.get_submodule("2").weight = nn.Parameter(torch.randn(4, 6, 3, 3))  # stale shapes
     assert node_flops(gm, (x,)) is None  # the caller then runs the graph
+
+
+def _explicit_attention(q, k, v):
+    """SDPA spelt as its two products (counted by FlopCounterMode's matmul formula)."""
+    reps = q.shape[-3] // k.shape[-3]
+    k, v = k.repeat_interleave(reps, -3), v.repeat_interleave(reps, -3)
+    return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).softmax(-1) @ v
+
+
+@pytest.mark.parametrize("heads,kv_heads,ev", [(4, 4, 8), (4, 2, 8), (2, 2, 6)])
+def test_cpu_attention_is_counted_as_its_two_products(heads, kv_heads, ev):
+    # FlopCounterMode has no formula for the CPU flash kernel (it counts 0); ours counts
+    # what the matmul spelling (and the CUDA kernels) count, grouped KV heads included
+    from fxprune.passes.shape_flops import flop_counter
+    q, k = torch.randn(3, heads, 5, 8), torch.randn(3, kv_heads, 7, 8)
+    v = torch.randn(3, kv_heads, 7, ev)
+    counts = []
+    for fn in (lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=heads != kv_heads),
+               lambda: _explicit_attention(q, k, v)):
+        counter = flop_counter()
+        with torch.no_grad(), counter:
+            fn()
+        counts.append(counter.get_total_flops())
+    assert counts[0] == counts[1] == 2 * 3 * heads * 5 * 7 * (8 + ev)
+
+
+def test_pruned_sdpa_heads_are_costed_as_the_slim_model_counts():
+    # timm's ViT uses F.scaled_dot_product_attention; its products now count, so the cost
+    # model's prediction must still equal the independent recount of the slim model
+    import fxprune
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", img_size=32, patch_size=8,
+                              depth=2, num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    dense = count_flops(model, (x,))
+    res = fxprune.compile(model, criterion="l2", flops=0.6, example_inputs=x)
+    assert res.report.flops_ratio == pytest.approx(count_flops(res.module, (x,)) / dense,
+                                                   rel=1e-9)
+    assert res.report.flops_ratio <= 0.6 + 1e-9

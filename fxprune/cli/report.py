@@ -247,14 +247,14 @@ def load_slim(path: str):
 
 
 def recount(module, shape, dtype=None) -> Tuple[int, int, Any]:
-    """FLOPs (FlopCounterMode), parameter count and output shape on zeros of ``shape``
+    """FLOPs (fxprune's counter: FlopCounterMode + CPU attention), parameter count and output shape on zeros of ``shape``
     (of ``dtype`` when it is an integer type, token ids; else the module's float type)."""
     import torch
-    from torch.utils.flop_counter import FlopCounterMode
+    from ..passes.shape_flops import flop_counter
     if dtype is None or dtype.is_floating_point:
         dtype = next((p.dtype for p in module.parameters() if p.is_floating_point()),
                      torch.float32)
-    counter = FlopCounterMode(display=False)
+    counter = flop_counter()
     with torch.no_grad(), counter:
         out = module(torch.zeros(*shape, dtype=dtype))
     if not torch.is_tensor(out) and isinstance(out, dict) and "logits" in out:
