@@ -93,7 +93,7 @@ def write_report(recs: List[Dict], meta: Dict, budgets, sizes) -> None:
     bn_same = sum(1 for r in recs if "acc_bn" in r and r["acc_bn"] == r["acc_none"])
     n_bn = sum(1 for r in recs if "acc_bn" in r)
     errors = [f"`{r['key']}`: {r['error']}" for r in recs if "error" in r]
-    out = [f"# Post-training pruning of a real pretrained model: advertorch's MNIST LeNet-5",
+    out = ["# Post-training pruning of a real pretrained model: advertorch's MNIST LeNet-5",
            "", f"Command: `{meta['command']}` (from the repo root); library commit "
            f"`{meta['commit']}`. This invocation {meta['wall_min']:.1f} min; sum of row wall "
            f"times {sum(r.get('wall_s', 0) for r in recs) / 60:.1f} min (1 CPU thread).", "",
