@@ -13,10 +13,12 @@ EPOCH = 60_000
 #: Benchmark methods: fxprune criteria, ``<criterion>+<suffix>`` for a criterion run
 #: with the options :data:`SUFFIX_OPTIONS` names (``+fisher``: obs' loss-weighted scale;
 #: any other suffix is option ``perturb=``, e.g. ``+consumer``, issue 12's consumer-cut
-#: δθ of the second-order criteria), and a ``@N`` suffix for ``compile(steps=N)`` (the OBA paper's gradual procedure, e.g.
-#: ``obs@50``, ``oba+consumer@50``); the default list is the one-shot methods.
-CRITERIA = ["obs", "obs+fisher", "oba", "oba+consumer", "oba-exact", "oba-exact+consumer", "sosp-h",
-            "sosp-h+consumer", "sosp-i", "sosp-i+consumer", "taylor", "obd", "l2", "random"]
+#: δθ of the second-order criteria), and a ``@N`` suffix for ``compile(steps=N)`` (the
+#: OBA paper's gradual procedure, e.g. ``obs@50``, ``oba+consumer@50``); the default
+#: list is the one-shot methods.
+CRITERIA = ["obs", "obs+fisher", "oba", "oba+consumer", "oba-exact", "oba-exact+consumer",
+            "sosp-h", "sosp-h+consumer", "sosp-i", "sosp-i+consumer", "taylor", "obd", "l2",
+            "random"]
 #: ``+suffix`` method names that are not a ``perturb=`` value.
 SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}}
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]

@@ -18,8 +18,8 @@ scores a channel by the error that this removal *with* that compensation leaves:
    removes the k cheapest per step, n/k steps instead of n). A channel's layer score is
    its error increase ``ΔE`` at its greedy step, divided by the dense layer's output
    energy ``Σ‖y‖²`` over the same rows (option ``scale="energy"``, the default; or
-   weighted by the loss, ``scale="fisher"``, below), and made non-decreasing along the greedy order
-   (running maximum) so that a global ranking removes a layer's channels in that order.
+   weighted by the loss, ``scale="fisher"``, below), and made non-decreasing along the
+   greedy order (running maximum) so that a global ranking removes a layer's channels in that order.
 3. A channel's score sums its layer scores over all consumers of its group (a residual
    stream has one per block). Higher = more important, as for every criterion.
 
@@ -73,8 +73,9 @@ Contract: :func:`_score` reads ``ctx.module`` (the scoring copy; hooks are remov
 before returning), ``ctx.groups``, ``ctx.batches``, ``ctx.loss_fn`` (scale ``"fisher"``)
 and ``ctx.options`` (``damp``, ``per_step``, ``scale``); it writes ``ctx.state["obs"]``
 (for scale ``"fisher"`` with ``"fisher": {layer name: F_o}``) and returns
-``{consumer weight name: float64 tensor}`` holding each unit's score spread evenly over its input columns (all other parameters
-are absent, i.e. score 0). :func:`_aggregate` sums the consumer columns per channel.
+``{consumer weight name: float64 tensor}`` holding each unit's score spread evenly over
+its input columns (all other parameters are absent, i.e. score 0). :func:`_aggregate`
+sums the consumer columns per channel.
 """
 from __future__ import annotations
 
