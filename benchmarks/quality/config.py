@@ -12,6 +12,7 @@ from .nets import Recipe
 EPOCH = 60_000
 #: Benchmark methods: fxprune criteria, ``<criterion>+<suffix>`` for a criterion run
 #: with the options :data:`SUFFIX_OPTIONS` names (``+fisher``: obs' loss-weighted scale;
+#: ``+raw``: ``normalize=None``, channels ranked by raw score across groups;
 #: any other suffix is option ``perturb=``, e.g. ``+consumer``, issue 12's consumer-cut
 #: δθ of the second-order criteria), and a ``@N`` suffix for ``compile(steps=N)`` (the
 #: OBA paper's gradual procedure, e.g. ``obs@50``, ``oba+consumer@50``); the default
@@ -19,8 +20,9 @@ EPOCH = 60_000
 CRITERIA = ["obs", "obs+fisher", "oba", "oba+consumer", "oba-exact", "oba-exact+consumer",
             "sosp-h", "sosp-h+consumer", "sosp-i", "sosp-i+consumer", "taylor", "obd", "l2",
             "random"]
-#: ``+suffix`` method names that are not a ``perturb=`` value.
-SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}}
+#: ``+suffix`` parts of method names that are not a ``perturb=`` value (several may
+#: follow each other: ``obs+fisher+raw``).
+SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}, "raw": {"normalize": None}}
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
 FULL_FT_STEPS = 200
 
@@ -29,10 +31,13 @@ def method_options(method: str, seed: int) -> Tuple[str, Dict]:
     """``(fxprune criterion, its options)`` of a benchmark method name: ``"oba+consumer"``
     is ``("oba", {"perturb": "consumer"})``, ``"obs+fisher"`` is ``("obs", {"scale":
     "fisher"})``, ``"obs@50"`` is ``("obs", {"steps": 50})``;
-    ``"random"`` is seeded by the prune seed."""
+    ``"obs+fisher+raw"`` adds ``{"normalize": None}``; ``"random"`` is seeded by the
+    prune seed."""
     method, at, steps = method.partition("@")
-    criterion, plus, suffix = method.partition("+")
-    opts: Dict = dict(SUFFIX_OPTIONS.get(suffix, {"perturb": suffix})) if plus else {}
+    criterion, *suffixes = method.split("+")
+    opts: Dict = {}
+    for suffix in suffixes:
+        opts.update(SUFFIX_OPTIONS.get(suffix, {"perturb": suffix}))
     if at:
         opts["steps"] = int(steps)
     if criterion == "random":
