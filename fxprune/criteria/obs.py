@@ -50,9 +50,10 @@ count, one backward in the same pass that accumulates the Grams (no second forwa
 exact for a mean-reduced loss, as samples do not interact in eval mode (any other
 reduction rescales every layer alike, which leaves the ranking unchanged). It needs the
 targets / the compile loss. Measured (``benchmarks/quality/RESULTS.md``, issue 12):
-post-training with full repair, ``"fisher"`` kept less accuracy than ``"energy"`` on
-ResNet-20 and the ViT at kept FLOPs 0.3 and 0.14 (0.7 to 7.6 points, every seed), so
-``"energy"`` stays the default.
+post-training with full repair and the default ``normalize="mean"``, ``"fisher"`` kept
+less accuracy than ``"energy"`` on ResNet-20 and the ViT at kept FLOPs 0.3 and 0.14 (0.7
+to 7.6 points, every seed); with ``normalize=None`` they tie except on the ViT at 0.14,
+where ``"fisher"`` leads by 5.9 points. ``"energy"`` stays the default.
 
 What is not measured, and why:
 
