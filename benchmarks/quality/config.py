@@ -10,23 +10,34 @@ from typing import Dict, List, Tuple
 from .nets import Recipe
 
 EPOCH = 60_000
-#: Benchmark methods: fxprune criteria, ``<criterion>+<perturb>`` for a criterion run
-#: with option ``perturb=`` (issue 12: the consumer-cut δθ of the second-order criteria),
-#: and a ``@N`` suffix for ``compile(steps=N)`` (the OBA paper's gradual procedure, e.g.
-#: ``obs@50``, ``oba+consumer@50``); the default list is the one-shot methods.
-CRITERIA = ["obs", "oba", "oba+consumer", "oba-exact", "oba-exact+consumer", "sosp-h",
-            "sosp-h+consumer", "sosp-i", "sosp-i+consumer", "taylor", "obd", "l2", "random"]
+#: Benchmark methods: fxprune criteria, ``<criterion>+<suffix>`` for a criterion run
+#: with the options :data:`SUFFIX_OPTIONS` names (``+fisher``: obs' loss-weighted scale;
+#: ``+raw``: ``normalize=None``, channels ranked by raw score across groups;
+#: any other suffix is option ``perturb=``, e.g. ``+consumer``, issue 12's consumer-cut
+#: δθ of the second-order criteria), and a ``@N`` suffix for ``compile(steps=N)`` (the
+#: OBA paper's gradual procedure, e.g. ``obs@50``, ``oba+consumer@50``); the default
+#: list is the one-shot methods.
+CRITERIA = ["obs", "obs+fisher", "oba", "oba+consumer", "oba-exact", "oba-exact+consumer",
+            "sosp-h", "sosp-h+consumer", "sosp-i", "sosp-i+consumer", "taylor", "obd", "l2",
+            "random"]
+#: ``+suffix`` parts of method names that are not a ``perturb=`` value (several may
+#: follow each other: ``obs+fisher+raw``).
+SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}, "raw": {"normalize": None}}
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
 FULL_FT_STEPS = 200
 
 
 def method_options(method: str, seed: int) -> Tuple[str, Dict]:
     """``(fxprune criterion, its options)`` of a benchmark method name: ``"oba+consumer"``
-    is ``("oba", {"perturb": "consumer"})``, ``"obs@50"`` is ``("obs", {"steps": 50})``;
-    ``"random"`` is seeded by the prune seed."""
+    is ``("oba", {"perturb": "consumer"})``, ``"obs+fisher"`` is ``("obs", {"scale":
+    "fisher"})``, ``"obs@50"`` is ``("obs", {"steps": 50})``;
+    ``"obs+fisher+raw"`` adds ``{"normalize": None}``; ``"random"`` is seeded by the
+    prune seed."""
     method, at, steps = method.partition("@")
-    criterion, plus, perturb = method.partition("+")
-    opts: Dict = {"perturb": perturb} if plus else {}
+    criterion, *suffixes = method.split("+")
+    opts: Dict = {}
+    for suffix in suffixes:
+        opts.update(SUFFIX_OPTIONS.get(suffix, {"perturb": suffix}))
     if at:
         opts["steps"] = int(steps)
     if criterion == "random":

@@ -5,7 +5,8 @@ consumes it; the repair pass (``repair="full"``, compile's default with data) th
 re-fits each such layer by least squares toward the dense layer's output. ``"obs"``
 scores a channel by the error that this removal *with* that compensation leaves:
 
-1. One forward pass over the calibration batches (no backward) with forward hooks on
+1. One forward pass over the calibration batches (no backward; scale ``"fisher"``, below,
+   adds one backward to the layer outputs per batch) with forward hooks on
    every Linear / Conv1d / Conv2d that consumes a prunable channel; each accumulates its
    input Gram ``H = Σ x̃x̃ᵀ`` with :class:`fxprune.passes.lstsq.LayerGram` (the repair
    pass's statistics, bias 1 appended, at most ``ROWS_PER_UNKNOWN`` sampled rows per
@@ -16,18 +17,43 @@ scores a channel by the error that this removal *with* that compensation leaves:
    ``λ = damp · mean diag H`` (option ``damp``, default 1e-2; option ``per_step=k``
    removes the k cheapest per step, n/k steps instead of n). A channel's layer score is
    its error increase ``ΔE`` at its greedy step, divided by the dense layer's output
-   energy ``Σ‖y‖²`` over the same rows, and made non-decreasing along the greedy order
-   (running maximum) so that a global ranking removes a layer's channels in that order.
+   energy ``Σ‖y‖²`` over the same rows (option ``scale="energy"``, the default; or
+   weighted by the loss, ``scale="fisher"``, below), and made non-decreasing along the
+   greedy order (running maximum) so that a global ranking removes a layer's channels in that order.
 3. A channel's score sums its layer scores over all consumers of its group (a residual
    stream has one per block). Higher = more important, as for every criterion.
 
 Why the output-energy scale: ``ΔE / Σ‖y‖²`` is the relative reconstruction error of
 the layer, comparable across layers of any width, scale or position, needs no backward
-pass and no labels, and is what the repair pass minimises. Weighting by the loss (e.g.
-the output's diagonal Fisher) would need a backward pass per batch; which one ranks
-better is issue 12's benchmark question (item 4), not settled here. Note that
-compile's default ``normalize="mean"`` divides each group's scores by their mean, which
-keeps this scale only in the sums over consumers; ``normalize=None`` uses it globally.
+pass and no labels, and is what the repair pass minimises. Note that compile's default
+``normalize="mean"`` divides each group's scores by their mean, which keeps this scale
+only in the sums over consumers; ``normalize=None`` uses it globally.
+
+Option ``scale="fisher"`` weights the error by the loss instead (issue 12, item 1): the
+output error ``δy`` of a consumer is weighted per output unit ``o`` by the diagonal
+empirical Fisher of the layer's output,
+
+    F_o = mean over samples n and positions r of (∂ℓ_n/∂y_{n,r,o})²,
+
+so that ``½ Σ_o F_o Σ_r δy²_{n,r,o}`` is the second-order (Fisher) estimate of the loss
+increase of sample ``n``. Per output unit fits the closed form exactly: the compensation
+is separable over output rows (every row is re-fitted against the same input Gram), so
+weighting row ``o``'s objective ``‖δy_o‖² + λ‖δw_o‖²`` by ``F_o`` changes no row's
+minimiser, and the weighted greedy is :func:`~fxprune.passes.obs_solve.greedy_removal`
+on ``diag(√F) W`` (its ``ΔE`` is ``Σ_o F_o ΔE_o``). A weight per position and unit would
+need one Gram per output unit (``o × d²``), so positions are pooled into ``F_o``. A unit's
+score is its weighted greedy ``ΔE`` times ``R / (N · R_H)`` (``R`` rows of all ``N``
+samples, ``R_H`` of them sampled into ``H``): ``Σ_o F_o δy_o²`` per sample, twice the
+loss increase (no ½, as for OBA), comparable across layers. ``∂ℓ_n/∂y`` comes from the
+gradient of each batch's loss w.r.t. the consumers' outputs times the batch's sample
+count, one backward in the same pass that accumulates the Grams (no second forward):
+exact for a mean-reduced loss, as samples do not interact in eval mode (any other
+reduction rescales every layer alike, which leaves the ranking unchanged). It needs the
+targets / the compile loss. Measured (``benchmarks/quality/RESULTS.md``, issue 12):
+post-training with full repair and the default ``normalize="mean"``, ``"fisher"`` kept
+less accuracy than ``"energy"`` on ResNet-20 and the ViT at kept FLOPs 0.3 and 0.14 (0.7
+to 7.6 points, every seed); with ``normalize=None`` they tie except on the ViT at 0.14,
+where ``"fisher"`` leads by 5.9 points. ``"energy"`` stays the default.
 
 What is not measured, and why:
 
@@ -47,10 +73,12 @@ What is not measured, and why:
   stream with the channel's columns deleted, an approximation there.
 
 Contract: :func:`_score` reads ``ctx.module`` (the scoring copy; hooks are removed
-before returning), ``ctx.groups``, ``ctx.batches`` and ``ctx.options`` (``damp``,
-``per_step``); it writes ``ctx.state["obs"]`` and returns ``{consumer weight name: float64 tensor}``
-holding each unit's score spread evenly over its input columns (all other parameters
-are absent, i.e. score 0). :func:`_aggregate` sums the consumer columns per channel.
+before returning), ``ctx.groups``, ``ctx.batches``, ``ctx.loss_fn`` (scale ``"fisher"``)
+and ``ctx.options`` (``damp``, ``per_step``, ``scale``); it writes ``ctx.state["obs"]``
+(for scale ``"fisher"`` with ``"fisher": {layer name: F_o}``) and returns
+``{consumer weight name: float64 tensor}`` holding each unit's score spread evenly over
+its input columns (all other parameters are absent, i.e. score 0). :func:`_aggregate`
+sums the consumer columns per channel.
 """
 from __future__ import annotations
 
@@ -66,18 +94,22 @@ from ..passes.lstsq import REFIT_TYPES, LayerGram, augmented_weight
 from ..passes.obs_solve import consumer_columns, damped_inverse, greedy_removal
 from . import Criterion, ScoringContext, register_criterion
 from .aggregate import signed_channel_sums, weight_norms
-from .scoring import all_reduce_sums, cast_batch, check_finite, progress_iter
+from .scoring import all_reduce_sums, batch_loss, cast_batch, check_finite, progress_iter
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_DAMP", "MAX_UNKNOWNS", "ROWS_PER_UNKNOWN", "obs_layer_scores",
-           "warn_unless_repaired"]
+__all__ = ["DEFAULT_DAMP", "MAX_UNKNOWNS", "OutputFisher", "ROWS_PER_UNKNOWN", "SCALES",
+           "fisher_weights", "obs_layer_scores", "warn_unless_repaired"]
 
 DEFAULT_DAMP = 1e-2
 #: Rows (output positions) per unknown sampled from each batch, as the repair pass does.
 ROWS_PER_UNKNOWN = 8
 #: Largest input patch (+ bias) measured: ``H`` is ``d²`` float64 (2 GiB at 16384).
 MAX_UNKNOWNS = 16384
+#: Values of option ``scale``: how a consumer's error increase is made comparable.
+SCALES = {"energy": "ΔE ÷ the dense layer's output energy (default; no labels needed)",
+          "fisher": "ΔE weighted per output unit by the diagonal empirical Fisher of the "
+                    "layer's output (one backward per batch; needs the loss)"}
 #: The repair mode whose compensation the obs error increases assume.
 REPAIR_ASSUMED = "full"
 
@@ -146,53 +178,125 @@ def find_consumers(module: nn.Module, groups) -> Tuple[Dict[str, _Consumer], Dic
     return consumers, skipped
 
 
+@dataclass
+class OutputFisher:
+    """Sums for one consumer's diagonal empirical output Fisher (module docstring)."""
+
+    sq: Optional[Tensor] = None    # [o]: Σ over rows of (n_batch · ∂L/∂y)²
+    rows: int = 0                  # rows (samples x positions) of every call
+
+    def add(self, layer: nn.Module, grad: Tensor, n_samples: int) -> None:
+        """Accumulate ``grad`` (∂ batch loss / ∂ output of one call) of a batch of
+        ``n_samples``; output units are dim -1 of a Linear's output, dim 1 of a conv's."""
+        g = grad.detach().double() * n_samples
+        g = g.movedim(1, -1) if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else g
+        g = g.reshape(-1, g.shape[-1])
+        sq = g.pow(2).sum(0)
+        self.sq = sq if self.sq is None else self.sq + sq
+        self.rows += g.shape[0]
+
+
+def _samples(inputs) -> int:
+    """Samples of a batch: the leading dim of its first tensor input."""
+    return next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim()), 1)
+
+
 def accumulate_grams(module: nn.Module, consumers: Dict[str, _Consumer], batches,
-                     progress: bool = False) -> Dict[str, LayerGram]:
-    """One no-grad forward per batch; every consumer's :class:`LayerGram` (input Gram,
-    dense output energy) summed over batches and data-parallel ranks. Hooks are removed
-    before returning; ``module`` is otherwise untouched."""
+                     progress: bool = False, loss_fn=None, fisher: bool = False
+                     ) -> Tuple[Dict[str, LayerGram], Dict[str, OutputFisher], int]:
+    """One forward per batch (no grad unless ``fisher``); every consumer's
+    :class:`LayerGram` (input Gram, dense output energy) and, with ``fisher``, its
+    :class:`OutputFisher` from one backward of the batch loss (``loss_fn``) to the
+    consumers' outputs in the same pass; summed over batches and data-parallel ranks.
+    Returns ``(grams, fishers, samples)``. Hooks are removed before returning;
+    ``module`` is otherwise untouched (no parameter ``.grad`` is written)."""
     grams = {name: LayerGram() for name in consumers}
+    fishers = {name: OutputFisher() for name in consumers}
+    outputs: List[Tuple[str, Tensor]] = []
 
     def hook_for(name: str):
         rows = ROWS_PER_UNKNOWN * (consumers[name].layer.weight[0].numel() + 1)
 
         def hook(mod, inputs, output):
             grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows)
+            if fisher and output.requires_grad:
+                outputs.append((name, output))
         return hook
 
     handles = [c.layer.register_forward_hook(hook_for(n)) for n, c in consumers.items()]
+    samples = 0
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(fisher):
             for i, batch in enumerate(progress_iter(batches, progress, "obs")):
-                inputs, _ = cast_batch(batch, module)
+                inputs, targets = cast_batch(batch, module)
                 for k, x in enumerate(inputs):
                     if torch.is_tensor(x) and x.is_floating_point():
                         check_finite(x, f"calibration input {k}", i)
-                module(*inputs)
+                out = module(*inputs)
+                n = _samples(inputs)
+                samples += n
+                if fisher:
+                    _output_fisher(consumers, fishers, outputs, batch_loss(loss_fn, out,
+                                                                           targets, i), n)
     finally:
         for h in handles:
             h.remove()
+    return _reduce(grams, fishers, samples, fisher)
+
+
+def _output_fisher(consumers, fishers, outputs, loss: Tensor, n: int) -> None:
+    """Backward of one batch's ``loss`` to the recorded consumer outputs (then cleared);
+    an output the loss does not reach has gradient 0."""
+    grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
+    for (name, o), g in zip(outputs, grads):
+        fishers[name].add(consumers[name].layer, torch.zeros_like(o) if g is None else g, n)
+    outputs.clear()
+
+
+def _reduce(grams, fishers, samples: int, fisher: bool):
+    """All-reduce the per-rank sums (design §8); returns ``(grams, fishers, samples)``."""
     sums = {}
     for name, g in grams.items():
         if g.H is not None:
             sums[f"{name}:H"] = g.H
             sums[f"{name}:yy"] = torch.tensor([g.yy], dtype=torch.float64, device=g.H.device)
-    sums, _ = all_reduce_sums(sums, len(batches))
+            if fisher:
+                f = fishers[name]  # no gradient reached it: F = 0
+                sums[f"{name}:F"] = (f.sq.to(g.H.device) if f.sq is not None else
+                                     g.H.new_zeros(g.C.shape[1]))
+                sums[f"{name}:rows"] = torch.tensor([f.rows, g.rows], dtype=torch.float64,
+                                                    device=g.H.device)
+    sums, samples = all_reduce_sums(sums, samples)
     for name, g in grams.items():
         if g.H is not None:
             g.H, g.yy = sums[f"{name}:H"], float(sums[f"{name}:yy"])
-    return grams
+            if fisher:
+                rows = sums[f"{name}:rows"]
+                fishers[name].sq, fishers[name].rows = sums[f"{name}:F"], int(rows[0])
+                g.rows = int(rows[1])
+    return grams, fishers, samples
+
+
+def fisher_weights(fisher: OutputFisher) -> Tensor:
+    """``F_o``: the mean over all rows (samples x positions) of ``(∂ℓ_n/∂y_o)²``."""
+    return fisher.sq / max(fisher.rows, 1)
 
 
 def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
-                     damp: float = DEFAULT_DAMP, per_step: int = 1) -> Tensor:
-    """``[len(cols)]`` float64: each unit's greedy ``ΔE`` ÷ the dense output energy,
-    running maximum along the greedy order (module docstring, step 2)."""
+                     damp: float = DEFAULT_DAMP, per_step: int = 1,
+                     weights: Optional[Tensor] = None, scale: Optional[float] = None
+                     ) -> Tensor:
+    """``[len(cols)]`` float64: each unit's greedy ``ΔE`` ÷ ``scale`` (default: the dense
+    output energy), running maximum along the greedy order (module docstring, step 2).
+    ``weights`` ``[o]`` (e.g. :func:`fisher_weights`): ``ΔE = Σ_o weights_o ΔE_o``, by the
+    greedy on ``diag(√weights) W``."""
     H, W = gram.H[0], augmented_weight(layer)[0].to(gram.H.device)
+    if weights is not None:
+        W = W * weights.to(W).clamp_min(0).sqrt().reshape(-1, 1)
     if layer.bias is None:  # no constant column to compensate with, as in the re-fit
         H, W = H[:-1, :-1], W[:, :-1]
     order, increases = greedy_removal(damped_inverse(H, damp), W, cols, per_step)
-    scale = max(gram.yy, 1e-30)
+    scale = max(gram.yy if scale is None else scale, 1e-30)
     out = torch.zeros(len(cols), dtype=torch.float64)
     running = 0.0
     for u, inc in zip(order, increases):
@@ -201,8 +305,8 @@ def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
     return out
 
 
-def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
-    """Per consumer weight: unit scores spread over the unit's input columns."""
+def _options(ctx: ScoringContext) -> Tuple[float, int, str]:
+    """``(damp, per_step, scale)`` from ``ctx.options``, validated."""
     damp = float(ctx.options.get("damp", DEFAULT_DAMP))
     if not damp >= 0:
         raise CriterionError(f"obs: damp={damp!r}; use a damping factor >= 0 (default "
@@ -211,18 +315,34 @@ def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
     if not isinstance(per_step, int) or per_step < 1:
         raise CriterionError(f"obs: per_step={per_step!r}; use a whole number >= 1 (units "
                              "removed per greedy step of a layer; 1 is the exact greedy)")
+    scale = ctx.options.get("scale", "energy")
+    if scale not in SCALES:
+        choices = "; ".join(f"{k!r}: {v}" for k, v in SCALES.items())
+        raise CriterionError(f"obs: scale={scale!r}; choose one of {choices}")
     if not ctx.batches:
         raise CriterionError("obs needs calibration data (at least one batch)")
+    return damp, per_step, scale
+
+
+def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
+    """Per consumer weight: unit scores spread over the unit's input columns."""
+    damp, per_step, scale = _options(ctx)
+    fisher = scale == "fisher"
     consumers, skipped = find_consumers(ctx.module, ctx.groups)
-    grams = accumulate_grams(ctx.module, consumers, ctx.batches, ctx.progress)
-    scored, out = set(), {}
+    grams, fishers, samples = accumulate_grams(ctx.module, consumers, ctx.batches,
+                                               ctx.progress, ctx.loss_fn, fisher)
+    scored, out, weights_of = set(), {}, {}
     for name, cons in consumers.items():
         gram = grams[name]
         if gram.H is None:
             skipped[f"{name}.weight"] = "never called on the calibration data"
             continue
+        weights, div = None, None
+        if fisher:  # Σ_o F_o ΔE_o x R / (N R_H): per sample (module docstring)
+            weights = weights_of[name] = fisher_weights(fishers[name])
+            div = samples * gram.rows / max(fishers[name].rows, 1)
         values = obs_layer_scores(cons.layer, gram, [u.cols for u in cons.units], damp,
-                                  per_step)
+                                  per_step, weights, div)
         weight = cons.layer.weight
         t = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
         for u, v in zip(cons.units, values.tolist()):
@@ -231,6 +351,8 @@ def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
             scored.add(u.group)
         out[f"{name}.weight"] = t
     ctx.state["obs"] = {"scored_groups": scored, "skipped": skipped}
+    if fisher:
+        ctx.state["obs"]["fisher"] = weights_of
     for target, reason in skipped.items():
         log.info("obs: consumer %s not measured: %s", target, reason)
     return out
@@ -265,4 +387,4 @@ register_criterion(Criterion(
     name="obs",
     description="structured Optimal Brain Surgeon: output error each consumer layer keeps "
                 "after removing the channel with the least-squares update (repair='full')",
-    score=_score, needs_data=True, aggregate=_aggregate, options=("damp", "per_step")))
+    score=_score, needs_data=True, aggregate=_aggregate, options=("damp", "per_step", "scale")))
