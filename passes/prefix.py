@@ -96,14 +96,21 @@ class PrefixPlans:
     """Kept channels per group for any prefix of ``order`` (see the module doc)."""
 
     def __init__(self, groups: Sequence[Group], caps: Dict[str, int], steps: Dict[str, int],
-                 order: Sequence[Tuple[str, int]]):
+                 order: Sequence[Tuple[str, int]] = (), arrays=None):
+        """``order`` as ``[(group id, channel)]``, or ``arrays`` = (group ids, group index
+        per entry, channel per entry), the same order without the tuples."""
         self.ids = [g.id for g in groups]
         self.sizes = [g.size for g in groups]
         self.steps = [steps[gid] for gid in self.ids]
         where = {gid: i for i, gid in enumerate(self.ids)}
-        self.of_entry = np.fromiter((where[gid] for gid, _ in order), dtype=np.int64,
-                                    count=len(order))
-        channels = np.fromiter((c for _, c in order), dtype=np.int64, count=len(order))
+        if arrays is None:
+            self.of_entry = np.fromiter((where[gid] for gid, _ in order), dtype=np.int64,
+                                        count=len(order))
+            channels = np.fromiter((c for _, c in order), dtype=np.int64, count=len(order))
+        else:
+            ids, entry_group, channels = arrays
+            remap = np.asarray([where[gid] for gid in ids], dtype=np.int64)
+            self.of_entry = remap[entry_group] if len(ids) else entry_group
         guard = SpanGuard(groups)
         self.pos: List[np.ndarray] = []
         self.ch: List[np.ndarray] = []

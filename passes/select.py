@@ -19,7 +19,8 @@ like the scores. Only channels whose score *and* weight norm are equal fall back
 group order and channel index. :func:`tied_groups` names the groups whose scores carry
 no ranking at all (all zero or all equal); ``compile`` turns them into an error or a
 warning (:mod:`.degenerate`). The removal prefix of the global order is found by
-bisection on the exact cost model (:mod:`.count`).
+bisection on the exact cost model (:mod:`.count`); each prefix's plan comes from
+:mod:`.prefix` (per-group work done once, not per bisection step).
 """
 from __future__ import annotations
 
@@ -174,8 +175,11 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
     in_caps = [g for g in groups if g.id in caps]
     steps = {g.id: unit_step(g, round_to) for g in in_caps}
     if order is None:
-        order = global_order(groups, scores, caps, normalize, tiebreak=tiebreak)
-    plans = PrefixPlans(in_caps, caps, steps, order)
+        check_normalize(normalize)
+        plans = PrefixPlans(in_caps, caps, steps, arrays=_order_arrays(
+            groups, scores, caps, normalize, tiebreak))
+    else:
+        plans = PrefixPlans(in_caps, caps, steps, order)
     costs: Dict[tuple, float] = {}  # plan key -> cost: equal prefixes' plans cost once
 
     def cost_at(k: int) -> float:

@@ -122,13 +122,17 @@ def _cost(sizes, monotone):
     return cost
 
 
-def _both(groups, scores, budget, caps, cost, dense, order, round_to):
-    """(new plan or error text, reference plan or error text)."""
+def _both(groups, scores, budget, caps, cost, dense, order, round_to, normalize="mean",
+          tiebreak=None):
+    """(new plan or error text, reference plan or error text); ``order=None``: the new
+    code ranks the channels itself, the reference by :func:`ref_global_order`."""
+    ref_order = order if order is not None else ref_global_order(groups, scores, caps,
+                                                                 normalize, tiebreak)
     out = []
     for run in (lambda: select_budget(groups, scores, budget, caps, cost, dense, order,
-                                      round_to=round_to),
-                lambda: ref_select_budget(groups, scores, budget, caps, cost, dense, order,
-                                          round_to)):
+                                      normalize, tiebreak=tiebreak, round_to=round_to),
+                lambda: ref_select_budget(groups, scores, budget, caps, cost, dense,
+                                          ref_order, round_to)):
         try:
             out.append(run())
         except BudgetError:
@@ -177,12 +181,15 @@ def test_select_budget_equals_reference(name):
     for trial in range(12):
         caps = removable_counts(groups, rng.choice([0.0, 0.5, 0.9, 0.99]))
         scores = _scores(rng, groups, tied=trial % 2 == 0)
-        order = ref_global_order(groups, scores, caps, rng.choice(["mean", "max", None]))
+        tiebreak = _scores(rng, groups, tied=True) if trial % 4 == 0 else None
+        normalize = rng.choice(["mean", "max", None])
+        order = ref_global_order(groups, scores, caps, normalize) if trial % 4 == 3 else None
         cost = _cost(sizes, monotone=trial % 3 != 2)
         dense = cost({gid: list(range(n)) for gid, n in sizes.items()})
-        budget = Budget("flops", rng.uniform(0.05, 0.95))
+        budget = Budget("flops", rng.uniform(0.3, 0.97))
         round_to = rng.choice([1, 1, 2, 4, 8])
-        new, ref = _both(groups, scores, budget, caps, cost, dense, order, round_to)
+        new, ref = _both(groups, scores, budget, caps, cost, dense, order, round_to,
+                         normalize, tiebreak)
         assert new == ref, (name, trial)
 
 
