@@ -21,7 +21,7 @@ channel; a group loses at most its cap; a channel listed twice counts once.
 """
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 
@@ -136,9 +136,10 @@ class PrefixPlans:
             out.append(int(np.searchsorted(self.pos[i], r)))  # accepted before entry r
         return tuple(out)
 
-    def kept(self, key: Hashable) -> Dict[str, List[int]]:
+    def kept(self, key: Tuple[int, ...]) -> Dict[str, List[int]]:
         """``{group id: sorted kept channels}`` for a :meth:`key`; fresh lists."""
-        return {gid: list(self._kept_list(i, m)) for i, (gid, m) in enumerate(zip(self.ids, key))}
+        return {gid: list(self._kept_list(i, m))
+                for i, (gid, m) in enumerate(zip(self.ids, key))}
 
     def _kept_list(self, i: int, m: int) -> List[int]:
         out = self._lists.get((i, m))

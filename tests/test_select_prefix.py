@@ -56,8 +56,8 @@ def ref_global_order(groups, scores, caps, normalize, tiebreak=None):
         if g.id not in caps or caps[g.id] == 0:
             continue
         s = scores[g.id].double().abs().numpy()
-        w = (np.zeros_like(s) if tiebreak is None
-             else tiebreak[g.id].double().abs().numpy() / scale(tiebreak[g.id].double().abs().numpy()))
+        t = None if tiebreak is None else tiebreak[g.id].double().abs().numpy()
+        w = np.zeros_like(s) if t is None else t / scale(t)
         order = np.lexsort((w, s))[:caps[g.id]]
         entries.extend((s[c] / scale(s), w[c], g.id, int(c)) for c in order)
     entries.sort(key=lambda e: (e[0], e[1]))
