@@ -19,7 +19,8 @@ like the scores. Only channels whose score *and* weight norm are equal fall back
 group order and channel index. :func:`tied_groups` names the groups whose scores carry
 no ranking at all (all zero or all equal); ``compile`` turns them into an error or a
 warning (:mod:`.degenerate`). The removal prefix of the global order is found by
-bisection on the exact cost model (:mod:`.count`).
+bisection on the exact cost model (:mod:`.count`); each prefix's plan comes from
+:mod:`.prefix` (per-group work done once, not per bisection step).
 """
 from __future__ import annotations
 
@@ -30,8 +31,9 @@ import numpy as np
 import torch
 
 from ..errors import BudgetError
-from ..group import Group, member_spans
+from ..group import Group
 from .budget import Budget
+from .prefix import PrefixPlans, SpanGuard
 from .widths import rounded_removal, unit_step
 
 Scores = Dict[str, torch.Tensor]  # group id -> one value per channel
@@ -45,46 +47,13 @@ def removable_counts(groups: Sequence[Group], max_layer_sparsity: float) -> Dict
             for g in groups if g.prunable}
 
 
-class _SpanGuard:
-    """Tracks removals so that no member span of a group loses its last channel."""
-
-    def __init__(self, groups):
-        self.full: Dict[str, List[int]] = {}
-        self.of_channel: Dict[str, Dict[int, List[int]]] = {}
-        for g in groups:
-            spans = member_spans(g)
-            if not spans:
-                continue
-            self.full[g.id] = [len(s) for s in spans]
-            index: Dict[int, List[int]] = {}
-            for k, span in enumerate(spans):
-                for c in span:
-                    index.setdefault(c, []).append(k)
-            self.of_channel[g.id] = index
-        self.reset()
-
-    def reset(self) -> "_SpanGuard":
-        """Forget all recorded removals."""
-        self.left = {gid: list(n) for gid, n in self.full.items()}
-        return self
-
-    def remove(self, gid: str, c: int) -> bool:
-        """Record removing channel ``c`` of ``gid`` unless it would empty a span."""
-        ks = self.of_channel.get(gid, {}).get(c, ())
-        if any(self.left[gid][k] <= 1 for k in ks):
-            return False
-        for k in ks:
-            self.left[gid][k] -= 1
-        return True
-
-
 def select_uniform(groups, scores: Scores, sparsity: float, caps: Dict[str, int], *,
                    tiebreak: Optional[Scores] = None, round_to: int = 1) -> Dict[str, List[int]]:
     """Remove ``floor(sparsity * size)`` lowest-scored channels of every group (rounded
     to keep multiples of ``round_to``: :mod:`.widths`); equal scores go lowest
     ``tiebreak`` (weight norm) first."""
     kept = {}
-    guard = _SpanGuard([g for g in groups if g.id in caps])
+    guard = SpanGuard([g for g in groups if g.id in caps])
     for g in groups:
         if g.id not in caps:
             continue
@@ -165,7 +134,16 @@ def global_order(groups, scores: Scores, caps: Dict[str, int],
     Equal normalised scores are ordered by ``tiebreak`` (weight norm), normalised the
     same way, so that tied groups interleave by relative norm."""
     check_normalize(normalize)
-    entries = []
+    ids, entry_group, channels = _order_arrays(groups, scores, caps, normalize, tiebreak)
+    return [(ids[i], c) for i, c in zip(entry_group.tolist(), channels.tolist())]
+
+
+def _order_arrays(groups, scores: Scores, caps: Dict[str, int], normalize: Optional[str],
+                  tiebreak: Optional[Scores]):
+    """:func:`global_order` as arrays: (group ids, group index per entry, channel per
+    entry). Sorted by (normalised score, normalised tie-break) with a stable sort, so
+    equal keys keep group order and each group's own ascending order."""
+    ids, keys, secondary, groups_of, chans = [], [], [], [], []
     for g in groups:
         if g.id not in caps or caps[g.id] == 0:
             continue
@@ -174,9 +152,15 @@ def global_order(groups, scores: Scores, caps: Dict[str, int],
         w = _key(tiebreak, g.id)
         w = np.zeros_like(s) if w is None else w / _group_scale(w, normalize)
         order = _ascending(scores[g.id], w)[:caps[g.id]]
-        entries.extend((s[c] / top, w[c], g.id, int(c)) for c in order)
-    entries.sort(key=lambda e: (e[0], e[1]))
-    return [(gid, c) for _, _, gid, c in entries]
+        keys.append(s[order] / top)
+        secondary.append(w[order])
+        groups_of.append(np.full(len(order), len(ids), dtype=np.int64))
+        chans.append(order.astype(np.int64))
+        ids.append(g.id)
+    if not ids:
+        return ids, np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    perm = np.lexsort((np.concatenate(secondary), np.concatenate(keys)))
+    return ids, np.concatenate(groups_of)[perm], np.concatenate(chans)[perm]
 
 
 def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
@@ -189,39 +173,31 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
     of the prefix is rounded so that it keeps a multiple of ``round_to`` indices
     (:mod:`.widths`), taking or leaving its next channels in ``order``."""
     in_caps = [g for g in groups if g.id in caps]
-    sizes = {g.id: g.size for g in in_caps}
     steps = {g.id: unit_step(g, round_to) for g in in_caps}
     if order is None:
-        order = global_order(groups, scores, caps, normalize, tiebreak=tiebreak)
-    by_group: Dict[str, List[int]] = {gid: [] for gid in sizes}
-    rank = []  # per prefix entry: (group, how many of its channels the prefix holds)
-    for gid, c in order:
-        by_group[gid].append(c)
-        rank.append((gid, len(by_group[gid])))
-    spans = _SpanGuard(in_caps)
+        check_normalize(normalize)
+        plans = PrefixPlans(in_caps, caps, steps, arrays=_order_arrays(
+            groups, scores, caps, normalize, tiebreak))
+    else:
+        plans = PrefixPlans(in_caps, caps, steps, order)
+    costs: Dict[tuple, float] = {}  # plan key -> cost: equal prefixes' plans cost once
 
-    def kept_after(k: int) -> Dict[str, List[int]]:
-        wanted = dict.fromkeys(sizes, 0)
-        for gid, n in rank[:k]:
-            wanted[gid] = n
-        guard = spans.reset()
-        kept = {}
-        for gid, n in sizes.items():
-            r = rounded_removal(n, wanted[gid], min(caps[gid], len(by_group[gid])), steps[gid])
-            removed = {c for c in dict.fromkeys(by_group[gid][:r]) if guard.remove(gid, c)}
-            kept[gid] = [c for c in range(n) if c not in removed]
-        return kept
+    def cost_at(k: int) -> float:
+        key = plans.key(k)
+        if key not in costs:
+            costs[key] = cost(plans.kept(key))
+        return costs[key]
 
     target = budget.ratio * dense
-    lo, hi = 0, len(order)
-    if cost(kept_after(hi)) > target * (1 + 1e-9):
-        best = cost(kept_after(hi)) / dense
+    lo, hi = 0, len(plans)
+    if cost_at(hi) > target * (1 + 1e-9):
+        best = cost_at(hi) / dense
         raise BudgetError(
             f"{budget.kind}={budget.ratio} cannot be reached: the best reachable ratio is "
             f"{best:.3f} (limited by max_layer_sparsity, at least one channel per group, "
             + (f"kept widths in multiples of round_to={round_to}, " if round_to > 1 else "")
             + "and groups that are not prunable)")
-    return kept_after(_first_within(lambda k: cost(kept_after(k)), target, lo, hi))
+    return plans.kept(plans.key(_first_within(cost_at, target, lo, hi)))
 
 
 def _first_within(cost_at: Callable[[int], float], target: float, lo: int, hi: int) -> int:
