@@ -16,7 +16,7 @@ import torch
 
 from . import api_gradual
 from .criteria import Criterion
-from .criteria.magnitude import weight_norms
+from .criteria.aggregate import weight_norms
 from .criteria.scoring import cast_batch
 from .errors import BudgetError
 from .ignore import ignored

@@ -10,8 +10,12 @@ tie-break key of selection (design §5.5).
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Iterable, List, Optional
+import itertools
+import math
+from collections.abc import Mapping
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
+import numpy as np
 import torch
 
 from ..group import Group, Member
@@ -67,9 +71,69 @@ def root_of_sum(s: torch.Tensor) -> torch.Tensor:
 def weight_norms(groups: Iterable[Group], module: torch.nn.Module) -> Dict[str, torch.Tensor]:
     """``{group id: float64 tensor[size]}``: every channel's L2 norm over all member slices
     that are parameters of ``module`` (the ``"l2"`` criterion's channel score, computed in
-    float64 so that float16 weights do not overflow)."""
-    groups: List[Group] = list(groups)
-    wanted = {m.target for g in groups for m in g.members}
-    squares = {n: p.detach().double().pow(2) for n, p in module.named_parameters()
-               if n in wanted}
-    return channel_scores(groups, squares, transform=root_of_sum)
+    float64 so that float16 weights do not overflow; one squared tensor alive at a time)."""
+    return root_sum_channel_scores(
+        groups, dict(module.named_parameters()),
+        square=lambda p: p.to(torch.float64, copy=True).pow_(2))
+
+
+def root_sum_channel_scores(groups: Iterable[Group], scores: Mapping,
+                            square: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+                            ) -> Dict[str, torch.Tensor]:
+    """:func:`channel_scores` with :func:`root_of_sum` (sqrt of the summed ``scores`` over
+    every member slice), computed with each tensor read (and ``square``d, when given)
+    once, and each (tensor, dim) it is sliced along summed once, however many members
+    and groups read it. ``scores`` may be lazy (a Mapping computing on access)."""
+    groups = list(groups)
+    along = _sums_along(groups, scores, square)
+    out = {}
+    for g in groups:
+        total = None
+        for m in g.members:
+            if (m.target, m.dim) not in along:
+                continue
+            part = _per_channel(m.index_map, along[m.target, m.dim], g.size)
+            total = part if total is None else total + part.to(total.dtype)
+        out[g.id] = root_of_sum(total if total is not None
+                                else torch.zeros(g.size, dtype=torch.float64))
+    return out
+
+
+def _sums_along(groups: List[Group], scores: Mapping, square) -> Dict[Tuple[str, int], torch.Tensor]:
+    """``{(target, dim): the score summed over every dim but dim}`` for the members'
+    tensors that ``scores`` holds (one score tensor alive at a time)."""
+    dims: Dict[str, set] = {}
+    for g in groups:
+        for m in g.members:
+            if m.target in scores:
+                dims.setdefault(m.target, set()).add(m.dim)
+    out = {}
+    for target, wanted in dims.items():
+        t = scores[target].detach()
+        t = square(t) if square is not None else t
+        for dim in sorted(wanted):
+            out[target, dim] = _sum_but(t, dim)
+    return out
+
+
+def _sum_but(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sum of ``t`` over every dim but ``dim`` (reductions over contiguous blocks: a
+    transpose first would copy the tensor, slowly for a 3x3 conv's input dim)."""
+    n = t.shape[dim]
+    if dim == 0:
+        return t.reshape(n, -1).sum(1) if t.dim() > 1 else t
+    return t.reshape(math.prod(t.shape[:dim]), n, math.prod(t.shape[dim + 1:])).sum(0).sum(1)
+
+
+def _per_channel(index_map, along: torch.Tensor, size: int) -> torch.Tensor:
+    """Per channel c: the sum of ``along`` over ``index_map[c]`` (what
+    :func:`member_channel_sums` scatters, on a precomputed ``along``)."""
+    lengths = np.fromiter(map(len, index_map), dtype=np.int64, count=len(index_map))
+    positions = np.fromiter(itertools.chain.from_iterable(index_map), dtype=np.int64,
+                            count=int(lengths.sum()))
+    out = torch.zeros(size, dtype=along.dtype, device=along.device)
+    if positions.size:
+        channels = np.repeat(np.arange(len(index_map), dtype=np.int64), lengths)
+        out.index_add_(0, torch.from_numpy(channels).to(along.device),
+                       along[torch.from_numpy(positions).to(along.device)])
+    return out

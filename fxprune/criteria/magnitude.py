@@ -2,23 +2,18 @@
 
 Magnitude scores are lazy (:class:`LazyScores`: computed from the weights on access,
 never held) and say whether they are finite without being materialised
-(:meth:`LazyScores.finite`). The ``"l2"`` channel score is the aggregation of
-:mod:`.aggregate` (signed sums of the squared weights over every member slice, then a
-square root) computed once per (tensor, dim) instead of once per member
-(:func:`_l2_aggregate`).
+(:meth:`LazyScores.finite`). The ``"l2"`` channel score is
+:func:`.aggregate.root_sum_channel_scores` of the squared weights.
 """
 from __future__ import annotations
 
-import itertools
-import math
 from collections.abc import Mapping
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Callable, Dict, Iterator, Optional
 
-import numpy as np
 import torch
 
 from . import ScoringContext, criterion
-from .aggregate import root_of_sum
+from .aggregate import root_sum_channel_scores
 
 
 def _params(ctx: ScoringContext):
@@ -86,70 +81,9 @@ def _squares_finite(p: torch.Tensor) -> bool:
 
 def _l2_aggregate(groups, scores, ctx):
     """The group's weight norm over all member slices: sqrt of the summed squares
-    (:func:`.aggregate.channel_scores` with :func:`root_of_sum`). Each tensor is squared
-    once, and each (tensor, dim) it is sliced along summed once, however many members
-    and groups read it."""
-    groups = list(groups)
-    along = _square_sums(groups, scores)
-    out = {}
-    for g in groups:
-        total = None
-        for m in g.members:
-            if (m.target, m.dim) not in along:
-                continue
-            part = _per_channel(m.index_map, along[m.target, m.dim], g.size)
-            total = part if total is None else total + part.to(total.dtype)
-        out[g.id] = root_of_sum(total if total is not None
-                                else torch.zeros(g.size, dtype=torch.float64))
-    return out
-
-
-def weight_norms(groups, module: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """:func:`.aggregate.weight_norms` (every channel's float64 L2 norm over the member
-    slices that are parameters of ``module``: selection's tie-break key) computed as
-    :func:`_l2_aggregate` computes it: each tensor squared once, one at a time."""
-    squares = LazyScores({n: p.detach() for n, p in module.named_parameters()},
-                         lambda p: p.to(torch.float64, copy=True).pow_(2))
-    return _l2_aggregate(groups, squares, None)
-
-
-def _square_sums(groups, scores) -> Dict[Tuple[str, int], torch.Tensor]:
-    """``{(target, dim): the score (a squared weight) summed over every dim but dim}`` for
-    the members' tensors that ``scores`` holds (one squared tensor alive at a time)."""
-    dims: Dict[str, set] = {}
-    for g in groups:
-        for m in g.members:
-            if m.target in scores:
-                dims.setdefault(m.target, set()).add(m.dim)
-    out = {}
-    for target, wanted in dims.items():
-        sq = scores[target].detach()
-        for dim in sorted(wanted):
-            out[target, dim] = _sum_but(sq, dim)
-    return out
-
-
-def _sum_but(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sum of ``t`` over every dim but ``dim`` (reductions over contiguous blocks: a
-    transpose first would copy the tensor, slowly for a 3x3 conv's input dim)."""
-    n = t.shape[dim]
-    if dim == 0:
-        return t.reshape(n, -1).sum(1) if t.dim() > 1 else t
-    return t.reshape(math.prod(t.shape[:dim]), n, math.prod(t.shape[dim + 1:])).sum(0).sum(1)
-
-
-def _per_channel(index_map, along: torch.Tensor, size: int) -> torch.Tensor:
-    """Per channel c: the sum of ``along`` over ``index_map[c]``
-    (:func:`.aggregate.member_channel_sums` on a precomputed ``along``)."""
-    lengths = np.fromiter(map(len, index_map), dtype=np.int64, count=len(index_map))
-    positions = np.fromiter(itertools.chain.from_iterable(index_map), dtype=np.int64,
-                            count=int(lengths.sum()))
-    out = torch.zeros(size, dtype=along.dtype, device=along.device)
-    if positions.size:
-        channels = np.repeat(np.arange(len(index_map), dtype=np.int64), lengths)
-        out.index_add_(0, torch.from_numpy(channels).to(along.device),
-                       along[torch.from_numpy(positions).to(along.device)])
-    return out
+    (:func:`.aggregate.root_sum_channel_scores`: each tensor squared once, each
+    (tensor, dim) summed once)."""
+    return root_sum_channel_scores(groups, scores)
 
 
 def _random_aggregate(groups, scores, ctx):
