@@ -36,6 +36,7 @@ from torch import nn
 
 from ..errors import FxpruneError
 from ..repair_report import LayerRepair, OutputMatch, RepairSummary
+from .eval_mode import eval_mode
 from .groups import Analysis, fetch_attr
 from .lstsq import (LayerGram, augmented_weight, error, set_augmented_weight, solve,
                     unsupported_reason)
@@ -89,18 +90,13 @@ def repair(dense: torch.fx.GraphModule, slim: torch.fx.GraphModule, analysis: An
     if not sites:
         summary.notes.append("nothing to repair: no batch norm or layer input changed")
         return summary
-    was = slim.training
-    slim.eval()
-    try:
-        with torch.no_grad():
-            measured = held or train
-            before = [slim(*inputs[b]) for b in measured]
-            sweep = LockstepSweep(dense, slim, inputs)
-            dense_out, slim_out = sweep.run(_Repairer(sweep, train, held, summary).hooks(sites))
-        summary.before = _match([dense_out[b] for b in measured], before)
-        summary.after = _match([dense_out[b] for b in measured], [slim_out[b] for b in measured])
-    finally:
-        slim.train(was)
+    with eval_mode(slim), torch.no_grad():
+        measured = held or train
+        before = [slim(*inputs[b]) for b in measured]
+        sweep = LockstepSweep(dense, slim, inputs)
+        dense_out, slim_out = sweep.run(_Repairer(sweep, train, held, summary).hooks(sites))
+    summary.before = _match([dense_out[b] for b in measured], before)
+    summary.after = _match([dense_out[b] for b in measured], [slim_out[b] for b in measured])
     log.info("%s", summary.table())
     return summary
 

@@ -18,7 +18,6 @@ and :func:`slim_shapes` propagates the slim model's shapes (a failure is a rewri
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -31,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import FxpruneError, TraceError
+from .eval_mode import eval_mode
 from .groups import LABEL_KEY, Analysis
 from .rule_table import canonical
 from .shape_prop import propagate_shapes
@@ -247,14 +247,8 @@ def _flatten(out: Any) -> List[torch.Tensor]:
 def check(slim: nn.Module, reference: nn.Module, inputs: Tuple[Any, ...]) -> float:
     """Relative max error between slim and reference on ``inputs``, in the models'
     own dtype (tests use float64 models for the 1e-6 oracle)."""
-    was = slim.training
-    slim.eval()
-    reference.eval()
-    try:
-        with torch.no_grad():
-            return max_relative_error(slim(*inputs), reference(*inputs))
-    finally:
-        slim.train(was)
+    with eval_mode(slim, reference), torch.no_grad():
+        return max_relative_error(slim(*inputs), reference(*inputs))
 
 
 def tolerance(module: nn.Module) -> float:
@@ -300,21 +294,9 @@ def _check_lean(analysis: Analysis, slim: nn.Module, kept: Dict[str, List[int]],
         return check(slim, masked_reference(analysis, kept), inputs)
     gm = analysis.gm
     statistics = _statistic_calls(gm, analysis.keep_mask(kept))
-    with _eval_mode(gm), _eval_mode(slim), torch.no_grad():
+    with eval_mode(gm, slim), torch.no_grad():
         reference = _CutInterpreter(gm, _cuts(analysis, kept), statistics).run(*inputs)
         return max_relative_error(slim(*inputs), reference)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Every submodule in eval mode, and back to its own flag afterwards."""
-    flags = [(m, m.training) for m in module.modules()]
-    module.eval()
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
 
 
 class _Attr(str):

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 from torch.fx import GraphModule, Node
 
+from ..passes.eval_mode import eval_mode
 from ..passes.groups import fetch_attr
 from . import oba_tangents
 from .oba_ops import (LAYER_FUNCTIONS, LAYER_MODULES, MATMUL_FUNCTIONS, MATMUL_METHODS,
@@ -239,15 +240,12 @@ def scoring_state(model: nn.Module, params: Iterable[Tensor]):
     """Put ``model`` in eval mode and make ``params`` require grad for the duration;
     every module's ``training`` flag and every ``requires_grad`` flag are restored."""
     params = list(params)
-    modes = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in params]
     try:
-        model.eval()
-        for p in params:
-            p.requires_grad_(True)
-        yield
+        with eval_mode(model):
+            for p in params:
+                p.requires_grad_(True)
+            yield
     finally:
-        for m, mode in modes:
-            m.training = mode
         for p, flag in flags:
             p.requires_grad_(flag)
