@@ -66,11 +66,10 @@ class CostModel:
     dense_params: int = 0
 
     def flops(self, keep: np.ndarray) -> float:
-        return sum(f * _fraction_product(arrays, keep) for f, arrays in self.node_flops) \
-            + self._fixed_flops
+        return _Terms.of(self.node_flops, self._term_cache).total(keep) + self._fixed_flops
 
     def params(self, keep: np.ndarray) -> float:
-        return sum(n * _fraction_product(arrays, keep) for n, arrays in self.param_dims)
+        return _Terms.of(self.param_dims, self._term_cache).total(keep)
 
     def latency(self, keep: np.ndarray) -> float:
         """Predicted latency (ms) under ``keep``: the per-layer latency table
@@ -93,14 +92,62 @@ class CostModel:
     _fixed_flops: int = 0
     latency_table: Optional[LatencyTable] = None   # None until a latency budget needs it
     _measure_latency: Optional[Callable[[], LatencyTable]] = None
+    _term_cache: Dict[int, "_Terms"] = field(default_factory=dict, repr=False, compare=False)
 
 
 def _fraction_product(arrays: List[np.ndarray], keep: np.ndarray) -> float:
+    """Product over ``arrays`` of each one's kept fraction (ids -1: always kept)."""
     frac = 1.0
     for ids in arrays:
         alive = np.where(ids >= 0, keep[np.maximum(ids, 0)], True)
         frac *= alive.mean()
     return frac
+
+
+class _Terms:
+    """``sum(size * _fraction_product(arrays, keep) for size, arrays in terms)`` with the
+    same floating-point operations in the same order, but one gather for all the ids:
+    they are concatenated once (-1 -> a trailing always-kept slot), the kept counts per
+    array are one ``add.reduceat``, and only the per-term products and the sum run in
+    Python (left to right, as the original). Built once per term list
+    (:meth:`of`: rebuilt if the list is replaced or changes length)."""
+
+    def __init__(self, terms: List[Tuple[int, List[np.ndarray]]]):
+        self.source, self.length = terms, len(terms)
+        arrays = [ids for _, term in terms for ids in term]
+        self.sizes = [size for size, _ in terms]
+        self.widths = [len(term) for _, term in terms]   # arrays per term
+        lengths = np.array([ids.size for ids in arrays], dtype=np.int64)
+        self.empty = bool((lengths == 0).any())          # mean of nothing: keep the original
+        self.lengths = lengths.astype(np.float64)
+        self.starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+        self.ids = (np.concatenate([ids.ravel() for ids in arrays]).astype(np.int64)
+                    if arrays else np.zeros(0, dtype=np.int64))
+        self._slots: Tuple[int, np.ndarray] = (-1, self.ids)   # (mask length, gather ids)
+
+    @classmethod
+    def of(cls, terms, cache: Dict[int, "_Terms"]) -> "_Terms":
+        hit = cache.get(id(terms))
+        if hit is None or hit.source is not terms or hit.length != len(terms):
+            hit = cache[id(terms)] = cls(terms)
+        return hit
+
+    def total(self, keep: np.ndarray) -> float:
+        if self.empty or not self.ids.size:
+            return sum(n * _fraction_product(arrays, keep) for n, arrays in self.source)
+        if self._slots[0] != keep.size:   # -1 -> the slot after the mask
+            self._slots = (keep.size, np.where(self.ids >= 0, self.ids, keep.size))
+        kept = np.add.reduceat(np.append(keep, True)[self._slots[1]], self.starts,
+                               dtype=np.int64)
+        fractions = (kept / self.lengths).tolist()
+        total, at = 0, 0
+        for size, width in zip(self.sizes, self.widths):
+            frac = 1.0
+            for f in fractions[at:at + width]:
+                frac *= f
+            total = total + size * frac
+            at += width
+        return total
 
 
 class _FlopInterpreter(torch.fx.Interpreter):
@@ -149,9 +196,11 @@ def cost_model(analysis: Analysis, inputs: Tuple[Any, ...]) -> CostModel:
             fixed += flops
     model._fixed_flops = fixed
     model.dense_flops = sum(per_node.values())
+    dims_of: Dict[str, List[np.ndarray]] = {}   # parameter -> its dims' ids, in record order
+    for (target, _), rec in analysis.space.records.items():
+        dims_of.setdefault(target, []).append(rec.ids)
     for name, p in gm.named_parameters():
-        arrays = [rec.ids for (target, _), rec in analysis.space.records.items() if target == name]
-        model.param_dims.append((p.numel(), arrays))
+        model.param_dims.append((p.numel(), list(dims_of.get(name, []))))
     model.dense_params = sum(p.numel() for p in gm.parameters())
     model._measure_latency = lambda: measure_table(analysis, inputs)
     return model

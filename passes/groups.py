@@ -10,8 +10,8 @@ unprunable (fail closed) with the op named in the group's ``reason``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Dict, List
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -45,18 +45,39 @@ class Analysis:
     groups: List[Group]
     element_group: np.ndarray
     element_channel: np.ndarray
+    _slots: Optional[Tuple[tuple, np.ndarray, np.ndarray]] = field(
+        default=None, init=False, repr=False, compare=False)
 
     def keep_mask(self, kept: Dict[str, List[int]]) -> np.ndarray:
-        """Per atomic id: is it kept under a plan (``{group id: kept channels}``)?"""
-        keep = np.ones(self.space.next_id, dtype=bool)
+        """Per atomic id: is it kept under a plan (``{group id: kept channels}``)?
+
+        One gather over the elements: every group's channels own a slice of one flat
+        array (plus a trailing always-kept slot for ids in no group), filled from the
+        plan, then read through each element's slot (:meth:`_channel_slots`)."""
+        starts, slot = self._channel_slots()
+        flat = np.ones(int(starts[-1]) + 1, dtype=bool)
         for gi, group in enumerate(self.groups):
             if group.id not in kept:
                 continue
-            channel_kept = np.zeros(group.size, dtype=bool)
+            channel_kept = flat[starts[gi]:starts[gi + 1]]  # a view: numpy's index rules
+            channel_kept[:] = False
             channel_kept[list(kept[group.id])] = True
-            in_group = self.element_group == gi
-            keep[in_group] = channel_kept[self.element_channel[in_group]]
-        return keep
+        return flat[slot]
+
+    def _channel_slots(self) -> Tuple[np.ndarray, np.ndarray]:
+        """(slice starts of each group's channels in the flat array, each element's
+        slot in it), computed once per (element maps, group sizes): rebuilt whenever
+        a map is replaced or a group changes size (the maps are never edited in place)."""
+        sizes = tuple(g.size for g in self.groups)
+        cached = self._slots
+        if (cached is None or cached[0][0] is not self.element_group
+                or cached[0][1] is not self.element_channel or cached[0][2] != sizes):
+            starts = np.concatenate([[0], np.cumsum(np.array(sizes, dtype=np.int64))])
+            slot = np.where(self.element_group >= 0,
+                            starts[np.maximum(self.element_group, 0)] + self.element_channel,
+                            starts[-1])
+            self._slots = ((self.element_group, self.element_channel, sizes), starts, slot)
+        return self._slots[1], self._slots[2]
 
 
 def label_graph(gm: torch.fx.GraphModule) -> ChannelSpace:

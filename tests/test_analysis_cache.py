@@ -226,3 +226,22 @@ def test_uncacheable_options_trace_every_time(traces):
     assert len(traces) == 2 and len(analysis_cache._ENTRIES) == 0
     fxprune.groups(model, x, cache=False)  # traces outside the cache module
     assert len(traces) == 2 and len(analysis_cache._ENTRIES) == 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_fingerprint_and_copies_leave_the_collector_as_they_found_it(enabled):
+    """Both run with the collector paused (issue 17); it must come back as it was."""
+    model = create_model("tiny_resnet").eval()
+    x = torch.randn(1, *model_input_size("tiny_resnet"))
+    found = fxprune.groups(model, x)
+    was = gc.isenabled()
+    (gc.enable if enabled else gc.disable)()
+    try:
+        assert analysis_cache.fingerprint(model) == analysis_cache.fingerprint(model)
+        assert gc.isenabled() is enabled
+        copies = analysis_cache.copy_groups(found)
+        assert gc.isenabled() is enabled
+        assert [g.id for g in copies] == [g.id for g in found]
+        assert all(c is not g for c, g in zip(copies, found))
+    finally:
+        (gc.enable if was else gc.disable)()
