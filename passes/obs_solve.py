@@ -178,7 +178,8 @@ class _Greedy:
         orig = torch.cat([self.units[u] for u in chosen.tolist()])
         M, f = self.pos[orig], self.filled
         L, R, U = self.L[:, :f], self.R[:, :f], self.U[:, :f]
-        h = torch.addmm(self.H[:, M], L, R[M].T, alpha=-1) if f else self.H[:, M]
+        h_rows = self.H[M].T          # = H[:, M]: H is symmetric, and rows are contiguous
+        h = torch.addmm(h_rows, L, R[M].T, alpha=-1) if f else h_rows
         w_m = torch.addmm(self.W[:, M], U, R[M].T, alpha=-1) if f else self.W[:, M]
         hm = h[M]
         proj = h.T / hm if len(M) == 1 else torch.linalg.solve(hm, h.T)   # [m, d_a]
@@ -214,26 +215,55 @@ class _Greedy:
 
     def fold(self, h: Optional[Tensor] = None, proj: Optional[Tensor] = None,
              w_m: Optional[Tensor] = None) -> None:
-        """Fold the pending factors (and ``h proj``, ``w_m proj``, not buffered) into
-        ``H`` and ``W``, drop the removed rows and columns from them, the buffers and the
-        unit lists, and re-gather the blocks."""
+        """Drop the removed rows and columns from ``H``, ``W`` and the unit lists, fold
+        the pending factors (and ``h proj``, ``w_m proj``, not buffered) into what is
+        kept, and re-gather the blocks."""
         f = self.filled
-        if f:
-            self.H = torch.addmm(self.H, self.L[:, :f], self.R[:, :f].T, alpha=-1)
-            self.W = torch.addmm(self.W, self.U[:, :f], self.R[:, :f].T, alpha=-1)
+        idx = (~self.removed[self.alive]).nonzero().squeeze(1)
+        L, R, U = self.L[idx, :f], self.R[idx, :f], self.U[:, :f]
         if h is not None:
-            self.H = torch.addmm(self.H, h, proj, alpha=-1)
-            self.W = torch.addmm(self.W, w_m, proj, alpha=-1)
+            L, R, U = torch.cat([L, h[idx]], 1), torch.cat([R, proj.T[idx]], 1), torch.cat(
+                [U, w_m], 1)
+        self.H = _symmetric_downdate(_select_columns(self.H.index_select(0, idx), idx), L, R)
+        self.W = _select_columns(self.W, idx).addmm_(U, R.T, alpha=-1)
         self.filled = 0
-        keep = ~self.removed[self.alive]
-        self.H, self.W = self.H[keep][:, keep], self.W[:, keep]
-        self.L, self.R = self.L[keep], self.R[keep]
-        self.alive = self.alive[keep]
+        self.L, self.R = self.L[:len(idx)], self.R[:len(idx)]   # buffers: contents unused
+        self.alive = self.alive[idx]
         self.pos[self.alive] = torch.arange(len(self.alive), device=self.alive.device)
         for s in self.ids:
             left = ~self.gone[self.ids[s]]
             self.ids[s], self.cols[s] = self.ids[s][left], self.cols[s][left]
         self._gather()
+
+
+def _select_columns(T: Tensor, idx: Tensor) -> Tensor:
+    """``T[:, idx]`` for sorted ``idx``, copied run by run (the kept columns form few
+    contiguous runs; ``index_select`` along dim 1 gathers element by element)."""
+    breaks = (idx[1:] - idx[:-1] != 1).nonzero().squeeze(1) + 1
+    if len(breaks) > 64:
+        return T.index_select(1, idx)
+    bounds = [0] + breaks.tolist() + [len(idx)]
+    starts = idx[torch.as_tensor(bounds[:-1], device=idx.device)].tolist() if len(idx) else []
+    return torch.cat([T[:, a:a + (e - b)] for a, b, e in zip(starts, bounds[:-1], bounds[1:])],
+                     dim=1) if starts else T[:, :0].clone()
+
+
+#: Inverses at least this wide are downdated at a fold as the upper triangle of
+#: ``SYM_BLOCKS`` x ``SYM_BLOCKS`` blocks, mirrored (the downdate ``h B⁻¹ hᵀ`` is symmetric).
+SYM_BLOCK_MIN = 512
+SYM_BLOCKS = 4
+
+
+def _symmetric_downdate(H: Tensor, L: Tensor, R: Tensor) -> Tensor:
+    """``H − L Rᵀ`` in place for a symmetric result: the upper block triangle, mirrored."""
+    d = H.shape[0]
+    if d < SYM_BLOCK_MIN or not L.shape[1]:
+        return H.addmm_(L, R.T, alpha=-1) if L.shape[1] else H
+    b = -(-d // SYM_BLOCKS)
+    for i in range(0, d, b):
+        H[i:i + b, i:].addmm_(L[i:i + b], R[i:].T, alpha=-1)
+        H[i + b:, i:i + b] = H[i:i + b, i + b:].T
+    return H
 
 
 def greedy_removal(Hinv: Tensor, W: Tensor, units: Sequence[Tensor], per_step: int = 1

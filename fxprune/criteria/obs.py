@@ -218,7 +218,8 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, _Consumer], batches
         rows = ROWS_PER_UNKNOWN * (consumers[name].layer.weight[0].numel() + 1)
 
         def hook(mod, inputs, output):
-            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows)
+            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows,
+                            cross=False)
             if fisher and output.requires_grad:
                 outputs.append((name, output))
         return hook
@@ -241,7 +242,8 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, _Consumer], batches
     finally:
         for h in handles:
             h.remove()
-    return _reduce(grams, fishers, samples, fisher)
+    outs = {n: int(c.layer.weight.shape[0]) for n, c in consumers.items()}
+    return _reduce(grams, fishers, samples, fisher, outs)
 
 
 def _output_fisher(consumers, fishers, outputs, loss: Tensor, n: int) -> None:
@@ -253,8 +255,9 @@ def _output_fisher(consumers, fishers, outputs, loss: Tensor, n: int) -> None:
     outputs.clear()
 
 
-def _reduce(grams, fishers, samples: int, fisher: bool):
-    """All-reduce the per-rank sums (design §8); returns ``(grams, fishers, samples)``."""
+def _reduce(grams, fishers, samples: int, fisher: bool, outputs: Dict[str, int]):
+    """All-reduce the per-rank sums (design §8); returns ``(grams, fishers, samples)``.
+    ``outputs``: each layer's output units (the size of ``F`` where no gradient came)."""
     sums = {}
     for name, g in grams.items():
         if g.H is not None:
@@ -263,7 +266,7 @@ def _reduce(grams, fishers, samples: int, fisher: bool):
             if fisher:
                 f = fishers[name]  # no gradient reached it: F = 0
                 sums[f"{name}:F"] = (f.sq.to(g.H.device) if f.sq is not None else
-                                     g.H.new_zeros(g.C.shape[1]))
+                                     g.H.new_zeros(outputs[name]))
                 sums[f"{name}:rows"] = torch.tensor([f.rows, g.rows], dtype=torch.float64,
                                                     device=g.H.device)
     sums, samples = all_reduce_sums(sums, samples)
