@@ -105,9 +105,10 @@ def augmented_gram(cols: Tensor) -> Tensor:
     k = GRAM_BLOCKS if d >= GRAM_BLOCK_MIN else 1
     b = -(-d // k)
     for i in range(0, d, b):
-        top = torch.bmm(cols[:, :, i:i + b].transpose(1, 2), cols[:, :, i:])
-        out[:, i:i + b, i:d] = top
-        out[:, i + b:d, i:i + b] = top[:, :, b:].transpose(1, 2)
+        e = min(i + b, d)
+        top = torch.bmm(cols[:, :, i:e].transpose(1, 2), cols[:, :, i:])
+        out[:, i:e, i:d] = top
+        out[:, e:d, i:e] = top[:, :, e - i:].transpose(1, 2)
     s = cols.sum(1)
     out[:, :d, d], out[:, d, :d] = s, s
     out[:, d, d] = rows
