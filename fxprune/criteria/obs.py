@@ -15,14 +15,24 @@ scores a channel by the error that this removal *with* that compensation leaves:
    (all prunable groups feeding it) are removed cheapest first, each with the optimal
    update of the kept weights and a block downdate of ``(H + λI)⁻¹``,
    ``λ = damp · mean diag H`` (option ``damp``, default 1e-2; option ``per_step=k``
-   removes the k cheapest per step, n/k steps instead of n; option ``precision="float32"``
-   runs the inverse and the greedy in float32, about 2x faster). A channel's layer score is
+   removes the k cheapest per step, n/k steps instead of n; option ``precision``: the
+   inverse and the greedy run in float32 for a float32 model, in float64 for a float64
+   one, by default ``"auto"``; below). A channel's layer score is
    its error increase ``ΔE`` at its greedy step, divided by the dense layer's output
    energy ``Σ‖y‖²`` over the same rows (option ``scale="energy"``, the default; or
    weighted by the loss, ``scale="fisher"``, below), and made non-decreasing along the
    greedy order (running maximum) so that a global ranking removes a layer's channels in that order.
 3. A channel's score sums its layer scores over all consumers of its group (a residual
    stream has one per block). Higher = more important, as for every criterion.
+
+Precision (issue 12, scoring cost): the Gram sums, the damping and the scores are
+float64; the per-layer inverse and greedy, most of the time on wide layers, run in the
+model's precision by default (``precision="auto"``: float32 for a float32 model, about 2x
+faster on the inverses, 1.5x on the greedy; float64 for a float64 one, so the oracle
+tests see the float64 path). A float32 Cholesky that fails falls back to float64.
+Measured on the quality checkpoints (``benchmarks/RESULTS.md``, obs cost section):
+float32 and float64 give the same plan at kept FLOPs 0.3 on ResNet-20 and the ViT (seed
+0, 32 calibration batches of 64; Spearman 1.0, median relative score difference 5e-7).
 
 Why the output-energy scale: ``ΔE / Σ‖y‖²`` is the relative reconstruction error of
 the layer, comparable across layers of any width, scale or position, needs no backward
@@ -114,7 +124,9 @@ SCALES = {"energy": "ΔE ÷ the dense layer's output energy (default; no labels 
           "fisher": "ΔE weighted per output unit by the diagonal empirical Fisher of the "
                     "layer's output (one backward per batch; needs the loss)"}
 #: Values of option ``precision``: the dtype of each layer's damped inverse and greedy.
-PRECISIONS = {"float64": "float64 inverse and greedy (default; the oracle-tested path)",
+PRECISIONS = {"auto": "the layer weight's precision: float64 for float64 models, else "
+                      "float32 (default)",
+              "float64": "float64 inverse and greedy (the oracle-tested path)",
               "float32": "float32 inverse and greedy (about 2x faster; the Gram and the "
                          "damping stay float64; ranking close, not identical)"}
 #: The repair mode whose compensation the obs error increases assume.
@@ -295,17 +307,20 @@ def fisher_weights(fisher: OutputFisher) -> Tensor:
 def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
                      damp: float = DEFAULT_DAMP, per_step: int = 1,
                      weights: Optional[Tensor] = None, scale: Optional[float] = None,
-                     precision: str = "float64") -> Tensor:
+                     precision: str = "auto") -> Tensor:
     """``[len(cols)]`` float64: each unit's greedy ``ΔE`` ÷ ``scale`` (default: the dense
     output energy), running maximum along the greedy order (module docstring, step 2).
     ``weights`` ``[o]`` (e.g. :func:`fisher_weights`): ``ΔE = Σ_o weights_o ΔE_o``, by the
     greedy on ``diag(√weights) W``. ``precision``: the dtype of the inverse and the
-    greedy (:data:`PRECISIONS`); the scores are float64 either way."""
+    greedy (:data:`PRECISIONS`; ``"auto"``: float64 for a float64 layer, else float32);
+    the scores are float64 either way."""
     H, W = gram.H[0], augmented_weight(layer)[0].to(gram.H.device)
     if weights is not None:
         W = W * weights.to(W).clamp_min(0).sqrt().reshape(-1, 1)
     if layer.bias is None:  # no constant column to compensate with, as in the re-fit
         H, W = H[:-1, :-1], W[:, :-1]
+    if precision == "auto":
+        precision = "float64" if layer.weight.dtype == torch.float64 else "float32"
     dtype = getattr(torch, precision)
     order, increases = greedy_removal(damped_inverse(H, damp, dtype), W, cols, per_step)
     scale = max(gram.yy if scale is None else scale, 1e-30)
@@ -331,7 +346,7 @@ def _options(ctx: ScoringContext) -> Tuple[float, int, str, str]:
     if scale not in SCALES:
         choices = "; ".join(f"{k!r}: {v}" for k, v in SCALES.items())
         raise CriterionError(f"obs: scale={scale!r}; choose one of {choices}")
-    precision = ctx.options.get("precision", "float64")
+    precision = ctx.options.get("precision", "auto")
     if precision not in PRECISIONS:
         choices = "; ".join(f"{k!r}: {v}" for k, v in PRECISIONS.items())
         raise CriterionError(f"obs: precision={precision!r}; choose one of {choices}")
