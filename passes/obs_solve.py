@@ -279,7 +279,10 @@ def greedy_removal(Hinv: Tensor, W: Tensor, units: Sequence[Tensor], per_step: i
     (``per_step = 1``). The same quantities as :func:`removal_errors` and
     :func:`remove_columns` applied step by step, computed on a shrinking working set
     (:class:`_Greedy`): about ``d³/3`` multiply-adds in matrix products for a layer
-    with ``d`` columns instead of ``d³`` in rank-b updates."""
+    with ``d`` columns instead of ``d³`` in rank-b updates, and one product with the
+    stored weight per step. Only ``WᵀW`` enters ``ΔE``, so a weight with more rows than
+    columns is replaced by the ``R`` of its QR factorisation (``d`` rows). Runs in
+    ``Hinv``'s dtype (float32 for the fast path; ``W`` is cast)."""
     n = len(units)
     W = W.to(Hinv.dtype)
     if W.shape[0] > W.shape[1]:  # only WᵀW matters: R of W = QR (RᵀR = WᵀW), d rows

@@ -148,3 +148,19 @@ def test_precision_option_scores_and_is_validated():
         torch.testing.assert_close(s32.groups[g], v, rtol=1e-2, atol=1e-3 * float(v.abs().max()))
     with pytest.raises(CriterionError, match="precision"):
         fxprune.saliency(model, "obs", data=data, precision="float16")
+
+
+def test_both_inverse_routes_agree():
+    """One thread: ``cholesky_inverse``; more: ``cholesky_solve(I)`` (slow potri under
+    load with several threads); same inverse."""
+    H, _, _ = _problem(50, 4, [1] * 50, seed=3)
+    one = damped_inverse(H, 1e-2)
+    torch.set_num_threads(2)
+    try:
+        two = damped_inverse(H, 1e-2)
+    finally:
+        torch.set_num_threads(1)
+    torch.testing.assert_close(one, two, rtol=1e-10, atol=1e-12)
+    lam = 1e-2 * float(torch.diagonal(H).mean())
+    torch.testing.assert_close(one @ (H + lam * torch.eye(50, dtype=DT)), torch.eye(50, dtype=DT),
+                               rtol=0, atol=1e-9)
