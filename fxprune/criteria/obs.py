@@ -86,8 +86,7 @@ What is not measured, and why:
 Contract: :func:`_score` reads ``ctx.module`` (the scoring copy; hooks are removed
 before returning), ``ctx.groups``, ``ctx.batches``, ``ctx.loss_fn`` (scale ``"fisher"``)
 and ``ctx.options`` (``damp``, ``per_step``, ``scale``, ``precision``); it writes
-``ctx.state["obs"]``
-(for scale ``"fisher"`` with ``"fisher": {layer name: F_o}``) and returns
+``ctx.state["obs"]`` (for scale ``"fisher"`` with ``"fisher": {layer name: F_o}``) and returns
 ``{consumer weight name: float64 tensor}`` holding each unit's score spread evenly over
 its input columns (all other parameters are absent, i.e. score 0). :func:`_aggregate`
 sums the consumer columns per channel.
@@ -111,8 +110,7 @@ from .scoring import all_reduce_sums, batch_loss, cast_batch, check_finite, prog
 log = logging.getLogger(__name__)
 
 __all__ = ["DEFAULT_DAMP", "MAX_UNKNOWNS", "OutputFisher", "PRECISIONS", "ROWS_PER_UNKNOWN",
-           "SCALES",
-           "fisher_weights", "obs_layer_scores", "warn_unless_repaired"]
+           "SCALES", "fisher_weights", "obs_layer_scores", "warn_unless_repaired"]
 
 DEFAULT_DAMP = 1e-2
 #: Rows (output positions) per unknown sampled from each batch, as the repair pass does.
