@@ -56,9 +56,10 @@ def damped_inverse(H: Tensor, damp: float, dtype: torch.dtype = torch.float64) -
 
 def _inverse_from_cholesky(factor: Tensor) -> Tensor:
     """``(L Lᵀ)⁻¹``. ``torch.cholesky_inverse`` (LAPACK potri, half the work of two
-    triangular solves) is 1.8x faster than ``cholesky_solve(I)`` on one thread here, but
-    was measured 10-15x slower with two threads on a loaded machine (MKL CPU build):
-    it is used on one thread only."""
+    triangular solves) is 1.8x faster than ``cholesky_solve(I)`` on one thread here
+    (d = 4608), about even on two unloaded threads, but an earlier profile on this MKL
+    CPU build measured it 10-15x slower (threads at torch's default on a loaded
+    machine): on CPU it is used on one thread only (``benchmarks/RESULTS.md``)."""
     if factor.device.type != "cpu" or torch.get_num_threads() == 1:
         return torch.cholesky_inverse(factor)
     eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
