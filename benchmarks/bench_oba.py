@@ -18,7 +18,9 @@ times, interleaved per repeat:
   calibration batch). With ``--batches N`` obs scores N batches in one call and its
   ratio is per batch: obs time ÷ (N × one gradient pass). ``obs-gram`` times the Gram
   pass alone (same N batches), so obs − obs-gram is the per-layer solves, paid once
-  per scoring call whatever N is.
+  per scoring call whatever N is. ``obs`` runs at the criterion's default precision
+  (``"auto"``: float32 inverses and greedy for these float32 models); ``obs-f64`` is
+  ``obs`` with option ``precision="float64"``.
 
 Times are medians over ``--repeats`` after one warm-up; the ratio is the median of the
 per-repeat ratios. ``--clock process`` times by this process's CPU time instead of the
@@ -57,9 +59,9 @@ from fxprune.criteria.scoring import default_loss, make_scoring_copy
 from fxprune.criteria.sosp import sosp_h_terms
 from peak_memory import peak_growth_mib
 
-METHODS = ("grad", "oba", "oba-exact", "sosp-h", "obs", "obs-gram")
+METHODS = ("grad", "oba", "oba-exact", "sosp-h", "obs", "obs-f64", "obs-gram")
 #: Methods scored on all ``--batches`` batches (their ratio is per batch).
-PER_BATCH = ("obs", "obs-gram")
+PER_BATCH = ("obs", "obs-f64", "obs-gram")
 
 
 def build(name: str, batch: int, device: str, n_batches: int = 1):
@@ -95,8 +97,9 @@ def run_method(method: str, gm, batches, groups=(), chunk=None) -> None:
         oba_scores(gm, batches, batch_chunk=chunk)
     elif method == "sosp-h":
         sosp_h_terms(gm, groups, batches, batch_chunk=chunk)
-    elif method == "obs":
-        ctx = ScoringContext(module=gm, groups=list(groups), batches=batches)
+    elif method in ("obs", "obs-f64"):
+        options = {"precision": "float64"} if method == "obs-f64" else {}
+        ctx = ScoringContext(module=gm, groups=list(groups), batches=batches, options=options)
         get_criterion("obs").score(ctx)
     elif method == "obs-gram":
         accumulate_grams(gm, find_consumers(gm, groups)[0], batches)

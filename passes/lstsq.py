@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGram", "REFIT_TYPES", "augmented_weight", "error", "set_augmented_weight",
+__all__ = ["LayerGram", "REFIT_TYPES", "augmented_gram", "augmented_weight", "error", "set_augmented_weight",
            "solve", "unsupported_reason"]
 
 #: Layer module types whose input weights the repair pass can re-fit.
@@ -90,36 +90,64 @@ def set_augmented_weight(layer: nn.Module, w_aug: Tensor) -> None:
             layer.bias.copy_(w_aug[..., -1].reshape(-1).to(layer.bias.dtype))
 
 
+#: Input patches at least this wide get their Gram as the upper block triangle of
+#: ``GRAM_BLOCKS`` x ``GRAM_BLOCKS`` column blocks, mirrored (1.5x faster than one product
+#: here: the product ``XᵀX`` alone does not exploit symmetry).
+GRAM_BLOCK_MIN = 512
+GRAM_BLOCKS = 4
+
+
+def augmented_gram(cols: Tensor) -> Tensor:
+    """``[G, d+1, d+1]`` float64 ``Σ x̃x̃ᵀ`` of rows ``cols`` ``[G, R, d]``, ``x̃ = [x; 1]``
+    (the 1 column is a row sum, not concatenated). Products in the rows' dtype."""
+    g, rows, d = cols.shape
+    out = cols.new_empty(g, d + 1, d + 1)
+    k = GRAM_BLOCKS if d >= GRAM_BLOCK_MIN else 1
+    b = -(-d // k)
+    for i in range(0, d, b):
+        e = min(i + b, d)
+        top = torch.bmm(cols[:, :, i:e].transpose(1, 2), cols[:, :, i:])
+        out[:, i:e, i:d] = top
+        out[:, e:d, i:e] = top[:, :, e - i:].transpose(1, 2)
+    s = cols.sum(1)
+    out[:, :d, d], out[:, d, :d] = s, s
+    out[:, d, d] = rows
+    return out.double()
+
+
 @dataclass
 class LayerGram:
     """Sums of one layer's least-squares problem over calibration rows."""
 
     H: Optional[Tensor] = None     # [G, d, d]
-    C: Optional[Tensor] = None     # [G, o, d]
+    C: Optional[Tensor] = None     # [G, o, d]; None when accumulated with cross=False
     yy: float = 0.0
     rows: int = 0
 
-    def add(self, layer: nn.Module, x: Tensor, y: Tensor, max_rows: Optional[int] = None) -> None:
+    def add(self, layer: nn.Module, x: Tensor, y: Tensor, max_rows: Optional[int] = None,
+            cross: bool = True) -> None:
         """Accumulate one batch: ``x`` the layer's input, ``y`` the target output.
         ``max_rows``: use at most this many rows (output positions) of the batch, a
         seeded uniform sample — neighbouring pixels of one image are nearly redundant
-        rows, and the Gram product costs ``rows x d²``."""
+        rows, and the Gram product costs ``rows x d²``. ``cross=False`` skips ``C``
+        (the obs criterion needs only ``H`` and ``Σ‖y‖²``)."""
         cols, out = layer_rows(layer, x, y)
         if max_rows is not None and cols.shape[1] > max_rows:
             gen = torch.Generator().manual_seed(cols.shape[1])
             pick = torch.randperm(cols.shape[1], generator=gen)[:max_rows].to(cols.device)
             cols, out = cols[:, pick], out[:, pick]
-        cols = torch.cat([cols, torch.ones_like(cols[..., :1])], dim=-1)
-        h = torch.bmm(cols.transpose(1, 2), cols).double()
-        c = torch.bmm(out.transpose(1, 2), cols).double()
-        self.H = h if self.H is None else self.H + h
-        self.C = c if self.C is None else self.C + c
+        h = augmented_gram(cols)
+        self.H = h if self.H is None else self.H.add_(h)
+        if cross:
+            cols = torch.cat([cols, torch.ones_like(cols[..., :1])], dim=-1)
+            c = torch.bmm(out.transpose(1, 2), cols).double()
+            self.C = c if self.C is None else self.C + c
         self.yy += float(out.pow(2).sum(dtype=torch.float64))
         self.rows += cols.shape[1]
 
     def __add__(self, other: "LayerGram") -> "LayerGram":
-        return LayerGram(self.H + other.H, self.C + other.C, self.yy + other.yy,
-                         self.rows + other.rows)
+        cross = None if self.C is None or other.C is None else self.C + other.C
+        return LayerGram(self.H + other.H, cross, self.yy + other.yy, self.rows + other.rows)
 
     @property
     def unknowns(self) -> int:

@@ -38,17 +38,32 @@ def consumer_columns(layer: nn.Module, indices: Sequence[int]) -> Tensor:
     return (base + torch.arange(per).reshape(1, -1)).reshape(-1)
 
 
-def damped_inverse(H: Tensor, damp: float) -> Tensor:
-    """``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)`` (float64; Cholesky, falling back to
-    a pseudo-inverse when ``H + λI`` is not positive definite, e.g. ``damp = 0``)."""
+def damped_inverse(H: Tensor, damp: float, dtype: torch.dtype = torch.float64) -> Tensor:
+    """``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, in ``dtype`` (float64, or float32
+    for the fast approximate path; ``H + λI`` is formed in float64 and rounded). Cholesky,
+    falling back to float64 when a float32 factorisation fails and to a pseudo-inverse
+    when ``H + λI`` is not positive definite (e.g. ``damp = 0``)."""
     H = H.double()
     lam = damp * float(torch.diagonal(H).mean().clamp_min(1e-30)) if damp > 0 else 0.0
     Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    factor, info = torch.linalg.cholesky_ex(Hd)
-    if int(info) == 0:  # not torch.cholesky_inverse: 10-15x slower on MKL CPU builds
-        eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-        return torch.cholesky_solve(eye, factor)
+    factor, info = torch.linalg.cholesky_ex(Hd.to(dtype))
+    if int(info) == 0:
+        return _inverse_from_cholesky(factor)
+    if dtype != torch.float64:
+        return damped_inverse(H, damp)
     return torch.linalg.pinv(Hd, hermitian=True)
+
+
+def _inverse_from_cholesky(factor: Tensor) -> Tensor:
+    """``(L Lᵀ)⁻¹``. ``torch.cholesky_inverse`` (LAPACK potri, half the work of two
+    triangular solves) is 1.8x faster than ``cholesky_solve(I)`` on one thread here
+    (d = 4608), about even on two unloaded threads, but an earlier profile on this MKL
+    CPU build measured it 10-15x slower (threads at torch's default on a loaded
+    machine): on CPU it is used on one thread only (``benchmarks/RESULTS.md``)."""
+    if factor.device.type != "cpu" or torch.get_num_threads() == 1:
+        return torch.cholesky_inverse(factor)
+    eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
+    return torch.cholesky_solve(eye, factor)
 
 
 def removal_errors(Hinv: Tensor, W: Tensor, units: Sequence[Tensor]) -> Tensor:
@@ -87,34 +102,62 @@ def remove_columns(W: Tensor, Hinv: Tensor, cols: Tensor) -> Tuple[Tensor, Tenso
 FLUSH_COLUMNS = 256
 
 
+def _trace_solve(K: Tensor, G: Tensor) -> Tensor:
+    """``[n]``: ``tr(K_i⁻¹ G_i)`` for SPD blocks ``K`` and ``G`` ``[n, s, s]``."""
+    factor, info = torch.linalg.cholesky_ex(K)
+    if bool(info.any()):  # not positive definite (damp = 0): a general solve
+        return torch.diagonal(torch.linalg.solve(K, G), dim1=1, dim2=2).sum(1)
+    return torch.diagonal(torch.cholesky_solve(G, factor), dim1=1, dim2=2).sum(1)
+
+
 class _Greedy:
     """Working set of :func:`greedy_removal` on the columns still present.
 
-    The inverse at the current step is ``H − L Rᵀ``: ``H`` as of the last fold (only the
-    columns alive then), ``L``/``R`` the pending factors (``[h, (B⁻¹ hᵀ)ᵀ]`` of each step,
-    in preallocated buffers), folded into ``H`` by one matrix product every
-    ``FLUSH_COLUMNS`` columns (a rank-b update of the whole ``d x d`` inverse at every
-    step was memory-bound). ``W`` is compensated every step; ``blocks[s]`` are the
-    current diagonal blocks ``(H⁻¹)_{uu}`` of the remaining units with ``s`` columns,
-    downdated every step, so no step gathers from the full inverse."""
+    Both the inverse and the compensated weight are kept lazily: the inverse at the
+    current step is ``H − L Rᵀ`` and the weight ``W − U Rᵀ``, with ``H``, ``W`` as of the
+    last fold (only the columns alive then) and the pending factors of each step
+    (``L = h``, ``U = W̃_{:,M}``, ``R = (B⁻¹ hᵀ)ᵀ``: the inverse's and the weight's
+    updates share the right factor) in preallocated buffers, folded in by one matrix
+    product every ``FLUSH_COLUMNS`` columns (per-step rank-b updates of the whole
+    ``d x d`` inverse and ``o x d`` weight were memory-bound). The errors need, per
+    remaining unit ``u`` with ``s`` columns, the diagonal blocks ``K_u = (H⁻¹)_{uu}`` and
+    ``G_u = W̃_{:,u}ᵀ W̃_{:,u}`` (``ΔE_u = tr(K_u⁻¹ G_u)``); both are downdated every step
+    from the removed columns' rows (``W̃_{:,M}ᵀ W̃``, one product with the stored weight),
+    and re-gathered exactly at every fold, so no step reads the full inverse or gathers
+    from the weight. Removed units are masked (``inf``) until the next fold drops them."""
 
     def __init__(self, Hinv: Tensor, W: Tensor, units: Sequence[Tensor]):
-        dev = Hinv.device
+        dev, d = Hinv.device, Hinv.shape[0]
         self.H, self.W = Hinv.clone(), W.to(Hinv.dtype).clone()
-        self.alive = torch.arange(Hinv.shape[0], device=dev)   # compact -> original
-        self.pos = self.alive.clone()                           # original -> compact
-        self.removed = torch.zeros(Hinv.shape[0], dtype=torch.bool, device=dev)
+        self.alive = torch.arange(d, device=dev)        # compact -> original
+        self.pos = self.alive.clone()                   # original -> compact
+        self.removed = torch.zeros(d, dtype=torch.bool, device=dev)
         self.cap = max(int(FLUSH_COLUMNS), 1)
-        self.L = Hinv.new_empty(Hinv.shape[0], self.cap)
-        self.R = Hinv.new_empty(Hinv.shape[0], self.cap)
+        self.L, self.R = Hinv.new_empty(d, self.cap), Hinv.new_empty(d, self.cap)
+        self.U = Hinv.new_empty(W.shape[0], self.cap)
         self.filled = 0
         self.units = [u.to(dev) for u in units]
+        self.gone = torch.zeros(len(units), dtype=torch.bool, device=dev)
         by_size: Dict[int, List[int]] = {}
         for i, u in enumerate(self.units):
             by_size.setdefault(len(u), []).append(i)
         self.ids = {s: torch.as_tensor(v, device=dev) for s, v in by_size.items()}
         self.cols = {s: torch.stack([self.units[i] for i in v]) for s, v in by_size.items()}
-        self.blocks = {s: Hinv[c[:, :, None], c[:, None, :]] for s, c in self.cols.items()}
+        self.K: Dict[int, Tensor] = {}
+        self.G: Dict[int, Tensor] = {}
+        self._gather()
+
+    def _gather(self) -> None:
+        """Exact blocks ``K_u``, ``G_u`` of the remaining units from the folded ``H``, ``W``
+        (scalar units as vectors ``[n]``)."""
+        for s, cols in self.cols.items():
+            c = self.pos[cols]                                            # [n_s, s]
+            w = self.W[:, c].permute(1, 2, 0)                             # [n_s, s, o]
+            if s == 1:
+                self.K[s], self.G[s] = self.H[c[:, 0], c[:, 0]], w[:, 0].pow(2).sum(1)
+            else:
+                self.K[s] = self.H[c[:, :, None], c[:, None, :]]
+                self.G[s] = torch.bmm(w, w.transpose(1, 2))
 
     def errors(self, n: int) -> Tensor:
         """``[n]``: each remaining unit's ``ΔE`` now; ``inf`` for removed units."""
@@ -122,53 +165,106 @@ class _Greedy:
         for s, ids in self.ids.items():
             if not len(ids):
                 continue
-            w = self.W[:, self.pos[self.cols[s]]].permute(1, 2, 0)       # [n_s, s, o]
-            if s == 1:  # scalar blocks: no batched solve
-                out[ids] = (w[:, 0].pow(2).sum(1) / self.blocks[s][:, 0, 0]).clamp_min(0)
-            else:
-                x = torch.linalg.solve(self.blocks[s], w)
-                out[ids] = (w * x).sum((1, 2)).clamp_min(0)
+            gone = self.gone[ids]
+            if s == 1:
+                e = self.G[s] / self.K[s]
+            else:  # removed units' blocks are 0 until the next fold: solve with I there
+                eye = torch.eye(s, dtype=self.H.dtype, device=self.H.device)
+                e = _trace_solve(torch.where(gone[:, None, None], eye, self.K[s]), self.G[s])
+            out[ids] = e.clamp_min(0).masked_fill(gone, float("inf"))
         return out
 
     def remove(self, chosen: Tensor) -> None:
         """Delete the units ``chosen``: compensate ``W`` and downdate the inverse."""
         orig = torch.cat([self.units[u] for u in chosen.tolist()])
         M, f = self.pos[orig], self.filled
-        h = self.H[:, M]                                                  # [d_a, m]
+        L, R, U = self.L[:, :f], self.R[:, :f], self.U[:, :f]
+        h_rows = self.H[M].T          # = H[:, M]: H is symmetric, and rows are contiguous
+        h = torch.addmm(h_rows, L, R[M].T, alpha=-1) if f else h_rows
+        w_m = torch.addmm(self.W[:, M], U, R[M].T, alpha=-1) if f else self.W[:, M]
+        hm = h[M]
+        proj = h.T / hm if len(M) == 1 else torch.linalg.solve(hm, h.T)   # [m, d_a]
+        y = w_m.T @ self.W                                   # [m, d_a] = W̃_Mᵀ W̃
         if f:
-            h = torch.addmm(h, self.L[:, :f], self.R[M, :f].T, alpha=-1)
-        proj = torch.linalg.solve(h[M], h.T)                  # [m, d_a] = B⁻¹ (H⁻¹)_{M,:}
-        self.W = torch.addmm(self.W, self.W[:, M], proj, alpha=-1)
-        self.W[:, M] = 0
+            y = torch.addmm(y, w_m.T @ U, R.T, alpha=-1)
+        self._downdate_blocks(h, proj, y, y[:, M])
         self.removed[orig] = True
-        for s in self.ids:
-            keep = ~torch.isin(self.ids[s], chosen)
-            self.ids[s], self.cols[s] = self.ids[s][keep], self.cols[s][keep]
-            if len(self.ids[s]):
-                c = self.pos[self.cols[s]]                                # [n_s, s]
-                self.blocks[s] = self.blocks[s][keep] - torch.bmm(
-                    h[c], proj[:, c].permute(1, 0, 2))
+        self.gone[chosen] = True
         m = len(M)
         if f + m > self.cap:
-            self.fold(h, proj)
+            self.fold(h, proj, w_m)
         else:
-            self.L[:, f:f + m], self.R[:, f:f + m] = h, proj.T
+            self.L[:, f:f + m], self.R[:, f:f + m], self.U[:, f:f + m] = h, proj.T, w_m
             self.filled = f + m
 
-    def fold(self, h: Optional[Tensor] = None, proj: Optional[Tensor] = None) -> None:
-        """Fold the pending factors (and ``h projᵀ``, not buffered) into ``H``, then drop
-        the removed rows and columns from ``H``, ``W`` and the buffers."""
+    def _downdate_blocks(self, h: Tensor, proj: Tensor, y: Tensor, y_mm: Tensor) -> None:
+        """``K_u −= h_uᵀ P_u``; ``G_u −= P_uᵀ y_u + y_uᵀ P_u − P_uᵀ y_MM P_u`` (``P = proj``)."""
+        for s, cols in self.cols.items():
+            if not len(cols):
+                continue
+            c = self.pos[cols]
+            if s == 1:
+                p, yc = proj[:, c[:, 0]], y[:, c[:, 0]]                    # [m, n_s]
+                self.K[s] = self.K[s] - (h[c[:, 0]] * p.T).sum(1)
+                self.G[s] = self.G[s] - (2 * yc - y_mm @ p).mul(p).sum(0)
+                continue
+            p, yc = proj[:, c].permute(1, 0, 2), y[:, c].permute(1, 0, 2)  # [n_s, m, s]
+            self.K[s] = self.K[s] - torch.bmm(h[c], p)
+            cross = torch.bmm(p.transpose(1, 2), yc)
+            self.G[s] = self.G[s] - cross - cross.transpose(1, 2) + torch.bmm(
+                p.transpose(1, 2), torch.matmul(y_mm, p))
+
+    def fold(self, h: Optional[Tensor] = None, proj: Optional[Tensor] = None,
+             w_m: Optional[Tensor] = None) -> None:
+        """Drop the removed rows and columns from ``H``, ``W`` and the unit lists, fold
+        the pending factors (and ``h proj``, ``w_m proj``, not buffered) into what is
+        kept, and re-gather the blocks."""
         f = self.filled
-        if f:
-            self.H = torch.addmm(self.H, self.L[:, :f], self.R[:, :f].T, alpha=-1)
+        idx = (~self.removed[self.alive]).nonzero().squeeze(1)
+        L, R, U = self.L[idx, :f], self.R[idx, :f], self.U[:, :f]
         if h is not None:
-            self.H = torch.addmm(self.H, h, proj, alpha=-1)
+            L, R, U = torch.cat([L, h[idx]], 1), torch.cat([R, proj.T[idx]], 1), torch.cat(
+                [U, w_m], 1)
+        self.H = _symmetric_downdate(_select_columns(self.H.index_select(0, idx), idx), L, R)
+        self.W = _select_columns(self.W, idx).addmm_(U, R.T, alpha=-1)
         self.filled = 0
-        keep = ~self.removed[self.alive]
-        self.H, self.W = self.H[keep][:, keep], self.W[:, keep]
-        self.L, self.R = self.L[keep], self.R[keep]
-        self.alive = self.alive[keep]
+        self.L, self.R = self.L[:len(idx)], self.R[:len(idx)]   # buffers: contents unused
+        self.alive = self.alive[idx]
         self.pos[self.alive] = torch.arange(len(self.alive), device=self.alive.device)
+        for s in self.ids:
+            left = ~self.gone[self.ids[s]]
+            self.ids[s], self.cols[s] = self.ids[s][left], self.cols[s][left]
+        self._gather()
+
+
+def _select_columns(T: Tensor, idx: Tensor) -> Tensor:
+    """``T[:, idx]`` for sorted ``idx``, copied run by run (the kept columns form few
+    contiguous runs; ``index_select`` along dim 1 gathers element by element)."""
+    breaks = (idx[1:] - idx[:-1] != 1).nonzero().squeeze(1) + 1
+    if len(breaks) > 64:
+        return T.index_select(1, idx)
+    bounds = [0] + breaks.tolist() + [len(idx)]
+    starts = idx[torch.as_tensor(bounds[:-1], device=idx.device)].tolist() if len(idx) else []
+    return torch.cat([T[:, a:a + (e - b)] for a, b, e in zip(starts, bounds[:-1], bounds[1:])],
+                     dim=1) if starts else T[:, :0].clone()
+
+
+#: Inverses at least this wide are downdated at a fold as the upper triangle of
+#: ``SYM_BLOCKS`` x ``SYM_BLOCKS`` blocks, mirrored (the downdate ``h B⁻¹ hᵀ`` is symmetric).
+SYM_BLOCK_MIN = 512
+SYM_BLOCKS = 4
+
+
+def _symmetric_downdate(H: Tensor, L: Tensor, R: Tensor) -> Tensor:
+    """``H − L Rᵀ`` in place for a symmetric result: the upper block triangle, mirrored."""
+    d = H.shape[0]
+    if d < SYM_BLOCK_MIN or not L.shape[1]:
+        return H.addmm_(L, R.T, alpha=-1) if L.shape[1] else H
+    b = -(-d // SYM_BLOCKS)
+    for i in range(0, d, b):
+        H[i:i + b, i:].addmm_(L[i:i + b], R[i:].T, alpha=-1)
+        H[i + b:, i:i + b] = H[i:i + b, i + b:].T
+    return H
 
 
 def greedy_removal(Hinv: Tensor, W: Tensor, units: Sequence[Tensor], per_step: int = 1
@@ -184,14 +280,23 @@ def greedy_removal(Hinv: Tensor, W: Tensor, units: Sequence[Tensor], per_step: i
     (``per_step = 1``). The same quantities as :func:`removal_errors` and
     :func:`remove_columns` applied step by step, computed on a shrinking working set
     (:class:`_Greedy`): about ``d³/3`` multiply-adds in matrix products for a layer
-    with ``d`` columns instead of ``d³`` in rank-b updates."""
+    with ``d`` columns instead of ``d³`` in rank-b updates, and one product with the
+    stored weight per step. Only ``WᵀW`` enters ``ΔE``, so a weight with more rows than
+    columns is replaced by the ``R`` of its QR factorisation (``d`` rows). Runs in
+    ``Hinv``'s dtype (float32 for the fast path; ``W`` is cast)."""
     n = len(units)
-    state = _Greedy(Hinv, W.double() if Hinv.dtype == torch.float64 else W, units)
+    W = W.to(Hinv.dtype)
+    if W.shape[0] > W.shape[1]:  # only WᵀW matters: R of W = QR (RᵀR = WᵀW), d rows
+        W = torch.linalg.qr(W, mode="r").R
+    state = _Greedy(Hinv, W, units)
     order: List[int] = []
     increases: List[float] = []
     while len(order) < n:
         errs = state.errors(n)
-        take = torch.argsort(errs, stable=True)[:min(per_step, n - len(order))]
+        if per_step == 1:  # the first minimum, as a stable sort's first
+            take = torch.argmin(errs).reshape(1)
+        else:
+            take = torch.argsort(errs, stable=True)[:min(per_step, n - len(order))]
         order.extend(take.tolist())
         increases.extend(errs[take].tolist())
         if len(order) < n:

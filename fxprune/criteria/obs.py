@@ -15,13 +15,24 @@ scores a channel by the error that this removal *with* that compensation leaves:
    (all prunable groups feeding it) are removed cheapest first, each with the optimal
    update of the kept weights and a block downdate of ``(H + λI)⁻¹``,
    ``λ = damp · mean diag H`` (option ``damp``, default 1e-2; option ``per_step=k``
-   removes the k cheapest per step, n/k steps instead of n). A channel's layer score is
+   removes the k cheapest per step, n/k steps instead of n; option ``precision``: the
+   inverse and the greedy run in float32 for a float32 model, in float64 for a float64
+   one, by default ``"auto"``; below). A channel's layer score is
    its error increase ``ΔE`` at its greedy step, divided by the dense layer's output
    energy ``Σ‖y‖²`` over the same rows (option ``scale="energy"``, the default; or
    weighted by the loss, ``scale="fisher"``, below), and made non-decreasing along the
    greedy order (running maximum) so that a global ranking removes a layer's channels in that order.
 3. A channel's score sums its layer scores over all consumers of its group (a residual
    stream has one per block). Higher = more important, as for every criterion.
+
+Precision (issue 12, scoring cost): the Gram sums, the damping and the scores are
+float64; the per-layer inverse and greedy, most of the time on wide layers, run in the
+model's precision by default (``precision="auto"``: float32 for a float32 model, about 2x
+faster on the inverses, 1.5x on the greedy; float64 for a float64 one, so the oracle
+tests see the float64 path). A float32 Cholesky that fails falls back to float64.
+Measured on the quality checkpoints (``benchmarks/RESULTS.md``, obs cost section):
+float32 and float64 give the same plan at kept FLOPs 0.3 on ResNet-20 and the ViT (seed
+0, 32 calibration batches of 64; Spearman 1.0, median relative score difference 5e-7).
 
 Why the output-energy scale: ``ΔE / Σ‖y‖²`` is the relative reconstruction error of
 the layer, comparable across layers of any width, scale or position, needs no backward
@@ -74,8 +85,8 @@ What is not measured, and why:
 
 Contract: :func:`_score` reads ``ctx.module`` (the scoring copy; hooks are removed
 before returning), ``ctx.groups``, ``ctx.batches``, ``ctx.loss_fn`` (scale ``"fisher"``)
-and ``ctx.options`` (``damp``, ``per_step``, ``scale``); it writes ``ctx.state["obs"]``
-(for scale ``"fisher"`` with ``"fisher": {layer name: F_o}``) and returns
+and ``ctx.options`` (``damp``, ``per_step``, ``scale``, ``precision``); it writes
+``ctx.state["obs"]`` (for scale ``"fisher"`` with ``"fisher": {layer name: F_o}``) and returns
 ``{consumer weight name: float64 tensor}`` holding each unit's score spread evenly over
 its input columns (all other parameters are absent, i.e. score 0). :func:`_aggregate`
 sums the consumer columns per channel.
@@ -98,8 +109,8 @@ from .scoring import all_reduce_sums, batch_loss, cast_batch, check_finite, prog
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_DAMP", "MAX_UNKNOWNS", "OutputFisher", "ROWS_PER_UNKNOWN", "SCALES",
-           "fisher_weights", "obs_layer_scores", "warn_unless_repaired"]
+__all__ = ["DEFAULT_DAMP", "MAX_UNKNOWNS", "OutputFisher", "PRECISIONS", "ROWS_PER_UNKNOWN",
+           "SCALES", "fisher_weights", "obs_layer_scores", "warn_unless_repaired"]
 
 DEFAULT_DAMP = 1e-2
 #: Rows (output positions) per unknown sampled from each batch, as the repair pass does.
@@ -110,6 +121,12 @@ MAX_UNKNOWNS = 16384
 SCALES = {"energy": "ΔE ÷ the dense layer's output energy (default; no labels needed)",
           "fisher": "ΔE weighted per output unit by the diagonal empirical Fisher of the "
                     "layer's output (one backward per batch; needs the loss)"}
+#: Values of option ``precision``: the dtype of each layer's damped inverse and greedy.
+PRECISIONS = {"auto": "the layer weight's precision: float64 for float64 models, else "
+                      "float32 (default)",
+              "float64": "float64 inverse and greedy (the oracle-tested path)",
+              "float32": "float32 inverse and greedy (about 2x faster; the Gram and the "
+                         "damping stay float64; ranking close, not identical)"}
 #: The repair mode whose compensation the obs error increases assume.
 REPAIR_ASSUMED = "full"
 
@@ -218,7 +235,8 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, _Consumer], batches
         rows = ROWS_PER_UNKNOWN * (consumers[name].layer.weight[0].numel() + 1)
 
         def hook(mod, inputs, output):
-            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows)
+            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows,
+                            cross=False)
             if fisher and output.requires_grad:
                 outputs.append((name, output))
         return hook
@@ -241,7 +259,8 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, _Consumer], batches
     finally:
         for h in handles:
             h.remove()
-    return _reduce(grams, fishers, samples, fisher)
+    outs = {n: int(c.layer.weight.shape[0]) for n, c in consumers.items()}
+    return _reduce(grams, fishers, samples, fisher, outs)
 
 
 def _output_fisher(consumers, fishers, outputs, loss: Tensor, n: int) -> None:
@@ -253,8 +272,9 @@ def _output_fisher(consumers, fishers, outputs, loss: Tensor, n: int) -> None:
     outputs.clear()
 
 
-def _reduce(grams, fishers, samples: int, fisher: bool):
-    """All-reduce the per-rank sums (design §8); returns ``(grams, fishers, samples)``."""
+def _reduce(grams, fishers, samples: int, fisher: bool, outputs: Dict[str, int]):
+    """All-reduce the per-rank sums (design §8); returns ``(grams, fishers, samples)``.
+    ``outputs``: each layer's output units (the size of ``F`` where no gradient came)."""
     sums = {}
     for name, g in grams.items():
         if g.H is not None:
@@ -263,7 +283,7 @@ def _reduce(grams, fishers, samples: int, fisher: bool):
             if fisher:
                 f = fishers[name]  # no gradient reached it: F = 0
                 sums[f"{name}:F"] = (f.sq.to(g.H.device) if f.sq is not None else
-                                     g.H.new_zeros(g.C.shape[1]))
+                                     g.H.new_zeros(outputs[name]))
                 sums[f"{name}:rows"] = torch.tensor([f.rows, g.rows], dtype=torch.float64,
                                                     device=g.H.device)
     sums, samples = all_reduce_sums(sums, samples)
@@ -284,18 +304,23 @@ def fisher_weights(fisher: OutputFisher) -> Tensor:
 
 def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
                      damp: float = DEFAULT_DAMP, per_step: int = 1,
-                     weights: Optional[Tensor] = None, scale: Optional[float] = None
-                     ) -> Tensor:
+                     weights: Optional[Tensor] = None, scale: Optional[float] = None,
+                     precision: str = "auto") -> Tensor:
     """``[len(cols)]`` float64: each unit's greedy ``ΔE`` ÷ ``scale`` (default: the dense
     output energy), running maximum along the greedy order (module docstring, step 2).
     ``weights`` ``[o]`` (e.g. :func:`fisher_weights`): ``ΔE = Σ_o weights_o ΔE_o``, by the
-    greedy on ``diag(√weights) W``."""
+    greedy on ``diag(√weights) W``. ``precision``: the dtype of the inverse and the
+    greedy (:data:`PRECISIONS`; ``"auto"``: float64 for a float64 layer, else float32);
+    the scores are float64 either way."""
     H, W = gram.H[0], augmented_weight(layer)[0].to(gram.H.device)
     if weights is not None:
         W = W * weights.to(W).clamp_min(0).sqrt().reshape(-1, 1)
     if layer.bias is None:  # no constant column to compensate with, as in the re-fit
         H, W = H[:-1, :-1], W[:, :-1]
-    order, increases = greedy_removal(damped_inverse(H, damp), W, cols, per_step)
+    if precision == "auto":
+        precision = "float64" if layer.weight.dtype == torch.float64 else "float32"
+    dtype = getattr(torch, precision)
+    order, increases = greedy_removal(damped_inverse(H, damp, dtype), W, cols, per_step)
     scale = max(gram.yy if scale is None else scale, 1e-30)
     out = torch.zeros(len(cols), dtype=torch.float64)
     running = 0.0
@@ -305,8 +330,8 @@ def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
     return out
 
 
-def _options(ctx: ScoringContext) -> Tuple[float, int, str]:
-    """``(damp, per_step, scale)`` from ``ctx.options``, validated."""
+def _options(ctx: ScoringContext) -> Tuple[float, int, str, str]:
+    """``(damp, per_step, scale, precision)`` from ``ctx.options``, validated."""
     damp = float(ctx.options.get("damp", DEFAULT_DAMP))
     if not damp >= 0:
         raise CriterionError(f"obs: damp={damp!r}; use a damping factor >= 0 (default "
@@ -319,14 +344,18 @@ def _options(ctx: ScoringContext) -> Tuple[float, int, str]:
     if scale not in SCALES:
         choices = "; ".join(f"{k!r}: {v}" for k, v in SCALES.items())
         raise CriterionError(f"obs: scale={scale!r}; choose one of {choices}")
+    precision = ctx.options.get("precision", "auto")
+    if precision not in PRECISIONS:
+        choices = "; ".join(f"{k!r}: {v}" for k, v in PRECISIONS.items())
+        raise CriterionError(f"obs: precision={precision!r}; choose one of {choices}")
     if not ctx.batches:
         raise CriterionError("obs needs calibration data (at least one batch)")
-    return damp, per_step, scale
+    return damp, per_step, scale, precision
 
 
 def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
     """Per consumer weight: unit scores spread over the unit's input columns."""
-    damp, per_step, scale = _options(ctx)
+    damp, per_step, scale, precision = _options(ctx)
     fisher = scale == "fisher"
     consumers, skipped = find_consumers(ctx.module, ctx.groups)
     grams, fishers, samples = accumulate_grams(ctx.module, consumers, ctx.batches,
@@ -342,7 +371,7 @@ def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
             weights = weights_of[name] = fisher_weights(fishers[name])
             div = samples * gram.rows / max(fishers[name].rows, 1)
         values = obs_layer_scores(cons.layer, gram, [u.cols for u in cons.units], damp,
-                                  per_step, weights, div)
+                                  per_step, weights, div, precision)
         weight = cons.layer.weight
         t = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
         for u, v in zip(cons.units, values.tolist()):
@@ -387,4 +416,5 @@ register_criterion(Criterion(
     name="obs",
     description="structured Optimal Brain Surgeon: output error each consumer layer keeps "
                 "after removing the channel with the least-squares update (repair='full')",
-    score=_score, needs_data=True, aggregate=_aggregate, options=("damp", "per_step", "scale")))
+    score=_score, needs_data=True, aggregate=_aggregate,
+    options=("damp", "per_step", "scale", "precision")))
