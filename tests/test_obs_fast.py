@@ -52,6 +52,14 @@ def _problem(d, o, sizes, seed=0, rows=None):
     return X.T @ X, W, [units[i] for i in perm]
 
 
+def _assert_greedy_matches_the_plain_loop(H, W, units):
+    Hinv = damped_inverse(H, 1e-2)
+    order, inc = greedy_removal(Hinv, W, units)
+    ref_order, ref_inc = _plain_greedy(Hinv, W, units)
+    assert order == ref_order
+    assert inc == pytest.approx(ref_inc, rel=1e-8, abs=1e-12)
+
+
 @pytest.mark.parametrize("d,groups", [(7, 1), (40, 1), (40, 2)])
 def test_blocked_gram_equals_the_concatenated_product(monkeypatch, d, groups):
     monkeypatch.setattr(lstsq, "GRAM_BLOCK_MIN", 8)
@@ -82,11 +90,7 @@ def test_symmetric_fold_and_run_selection_equal_the_plain_loop(monkeypatch, size
     monkeypatch.setattr(obs_solve, "SYM_BLOCKS", 3)
     monkeypatch.setattr(obs_solve, "FLUSH_COLUMNS", flush)
     H, W, units = _problem(sum(sizes) + 1, 6, sizes, seed=flush)
-    Hinv = damped_inverse(H, 1e-2)
-    order, inc = greedy_removal(Hinv, W, units)
-    ref_order, ref_inc = _plain_greedy(Hinv, W, units)
-    assert order == ref_order
-    assert inc == pytest.approx(ref_inc, rel=1e-8, abs=1e-12)
+    _assert_greedy_matches_the_plain_loop(H, W, units)
 
 
 def test_select_columns_with_many_runs_and_with_few():
@@ -100,11 +104,7 @@ def test_select_columns_with_many_runs_and_with_few():
 def test_qr_compression_of_a_tall_weight_keeps_the_greedy(monkeypatch):
     monkeypatch.setattr(obs_solve, "FLUSH_COLUMNS", 5)
     H, W, units = _problem(13, 40, [1, 2, 1, 3, 1, 1, 2, 1], seed=4)   # o = 40 > d = 13
-    Hinv = damped_inverse(H, 1e-2)
-    order, inc = greedy_removal(Hinv, W, units)
-    ref_order, ref_inc = _plain_greedy(Hinv, W, units)
-    assert order == ref_order
-    assert inc == pytest.approx(ref_inc, rel=1e-8, abs=1e-12)
+    _assert_greedy_matches_the_plain_loop(H, W, units)
 
 
 def test_float32_inverse_is_close_and_falls_back_to_float64():
