@@ -54,7 +54,8 @@ import torch
 import fxprune
 from fxprune.criteria import ScoringContext, get_criterion
 from fxprune.criteria.oba import oba_exact_scores, oba_scores
-from fxprune.criteria.obs import accumulate_grams, find_consumers
+from fxprune.criteria.obs import find_consumers
+from fxprune.criteria.obs_stats import accumulate_grams
 from fxprune.criteria.scoring import default_loss, make_scoring_copy
 from fxprune.criteria.sosp import sosp_h_terms
 from peak_memory import peak_growth_mib

@@ -24,9 +24,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGram", "REFIT_TYPES", "augmented_gram", "augmented_weight", "error", "set_augmented_weight",
+__all__ = ["LayerGram", "REFIT_TYPES", "ROWS_PER_UNKNOWN", "augmented_gram", "augmented_weight", "error", "set_augmented_weight",
            "solve", "unsupported_reason"]
 
+#: Rows (output positions) per unknown sampled from each batch for a layer's Gram sums
+#: (the repair pass and the obs criterion alike): a 3x3 conv at 56x56 has ~50 rows per
+#: unknown per image, mostly redundant.
+ROWS_PER_UNKNOWN = 8
 #: Layer module types whose input weights the repair pass can re-fit.
 REFIT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 

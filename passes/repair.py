@@ -37,6 +37,7 @@ from torch import nn
 from ..errors import FxpruneError
 from ..repair_report import LayerRepair, OutputMatch, RepairSummary
 from .eval_mode import eval_mode
+from . import lstsq
 from .groups import Analysis, fetch_attr
 from .lstsq import (LayerGram, augmented_weight, error, set_augmented_weight, solve,
                     unsupported_reason)
@@ -49,9 +50,6 @@ log = logging.getLogger(__name__)
 REPAIR_MODES = ("full", "bn", None)
 #: Damping candidates (λ = α · mean diag of the Gram matrix), chosen on held-out batches.
 ALPHAS = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
-#: Rows (output positions) per unknown sampled from each batch for a layer's Gram sums:
-#: a 3x3 conv at 56x56 has ~50 rows per unknown per image, mostly redundant.
-ROWS_PER_UNKNOWN = 8
 #: Relative difference below which a batch norm's input counts as unchanged (rounding).
 _UNCHANGED = {torch.float64: 1e-10, torch.float32: 1e-5}
 _BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
@@ -267,7 +265,7 @@ def _refit(rep: _Repairer, site: _Site, ns, nd) -> LayerRepair:
         for b in batches:
             y = y_d[b] if site.positions is None else \
                 y_d[b].index_select(out_dim, site.positions.to(y_d[b].device))
-            g.add(layer, x_s[b], y, max_rows=ROWS_PER_UNKNOWN * unknowns)
+            g.add(layer, x_s[b], y, max_rows=lstsq.ROWS_PER_UNKNOWN * unknowns)
         return g
 
     rows = sum(y_d[b].numel() // y_d[b].shape[out_dim] for b in rep.train)

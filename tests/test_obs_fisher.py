@@ -21,8 +21,9 @@ import torch.nn.functional as F
 from torch import nn
 
 import fxprune
-from fxprune.criteria import obs as obs_mod
-from fxprune.criteria.obs import accumulate_grams, find_consumers
+from fxprune.criteria.obs import find_consumers
+from fxprune.criteria.obs_stats import accumulate_grams
+from fxprune.passes import lstsq
 from fxprune.models import create_model
 from fxprune.models.fixtures import randomize_norms
 from fxprune.models.registry import model_input_size
@@ -138,7 +139,7 @@ def _brute_scores(layer, X, weights, n_samples):
 
 
 def test_fisher_weights_and_scores_equal_brute_force(monkeypatch):
-    monkeypatch.setattr(obs_mod, "ROWS_PER_UNKNOWN", 10 ** 6)   # every row in the Gram
+    monkeypatch.setattr(lstsq, "ROWS_PER_UNKNOWN", 10 ** 6)   # every row in the Gram
     model, data = _setup()
     sal = fxprune.saliency(model, "obs", data=data, scale="fisher", damp=DAMP,
                            progress=False)
@@ -181,9 +182,9 @@ def test_sampled_rows_are_rescaled(monkeypatch, scale):
     g = torch.Generator().manual_seed(1)
     data = [(torch.randn(1, 3, generator=g, dtype=DT), torch.randint(0, 2, (1,), generator=g))
             for _ in range(4)]                                        # one sample a batch
-    monkeypatch.setattr(obs_mod, "ROWS_PER_UNKNOWN", 10 ** 6)
+    monkeypatch.setattr(lstsq, "ROWS_PER_UNKNOWN", 10 ** 6)
     full = fxprune.saliency(model, "obs", data=data, scale=scale, progress=False)
-    monkeypatch.setattr(obs_mod, "ROWS_PER_UNKNOWN", 1)            # 4 of fc's 12 rows
+    monkeypatch.setattr(lstsq, "ROWS_PER_UNKNOWN", 1)            # 4 of fc's 12 rows
     sampled = fxprune.saliency(model, "obs", data=data, scale=scale, progress=False)
     assert sampled.groups["a"].max() > 0
     torch.testing.assert_close(sampled.groups["a"], full.groups["a"], rtol=1e-7, atol=0)

@@ -9,8 +9,8 @@ scores a channel by the error that this removal *with* that compensation leaves:
    adds one backward to the layer outputs per batch) with forward hooks on
    every Linear / Conv1d / Conv2d that consumes a prunable channel; each accumulates its
    input Gram ``H = Σ x̃x̃ᵀ`` with :class:`fxprune.passes.lstsq.LayerGram` (the repair
-   pass's statistics, bias 1 appended, at most ``ROWS_PER_UNKNOWN`` sampled rows per
-   unknown and batch). A layer called at several places sums all its calls.
+   pass's statistics, bias 1 appended, at most ``lstsq.ROWS_PER_UNKNOWN`` sampled rows
+   per unknown and batch; :mod:`.obs_stats`). A layer called at several places sums all its calls.
 2. Per consumer layer, greedy OBS (:mod:`fxprune.passes.obs_solve`): the input channels
    (all prunable groups feeding it) are removed cheapest first, each with the optimal
    update of the kept weights and a block downdate of ``(H + λI)⁻¹``,
@@ -105,16 +105,14 @@ from ..passes.lstsq import REFIT_TYPES, LayerGram, augmented_weight
 from ..passes.obs_solve import consumer_columns, damped_inverse, greedy_removal
 from . import Criterion, ScoringContext, register_criterion
 from .aggregate import signed_channel_sums, weight_norms
-from .scoring import all_reduce_sums, batch_loss, cast_batch, check_finite, progress_iter
+from .obs_stats import accumulate_grams, fisher_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_DAMP", "MAX_UNKNOWNS", "OutputFisher", "PRECISIONS", "ROWS_PER_UNKNOWN",
-           "SCALES", "fisher_weights", "obs_layer_scores", "warn_unless_repaired"]
+__all__ = ["DEFAULT_DAMP", "MAX_UNKNOWNS", "PRECISIONS", "SCALES", "find_consumers",
+           "obs_layer_scores", "warn_unless_repaired"]
 
 DEFAULT_DAMP = 1e-2
-#: Rows (output positions) per unknown sampled from each batch, as the repair pass does.
-ROWS_PER_UNKNOWN = 8
 #: Largest input patch (+ bias) measured: ``H`` is ``d²`` float64 (2 GiB at 16384).
 MAX_UNKNOWNS = 16384
 #: Values of option ``scale``: how a consumer's error increase is made comparable.
@@ -193,113 +191,6 @@ def find_consumers(module: nn.Module, groups) -> Tuple[Dict[str, _Consumer], Dic
                     cons.units.append(_Unit(g.id, c, list(idx),
                                             consumer_columns(cons.layer, idx)))
     return consumers, skipped
-
-
-@dataclass
-class OutputFisher:
-    """Sums for one consumer's diagonal empirical output Fisher (module docstring)."""
-
-    sq: Optional[Tensor] = None    # [o]: Σ over rows of (n_batch · ∂L/∂y)²
-    rows: int = 0                  # rows (samples x positions) of every call
-
-    def add(self, layer: nn.Module, grad: Tensor, n_samples: int) -> None:
-        """Accumulate ``grad`` (∂ batch loss / ∂ output of one call) of a batch of
-        ``n_samples``; output units are dim -1 of a Linear's output, dim 1 of a conv's."""
-        g = grad.detach().double() * n_samples
-        g = g.movedim(1, -1) if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else g
-        g = g.reshape(-1, g.shape[-1])
-        sq = g.pow(2).sum(0)
-        self.sq = sq if self.sq is None else self.sq + sq
-        self.rows += g.shape[0]
-
-
-def _samples(inputs) -> int:
-    """Samples of a batch: the leading dim of its first tensor input."""
-    return next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim()), 1)
-
-
-def accumulate_grams(module: nn.Module, consumers: Dict[str, _Consumer], batches,
-                     progress: bool = False, loss_fn=None, fisher: bool = False
-                     ) -> Tuple[Dict[str, LayerGram], Dict[str, OutputFisher], int]:
-    """One forward per batch (no grad unless ``fisher``); every consumer's
-    :class:`LayerGram` (input Gram, dense output energy) and, with ``fisher``, its
-    :class:`OutputFisher` from one backward of the batch loss (``loss_fn``) to the
-    consumers' outputs in the same pass; summed over batches and data-parallel ranks.
-    Returns ``(grams, fishers, samples)``. Hooks are removed before returning;
-    ``module`` is otherwise untouched (no parameter ``.grad`` is written)."""
-    grams = {name: LayerGram() for name in consumers}
-    fishers = {name: OutputFisher() for name in consumers}
-    outputs: List[Tuple[str, Tensor]] = []
-
-    def hook_for(name: str):
-        rows = ROWS_PER_UNKNOWN * (consumers[name].layer.weight[0].numel() + 1)
-
-        def hook(mod, inputs, output):
-            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows,
-                            cross=False)
-            if fisher and output.requires_grad:
-                outputs.append((name, output))
-        return hook
-
-    handles = [c.layer.register_forward_hook(hook_for(n)) for n, c in consumers.items()]
-    samples = 0
-    try:
-        with torch.set_grad_enabled(fisher):
-            for i, batch in enumerate(progress_iter(batches, progress, "obs")):
-                inputs, targets = cast_batch(batch, module)
-                for k, x in enumerate(inputs):
-                    if torch.is_tensor(x) and x.is_floating_point():
-                        check_finite(x, f"calibration input {k}", i)
-                out = module(*inputs)
-                n = _samples(inputs)
-                samples += n
-                if fisher:
-                    _output_fisher(consumers, fishers, outputs, batch_loss(loss_fn, out,
-                                                                           targets, i), n)
-    finally:
-        for h in handles:
-            h.remove()
-    outs = {n: int(c.layer.weight.shape[0]) for n, c in consumers.items()}
-    return _reduce(grams, fishers, samples, fisher, outs)
-
-
-def _output_fisher(consumers, fishers, outputs, loss: Tensor, n: int) -> None:
-    """Backward of one batch's ``loss`` to the recorded consumer outputs (then cleared);
-    an output the loss does not reach has gradient 0."""
-    grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
-    for (name, o), g in zip(outputs, grads):
-        fishers[name].add(consumers[name].layer, torch.zeros_like(o) if g is None else g, n)
-    outputs.clear()
-
-
-def _reduce(grams, fishers, samples: int, fisher: bool, outputs: Dict[str, int]):
-    """All-reduce the per-rank sums (design §8); returns ``(grams, fishers, samples)``.
-    ``outputs``: each layer's output units (the size of ``F`` where no gradient came)."""
-    sums = {}
-    for name, g in grams.items():
-        if g.H is not None:
-            sums[f"{name}:H"] = g.H
-            sums[f"{name}:yy"] = torch.tensor([g.yy], dtype=torch.float64, device=g.H.device)
-            if fisher:
-                f = fishers[name]  # no gradient reached it: F = 0
-                sums[f"{name}:F"] = (f.sq.to(g.H.device) if f.sq is not None else
-                                     g.H.new_zeros(outputs[name]))
-                sums[f"{name}:rows"] = torch.tensor([f.rows, g.rows], dtype=torch.float64,
-                                                    device=g.H.device)
-    sums, samples = all_reduce_sums(sums, samples)
-    for name, g in grams.items():
-        if g.H is not None:
-            g.H, g.yy = sums[f"{name}:H"], float(sums[f"{name}:yy"])
-            if fisher:
-                rows = sums[f"{name}:rows"]
-                fishers[name].sq, fishers[name].rows = sums[f"{name}:F"], int(rows[0])
-                g.rows = int(rows[1])
-    return grams, fishers, samples
-
-
-def fisher_weights(fisher: OutputFisher) -> Tensor:
-    """``F_o``: the mean over all rows (samples x positions) of ``(∂ℓ_n/∂y_o)²``."""
-    return fisher.sq / max(fisher.rows, 1)
 
 
 def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],

@@ -1,0 +1,132 @@
+"""Calibration statistics of the ``"obs"`` criterion (:mod:`.obs`): one pass over the data.
+
+Contract: :func:`accumulate_grams` reads a module and its consumer layers (``{layer
+name: object with .layer}``, from :func:`.obs.find_consumers`) and the calibration
+batches; it returns each consumer's :class:`~fxprune.passes.lstsq.LayerGram` (input Gram
+and dense output energy, at most :data:`fxprune.passes.lstsq.ROWS_PER_UNKNOWN` sampled
+rows per unknown and batch, as the repair pass) and, for ``scale="fisher"``, its
+:class:`OutputFisher` (the diagonal empirical Fisher of the layer's output, from one
+backward per batch in the same pass), summed over batches and data-parallel ranks.
+Invariant: one forward per batch; hooks are removed before returning; no parameter
+``.grad`` is written and the module is otherwise untouched.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from torch import Tensor, nn
+
+from ..passes import lstsq
+from ..passes.lstsq import LayerGram
+from .scoring import all_reduce_sums, batch_loss, cast_batch, check_finite, progress_iter
+
+__all__ = ["OutputFisher", "accumulate_grams", "fisher_weights"]
+
+
+@dataclass
+class OutputFisher:
+    """Sums for one consumer's diagonal empirical output Fisher (module docstring)."""
+
+    sq: Optional[Tensor] = None    # [o]: Σ over rows of (n_batch · ∂L/∂y)²
+    rows: int = 0                  # rows (samples x positions) of every call
+
+    def add(self, layer: nn.Module, grad: Tensor, n_samples: int) -> None:
+        """Accumulate ``grad`` (∂ batch loss / ∂ output of one call) of a batch of
+        ``n_samples``; output units are dim -1 of a Linear's output, dim 1 of a conv's."""
+        g = grad.detach().double() * n_samples
+        g = g.movedim(1, -1) if isinstance(layer, (nn.Conv1d, nn.Conv2d)) else g
+        g = g.reshape(-1, g.shape[-1])
+        sq = g.pow(2).sum(0)
+        self.sq = sq if self.sq is None else self.sq + sq
+        self.rows += g.shape[0]
+
+
+def _samples(inputs) -> int:
+    """Samples of a batch: the leading dim of its first tensor input."""
+    return next((int(x.shape[0]) for x in inputs if torch.is_tensor(x) and x.dim()), 1)
+
+
+def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
+                     progress: bool = False, loss_fn=None, fisher: bool = False
+                     ) -> Tuple[Dict[str, LayerGram], Dict[str, OutputFisher], int]:
+    """One forward per batch (no grad unless ``fisher``); every consumer's
+    :class:`LayerGram` (input Gram, dense output energy) and, with ``fisher``, its
+    :class:`OutputFisher` from one backward of the batch loss (``loss_fn``) to the
+    consumers' outputs in the same pass; summed over batches and data-parallel ranks.
+    Returns ``(grams, fishers, samples)``. Hooks are removed before returning;
+    ``module`` is otherwise untouched (no parameter ``.grad`` is written)."""
+    grams = {name: LayerGram() for name in consumers}
+    fishers = {name: OutputFisher() for name in consumers}
+    outputs: List[Tuple[str, Tensor]] = []
+
+    def hook_for(name: str):
+        rows = lstsq.ROWS_PER_UNKNOWN * (consumers[name].layer.weight[0].numel() + 1)
+
+        def hook(mod, inputs, output):
+            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows,
+                            cross=False)
+            if fisher and output.requires_grad:
+                outputs.append((name, output))
+        return hook
+
+    handles = [c.layer.register_forward_hook(hook_for(n)) for n, c in consumers.items()]
+    samples = 0
+    try:
+        with torch.set_grad_enabled(fisher):
+            for i, batch in enumerate(progress_iter(batches, progress, "obs")):
+                inputs, targets = cast_batch(batch, module)
+                for k, x in enumerate(inputs):
+                    if torch.is_tensor(x) and x.is_floating_point():
+                        check_finite(x, f"calibration input {k}", i)
+                out = module(*inputs)
+                n = _samples(inputs)
+                samples += n
+                if fisher:
+                    _output_fisher(consumers, fishers, outputs, batch_loss(loss_fn, out,
+                                                                           targets, i), n)
+    finally:
+        for h in handles:
+            h.remove()
+    outs = {n: int(c.layer.weight.shape[0]) for n, c in consumers.items()}
+    return _reduce(grams, fishers, samples, fisher, outs)
+
+
+def _output_fisher(consumers, fishers, outputs, loss: Tensor, n: int) -> None:
+    """Backward of one batch's ``loss`` to the recorded consumer outputs (then cleared);
+    an output the loss does not reach has gradient 0."""
+    grads = torch.autograd.grad(loss, [o for _, o in outputs], allow_unused=True)
+    for (name, o), g in zip(outputs, grads):
+        fishers[name].add(consumers[name].layer, torch.zeros_like(o) if g is None else g, n)
+    outputs.clear()
+
+
+def _reduce(grams, fishers, samples: int, fisher: bool, outputs: Dict[str, int]):
+    """All-reduce the per-rank sums (design §8); returns ``(grams, fishers, samples)``.
+    ``outputs``: each layer's output units (the size of ``F`` where no gradient came)."""
+    sums = {}
+    for name, g in grams.items():
+        if g.H is not None:
+            sums[f"{name}:H"] = g.H
+            sums[f"{name}:yy"] = torch.tensor([g.yy], dtype=torch.float64, device=g.H.device)
+            if fisher:
+                f = fishers[name]  # no gradient reached it: F = 0
+                sums[f"{name}:F"] = (f.sq.to(g.H.device) if f.sq is not None else
+                                     g.H.new_zeros(outputs[name]))
+                sums[f"{name}:rows"] = torch.tensor([f.rows, g.rows], dtype=torch.float64,
+                                                    device=g.H.device)
+    sums, samples = all_reduce_sums(sums, samples)
+    for name, g in grams.items():
+        if g.H is not None:
+            g.H, g.yy = sums[f"{name}:H"], float(sums[f"{name}:yy"])
+            if fisher:
+                rows = sums[f"{name}:rows"]
+                fishers[name].sq, fishers[name].rows = sums[f"{name}:F"], int(rows[0])
+                g.rows = int(rows[1])
+    return grams, fishers, samples
+
+
+def fisher_weights(fisher: OutputFisher) -> Tensor:
+    """``F_o``: the mean over all rows (samples x positions) of ``(∂ℓ_n/∂y_o)²``."""
+    return fisher.sq / max(fisher.rows, 1)
