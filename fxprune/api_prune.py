@@ -54,7 +54,8 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
             measure_latency: bool = False, progress: Optional[bool] = None,
             normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
             repair: Optional[str] = "auto", round_to: int = 1, frontend: str = "auto",
-            steps=None, uniform: bool = False, **options) -> CompileResult:
+            steps=None, uniform: bool = False, cost_aware: bool = False,
+            **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
     ``criterion``: a name of :func:`fxprune.list_criteria`, or ``"auto"`` (default):
@@ -88,6 +89,10 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     every group (as ``sparsity=r`` does), so that every layer keeps the same number of
     heads and MLP units -- what :func:`fxprune.save_pretrained` needs to write a Hugging
     Face config.
+    ``cost_aware=True``: rank channels globally by normalised score ÷ the budget's cost
+    (FLOPs, parameters or latency) that removing one channel of its group saves, the
+    greedy answer to "least importance lost per cost saved" (:mod:`fxprune.passes.unit_cost`);
+    default False, the plain score order.
     ``frontend``: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen graph)
     or ``"auto"`` (default: export only where symbolic tracing fails); the report's
     ``frontend`` says which was used.
@@ -106,7 +111,8 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         ignore=resolve_ignore(model, ignore), normalize=normalize,
         max_layer_sparsity=max_layer_sparsity, verify=verify, progress=show_progress(progress),
         repair_mode=resolve_repair(repair, batch_list, unstructured),
-        round_to=check_round_to(round_to), uniform=_check_uniform(uniform, steps, unstructured))
+        round_to=check_round_to(round_to), uniform=_check_uniform(uniform, steps, unstructured),
+        cost_aware=_check_cost_aware(cost_aware, crit, steps, uniform, unstructured))
     if unstructured:
         if sparsity is None or any(v is not None for k, v in budget_given.items()
                                    if k != "sparsity"):
@@ -129,6 +135,18 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         if between_steps is not None:
             between_steps(state.current, step)
     return stage.finish(state, budgets, criterion, measure_latency)
+
+
+def _check_cost_aware(cost_aware, crit, steps, uniform: bool, unstructured: bool) -> bool:
+    if not isinstance(cost_aware, bool):
+        raise BudgetError(f"cost_aware={cost_aware!r} must be True or False")
+    if cost_aware and crit.select is not None:
+        raise BudgetError(f"cost_aware=True re-ranks the global order, but criterion "
+                          f"{crit.name!r} selects channels itself; drop cost_aware")
+    if cost_aware and (steps is not None or uniform or unstructured):
+        raise BudgetError("cost_aware=True re-ranks the one-shot global order; it does not "
+                          "combine with steps=, uniform=True or unstructured=True")
+    return cost_aware
 
 
 def _latency_budget(latency):

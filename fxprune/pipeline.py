@@ -64,6 +64,7 @@ class PruneState:
     progress: bool = True
     round_to: int = 1        # kept counts are multiples of this many indices (passes/widths.py)
     uniform: bool = False    # one sparsity for every group (select_uniform_budget)
+    cost_aware: bool = False  # rank by score ÷ one channel's saving (passes/unit_cost.py)
     # written by the stages
     dense: Optional[Analysis] = None          # analyse: the dense model's analysis
     dense_cost: Optional[CostModel] = None    # analyse: exact cost model of the dense model
@@ -118,7 +119,8 @@ def select(state: PruneState, budget: Budget) -> None:
                                  cost_now, state.dense_cost, order=order,
                                  normalize=state.normalize,
                                  tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
-                                 round_to=state.round_to, uniform=state.uniform)
+                                 round_to=state.round_to, uniform=state.uniform,
+                                 cost_aware=state.cost_aware)
     except BudgetError as exc:  # name what blocks the budget (the costliest fixed groups)
         spec = budget.spec
         raise BudgetError(str(exc) + budget_blockers(
@@ -193,6 +195,7 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, measure_laten
     plan = Plan(state.plan_kept, {g.id: g.size for g in dense.groups if g.id in state.plan_kept},
                 {"criterion": criterion, "budget": [b.__dict__ for b in steps],
                  "round_to": state.round_to, "uniform": state.uniform,
+                 "cost_aware": state.cost_aware,
                  "input_shapes": input_shapes(inputs), "inputs": input_spec(inputs),
                  "fingerprint": fingerprint(dense.groups, type(state.model).__name__,
                                             input_shapes(inputs))})

@@ -34,6 +34,7 @@ from ..errors import BudgetError
 from ..group import Group
 from .budget import Budget
 from .prefix import PrefixPlans, SpanGuard
+from .unit_cost import unit_costs
 from .widths import rounded_removal, unit_step
 
 Scores = Dict[str, torch.Tensor]  # group id -> one value per channel
@@ -139,10 +140,12 @@ def global_order(groups, scores: Scores, caps: Dict[str, int],
 
 
 def _order_arrays(groups, scores: Scores, caps: Dict[str, int], normalize: Optional[str],
-                  tiebreak: Optional[Scores]):
+                  tiebreak: Optional[Scores], savings: Optional[Dict[str, float]] = None):
     """:func:`global_order` as arrays: (group ids, group index per entry, channel per
     entry). Sorted by (normalised score, normalised tie-break) with a stable sort, so
-    equal keys keep group order and each group's own ascending order."""
+    equal keys keep group order and each group's own ascending order. ``savings``
+    (cost-aware ranking, :mod:`.unit_cost`): the normalised scores of a group are
+    divided by what one of its channels saves."""
     ids, keys, secondary, groups_of, chans = [], [], [], [], []
     for g in groups:
         if g.id not in caps or caps[g.id] == 0:
@@ -152,7 +155,7 @@ def _order_arrays(groups, scores: Scores, caps: Dict[str, int], normalize: Optio
         w = _key(tiebreak, g.id)
         w = np.zeros_like(s) if w is None else w / _group_scale(w, normalize)
         order = _ascending(scores[g.id], w)[:caps[g.id]]
-        keys.append(s[order] / top)
+        keys.append(s[order] / (top if savings is None else top * savings[g.id]))
         secondary.append(w[order])
         groups_of.append(np.full(len(order), len(ids), dtype=np.int64))
         chans.append(order.astype(np.int64))
@@ -166,18 +169,21 @@ def _order_arrays(groups, scores: Scores, caps: Dict[str, int], normalize: Optio
 def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
                   cost: Callable[[Dict[str, List[int]]], float], dense: float,
                   order: Optional[list] = None, normalize: Optional[str] = DEFAULT_NORMALIZE,
-                  *, tiebreak: Optional[Scores] = None, round_to: int = 1
-                  ) -> Dict[str, List[int]]:
+                  *, tiebreak: Optional[Scores] = None, round_to: int = 1,
+                  cost_aware: bool = False) -> Dict[str, List[int]]:
     """Smallest removal prefix (in ``order``, by default :func:`global_order` with
     ``tiebreak``) whose cost is within budget. With ``round_to`` > 1 each group's share
     of the prefix is rounded so that it keeps a multiple of ``round_to`` indices
-    (:mod:`.widths`), taking or leaving its next channels in ``order``."""
+    (:mod:`.widths`), taking or leaving its next channels in ``order``. With
+    ``cost_aware`` the default order ranks by normalised score ÷ the cost one channel
+    of the group saves (:mod:`.unit_cost`)."""
     in_caps = [g for g in groups if g.id in caps]
     steps = {g.id: unit_step(g, round_to) for g in in_caps}
     if order is None:
         check_normalize(normalize)
+        savings = unit_costs(in_caps, scores, caps, cost) if cost_aware else None
         plans = PrefixPlans(in_caps, caps, steps, arrays=_order_arrays(
-            groups, scores, caps, normalize, tiebreak))
+            groups, scores, caps, normalize, tiebreak, savings))
     else:
         plans = PrefixPlans(in_caps, caps, steps, order)
     costs: Dict[tuple, float] = {}  # plan key -> cost: equal prefixes' plans cost once
@@ -285,13 +291,19 @@ def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], ke
                 cost_now, dense_cost, *, order: Optional[list] = None,
                 normalize: Optional[str] = DEFAULT_NORMALIZE,
                 tiebreak: Optional[Scores] = None, round_to: int = 1,
-                uniform: bool = False) -> Dict[str, List[int]]:
+                uniform: bool = False, cost_aware: bool = False) -> Dict[str, List[int]]:
     """One step's kept channels under ``budget``: uniform for a kind without a cost
     (sparsity), else the budget's cost method of ``cost_now`` (the current model's
     :class:`~fxprune.passes.count.CostModel`, masks built by ``keep_mask``) against
     the dense total of ``dense_cost`` (:data:`~fxprune.passes.budget.BUDGETS`), by the
-    global order or, with ``uniform``, by one sparsity for all groups."""
+    global order (``cost_aware``: score ÷ saving, :mod:`.unit_cost`) or, with
+    ``uniform``, by one sparsity for all groups."""
     spec = budget.spec
+    if cost_aware and (spec.cost is None or uniform or order is not None):
+        why = ("a sparsity budget has no cost" if spec.cost is None else
+               "uniform=True removes one fraction of every group" if uniform else
+               "this criterion selects channels itself (its own order)")
+        raise BudgetError(f"cost_aware=True cannot apply: {why}; drop cost_aware")
     if spec.cost is None:
         return select_uniform(groups, scores, budget.ratio, caps, tiebreak=tiebreak,
                               round_to=round_to)
@@ -303,4 +315,4 @@ def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], ke
                                      tiebreak=tiebreak, round_to=round_to)
     return select_budget(groups, scores, budget, caps, lambda kept: measure(keep_mask(kept)),
                          getattr(dense_cost, spec.dense_total), order, normalize,
-                         tiebreak=tiebreak, round_to=round_to)
+                         tiebreak=tiebreak, round_to=round_to, cost_aware=cost_aware)

@@ -12,7 +12,8 @@ from .nets import Recipe
 EPOCH = 60_000
 #: Benchmark methods: fxprune criteria, ``<criterion>+<suffix>`` for a criterion run
 #: with the options :data:`SUFFIX_OPTIONS` names (``+fisher``: obs' loss-weighted scale;
-#: ``+raw``: ``normalize=None``, channels ranked by raw score across groups;
+#: ``+raw``: ``normalize=None``, channels ranked by raw score across groups; ``+cost``:
+#: ``cost_aware=True``, ranked by score ÷ the FLOPs one channel of the group saves;
 #: any other suffix is option ``perturb=``, e.g. ``+consumer``, issue 12's consumer-cut
 #: δθ of the second-order criteria), and a ``@N`` suffix for ``compile(steps=N)`` (the
 #: OBA paper's gradual procedure, e.g. ``obs@50``, ``oba+consumer@50``); the default
@@ -22,7 +23,8 @@ CRITERIA = ["obs", "obs+fisher", "oba", "oba+consumer", "oba-exact", "oba-exact+
             "random"]
 #: ``+suffix`` parts of method names that are not a ``perturb=`` value (several may
 #: follow each other: ``obs+fisher+raw``).
-SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}, "raw": {"normalize": None}}
+SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}, "raw": {"normalize": None},
+                  "cost": {"cost_aware": True}}
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
 FULL_FT_STEPS = 200
 

@@ -136,6 +136,9 @@ def _prune_parser(sub, common) -> None:
                    help="meet --flops/--params by removing the same fraction of every group, "
                         "so that every layer keeps the same number of heads and MLP units "
                         "(what a Hugging Face config can hold: hf:PATH --out DIR)")
+    p.add_argument("--cost-aware", action="store_true",
+                   help="rank channels by score per FLOP (or parameter, ms) their removal "
+                        "saves instead of by score alone")
     p.add_argument("--max-layer-sparsity", type=sparsity_ratio, default=0.95, metavar="R",
                    help="remove at most fraction R of any group's channels (default: 0.95)")
     p.add_argument("--steps", type=positive_int, metavar="N",

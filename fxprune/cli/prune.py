@@ -127,6 +127,7 @@ def _compile(model, criterion: str, calib, args):
                       ignore=ignore_names(args.ignore),
                       max_layer_sparsity=args.max_layer_sparsity, round_to=args.round_to,
                       frontend=args.frontend, uniform=args.uniform,
+                      cost_aware=args.cost_aware,
                       **_criterion_options(criterion, args), **budget)
 
 
