@@ -112,7 +112,8 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         max_layer_sparsity=max_layer_sparsity, verify=verify, progress=show_progress(progress),
         repair_mode=resolve_repair(repair, batch_list, unstructured),
         round_to=check_round_to(round_to), uniform=_check_uniform(uniform, steps, unstructured),
-        cost_aware=_check_cost_aware(cost_aware, crit, steps, uniform, unstructured))
+        cost_aware=_check_cost_aware(cost_aware, crit, steps, uniform, unstructured,
+                                      sparsity))
     if unstructured:
         if sparsity is None or any(v is not None for k, v in budget_given.items()
                                    if k != "sparsity"):
@@ -137,7 +138,9 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     return stage.finish(state, budgets, criterion, measure_latency)
 
 
-def _check_cost_aware(cost_aware, crit, steps, uniform: bool, unstructured: bool) -> bool:
+def _check_cost_aware(cost_aware, crit, steps, uniform: bool, unstructured: bool,
+                      sparsity) -> bool:
+    """``cost_aware`` as given, or a BudgetError before scoring where it cannot apply."""
     if not isinstance(cost_aware, bool):
         raise BudgetError(f"cost_aware={cost_aware!r} must be True or False")
     if cost_aware and crit.select is not None:
@@ -146,6 +149,10 @@ def _check_cost_aware(cost_aware, crit, steps, uniform: bool, unstructured: bool
     if cost_aware and (steps is not None or uniform or unstructured):
         raise BudgetError("cost_aware=True re-ranks the one-shot global order; it does not "
                           "combine with steps=, uniform=True or unstructured=True")
+    if cost_aware and sparsity is not None:
+        raise BudgetError("cost_aware=True ranks by cost saved, but a sparsity budget has no "
+                          "cost (it removes a fraction of every group); use flops=, params= "
+                          "or latency=, or drop cost_aware")
     return cost_aware
 
 
