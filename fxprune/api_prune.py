@@ -16,7 +16,8 @@ from . import pipeline as stage
 from .api_gradual import check_gradual
 from .api_score import show_progress
 from .api_unstructured import compile_unstructured
-from .criteria import check_options, get_criterion, keywords_of
+from .criteria import (AUTO_CRITERION, check_options, get_criterion, keywords_of,
+                       resolve_criterion)
 from .errors import BudgetError, DataError, FxpruneError
 from .ignore import resolve_ignore
 from .plan import Plan
@@ -37,12 +38,6 @@ from .report import CompileResult
 __all__ = ["compile", "apply_plan", "resolve_repair", "resolve_criterion", "AUTO_CRITERION"]
 
 log = logging.getLogger(__name__)
-
-
-#: What ``criterion="auto"`` (the default) picks: the criterion that kept the most
-#: accuracy in the quality benchmark when calibration data is given (structured OBS with
-#: repair="full": benchmarks/quality/RESULTS.md), else the best data-free one.
-AUTO_CRITERION = {"data": "obs", "data-free": "l2"}
 
 
 def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any = None,
@@ -172,17 +167,6 @@ def _check_uniform(uniform, steps, unstructured: bool) -> bool:
         raise BudgetError("uniform=True ranks channels within each group for one global "
                           "sparsity; it does not combine with steps= or unstructured=True")
     return uniform
-
-
-def resolve_criterion(criterion: str, has_data: bool, unstructured: bool = False) -> str:
-    """``criterion`` itself, or the criterion ``"auto"`` stands for."""
-    if criterion != "auto":
-        return criterion
-    with_data = has_data and not unstructured
-    chosen = AUTO_CRITERION["data" if with_data else "data-free"]
-    log.info("criterion='auto': %s (%s)", chosen, "calibration data given" if with_data
-             else "no calibration data: a data-free criterion")
-    return chosen
 
 
 def _warn_obs_unrepaired(crit, repair_mode: Optional[str]) -> None:

@@ -5,7 +5,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from .criteria import check_options, get_criterion, keywords_of
+from .criteria import check_options, get_criterion, keywords_of, resolve_criterion
 from .passes.groups import analyze
 from .passes.score import Saliency, example_input_tuple, prepare_batches, score_analysis, wrap_loss
 from .passes.frontend import capture
@@ -13,7 +13,7 @@ from .passes.frontend import capture
 __all__ = ["saliency", "Saliency", "show_progress"]
 
 
-def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *,
+def saliency(model: torch.nn.Module, criterion: str = "auto", data: Any = None, *,
              example_inputs: Any = None, loss_fn: Optional[Callable] = None,
              batches: Optional[int] = None, output_fn: Optional[Callable] = None,
              progress: Optional[bool] = None, leaf_modules=(), concrete_args=None,
@@ -22,8 +22,10 @@ def saliency(model: torch.nn.Module, criterion: str = "oba", data: Any = None, *
 
     The model is traced on a copy and never modified. ``data`` is an iterable of
     ``(inputs, targets)``; ``example_inputs`` defaults to the first batch's inputs.
+    ``criterion="auto"`` (default) is what :func:`fxprune.compile` picks: ``"obs"`` with
+    ``data``, else ``"l2"``; ``Saliency.criterion`` names the one used.
     """
-    crit = get_criterion(criterion)
+    crit = get_criterion(resolve_criterion(criterion, data is not None))
     check_options(crit, options, keywords_of(saliency), "saliency")
     batch_list = prepare_batches(data, batches, crit.needs_data)
     inputs = example_input_tuple(example_inputs, batch_list, model)

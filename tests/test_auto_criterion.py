@@ -36,3 +36,13 @@ def test_auto_is_l2_without_data_or_unstructured():
 def test_explicit_criterion_is_kept():
     res = fxprune.compile(_net(), "l1", data=_data(2), flops=0.6, progress=False)
     assert res.plan.meta["criterion"] == "l1"
+
+
+def test_saliency_defaults_to_the_same_choice():
+    with_data = fxprune.saliency(_net(), data=_data(2), progress=False)
+    assert with_data.criterion == AUTO_CRITERION["data"]
+    free = fxprune.saliency(_net(), example_inputs=torch.randn(4, 6))
+    assert free.criterion == AUTO_CRITERION["data-free"]
+    explicit = fxprune.saliency(_net(), "obs", data=_data(2), progress=False)
+    for gid, scores in with_data.groups.items():
+        assert torch.equal(scores, explicit.groups[gid])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import difflib
+import logging
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
@@ -86,6 +87,26 @@ def criterion(name: str, description: str, *, needs_data: bool = True,
                            overwrite=overwrite)
         return score
     return decorator
+
+
+log = logging.getLogger(__name__)
+
+#: What ``criterion="auto"`` (the default of compile, saliency and the CLI) picks: the
+#: criterion that kept the most accuracy in the quality benchmark when calibration data is
+#: given (structured OBS with repair="full": benchmarks/quality/RESULTS.md), else the best
+#: data-free one.
+AUTO_CRITERION = {"data": "obs", "data-free": "l2"}
+
+
+def resolve_criterion(criterion: str, has_data: bool, unstructured: bool = False) -> str:
+    """``criterion`` itself, or the criterion ``"auto"`` stands for."""
+    if criterion != "auto":
+        return criterion
+    with_data = has_data and not unstructured
+    chosen = AUTO_CRITERION["data" if with_data else "data-free"]
+    log.info("criterion='auto': %s (%s)", chosen, "calibration data given" if with_data
+             else "no calibration data: a data-free criterion")
+    return chosen
 
 
 def get_criterion(name: str) -> Criterion:
