@@ -4,8 +4,9 @@ damped re-fit of one Linear / Conv layer.
 Contract: :class:`LayerGram` reads a layer's (slim) inputs and the dense model's output
 of that layer, batch by batch, and keeps only sums — ``H = Σ x̃ x̃ᵀ`` (``x̃ = [x; 1]``, one
 row per output position: a token of a Linear, a pixel of a conv through ``unfold``),
-``C = Σ y x̃ᵀ`` and ``Σ ‖y‖²`` — per conv group, in float64. Memory is
-``groups × d²`` for ``d = in_per_group · kernel + 1``, independent of the data size.
+``C = Σ y x̃ᵀ`` and ``Σ ‖y‖²`` — per conv group, in float64. Memory is about
+``groups × d²/2`` for ``d = in_per_group · kernel + 1`` (``H`` is stored as its upper
+panels), independent of the data size.
 :func:`solve` returns the minimiser of
 
     Σ ‖W′ x̃ − y‖² + λ ‖W′ − W₀‖²,   λ = α · mean(diag H)
@@ -18,14 +19,16 @@ batches without storing activations. Nothing here touches a module; the pass doe
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LayerGram", "REFIT_TYPES", "ROWS_PER_UNKNOWN", "augmented_gram", "augmented_weight", "error", "set_augmented_weight",
-           "solve", "unsupported_reason"]
+__all__ = ["LayerGram", "REFIT_TYPES", "ROWS_PER_UNKNOWN", "augmented_gram", "augmented_weight",
+           "error", "gram_diagonal", "gram_panels", "set_augmented_weight", "solve",
+           "unpack_gram",
+           "unsupported_reason"]
 
 #: Rows (output positions) per unknown sampled from each batch for a layer's Gram sums
 #: (the repair pass and the obs criterion alike): a 3x3 conv at 56x56 has ~50 rows per
@@ -94,39 +97,90 @@ def set_augmented_weight(layer: nn.Module, w_aug: Tensor) -> None:
             layer.bias.copy_(w_aug[..., -1].reshape(-1).to(layer.bias.dtype))
 
 
-#: Input patches at least this wide get their Gram as the upper block triangle of
-#: ``GRAM_BLOCKS`` x ``GRAM_BLOCKS`` column blocks, mirrored (1.5x faster than one product
-#: here: the product ``XᵀX`` alone does not exploit symmetry).
+#: Input patches at least this wide keep their Gram as upper block-row panels of
+#: ``GRAM_PANEL_ROWS`` rows (:func:`gram_panels`): about half the memory of the full
+#: matrix (all consumer layers' sums coexist while obs scores), and the products skip
+#: the lower triangle (the product ``XᵀX`` alone does not exploit symmetry).
 GRAM_BLOCK_MIN = 512
-GRAM_BLOCKS = 4
+GRAM_PANEL_ROWS = 256
+
+
+def _panel_bounds(n: int) -> List[Tuple[int, int]]:
+    """``(first, end)`` rows of each panel of an ``n x n`` augmented Gram."""
+    step = GRAM_PANEL_ROWS if n - 1 >= GRAM_BLOCK_MIN else n
+    return [(i, min(i + step, n)) for i in range(0, n, step)]
+
+
+def gram_panels(cols: Tensor) -> List[Tensor]:
+    """The upper block-row panels of the ``[G, d+1, d+1]`` float64 ``Σ x̃x̃ᵀ`` of rows
+    ``cols`` ``[G, R, d]``, ``x̃ = [x; 1]``: panel ``k`` holds rows ``i:e`` and columns
+    ``i:`` (its diagonal block whole). The 1 column is a row sum, not concatenated;
+    products in the rows' dtype. :func:`unpack_gram` assembles the full matrix."""
+    g, rows, d = cols.shape
+    n, s = d + 1, cols.sum(1)
+    panels = []
+    for i, e in _panel_bounds(n):
+        r = min(e, d)  # the data rows of this panel (the last also has the 1 row)
+        p = cols.new_empty(g, e - i, n - i)
+        if r > i:
+            p[:, :r - i, :d - i] = torch.bmm(cols[:, :, i:r].transpose(1, 2), cols[:, :, i:])
+            p[:, :r - i, d - i] = s[:, i:r]
+        if e == n:
+            p[:, d - i, :d - i] = s[:, i:]
+            p[:, d - i, d - i] = rows
+        panels.append(p.double())
+    return panels
+
+
+def unpack_gram(panels: Sequence[Tensor], dtype: Optional[torch.dtype] = None,
+                shift: float = 0.0, size: Optional[int] = None) -> Tensor:
+    """The full symmetric matrix of :func:`gram_panels`' panels (a new tensor): its
+    leading ``size`` rows and columns (default all), ``+ shift`` on the diagonal (added
+    in the panels' float64, then rounded to ``dtype``: the damped matrix of a float32
+    solve without a float64 copy of the whole)."""
+    g, n = panels[0].shape[0], panels[0].shape[-1]
+    m = n if size is None else size
+    out = panels[0].new_empty(g, m, m, dtype=dtype or panels[0].dtype)
+    i = 0
+    for p in panels:
+        if i >= m:
+            break
+        e = min(i + p.shape[1], m)
+        block = p[:, :e - i, :m - i]
+        if shift:
+            block = block.clone()
+            block.diagonal(dim1=1, dim2=2).add_(shift)
+        out[:, i:e, i:] = block
+        out[:, e:, i:e] = block[:, :, e - i:].transpose(1, 2)
+        i = e
+    return out
+
+
+def gram_diagonal(panels: Sequence[Tensor]) -> Tensor:
+    """``[G, n]``: the diagonal of the matrix the panels hold."""
+    return torch.cat([p.diagonal(dim1=1, dim2=2) for p in panels], dim=1)
 
 
 def augmented_gram(cols: Tensor) -> Tensor:
-    """``[G, d+1, d+1]`` float64 ``Σ x̃x̃ᵀ`` of rows ``cols`` ``[G, R, d]``, ``x̃ = [x; 1]``
-    (the 1 column is a row sum, not concatenated). Products in the rows' dtype."""
-    g, rows, d = cols.shape
-    out = cols.new_empty(g, d + 1, d + 1)
-    k = GRAM_BLOCKS if d >= GRAM_BLOCK_MIN else 1
-    b = -(-d // k)
-    for i in range(0, d, b):
-        e = min(i + b, d)
-        top = torch.bmm(cols[:, :, i:e].transpose(1, 2), cols[:, :, i:])
-        out[:, i:e, i:d] = top
-        out[:, e:d, i:e] = top[:, :, e - i:].transpose(1, 2)
-    s = cols.sum(1)
-    out[:, :d, d], out[:, d, :d] = s, s
-    out[:, d, d] = rows
-    return out.double()
+    """``[G, d+1, d+1]`` float64 ``Σ x̃x̃ᵀ`` of rows ``cols`` ``[G, R, d]`` (full)."""
+    return unpack_gram(gram_panels(cols))
 
 
 @dataclass
 class LayerGram:
-    """Sums of one layer's least-squares problem over calibration rows."""
+    """Sums of one layer's least-squares problem over calibration rows. ``H`` is kept
+    as the upper panels of :func:`gram_panels`; the property assembles it (read it once
+    per use: each access builds a new ``[G, d, d]`` tensor)."""
 
-    H: Optional[Tensor] = None     # [G, d, d]
+    panels: Optional[List[Tensor]] = None  # upper block-row panels of H = Σ x̃x̃ᵀ
     C: Optional[Tensor] = None     # [G, o, d]; None when accumulated with cross=False
     yy: float = 0.0
     rows: int = 0
+
+    @property
+    def H(self) -> Optional[Tensor]:
+        """``[G, d, d]`` float64 ``Σ x̃x̃ᵀ``, or None before the first batch."""
+        return None if self.panels is None else unpack_gram(self.panels)
 
     def add(self, layer: nn.Module, x: Tensor, y: Tensor, max_rows: Optional[int] = None,
             cross: bool = True) -> None:
@@ -140,8 +194,8 @@ class LayerGram:
             gen = torch.Generator().manual_seed(cols.shape[1])
             pick = torch.randperm(cols.shape[1], generator=gen)[:max_rows].to(cols.device)
             cols, out = cols[:, pick], out[:, pick]
-        h = augmented_gram(cols)
-        self.H = h if self.H is None else self.H.add_(h)
+        h = gram_panels(cols)
+        self.panels = h if self.panels is None else [a.add_(b) for a, b in zip(self.panels, h)]
         if cross:
             cols = torch.cat([cols, torch.ones_like(cols[..., :1])], dim=-1)
             c = torch.bmm(out.transpose(1, 2), cols).double()
@@ -151,12 +205,13 @@ class LayerGram:
 
     def __add__(self, other: "LayerGram") -> "LayerGram":
         cross = None if self.C is None or other.C is None else self.C + other.C
-        return LayerGram(self.H + other.H, cross, self.yy + other.yy, self.rows + other.rows)
+        panels = [a + b for a, b in zip(self.panels, other.panels)]
+        return LayerGram(panels, cross, self.yy + other.yy, self.rows + other.rows)
 
     @property
     def unknowns(self) -> int:
         """Unknowns per output row (input patch size + bias)."""
-        return int(self.H.shape[-1])
+        return int(self.panels[0].shape[-1])
 
 
 def solve(gram: LayerGram, w0: Tensor, alpha: float, has_bias: bool = True) -> Tensor:
@@ -185,6 +240,6 @@ def solve(gram: LayerGram, w0: Tensor, alpha: float, has_bias: bool = True) -> T
 
 def error(gram: LayerGram, w_aug: Tensor) -> float:
     """``Σ ‖W x̃ − y‖²`` over the rows summed in ``gram``, from its sums alone."""
-    quad = (torch.bmm(w_aug, gram.H) * w_aug).sum()
+    quad = (torch.bmm(w_aug, gram.H) * w_aug).sum()  # H assembled once
     cross = (w_aug * gram.C).sum()
     return max(float(quad - 2 * cross + gram.yy), 0.0)

@@ -25,8 +25,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["consumer_columns", "damped_inverse", "greedy_removal", "remove_columns",
-           "removal_errors"]
+__all__ = ["consumer_columns", "damped_inverse", "damping", "greedy_removal",
+           "inverse_if_positive_definite", "remove_columns", "removal_errors"]
 
 
 def consumer_columns(layer: nn.Module, indices: Sequence[int]) -> Tensor:
@@ -38,20 +38,32 @@ def consumer_columns(layer: nn.Module, indices: Sequence[int]) -> Tensor:
     return (base + torch.arange(per).reshape(1, -1)).reshape(-1)
 
 
-def damped_inverse(H: Tensor, damp: float, dtype: torch.dtype = torch.float64) -> Tensor:
-    """``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)``, in ``dtype`` (float64, or float32
-    for the fast approximate path; ``H + λI`` is formed in float64 and rounded). Cholesky,
-    falling back to float64 when a float32 factorisation fails and to a pseudo-inverse
-    when ``H + λI`` is not positive definite (e.g. ``damp = 0``)."""
-    H = H.double()
-    lam = damp * float(torch.diagonal(H).mean().clamp_min(1e-30)) if damp > 0 else 0.0
-    Hd = H + lam * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    factor, info = torch.linalg.cholesky_ex(Hd.to(dtype))
-    if int(info) == 0:
-        return _inverse_from_cholesky(factor)
-    if dtype != torch.float64:
-        return damped_inverse(H, damp)
-    return torch.linalg.pinv(Hd, hermitian=True)
+def damped_inverse(H: Tensor, damp: float, dtype: torch.dtype = torch.float64, *,
+                   overwrite: bool = False) -> Tensor:
+    """``(H + λI)⁻¹`` with ``λ = damp · mean(diag H)`` (:func:`damping`), in ``dtype``
+    (float64, or float32 for the fast approximate path; ``H + λI`` is formed in float64
+    and rounded). Cholesky, falling back to float64 when a float32 factorisation fails
+    and to a pseudo-inverse when ``H + λI`` is not positive definite (e.g. ``damp = 0``).
+    ``overwrite=True``: a float64 ``H`` the caller no longer needs receives the damping
+    in place (no copy: for d = 4 609 a float64 copy is 162 MiB)."""
+    owned = overwrite and H.dtype == torch.float64
+    Hd = H if owned else H.double().clone()
+    Hd.diagonal().add_(damping(torch.diagonal(Hd), damp))
+    inverse = inverse_if_positive_definite(Hd.to(dtype))
+    if inverse is None and dtype != torch.float64:
+        inverse = inverse_if_positive_definite(Hd)
+    return inverse if inverse is not None else torch.linalg.pinv(Hd, hermitian=True)
+
+
+def damping(diagonal: Tensor, damp: float) -> float:
+    """``λ = damp · mean(diag H)`` (0 for ``damp = 0``)."""
+    return damp * float(diagonal.double().mean().clamp_min(1e-30)) if damp > 0 else 0.0
+
+
+def inverse_if_positive_definite(A: Tensor) -> Optional[Tensor]:
+    """``A⁻¹`` by Cholesky in ``A``'s dtype, or None when the factorisation fails."""
+    factor, info = torch.linalg.cholesky_ex(A)
+    return _inverse_from_cholesky(factor) if int(info) == 0 else None
 
 
 def _inverse_from_cholesky(factor: Tensor) -> Tensor:
@@ -128,7 +140,7 @@ class _Greedy:
 
     def __init__(self, Hinv: Tensor, W: Tensor, units: Sequence[Tensor]):
         dev, d = Hinv.device, Hinv.shape[0]
-        self.H, self.W = Hinv.clone(), W.to(Hinv.dtype).clone()
+        self.H, self.W = Hinv, W.to(Hinv.dtype).clone()  # Hinv: owned (greedy_removal)
         self.alive = torch.arange(d, device=dev)        # compact -> original
         self.pos = self.alive.clone()                   # original -> compact
         self.removed = torch.zeros(d, dtype=torch.bool, device=dev)
@@ -267,8 +279,8 @@ def _symmetric_downdate(H: Tensor, L: Tensor, R: Tensor) -> Tensor:
     return H
 
 
-def greedy_removal(Hinv: Tensor, W: Tensor, units: Sequence[Tensor], per_step: int = 1
-                   ) -> Tuple[List[int], List[float]]:
+def greedy_removal(Hinv: Tensor, W: Tensor, units: Sequence[Tensor], per_step: int = 1,
+                   *, overwrite: bool = False) -> Tuple[List[int], List[float]]:
     """Remove every unit, cheapest first, compensating after each removal.
 
     ``Hinv``: the damped inverse Gram (:func:`damped_inverse`); ``W``: ``o x d``; ``units``:
@@ -283,12 +295,14 @@ def greedy_removal(Hinv: Tensor, W: Tensor, units: Sequence[Tensor], per_step: i
     with ``d`` columns instead of ``d³`` in rank-b updates, and one product with the
     stored weight per step. Only ``WᵀW`` enters ``ΔE``, so a weight with more rows than
     columns is replaced by the ``R`` of its QR factorisation (``d`` rows). Runs in
-    ``Hinv``'s dtype (float32 for the fast path; ``W`` is cast)."""
+    ``Hinv``'s dtype (float32 for the fast path; ``W`` is cast). ``overwrite=True``: the
+    caller hands ``Hinv`` over (downdated in place instead of copied)."""
     n = len(units)
     W = W.to(Hinv.dtype)
     if W.shape[0] > W.shape[1]:  # only WᵀW matters: R of W = QR (RᵀR = WᵀW), d rows
         W = torch.linalg.qr(W, mode="r").R
-    state = _Greedy(Hinv, W, units)
+    state = _Greedy(Hinv if overwrite else Hinv.clone(), W, units)
+    del Hinv  # handed over: its first fold's compaction frees it
     order: List[int] = []
     increases: List[float] = []
     while len(order) < n:

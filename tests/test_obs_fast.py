@@ -1,6 +1,6 @@
 """The fast paths of ``criterion="obs"`` (issue 12, scoring cost), against the plain forms.
 
-float64 (tight tolerance): the blocked, mirrored Gram (``lstsq.augmented_gram``) equals
+float64 (tight tolerance): the Gram's upper panels (``lstsq.gram_panels``), assembled, equal
 ``x̃ᵀx̃`` with the 1 column concatenated; the greedy's symmetric block fold, its run-wise
 column selection (few and many runs) and its QR compression of a weight with more rows
 than columns give the plain loop's order and increases (the oracle of
@@ -17,7 +17,7 @@ from fxprune.errors import CriterionError
 from fxprune.models import create_model
 from fxprune.models.registry import model_input_size
 from fxprune.passes import lstsq, obs_solve
-from fxprune.passes.lstsq import LayerGram, augmented_gram, layer_rows
+from fxprune.passes.lstsq import LayerGram, augmented_gram, gram_panels, layer_rows
 from fxprune.passes.obs_solve import damped_inverse, greedy_removal, remove_columns, removal_errors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -60,14 +60,27 @@ def _assert_greedy_matches_the_plain_loop(H, W, units):
     assert inc == pytest.approx(ref_inc, rel=1e-8, abs=1e-12)
 
 
-@pytest.mark.parametrize("d,groups", [(7, 1), (40, 1), (40, 2)])
-def test_blocked_gram_equals_the_concatenated_product(monkeypatch, d, groups):
+@pytest.mark.parametrize("d,groups,rows", [(7, 1, 3), (40, 1, 3), (40, 2, 7), (41, 1, 7),
+                                            (39, 1, 8)])
+def test_gram_panels_equal_the_concatenated_product(monkeypatch, d, groups, rows):
+    """Panels of ``rows`` rows (the last one holding the 1 row alone when rows divides d+1,
+    or sharing it), assembled, are the full product; they store the upper part only."""
     monkeypatch.setattr(lstsq, "GRAM_BLOCK_MIN", 8)
-    monkeypatch.setattr(lstsq, "GRAM_BLOCKS", 3)
+    monkeypatch.setattr(lstsq, "GRAM_PANEL_ROWS", rows)
     cols = torch.randn(groups, 50, d, dtype=DT)
     x1 = torch.cat([cols, torch.ones_like(cols[..., :1])], dim=-1)
-    torch.testing.assert_close(augmented_gram(cols), torch.bmm(x1.transpose(1, 2), x1),
-                               rtol=1e-12, atol=1e-12)
+    full = torch.bmm(x1.transpose(1, 2), x1)
+    torch.testing.assert_close(augmented_gram(cols), full, rtol=1e-12, atol=1e-12)
+    panels, n = gram_panels(cols), d + 1
+    if d >= 8:
+        assert len(panels) == -(-n // rows)
+        assert sum(p[0].numel() for p in panels) < 0.5 * n * n + n * rows
+    first = 0
+    for p in panels:  # each panel is rows first:end, columns first: of the full matrix
+        end = first + p.shape[1]
+        torch.testing.assert_close(p, full[:, first:end, first:], rtol=1e-12, atol=1e-12)
+        first = end
+    assert first == n
 
 
 def test_gram_without_cross_term_has_the_same_h():
@@ -82,6 +95,43 @@ def test_gram_without_cross_term_has_the_same_h():
     x1 = torch.cat([cols, torch.ones_like(cols[..., :1])], dim=-1)
     torch.testing.assert_close(b.H, torch.bmm(x1.transpose(1, 2), x1), rtol=1e-12, atol=1e-10)
     assert torch.equal(a.H, b.H) and b.C is None and a.yy == b.yy and a.rows == b.rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_handing_over_the_gram_and_the_inverse_changes_nothing(dtype):
+    """obs hands its assembled Gram to ``damped_inverse`` and the inverse to the greedy
+    (``overwrite=True``: no copies): same inverse and same greedy, bit for bit."""
+    H, W, units = _problem(31, 5, [1, 2, 3] * 5 + [1], seed=3)
+    ref_inv = damped_inverse(H, 1e-2, dtype)
+    given = H.clone()
+    got_inv = damped_inverse(given, 1e-2, dtype, overwrite=True)
+    assert torch.equal(got_inv, ref_inv)
+    ref = greedy_removal(ref_inv.clone(), W, units)
+    assert greedy_removal(got_inv, W, units, overwrite=True) == ref
+    view = H.clone()[:-1, :-1]  # obs without a bias: the Gram's leading block, a view
+    assert torch.equal(damped_inverse(view, 1e-2, dtype, overwrite=True),
+                       damped_inverse(H[:-1, :-1].contiguous(), 1e-2, dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("damp,images", [(1e-2, 3), (0.0, 1)])  # 0, 16 rows: singular
+def test_inverse_from_the_panels_equals_the_full_matrix_path(monkeypatch, dtype, bias,
+                                                             damp, images):
+    """obs assembles ``H + λI`` from the stored panels straight in the solve's dtype;
+    bit for bit what ``damped_inverse`` gives on the full matrix (its fallbacks too)."""
+    from fxprune.criteria.obs import _layer_inverse
+    monkeypatch.setattr(lstsq, "GRAM_BLOCK_MIN", 8)
+    monkeypatch.setattr(lstsq, "GRAM_PANEL_ROWS", 5)
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 3, 3, bias=bias).double()
+    x = torch.randn(images, 4, 6, 6, dtype=DT)
+    gram = LayerGram()
+    with torch.no_grad():
+        gram.add(conv, x, conv(x), cross=False)
+    assert len(gram.panels) == 8  # d + 1 = 37 in panels of 5 rows
+    H = gram.H[0] if bias else gram.H[0][:-1, :-1]
+    assert torch.equal(_layer_inverse(gram, bias, damp, dtype), damped_inverse(H, damp, dtype))
 
 
 @pytest.mark.parametrize("sizes,flush", [([1] * 40, 4), ([2, 3, 1, 2] * 5, 3), ([1] * 40, 1000)])

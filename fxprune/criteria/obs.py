@@ -101,8 +101,9 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CriterionError
-from ..passes.lstsq import REFIT_TYPES, LayerGram, augmented_weight
-from ..passes.obs_solve import consumer_columns, damped_inverse, greedy_removal
+from ..passes.lstsq import REFIT_TYPES, LayerGram, augmented_weight, gram_diagonal, unpack_gram
+from ..passes.obs_solve import (consumer_columns, damped_inverse, damping, greedy_removal,
+                                inverse_if_positive_definite)
 from . import Criterion, ScoringContext, register_criterion
 from .aggregate import signed_channel_sums, weight_norms
 from .obs_stats import accumulate_grams, fisher_weights
@@ -203,15 +204,16 @@ def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
     greedy on ``diag(√weights) W``. ``precision``: the dtype of the inverse and the
     greedy (:data:`PRECISIONS`; ``"auto"``: float64 for a float64 layer, else float32);
     the scores are float64 either way."""
-    H, W = gram.H[0], augmented_weight(layer)[0].to(gram.H.device)
+    W = augmented_weight(layer)[0].to(gram.panels[0].device)
     if weights is not None:
         W = W * weights.to(W).clamp_min(0).sqrt().reshape(-1, 1)
     if layer.bias is None:  # no constant column to compensate with, as in the re-fit
-        H, W = H[:-1, :-1], W[:, :-1]
+        W = W[:, :-1]
     if precision == "auto":
         precision = "float64" if layer.weight.dtype == torch.float64 else "float32"
-    dtype = getattr(torch, precision)
-    order, increases = greedy_removal(damped_inverse(H, damp, dtype), W, cols, per_step)
+    order, increases = greedy_removal(_layer_inverse(gram, layer.bias is not None, damp,
+                                                     getattr(torch, precision)),
+                                      W, cols, per_step, overwrite=True)
     scale = max(gram.yy if scale is None else scale, 1e-30)
     out = torch.zeros(len(cols), dtype=torch.float64)
     running = 0.0
@@ -219,6 +221,24 @@ def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
         running = max(running, inc)
         out[u] = running / scale
     return out
+
+
+def _layer_inverse(gram: LayerGram, has_bias: bool, damp: float, dtype: torch.dtype) -> Tensor:
+    """The damped inverse of the layer's Gram (without the constant row when the layer
+    has no bias), assembled from its panels here and dropped on return, so that only the
+    inverse stays alive through the greedy. A float32 solve assembles ``H + λI`` straight
+    into float32 (damped in float64, then rounded: what :func:`damped_inverse` forms); a
+    float64 one, or a float32 factorisation that fails, goes through
+    :func:`damped_inverse` on the float64 matrix."""
+    panels = [p[:1] for p in gram.panels]
+    size = panels[0].shape[-1] - (0 if has_bias else 1)
+    if dtype != torch.float64:
+        lam = damping(gram_diagonal(panels)[0, :size], damp)
+        inverse = inverse_if_positive_definite(unpack_gram(panels, dtype, lam, size)[0])
+        if inverse is not None:
+            return inverse
+        dtype = torch.float64
+    return damped_inverse(unpack_gram(panels, size=size)[0], damp, dtype, overwrite=True)
 
 
 def _options(ctx: ScoringContext) -> Tuple[float, int, str, str]:
@@ -253,8 +273,8 @@ def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
                                                ctx.progress, ctx.loss_fn, fisher)
     scored, out, weights_of = set(), {}, {}
     for name, cons in consumers.items():
-        gram = grams[name]
-        if gram.H is None:
+        gram = grams.pop(name)  # freed after its layer: the peak falls as layers finish
+        if gram.panels is None:
             skipped[f"{name}.weight"] = "never called on the calibration data"
             continue
         weights, div = None, None

@@ -107,19 +107,22 @@ def _reduce(grams, fishers, samples: int, fisher: bool, outputs: Dict[str, int])
     ``outputs``: each layer's output units (the size of ``F`` where no gradient came)."""
     sums = {}
     for name, g in grams.items():
-        if g.H is not None:
-            sums[f"{name}:H"] = g.H
-            sums[f"{name}:yy"] = torch.tensor([g.yy], dtype=torch.float64, device=g.H.device)
+        if g.panels is not None:
+            dev = g.panels[0].device
+            sums.update({f"{name}:H{k}": p for k, p in enumerate(g.panels)})
+            sums[f"{name}:yy"] = torch.tensor([g.yy], dtype=torch.float64, device=dev)
             if fisher:
                 f = fishers[name]  # no gradient reached it: F = 0
-                sums[f"{name}:F"] = (f.sq.to(g.H.device) if f.sq is not None else
-                                     g.H.new_zeros(outputs[name]))
+                sums[f"{name}:F"] = (f.sq.to(dev) if f.sq is not None else
+                                     torch.zeros(outputs[name], dtype=torch.float64,
+                                                 device=dev))
                 sums[f"{name}:rows"] = torch.tensor([f.rows, g.rows], dtype=torch.float64,
-                                                    device=g.H.device)
+                                                    device=dev)
     sums, samples = all_reduce_sums(sums, samples)
     for name, g in grams.items():
-        if g.H is not None:
-            g.H, g.yy = sums[f"{name}:H"], float(sums[f"{name}:yy"])
+        if g.panels is not None:
+            g.panels = [sums[f"{name}:H{k}"] for k in range(len(g.panels))]
+            g.yy = float(sums[f"{name}:yy"])
             if fisher:
                 rows = sums[f"{name}:rows"]
                 fishers[name].sq, fishers[name].rows = sums[f"{name}:F"], int(rows[0])
