@@ -214,17 +214,20 @@ def _transposed_param(value):
 
 @RULES.function(aten.addmm.default)
 def aten_addmm_rule(ctx: RuleContext):
-    """``addmm(bias, x, w.t())``: a linear layer (decomposed graphs); other operands are a
-    matmul plus a broadcast add."""
+    """``addmm(bias, x, w.t())``: a linear layer (decomposed graphs); ``addmm(bias, x, w)``
+    with ``w`` a ``[in, out]`` parameter: the same layer stored transposed (Hugging
+    Face's ``Conv1D``, GPT-2's layers); other operands are a matmul plus a broadcast add."""
     bias, x, w_t = ctx.arg(0, "self"), ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
-    w = _transposed_param(w_t)
+    w, out_dim = _transposed_param(w_t), 0
+    if w is None and isinstance(w_t, torch.fx.Node) and w_t.op == "get_attr":
+        w, out_dim = w_t, 1
     if w is None or ctx.arg(3, "beta", 1) != 1 or ctx.arg(4, "alpha", 1) != 1:
         return unknown_rule(ctx)
     x_label = ctx.space.collapse(as_tlabel(ctx.label(x), shape_of(x)))
     b = Param(ctx, bias) if shape_of(bias) is not None and len(shape_of(bias)) == 1 else None
     if b is None:
         return unknown_rule(ctx)
-    return linear_core(ctx, x_label, Param(ctx, w), b)
+    return linear_core(ctx, x_label, Param(ctx, w), b, out_dim)
 
 
 @RULES.function(aten.embedding.default)

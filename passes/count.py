@@ -250,6 +250,14 @@ def _last_dim(node: torch.fx.Node, x: TLabel) -> Optional[np.ndarray]:
     return x.dims[-1]
 
 
+@CONTRACTED.function(torch.ops.aten.addmm.default)
+def _addmm_inner(node: torch.fx.Node, x: TLabel) -> Optional[np.ndarray]:
+    """``addmm(bias, mat1, mat2)`` sums over ``mat1``'s last dim (``x`` is the bias)."""
+    mat1 = node.args[1] if len(node.args) > 1 else None
+    label = mat1.meta.get(LABEL_KEY) if isinstance(mat1, torch.fx.Node) else None
+    return label.dims[-1] if isinstance(label, TLabel) and label.grid is None else None
+
+
 @CONTRACTED.module(torch.nn.modules.conv._ConvNd)
 def _conv_module_in(node: torch.fx.Node, x: TLabel) -> Optional[np.ndarray]:
     """Convolutions sum over input channels (not for grouped convs: their per-group

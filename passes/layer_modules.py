@@ -10,7 +10,9 @@ pruning masks layer modules' weights, the rewrite resizes modules. With the laye
 as modules, an exported graph of a standard model is the graph symbolic tracing makes.
 
 Which calls: ``F.linear``, ``F.conv1d/2d/3d`` (numeric or string padding),
-``F.layer_norm``, ATen's ``batch_norm`` (inference statistics) whose tensors are exactly
+``F.layer_norm``, ATen's ``batch_norm`` (inference statistics), ATen's ``addmm`` on an
+``[in, out]`` weight (Hugging Face's ``Conv1D``: an ``nn.Linear`` over the transposed
+view of the same tensor) whose tensors are exactly
 the ``weight``/``bias`` (and running statistics) of one submodule that nothing else in
 the graph reads. Anything else stays functional and is handled by its rule.
 
@@ -110,7 +112,29 @@ def _layer_for(gm, node, readers):
         return _layer_norm(gm, node, readers)
     if node.op == "call_function" and node.target is torch.ops.aten.batch_norm.default:
         return _batch_norm(gm, node, readers)
+    if node.op == "call_function" and node.target is torch.ops.aten.addmm.default:
+        return _transposed_linear(gm, node, readers)
     return None
+
+
+def _transposed_linear(gm, node, readers):
+    """``addmm(bias, x, weight)`` on one container's ``[in, out]`` weight (Hugging Face's
+    ``Conv1D``: GPT-2's layers): an ``nn.Linear`` whose weight is a transposed *view* of
+    that tensor (same storage, nothing copied) and whose bias is the same tensor."""
+    if len(node.args) != 3 or node.kwargs:  # beta / alpha other than 1
+        return None
+    bias, x, weight = node.args
+    path = _owner_of([weight, bias], ["weight", "bias"])
+    if path is None or not _exclusive(gm, path, node, readers, {"weight", "bias"}):
+        return None
+    w, b = _fetch(gm, weight), _fetch(gm, bias)
+    if w.dim() != 2 or b.dim() != 1 or b.shape[0] != w.shape[1]:
+        return None
+    layer = _meta_layer(nn.Linear, w.shape[0], w.shape[1])
+    layer.weight = nn.Parameter(w.detach().t(), requires_grad=w.requires_grad)
+    layer.bias = b
+    layer.train(gm.get_submodule(path).training)
+    return path, layer, x
 
 
 def _conv(gm, node, readers):

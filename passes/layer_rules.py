@@ -94,14 +94,17 @@ def conv_function_rule(ctx: RuleContext):
 
 
 # --------------------------------------------------------------------------- linear
-def linear_core(ctx: RuleContext, x: TLabel, w: Param, b: Param) -> TLabel:
-    ctx.space.union(x.dims[-1], w.dim(1), ctx.where)
-    w.role(1, "consumer")
-    w.role(0, "producer")
+def linear_core(ctx: RuleContext, x: TLabel, w: Param, b: Param, out_dim: int = 0) -> TLabel:
+    """``x @ Wᵀ + b`` for ``W`` stored ``[out, in]`` (``out_dim=0``, torch's layout) or
+    ``[in, out]`` (``out_dim=1``: Hugging Face's ``Conv1D``, ``addmm(b, x, W)``)."""
+    in_dim = 1 - out_dim
+    ctx.space.union(x.dims[-1], w.dim(in_dim), ctx.where)
+    w.role(in_dim, "consumer")
+    w.role(out_dim, "producer")
     if b.label is not None:
-        ctx.space.union(w.dim(0), b.dim(0), ctx.where)
+        ctx.space.union(w.dim(out_dim), b.dim(0), ctx.where)
         b.role(0, "bias")
-    return TLabel(x.dims[:-1] + [w.dim(0)])
+    return TLabel(x.dims[:-1] + [w.dim(out_dim)])
 
 
 @RULES.module(nn.Linear)

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from ..criteria.scoring import default_loss
 from ..errors import DataError
 
-__all__ = ["HF_LOSSES", "default_model_loss", "is_causal_lm", "self_label_loss"]
+__all__ = ["HF_LOSSES", "default_model_loss", "hf_loss_type", "is_causal_lm", "self_label_loss"]
 
 
 def _causal(model, logits, labels):
@@ -60,9 +60,30 @@ HF_LOSSES = {
 }
 
 
+#: Heads whose class name does not end in their loss type (GPT-2's ``GPT2LMHeadModel``,
+#: whose ``loss_type`` is None although its forward computes the causal-LM loss):
+#: transformers' auto mapping of that head lists them.
+_AUTO_HEADS = {"ForCausalLM": "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"}
+
+
+def hf_loss_type(model: Optional[torch.nn.Module]) -> Optional[str]:
+    """A Hugging Face model's ``loss_type``; for a head whose name does not say it, the
+    type of the auto mapping that lists its class (:data:`_AUTO_HEADS`); else None."""
+    loss_type = getattr(model, "loss_type", None) if model is not None else None
+    if loss_type is not None or not _is_hf(model):
+        return loss_type
+    from transformers.models.auto import modeling_auto
+    name = type(model).__name__
+    for head, mapping in _AUTO_HEADS.items():
+        for classes in getattr(modeling_auto, mapping, {}).values():
+            if name == classes or (isinstance(classes, (tuple, list)) and name in classes):
+                return head
+    return None
+
+
 def is_causal_lm(model: torch.nn.Module) -> bool:
     """A Hugging Face causal LM (its loss shifts the labels by one token)."""
-    return getattr(model, "loss_type", None) in ("ForCausalLM", "ForConditionalGeneration")
+    return hf_loss_type(model) in ("ForCausalLM", "ForConditionalGeneration")
 
 
 def self_label_loss(logits: torch.Tensor) -> torch.Tensor:
@@ -73,7 +94,7 @@ def self_label_loss(logits: torch.Tensor) -> torch.Tensor:
 
 def default_model_loss(model: Optional[torch.nn.Module]) -> Callable[[Any, Any], torch.Tensor]:
     """The default ``loss(outputs, targets)`` for ``model`` (module docstring)."""
-    loss_type = getattr(model, "loss_type", None) if model is not None else None
+    loss_type = hf_loss_type(model)
     head, hf = HF_LOSSES.get(loss_type), _is_hf(model)
 
     def loss(outputs, targets):

@@ -122,7 +122,9 @@ def broadcast_labels(ctx: RuleContext, tensors, out_shape, mark: Optional[str] =
         for other in sizes:
             if other is not base:
                 ctx.space.union(base, other, ctx.where)
-        if mark is not None and len(tracked) > 1:
+        # a merge of different channels (a residual add), not x + f(x) of one tensor's
+        # own channels (GPT-2's gelu: x + 0.044715 x³)
+        if mark is not None and any(not np.array_equal(t, base) for t in tracked[1:]):
             ctx.space.mark_kind(base, mark)
         dims[d] = base
     return TLabel(dims)
