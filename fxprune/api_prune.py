@@ -21,11 +21,11 @@ from .criteria import (AUTO_CRITERION, check_options, get_criterion, keywords_of
 from .errors import BudgetError, DataError, FxpruneError
 from .ignore import resolve_ignore
 from .plan import Plan
+from .ranking import resolve_ranking
 from .passes.budget import budget_steps
 from .passes.repair import REPAIR_MODES
 from .passes.rewrite import rewrite
 from .passes.score import example_input_tuple, prepare_batches, wrap_loss
-from .passes.select import DEFAULT_NORMALIZE, check_normalize
 from .passes.frontend import capture
 from .passes.input_spec import inputs_from_spec
 from .passes.gradual import as_gradual
@@ -47,9 +47,9 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
             unstructured: bool = False, between_steps: Optional[Callable] = None,
             output_fn: Optional[Callable] = None, verify: bool = True,
             measure_latency: bool = False, progress: Optional[bool] = None,
-            normalize: Optional[str] = DEFAULT_NORMALIZE, leaf_modules=(), concrete_args=None,
+            normalize: Optional[str] = "auto", leaf_modules=(), concrete_args=None,
             repair: Optional[str] = "auto", round_to: int = 1, frontend: str = "auto",
-            steps=None, uniform: bool = False, cost_aware: bool = False,
+            steps=None, uniform: bool = False, cost_aware="auto",
             **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
@@ -64,11 +64,15 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     channels of every group); the kinds are :data:`fxprune.passes.budget.BUDGETS`.
     ``measure_latency=True`` times the dense and the slim model for the report.
     ``unstructured=True`` with ``sparsity=r`` masks weights.
-    ``normalize``: ``"mean"`` (default) ranks channels globally by score ÷ their group's
-    mean |score|, ``"max"`` by score ÷ the group's maximum (design §5.5), ``None`` by raw
-    score magnitude. "mean" is the default because it kept more accuracy than "max" for
-    both OBA and l2 in the quality benchmark (benchmarks/quality/RESULTS.md): a group
-    with one outlier score no longer loses all its other channels first.
+    ``normalize``: ``"mean"`` ranks channels globally by score ÷ their group's mean
+    |score|, ``"max"`` by score ÷ the group's maximum (design §5.5), ``None`` by raw
+    score magnitude; ``cost_aware=True`` divides that by the budget's cost (FLOPs,
+    parameters or latency) one channel of the group saves, the greedy answer to "least
+    importance lost per cost saved" (:mod:`fxprune.passes.unit_cost`). ``"auto"``
+    (default of both, :mod:`fxprune.ranking`): the criterion's own ranking where it
+    applies (obs: raw scores per FLOP saved, in one-shot flops/params/latency pruning),
+    else ``"mean"`` without costs -- the choices that kept the most accuracy in the
+    quality benchmark (benchmarks/quality/RESULTS.md).
     ``steps=N`` (or a :class:`fxprune.Gradual`, which adds the OBA reference code's
     scoring conditions): prune gradually in N steps on an exponential schedule to the one
     flops/params budget, re-scoring the masked model after each step with no fine-tuning
@@ -84,10 +88,6 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     every group (as ``sparsity=r`` does), so that every layer keeps the same number of
     heads and MLP units -- what :func:`fxprune.save_pretrained` needs to write a Hugging
     Face config.
-    ``cost_aware=True``: rank channels globally by normalised score ÷ the budget's cost
-    (FLOPs, parameters or latency) that removing one channel of its group saves, the
-    greedy answer to "least importance lost per cost saved" (:mod:`fxprune.passes.unit_cost`);
-    default False, the plain score order.
     ``frontend``: ``"fx"`` (symbolic tracing), ``"export"`` (``torch.export``, ATen graph)
     or ``"auto"`` (default: export only where symbolic tracing fails); the report's
     ``frontend`` says which was used.
@@ -97,7 +97,9 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     criterion = resolve_criterion(criterion, data is not None, unstructured)
     crit = get_criterion(criterion)
     check_options(crit, options, keywords_of(compile), "compile")
-    check_normalize(normalize)  # before scoring, which can take minutes
+    normalize, cost_aware = resolve_ranking(  # before scoring, which can take minutes
+        crit, normalize, cost_aware, steps=steps, uniform=uniform, unstructured=unstructured,
+        sparsity=sparsity)
     batch_list = prepare_batches(data, batches, crit.needs_data)
     state = stage.PruneState(
         model=model, crit=crit, inputs=example_input_tuple(example_inputs, batch_list, model),
@@ -107,8 +109,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         max_layer_sparsity=max_layer_sparsity, verify=verify, progress=show_progress(progress),
         repair_mode=resolve_repair(repair, batch_list, unstructured),
         round_to=check_round_to(round_to), uniform=_check_uniform(uniform, steps, unstructured),
-        cost_aware=_check_cost_aware(cost_aware, crit, steps, uniform, unstructured,
-                                      sparsity))
+        cost_aware=cost_aware)
     if unstructured:
         if sparsity is None or any(v is not None for k, v in budget_given.items()
                                    if k != "sparsity"):
@@ -131,24 +132,6 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         if between_steps is not None:
             between_steps(state.current, step)
     return stage.finish(state, budgets, criterion, measure_latency)
-
-
-def _check_cost_aware(cost_aware, crit, steps, uniform: bool, unstructured: bool,
-                      sparsity) -> bool:
-    """``cost_aware`` as given, or a BudgetError before scoring where it cannot apply."""
-    if not isinstance(cost_aware, bool):
-        raise BudgetError(f"cost_aware={cost_aware!r} must be True or False")
-    if cost_aware and crit.select is not None:
-        raise BudgetError(f"cost_aware=True re-ranks the global order, but criterion "
-                          f"{crit.name!r} selects channels itself; drop cost_aware")
-    if cost_aware and (steps is not None or uniform or unstructured):
-        raise BudgetError("cost_aware=True re-ranks the one-shot global order; it does not "
-                          "combine with steps=, uniform=True or unstructured=True")
-    if cost_aware and sparsity is not None:
-        raise BudgetError("cost_aware=True ranks by cost saved, but a sparsity budget has no "
-                          "cost (it removes a fraction of every group); use flops=, params= "
-                          "or latency=, or drop cost_aware")
-    return cost_aware
 
 
 def _latency_budget(latency):

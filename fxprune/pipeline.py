@@ -195,7 +195,7 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, measure_laten
     plan = Plan(state.plan_kept, {g.id: g.size for g in dense.groups if g.id in state.plan_kept},
                 {"criterion": criterion, "budget": [b.__dict__ for b in steps],
                  "round_to": state.round_to, "uniform": state.uniform,
-                 "cost_aware": state.cost_aware,
+                 "normalize": state.normalize, "cost_aware": state.cost_aware,
                  "input_shapes": input_shapes(inputs), "inputs": input_spec(inputs),
                  "fingerprint": fingerprint(dense.groups, type(state.model).__name__,
                                             input_shapes(inputs))})

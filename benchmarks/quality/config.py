@@ -18,7 +18,7 @@ EPOCH = 60_000
 #: δθ of the second-order criteria), and a ``@N`` suffix for ``compile(steps=N)`` (the
 #: OBA paper's gradual procedure, e.g. ``obs@50``, ``oba+consumer@50``); the default
 #: list is the one-shot methods.
-CRITERIA = ["obs", "obs+fisher", "oba", "oba+consumer", "oba-exact", "oba-exact+consumer",
+CRITERIA = ["obs+raw+cost", "obs", "obs+fisher", "oba", "oba+consumer", "oba-exact", "oba-exact+consumer",
             "sosp-h", "sosp-h+consumer", "sosp-i", "sosp-i+consumer", "taylor", "obd", "l2",
             "random"]
 #: ``+suffix`` parts of method names that are not a ``perturb=`` value (several may
@@ -34,10 +34,14 @@ def method_options(method: str, seed: int) -> Tuple[str, Dict]:
     is ``("oba", {"perturb": "consumer"})``, ``"obs+fisher"`` is ``("obs", {"scale":
     "fisher"})``, ``"obs@50"`` is ``("obs", {"steps": 50})``;
     ``"obs+fisher+raw"`` adds ``{"normalize": None}``; ``"random"`` is seeded by the
-    prune seed."""
+    prune seed. Every method states its ranking (``normalize="mean"``, ``cost_aware=False``
+    unless ``+raw`` / ``+cost``), so that a change of compile's defaults leaves the rows'
+    meaning alone: compile's default for obs is ``obs+raw+cost``."""
     method, at, steps = method.partition("@")
     criterion, *suffixes = method.split("+")
-    opts: Dict = {}
+    # a method name means one ranking, whatever compile's default: the plain one unless
+    # a suffix says otherwise (the committed rows were measured so)
+    opts: Dict = {"normalize": "mean", "cost_aware": False}
     for suffix in suffixes:
         opts.update(SUFFIX_OPTIONS.get(suffix, {"perturb": suffix}))
     if at:

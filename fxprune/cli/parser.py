@@ -136,18 +136,20 @@ def _prune_parser(sub, common) -> None:
                    help="meet --flops/--params by removing the same fraction of every group, "
                         "so that every layer keeps the same number of heads and MLP units "
                         "(what a Hugging Face config can hold: hf:PATH --out DIR)")
-    p.add_argument("--cost-aware", action="store_true",
+    p.add_argument("--cost-aware", action=argparse.BooleanOptionalAction, default=None,
                    help="rank channels by score per FLOP (or parameter, ms) their removal "
-                        "saves instead of by score alone")
+                        "saves, or (--no-cost-aware) by score alone; default: the "
+                        "criterion's own ranking (obs: cost-aware)")
     p.add_argument("--max-layer-sparsity", type=sparsity_ratio, default=0.95, metavar="R",
                    help="remove at most fraction R of any group's channels (default: 0.95)")
     p.add_argument("--steps", type=positive_int, metavar="N",
                    help="prune gradually in N steps on an exponential schedule to the one "
                         "--flops/--params/--latency budget, re-scoring after each step (the OBA "
                         "paper's procedure uses 50); costs about N scoring passes")
-    p.add_argument("--normalize", choices=("mean", "max", "none"), default="mean",
-                   help="global ranking: channel score / its group's mean |score| "
-                        "(default), / its group's max, or raw scores ('none')")
+    p.add_argument("--normalize", choices=("auto", "mean", "max", "none"), default="auto",
+                   help="global ranking: channel score / its group's mean |score|, / its "
+                        "group's max, or raw scores ('none'); default 'auto': the "
+                        "criterion's own ranking (obs: raw), else mean")
     p.add_argument("--repair", choices=("auto", "full", "bn", "none"), default="auto",
                    help="after pruning: 'full' re-estimates batch norms and re-fits layers "
                         "that lost inputs to the dense model's outputs, 'bn' only re-estimates "

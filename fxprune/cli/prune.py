@@ -127,7 +127,7 @@ def _compile(model, criterion: str, calib, args):
                       ignore=ignore_names(args.ignore),
                       max_layer_sparsity=args.max_layer_sparsity, round_to=args.round_to,
                       frontend=args.frontend, uniform=args.uniform,
-                      cost_aware=args.cost_aware,
+                      cost_aware="auto" if args.cost_aware is None else args.cost_aware,
                       **_criterion_options(criterion, args), **budget)
 
 

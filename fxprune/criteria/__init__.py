@@ -60,6 +60,10 @@ class Criterion:
     # before options were declared), so any keyword is passed on unless it is a near
     # miss of the calling function's own keywords (see :func:`check_options`).
     options: Optional[Tuple[str, ...]] = None
+    # compile's ``normalize`` / ``cost_aware`` for this criterion when left at "auto" in
+    # one-shot pruning to a cost budget (:mod:`fxprune.ranking`); empty: the plain
+    # ranking, score ÷ group mean.
+    ranking: Dict[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY = Registry("criterion")

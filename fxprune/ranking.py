@@ -1,0 +1,66 @@
+"""How compile ranks channels across groups: ``normalize`` and ``cost_aware``.
+
+Contract: :func:`resolve_ranking` reads the criterion, the two options as the caller gave
+them and the kind of pruning, and returns the ``(normalize, cost_aware)`` selection uses,
+or raises :class:`~fxprune.errors.BudgetError` before any scoring where an explicit value
+cannot apply. It reads and writes nothing else.
+
+``"auto"`` (the default of both) takes the criterion's own ranking (``Criterion.ranking``,
+chosen by the quality benchmark: benchmarks/quality/RESULTS.md) where it applies --
+one-shot pruning by the global order to a flops / params / latency budget -- and score ÷
+group mean without costs everywhere else (gradual steps, uniform or unstructured
+pruning, sparsity budgets, criteria that order channels themselves). The two options
+are one choice: an explicit value of one that differs from the criterion's ranking
+drops the other back to the plain default, so ``normalize="mean"`` alone never pairs
+with a cost-aware order that was only measured on raw scores.
+"""
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+from .errors import BudgetError
+from .passes.select import DEFAULT_NORMALIZE, check_normalize
+
+__all__ = ["AUTO", "PLAIN_RANKING", "resolve_ranking"]
+
+AUTO = "auto"
+#: The ranking of every criterion without one of its own, and wherever a criterion's
+#: ranking does not apply.
+PLAIN_RANKING: Dict[str, Any] = {"normalize": DEFAULT_NORMALIZE, "cost_aware": False}
+
+
+def resolve_ranking(crit, normalize, cost_aware, *, steps=None, uniform: bool = False,
+                    unstructured: bool = False, sparsity=None) -> Tuple[Optional[str], bool]:
+    """``(normalize, cost_aware)`` for selection (module docstring)."""
+    given: Dict[str, Any] = {}
+    if normalize != AUTO:
+        check_normalize(normalize)
+        given["normalize"] = normalize
+    if cost_aware != AUTO:
+        _check_cost_aware(cost_aware, crit, steps, uniform, unstructured, sparsity)
+        given["cost_aware"] = cost_aware
+    applies = (crit.select is None and steps is None and not uniform and not unstructured
+               and sparsity is None)
+    own = {**PLAIN_RANKING, **(crit.ranking if applies else {})}
+    base = own if all(own[k] == v for k, v in given.items()) else PLAIN_RANKING
+    chosen = {**base, **given}
+    return chosen["normalize"], chosen["cost_aware"]
+
+
+def _check_cost_aware(cost_aware, crit, steps, uniform: bool, unstructured: bool,
+                      sparsity) -> None:
+    """A BudgetError, before scoring, where an explicit ``cost_aware`` cannot apply."""
+    if not isinstance(cost_aware, bool):
+        raise BudgetError(f"cost_aware={cost_aware!r} must be True, False or 'auto'")
+    if not cost_aware:
+        return
+    if crit.select is not None:
+        raise BudgetError(f"cost_aware=True re-ranks the global order, but criterion "
+                          f"{crit.name!r} selects channels itself; drop cost_aware")
+    if steps is not None or uniform or unstructured:
+        raise BudgetError("cost_aware=True re-ranks the one-shot global order; it does not "
+                          "combine with steps=, uniform=True or unstructured=True")
+    if sparsity is not None:
+        raise BudgetError("cost_aware=True ranks by cost saved, but a sparsity budget has no "
+                          "cost (it removes a fraction of every group); use flops=, params= "
+                          "or latency=, or drop cost_aware")
