@@ -87,7 +87,7 @@ ATEN_LIKE_FUNCTION = {
     "_unsafe_view.default": "view", "sym_size.int": "size", "alias.default": "clone",
     "_to_copy.default": "to", "to.dtype": "to", "to.dtype_layout": "to", "to.device": "to",
     "lift_fresh_copy.default": "clone", "max.dim": "max", "min.dim": "min",
-    "max.default": "max", "min.default": "min",
+    "max.default": "max", "min.default": "min", "broadcast_to.default": "expand",
 }
 
 

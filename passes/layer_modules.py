@@ -12,7 +12,8 @@ as modules, an exported graph of a standard model is the graph symbolic tracing 
 Which calls: ``F.linear``, ``F.conv1d/2d/3d`` (numeric or string padding),
 ``F.layer_norm``, ATen's ``batch_norm`` (inference statistics), ATen's ``addmm`` on an
 ``[in, out]`` weight (Hugging Face's ``Conv1D``: an ``nn.Linear`` over the transposed
-view of the same tensor) whose tensors are exactly
+view of the same tensor), and ``x @ w.t()`` on a bias-free weight (Falcon's
+``FalconLinear``) whose tensors are exactly
 the ``weight``/``bias`` (and running statistics) of one submodule that nothing else in
 the graph reads. Anything else stays functional and is handled by its rule.
 
@@ -47,7 +48,12 @@ def restore_layer_modules(gm: torch.fx.GraphModule) -> int:
         path, layer, x = built
         parent, _, name = path.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, name, layer)
+        old_args = node.args
         node.op, node.target, node.args, node.kwargs = "call_module", path, (x,), {}
+        for arg in old_args:  # a weight's transpose that only this call read
+            if isinstance(arg, torch.fx.Node) and (arg.op, arg.target) in _TRANSPOSES \
+                    and not arg.users:
+                gm.graph.erase_node(arg)
         count += 1
     for node in list(gm.graph.nodes):
         if node.op == "get_attr" and not node.users:
@@ -114,7 +120,34 @@ def _layer_for(gm, node, readers):
         return _batch_norm(gm, node, readers)
     if node.op == "call_function" and node.target is torch.ops.aten.addmm.default:
         return _transposed_linear(gm, node, readers)
+    if node.op == "call_method" and node.target == "matmul":
+        return _matmul_linear(gm, node, readers)
     return None
+
+
+#: ``w.t()`` / ``w.T`` of a 2-D weight as they reach this pass (ATen or lowered).
+_TRANSPOSES = {("call_function", torch.ops.aten.t.default),
+               ("call_function", torch.ops.aten.numpy_T.default), ("call_method", "t")}
+
+
+def _matmul_linear(gm, node, readers):
+    """``x @ w.t()`` on the only tensor of one container (Falcon's ``FalconLinear``
+    without bias): an ``nn.Linear`` holding that same weight. The transpose node, read
+    only by this product, is erased by :func:`restore_layer_modules`."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    x, wt = node.args
+    if not (isinstance(wt, torch.fx.Node) and (wt.op, wt.target) in _TRANSPOSES
+            and len(wt.args) == 1 and len(wt.users) == 1):
+        return None
+    path = _owner_of([wt.args[0]], ["weight"])
+    if path is None or not _exclusive(gm, path, wt, readers, {"weight"}):
+        return None
+    w = _fetch(gm, wt.args[0])
+    if w.dim() != 2:
+        return None
+    layer = _meta_layer(nn.Linear, w.shape[1], w.shape[0], bias=False)
+    return path, _adopt(layer, gm.get_submodule(path)), x
 
 
 def _transposed_linear(gm, node, readers):

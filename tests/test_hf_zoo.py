@@ -62,3 +62,29 @@ def test_family_compiles_exact_to_the_budget(name):
     assert report.max_rel_error is not None and report.max_rel_error < 1e-5
     assert 0.5 < report.flops_ratio <= 0.7 + 1e-9
     assert any(row.kept < row.size for row in report.groups)
+
+
+@pytest.mark.parametrize("variant,heads_prunable", [
+    (dict(), False),                                           # multi-query: one shared KV head
+    (dict(multi_query=False), True),                           # fused per-head q, k, v
+    (dict(new_decoder_architecture=True, num_kv_heads=2), True),  # KV groups, broadcast_to
+])
+def test_falcon_linears_and_heads(variant, heads_prunable):
+    """Falcon's ``FalconLinear`` (``x @ w.T``, no bias) are layers; its fused
+    ``query_key_value`` heads are prunable except with one shared key/value head, which
+    is blocked with the op named."""
+    torch.manual_seed(0)
+    config = transformers.FalconConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                       num_attention_heads=4, **variant)
+    model = transformers.FalconForCausalLM(config).eval()
+    x = torch.randint(1, 60, (2, 8))
+    groups = {g.id: g for g in fxprune.groups(model, (x,))}
+    assert groups["transformer.h.0.mlp.dense_h_to_4h"].prunable
+    heads = groups["transformer.h.0.self_attention.query_key_value"]
+    assert heads.kind == "head" and heads.prunable == heads_prunable
+    if not heads_prunable:
+        assert "gather along channels" in heads.reason
+    res = fxprune.compile(model, "l2", (x,), flops=0.7, progress=False)
+    assert res.report.max_rel_error < 1e-5 and res.report.flops_ratio <= 0.7 + 1e-9
+    assert isinstance(res.module.get_submodule("transformer.h.0.mlp.dense_4h_to_h"),
+                      torch.nn.Linear)
