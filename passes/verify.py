@@ -34,6 +34,7 @@ from .eval_mode import eval_mode
 from .groups import LABEL_KEY, Analysis
 from .rule_table import canonical
 from .shape_prop import propagate_shapes
+from .random_ops import random_nodes, same_draws
 from .statistics import masked_mean, statistic_mean_args
 
 __all__ = ["verify_rewrite", "slim_shapes", "masked_reference", "check", "tolerance",
@@ -248,7 +249,10 @@ def check(slim: nn.Module, reference: nn.Module, inputs: Tuple[Any, ...]) -> flo
     """Relative max error between slim and reference on ``inputs``, in the models'
     own dtype (tests use float64 models for the 1e-6 oracle)."""
     with eval_mode(slim, reference), torch.no_grad():
-        return max_relative_error(slim(*inputs), reference(*inputs))
+        with same_draws(slim):
+            out = slim(*inputs)
+        with same_draws(reference):
+            return max_relative_error(out, reference(*inputs))
 
 
 def tolerance(module: nn.Module) -> float:
@@ -269,6 +273,15 @@ def verify_rewrite(analysis: Analysis, slim: torch.nn.Module, kept: Dict[str, Li
                            "inputs is not finite (NaN or inf), so the slim model cannot "
                            "be checked; check the inputs and the model's weights")
     if error > tolerance(slim):
+        sampling = random_nodes(analysis.gm)
+        if sampling:
+            raise FxpruneError(
+                f"verification failed: slim model differs from the masked reference by "
+                f"{error:.3e} (relative), and the forward draws random numbers at "
+                f"{', '.join(sampling[:4])}: both runs drew from the same seed, but draws "
+                "shaped by pruned channels cannot match; make the forward deterministic "
+                "(pass the noise as an input), ignore= the layers whose channels shape "
+                "the draws, or verify=False")
         raise FxpruneError(f"verification failed: slim model differs from the masked "
                            f"reference by {error:.3e} (relative); please report this model")
     return error
@@ -295,8 +308,10 @@ def _check_lean(analysis: Analysis, slim: nn.Module, kept: Dict[str, List[int]],
     gm = analysis.gm
     statistics = _statistic_calls(gm, analysis.keep_mask(kept))
     with eval_mode(gm, slim), torch.no_grad():
-        reference = _CutInterpreter(gm, _cuts(analysis, kept), statistics).run(*inputs)
-        return max_relative_error(slim(*inputs), reference)
+        with same_draws(gm):
+            reference = _CutInterpreter(gm, _cuts(analysis, kept), statistics).run(*inputs)
+        with same_draws(slim):
+            return max_relative_error(slim(*inputs), reference)
 
 
 class _Attr(str):

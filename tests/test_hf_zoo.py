@@ -34,6 +34,7 @@ IMAGE = {
     "BeitForImageClassification": dict(VIT, intermediate_size=48),
     "Dinov2ForImageClassification": dict(VIT, mlp_ratio=2),
     "CLIPVisionModel": dict(VIT, intermediate_size=48),
+    "ViTMAEModel": dict(VIT, intermediate_size=48),  # shuffles patches by torch.rand noise
     "SwinForImageClassification": dict(image_size=32, patch_size=4, embed_dim=16,
                                        depths=[1, 1], num_heads=[2, 4], window_size=4),
     "ConvNextForImageClassification": dict(num_stages=2, hidden_sizes=[8, 16], depths=[1, 1],
