@@ -116,6 +116,19 @@ def _slice_tensors(gm: torch.fx.GraphModule, analysis: Analysis, keep: np.ndarra
             new = nn.Parameter(new, requires_grad=tensor.requires_grad)
         replaced[id(tensor)] = new
         _assign(module, name, new)
+    _retie(gm, replaced)
+
+
+def _retie(gm: nn.Module, replaced: Dict[int, torch.Tensor]) -> None:
+    """Point every other name of a sliced tensor at its slice: an alias the graph never
+    reads (GPT-2's ``transformer.wte.weight``, tied to the ``lm_head.weight`` both uses
+    read) stays tied instead of keeping a dense copy."""
+    for mod in gm.modules():
+        for key in ("_parameters", "_buffers"):
+            tensors = mod.__dict__.get(key) or {}
+            for name, t in list(tensors.items()):
+                if t is not None and id(t) in replaced:
+                    tensors[name] = replaced[id(t)]
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

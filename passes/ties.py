@@ -53,9 +53,11 @@ def refuse_broken_ties(analysis):
 
 
 def _ties_consistent(analysis, recs_per_name) -> bool:
-    """Do all aliases carry the same records, channel for channel?"""
+    """Do all aliases the graph reads carry the same records, channel for channel? An
+    alias with no records is never read by the graph (both uses go through one name):
+    the rewrite points it at the slice (``rewrite._retie``)."""
     def signature(recs):
         return sorted((r.dim, tuple(analysis.element_group[r.ids].tolist()),
                        tuple(analysis.element_channel[r.ids].tolist())) for r in recs)
-    first = signature(recs_per_name[0])
-    return all(signature(r) == first for r in recs_per_name[1:])
+    read = [signature(r) for r in recs_per_name if r]
+    return all(sig == read[0] for sig in read[1:])

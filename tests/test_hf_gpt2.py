@@ -39,7 +39,23 @@ def test_groups_are_heads_and_mlp_units_of_each_block():
         assert all(len(ix) == 3 * EMBD // HEADS for ix in weight.index_map)  # q, k and v rows
         mlp = groups[p + "mlp.c_fc"]
         assert (mlp.kind, mlp.size, mlp.prunable) == ("channel", 4 * EMBD, True)
-    assert not groups["transformer.wpe"].prunable  # the residual stream reaches lm_head
+    stream = groups["transformer.wpe"]  # the residual stream, through the tied lm_head
+    assert (stream.kind, stream.size, stream.prunable) == ("stream", EMBD, True)
+
+
+def test_the_residual_stream_prunes_and_the_tied_embedding_stays_tied():
+    """``transformer.wte.weight`` and ``lm_head.weight`` are one tensor; the graph reads
+    it under one name for both uses, and the slim model keeps the two names tied."""
+    model, ids = _gpt2(), _ids()
+    res = fxprune.compile(model, "l2", (ids,), flops=0.5, progress=False,
+                          ignore=["transformer.h.*.mlp.c_fc", "transformer.h.*.attn.c_attn"])
+    kept = {row.id: row.kept for row in res.report.groups}
+    assert kept["transformer.wpe"] < EMBD and res.report.max_rel_error < 1e-5
+    params = dict(res.module.named_parameters(remove_duplicate=False))
+    assert params["transformer.wte.weight"] is params["lm_head.weight"]
+    assert params["lm_head.weight"].shape == (VOCAB, kept["transformer.wpe"])
+    assert model.lm_head.weight is model.transformer.wte.weight  # the user's model: as is
+    assert model.lm_head.weight.shape == (VOCAB, EMBD)
 
 
 def test_compile_l2_is_exact_meets_the_budget_and_leaves_the_model_alone():

@@ -19,6 +19,7 @@ TEXT = {
     "MistralForCausalLM": DEC, "GemmaForCausalLM": dict(DEC, head_dim=8),
     "Gemma2ForCausalLM": dict(DEC, head_dim=8), "Phi3ForCausalLM": dict(DEC, pad_token_id=0),
     "Qwen3ForCausalLM": dict(DEC, head_dim=8), "OlmoForCausalLM": DEC,
+    "MambaForCausalLM": dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, state_size=4),
     "OPTForCausalLM": dict(vocab_size=64, hidden_size=32, ffn_dim=48, num_hidden_layers=2,
                            num_attention_heads=4, max_position_embeddings=64,
                            word_embed_proj_dim=32),
