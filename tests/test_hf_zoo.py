@@ -90,3 +90,31 @@ def test_falcon_linears_and_heads(variant, heads_prunable):
     assert res.report.max_rel_error < 1e-5 and res.report.flops_ratio <= 0.7 + 1e-9
     assert isinstance(res.module.get_submodule("transformer.h.0.mlp.dense_4h_to_h"),
                       torch.nn.Linear)
+
+
+SEQ2SEQ = {
+    "T5ForConditionalGeneration": dict(vocab_size=64, d_model=32, d_kv=8, d_ff=48, num_layers=2,
+                                       num_heads=4, decoder_start_token_id=0),
+    "BartForConditionalGeneration": dict(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, max_position_embeddings=64),
+    "WhisperForConditionalGeneration": dict(
+        vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=48,
+        decoder_ffn_dim=48, num_mel_bins=8, max_source_positions=16, max_target_positions=16,
+        decoder_start_token_id=0, pad_token_id=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEQ2SEQ))
+def test_encoder_decoder_compiles_exact_from_keyword_inputs(name):
+    torch.manual_seed(0)
+    cls = getattr(transformers, name)
+    model = cls(cls.config_class(**SEQ2SEQ[name])).eval()
+    source = ({"input_features": torch.randn(2, 8, 32)} if name.startswith("Whisper")
+              else {"input_ids": torch.randint(1, 60, (2, 8))})
+    inputs = {**source, "decoder_input_ids": torch.randint(1, 60, (2, 5))}
+    report = fxprune.compile(model, "l2", inputs, flops=0.7, progress=False).report
+    assert report.max_rel_error < 1e-5 and 0.5 < report.flops_ratio <= 0.7 + 1e-9
+    assert any(row.kept < row.size for row in report.groups)
