@@ -69,10 +69,11 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     score magnitude; ``cost_aware=True`` divides that by the budget's cost (FLOPs,
     parameters or latency) one channel of the group saves, the greedy answer to "least
     importance lost per cost saved" (:mod:`fxprune.passes.unit_cost`). ``"auto"``
-    (default of both, :mod:`fxprune.ranking`): the criterion's own ranking where it
-    applies (obs: raw scores per FLOP saved, in one-shot flops/params/latency pruning),
-    else ``"mean"`` without costs -- the choices that kept the most accuracy in the
-    quality benchmark (benchmarks/quality/RESULTS.md).
+    (default of both, :mod:`fxprune.ranking`): a criterion's own ranking where it declares
+    one (``Criterion.ranking``) and it applies (one-shot flops/params/latency pruning),
+    else ``"mean"`` without costs; the built-in criteria declare none. For obs followed
+    by fine-tuning, ``normalize=None, cost_aware=True`` kept more accuracy in the quality
+    benchmark (and less post-training on a real LeNet-5: benchmarks/quality/RESULTS.md).
     ``steps=N`` (or a :class:`fxprune.Gradual`, which adds the OBA reference code's
     scoring conditions): prune gradually in N steps on an exponential schedule to the one
     flops/params budget, re-scoring the masked model after each step with no fine-tuning

@@ -5,8 +5,10 @@ them and the kind of pruning, and returns the ``(normalize, cost_aware)`` select
 or raises :class:`~fxprune.errors.BudgetError` before any scoring where an explicit value
 cannot apply. It reads and writes nothing else.
 
-``"auto"`` (the default of both) takes the criterion's own ranking (``Criterion.ranking``,
-chosen by the quality benchmark: benchmarks/quality/RESULTS.md) where it applies --
+``"auto"`` (the default of both) takes the criterion's own ranking (``Criterion.ranking``:
+a registered criterion may declare the ranking its scores are meant for; the built-ins
+declare none, as the quality benchmark found no ranking better than score ÷ group mean
+both post-training and fine-tuned: benchmarks/quality/RESULTS.md) where it applies --
 one-shot pruning by the global order to a flops / params / latency budget -- and score ÷
 group mean without costs everywhere else (gradual steps, uniform or unstructured
 pruning, sparsity budgets, criteria that order channels themselves). The two options

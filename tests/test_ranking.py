@@ -1,27 +1,39 @@
 """compile's global ranking, ``normalize`` and ``cost_aware`` (fxprune/ranking.py):
-"auto" takes the criterion's own ranking where it applies (obs: raw errors per FLOP saved,
-one-shot pruning to a cost budget), the plain ranking elsewhere; explicit values win and
-are checked before scoring."""
+"auto" takes the criterion's own ranking (``Criterion.ranking``) where it applies (one-shot
+pruning to a cost budget), the plain ranking elsewhere and for every built-in criterion;
+explicit values win and are checked before scoring."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
 
 import fxprune
-from fxprune.criteria import get_criterion
+from fxprune.criteria import _REGISTRY, get_criterion, register_criterion
 from fxprune.ranking import PLAIN_RANKING, resolve_ranking
 
-OBS, PLAIN = (None, True), (PLAIN_RANKING["normalize"], PLAIN_RANKING["cost_aware"])
+OWN, PLAIN = (None, True), (PLAIN_RANKING["normalize"], PLAIN_RANKING["cost_aware"])
+
+
+@pytest.fixture(autouse=True)
+def ranked_criterion():
+    """``test-ranked``: l2 declaring the knapsack ranking for itself, for these tests."""
+    register_criterion(dataclasses.replace(get_criterion("l2"), name="test-ranked", ranking={
+        "normalize": None, "cost_aware": True}), overwrite=True)
+    yield
+    _REGISTRY.pop("test-ranked", None)
 
 
 @pytest.mark.parametrize("name,normalize,cost_aware,context,expected", [
-    ("obs", "auto", "auto", {}, OBS),
-    ("obs", "auto", "auto", dict(steps=4), PLAIN),           # gradual: measured plain
-    ("obs", "auto", "auto", dict(sparsity=0.5), PLAIN),      # no cost to divide by
-    ("obs", "auto", "auto", dict(uniform=True), PLAIN),
-    ("obs", "mean", "auto", {}, ("mean", False)),            # one choice: no mean ÷ cost
-    ("obs", "auto", False, {}, PLAIN),
-    ("obs", None, "auto", {}, OBS),                          # agrees with obs' ranking
-    ("obs", "max", True, {}, ("max", True)),                 # explicit values win
+    ("test-ranked", "auto", "auto", {}, OWN),
+    ("test-ranked", "auto", "auto", dict(steps=4), PLAIN),    # gradual: plain
+    ("test-ranked", "auto", "auto", dict(sparsity=0.5), PLAIN),  # no cost to divide by
+    ("test-ranked", "auto", "auto", dict(uniform=True), PLAIN),
+    ("test-ranked", "mean", "auto", {}, ("mean", False)),    # one choice: no mean ÷ cost
+    ("test-ranked", "auto", False, {}, PLAIN),
+    ("test-ranked", None, "auto", {}, OWN),                  # agrees with its ranking
+    ("test-ranked", "max", True, {}, ("max", True)),         # explicit values win
+    ("obs", "auto", "auto", {}, PLAIN),                      # built-ins: plain
     ("l2", "auto", "auto", {}, PLAIN),
     ("l2", "auto", True, {}, ("mean", True)),
     ("sosp-i", "auto", "auto", {}, PLAIN),
@@ -45,10 +57,14 @@ def test_compile_records_the_ranking_it_used():
     net, data = _net_and_data()
     default = fxprune.compile(net, data=data, flops=0.6, progress=False)
     assert default.plan.meta["criterion"] == "obs"
-    assert (default.plan.meta["normalize"], default.plan.meta["cost_aware"]) == OBS
-    plain = fxprune.compile(net, data=data, flops=0.6, normalize="mean", progress=False)
+    assert (default.plan.meta["normalize"], default.plan.meta["cost_aware"]) == PLAIN
+    own = fxprune.compile(net, "test-ranked", example_inputs=data[0][0], flops=0.6)
+    assert (own.plan.meta["normalize"], own.plan.meta["cost_aware"]) == OWN
+    plain = fxprune.compile(net, "test-ranked", example_inputs=data[0][0], flops=0.6,
+                            normalize="mean")
     assert (plain.plan.meta["normalize"], plain.plan.meta["cost_aware"]) == ("mean", False)
-    gradual = fxprune.compile(net, data=data, flops=0.6, steps=2, progress=False)
+    gradual = fxprune.compile(net, "test-ranked", example_inputs=data[0][0], flops=0.6,
+                              steps=2)
     assert (gradual.plan.meta["normalize"], gradual.plan.meta["cost_aware"]) == PLAIN
 
 

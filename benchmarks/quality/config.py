@@ -36,7 +36,7 @@ def method_options(method: str, seed: int) -> Tuple[str, Dict]:
     ``"obs+fisher+raw"`` adds ``{"normalize": None}``; ``"random"`` is seeded by the
     prune seed. Every method states its ranking (``normalize="mean"``, ``cost_aware=False``
     unless ``+raw`` / ``+cost``), so that a change of compile's defaults leaves the rows'
-    meaning alone: compile's default for obs is ``obs+raw+cost``."""
+    meaning alone."""
     method, at, steps = method.partition("@")
     criterion, *suffixes = method.split("+")
     # a method name means one ranking, whatever compile's default: the plain one unless

@@ -23,8 +23,8 @@ removal-aware family's best leads the best of the two other families by more tha
 sum of the two standard deviations (the mean ± std intervals do not touch): our reading
 of "by more than the seed spread". The best of a family is the best of its variants at
 that point, which favours the family with more variants tried; the column "default"
-shows what ``compile``'s default with data gave there: one-shot ``obs`` ranked by raw
-error per FLOP saved (method ``obs+raw+cost``: :data:`DEFAULT_METHOD`), full repair.
+shows what ``compile``'s default with data gave there: one-shot ``obs`` ranked by score ÷
+group mean (:data:`DEFAULT_METHOD`), full repair.
 """
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ __all__ = ["DEFAULT_METHOD", "family", "stage_accuracies", "best_cells", "winner
 
 PAPERS = ("oba", "oba-exact", "sosp-h", "sosp-i")
 #: The benchmark method that is compile's default with data (fxprune/ranking.py).
-DEFAULT_METHOD = "obs+raw+cost"
+DEFAULT_METHOD = "obs"
 FAMILIES = ("removal-aware", "papers", "other")
 Cell = Tuple[str, float, float, int]   # method, mean, std, seeds
 

@@ -139,7 +139,7 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--cost-aware", action=argparse.BooleanOptionalAction, default=None,
                    help="rank channels by score per FLOP (or parameter, ms) their removal "
                         "saves, or (--no-cost-aware) by score alone; default: the "
-                        "criterion's own ranking (obs: cost-aware)")
+                        "criterion's own ranking, else by score alone")
     p.add_argument("--max-layer-sparsity", type=sparsity_ratio, default=0.95, metavar="R",
                    help="remove at most fraction R of any group's channels (default: 0.95)")
     p.add_argument("--steps", type=positive_int, metavar="N",
@@ -149,7 +149,7 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--normalize", choices=("auto", "mean", "max", "none"), default="auto",
                    help="global ranking: channel score / its group's mean |score|, / its "
                         "group's max, or raw scores ('none'); default 'auto': the "
-                        "criterion's own ranking (obs: raw), else mean")
+                        "criterion's own ranking, else mean")
     p.add_argument("--repair", choices=("auto", "full", "bn", "none"), default="auto",
                    help="after pruning: 'full' re-estimates batch norms and re-fits layers "
                         "that lost inputs to the dense model's outputs, 'bn' only re-estimates "

@@ -61,8 +61,8 @@ class Criterion:
     # miss of the calling function's own keywords (see :func:`check_options`).
     options: Optional[Tuple[str, ...]] = None
     # compile's ``normalize`` / ``cost_aware`` for this criterion when left at "auto" in
-    # one-shot pruning to a cost budget (:mod:`fxprune.ranking`); empty: the plain
-    # ranking, score ÷ group mean.
+    # one-shot pruning to a cost budget (:mod:`fxprune.ranking`), e.g. ``{"normalize":
+    # None, "cost_aware": True}``; empty (every built-in): score ÷ group mean.
     ranking: Dict[str, Any] = field(default_factory=dict)
 
 

@@ -36,11 +36,12 @@ float32 and float64 give the same plan at kept FLOPs 0.3 on ResNet-20 and the Vi
 
 Why the output-energy scale: ``ΔE / Σ‖y‖²`` is the relative reconstruction error of
 the layer, comparable across layers of any width, scale or position, needs no backward
-pass and no labels, and is what the repair pass minimises. compile ranks obs by default
-(``normalize="auto"``, ``cost_aware="auto"``: :mod:`fxprune.ranking`) on this scale
-globally (``normalize=None``), each channel's error divided by the FLOPs (or parameters,
-ms) its removal saves; ``normalize="mean"`` would divide each group's scores by their
-mean, which keeps this scale only in the sums over consumers.
+pass and no labels, and is what the repair pass minimises. compile's default ranking
+(score ÷ group mean) keeps this scale only in the sums over consumers; ``normalize=None``
+uses it globally, and with ``cost_aware=True`` each channel's error is divided by the
+FLOPs (parameters, ms) its removal saves: more accuracy after fine-tuning on the quality
+benchmark, less post-training on the real LeNet-5 (benchmarks/quality/RESULTS.md), so it
+is not the default.
 
 Option ``scale="fisher"`` weights the error by the loss instead (issue 12, item 1): the
 output error ``δy`` of a consumer is weighted per output unit ``o`` by the diagonal
@@ -330,7 +331,4 @@ register_criterion(Criterion(
     description="structured Optimal Brain Surgeon: output error each consumer layer keeps "
                 "after removing the channel with the least-squares update (repair='full')",
     score=_score, needs_data=True, aggregate=_aggregate,
-    options=("damp", "per_step", "scale", "precision"),
-    # raw relative errors per FLOP (parameter, ms) saved: more accuracy than score ÷ group
-    # mean at 12 of the 16 quality-benchmark points (benchmarks/quality/RESULTS.md)
-    ranking={"normalize": None, "cost_aware": True}))
+    options=("damp", "per_step", "scale", "precision")))
