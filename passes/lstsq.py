@@ -27,8 +27,7 @@ from torch import Tensor, nn
 
 __all__ = ["LayerGram", "REFIT_TYPES", "ROWS_PER_UNKNOWN", "augmented_gram", "augmented_weight",
            "error", "gram_diagonal", "gram_panels", "set_augmented_weight", "solve",
-           "unpack_gram",
-           "unsupported_reason"]
+           "unpack_gram", "unsupported_reason"]
 
 #: Rows (output positions) per unknown sampled from each batch for a layer's Gram sums
 #: (the repair pass and the obs criterion alike): a 3x3 conv at 56x56 has ~50 rows per
