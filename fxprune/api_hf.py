@@ -51,7 +51,7 @@ class SizeRule:
 
 
 #: Config sizes by the weights that carry them, for the families fxprune tests
-#: (Llama / Qwen2 / Mistral-style decoders, BERT, ViT). A rule applies when its
+#: (Llama / Qwen2 / Mistral-style decoders, BERT, ViT, GPT-2's MLP and stream). A rule applies when its
 #: pattern matches some weight of the model.
 SIZE_RULES: Tuple[SizeRule, ...] = (
     SizeRule("hidden_size", r"(^|\.)embed_tokens\.weight$", 1),
@@ -59,6 +59,8 @@ SIZE_RULES: Tuple[SizeRule, ...] = (
     SizeRule("hidden_size", r"(^|\.)embeddings\.patch_embeddings\.projection\.weight$", 0),
     SizeRule("intermediate_size", r"\.mlp\.(gate_proj|fc1)\.weight$", 0),
     SizeRule("intermediate_size", r"\.intermediate\.dense\.weight$", 0),
+    SizeRule("hidden_size", r"(^|\.)wte\.weight$", 1),                 # GPT-2: n_embd
+    SizeRule("n_inner", r"\.mlp\.c_fc\.weight$", 0),                   # GPT-2 (as nn.Linear)
     SizeRule("num_attention_heads", r"\.(self_attn|attention)\.q_proj\.weight$", 0,
              per="head_dim"),
     SizeRule("num_key_value_heads", r"\.(self_attn|attention)\.k_proj\.weight$", 0,
@@ -122,8 +124,8 @@ def _new_config(model: nn.Module, shapes: Dict[str, torch.Size]):
                 f"{type(model).__name__} sizes its heads as hidden_size / "
                 f"num_attention_heads, so its config cannot hold {config.num_attention_heads}"
                 f" heads of size {head_dim} with hidden_size {config.hidden_size}: keep "
-                "the heads (ignore= the attention groups) or ship the slim model with "
-                "save_slim / --export")
+                "the heads and the residual stream whole (ignore= the attention groups "
+                "and the stream group) or ship the slim model with save_slim / --export")
         config.head_dim = head_dim
     _validate(model, config)
     return config
@@ -168,6 +170,7 @@ def save_pretrained(slim, model: nn.Module, folder: str) -> str:
     config = _new_config(model, {k: v.shape for k, v in state.items()})
     with torch.device("meta"):
         target = type(model)(config)
+    _to_conv1d_layout(target, state)
     wanted = {k: v.shape for k, v in target.state_dict().items()}
     _check_shapes(wanted, state)
     target = target.to_empty(device="cpu").to(next(iter(state.values())).dtype)
@@ -182,6 +185,16 @@ def save_pretrained(slim, model: nn.Module, folder: str) -> str:
     target.eval().save_pretrained(folder)
     log.info("wrote %s (config.json, model.safetensors)", folder)
     return folder
+
+
+def _to_conv1d_layout(target: nn.Module, state: Dict[str, torch.Tensor]) -> None:
+    """The slim model holds Hugging Face ``Conv1D`` layers (GPT-2) as ``nn.Linear``, whose
+    weight is the transpose: give those weights back the ``[in, out]`` layout."""
+    from transformers.pytorch_utils import Conv1D
+    for name, mod in target.named_modules():
+        key = f"{name}.weight" if name else "weight"
+        if isinstance(mod, Conv1D) and key in state:
+            state[key] = state[key].t().contiguous()
 
 
 def _check_shapes(wanted: Dict[str, torch.Size], state: Dict[str, torch.Tensor]) -> None:

@@ -96,3 +96,19 @@ def test_compile_with_data_scores_repairs_and_verifies(criterion):
         assert {"transformer.h.0.mlp.c_proj", "transformer.h.1.mlp.c_proj"} <= fitted
     logits = res.module(_ids(2, 6))["logits"]
     assert torch.isfinite(logits).all()
+
+
+def test_save_pretrained_round_trips_a_uniform_mlp_prune(tmp_path):
+    """Uniformly pruned MLPs become ``n_inner``; the ``Conv1D`` weights get their
+    ``[in, out]`` layout back; a pruned stream is refused (heads are n_embd / n_head)."""
+    model, ids = _gpt2(), _ids()
+    res = fxprune.compile(model, "l2", (ids,), flops=0.75, uniform=True, progress=False,
+                          ignore=["transformer.h.*.attn.c_attn", "transformer.wpe"])
+    fxprune.save_pretrained(res, model, str(tmp_path / "slim"))
+    again = transformers.GPT2LMHeadModel.from_pretrained(str(tmp_path / "slim")).eval()
+    assert again.config.n_inner < 4 * EMBD
+    torch.testing.assert_close(again(ids).logits, res.module(ids)["logits"])
+    stream = fxprune.compile(model, "l2", (ids,), flops=0.75, uniform=True, progress=False,
+                             ignore=["transformer.h.*.attn.c_attn", "transformer.h.*.mlp.c_fc"])
+    with pytest.raises(fxprune.FxpruneError, match="residual stream"):
+        fxprune.save_pretrained(stream, model, str(tmp_path / "stream"))
