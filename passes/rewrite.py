@@ -40,8 +40,7 @@ def rewrite(analysis: Analysis, kept: Dict[str, List[int]]) -> torch.fx.GraphMod
     old_gm = analysis.gm
     gm = copy.deepcopy(old_gm, _shared_tensors(old_gm))  # module tree and graph only
     _copy_meta(old_gm, gm)
-    _slice_tensors(gm, analysis, keep)
-    _own_the_rest(gm, old_gm)
+    _own_the_rest(gm, old_gm, _slice_tensors(gm, analysis, keep))
     _update_modules(gm, old_gm)
     _patch_literals(gm, keep)
     gm.graph.lint()
@@ -60,12 +59,15 @@ def _shared_tensors(gm: nn.Module) -> dict:
     return memo
 
 
-def _own_the_rest(gm: nn.Module, old_gm: nn.Module) -> None:
-    """Clone every tensor of ``gm`` still shared with ``old_gm`` (ties kept), so that the
-    slim model owns all its tensors and writing to it leaves the dense model alone."""
+def _own_the_rest(gm: nn.Module, old_gm: nn.Module, sliced: Dict[int, torch.Tensor]) -> None:
+    """Point every name of a sliced tensor at its slice (``sliced``: id of the dense tensor
+    -> slice), including an alias the graph never reads (GPT-2's ``transformer.wte.weight``,
+    tied to the ``lm_head.weight`` both uses read), and clone every other tensor still
+    shared with ``old_gm`` (ties kept), so that the slim model owns all its tensors and
+    writing to it leaves the dense model alone."""
     shared = {id(t) for t in old_gm.parameters()}
     shared |= {id(t) for t in old_gm.buffers()}
-    clones: Dict[int, torch.Tensor] = {}
+    clones: Dict[int, torch.Tensor] = dict(sliced)
     for mod in gm.modules():
         for key in ("_parameters", "_buffers"):
             tensors = mod.__dict__.get(key) or {}
@@ -92,8 +94,10 @@ def _owner(gm: nn.Module, target: str):
     return (gm.get_submodule(prefix) if prefix else gm), name
 
 
-def _slice_tensors(gm: torch.fx.GraphModule, analysis: Analysis, keep: np.ndarray) -> None:
-    """Slice every recorded tensor dim down to the positions of kept ids."""
+def _slice_tensors(gm: torch.fx.GraphModule, analysis: Analysis, keep: np.ndarray
+                   ) -> Dict[int, torch.Tensor]:
+    """Slice every recorded tensor dim down to the positions of kept ids; returns
+    ``{id of the dense tensor: its slice}``."""
     by_target: Dict[str, list] = {}
     for rec in analysis.space.records.values():
         by_target.setdefault(rec.target, []).append(rec)
@@ -116,19 +120,7 @@ def _slice_tensors(gm: torch.fx.GraphModule, analysis: Analysis, keep: np.ndarra
             new = nn.Parameter(new, requires_grad=tensor.requires_grad)
         replaced[id(tensor)] = new
         _assign(module, name, new)
-    _retie(gm, replaced)
-
-
-def _retie(gm: nn.Module, replaced: Dict[int, torch.Tensor]) -> None:
-    """Point every other name of a sliced tensor at its slice: an alias the graph never
-    reads (GPT-2's ``transformer.wte.weight``, tied to the ``lm_head.weight`` both uses
-    read) stays tied instead of keeping a dense copy."""
-    for mod in gm.modules():
-        for key in ("_parameters", "_buffers"):
-            tensors = mod.__dict__.get(key) or {}
-            for name, t in list(tensors.items()):
-                if t is not None and id(t) in replaced:
-                    tensors[name] = replaced[id(t)]
+    return replaced
 
 
 def _assign(module: nn.Module, name: str, tensor: torch.Tensor) -> None:

@@ -55,7 +55,7 @@ def refuse_broken_ties(analysis):
 def _ties_consistent(analysis, recs_per_name) -> bool:
     """Do all aliases the graph reads carry the same records, channel for channel? An
     alias with no records is never read by the graph (both uses go through one name):
-    the rewrite points it at the slice (``rewrite._retie``)."""
+    the rewrite points it at the slice (``rewrite._own_the_rest``)."""
     def signature(recs):
         return sorted((r.dim, tuple(analysis.element_group[r.ids].tolist()),
                        tuple(analysis.element_channel[r.ids].tolist())) for r in recs)
