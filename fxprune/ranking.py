@@ -34,35 +34,35 @@ PLAIN_RANKING: Dict[str, Any] = {"normalize": DEFAULT_NORMALIZE, "cost_aware": F
 def resolve_ranking(crit, normalize, cost_aware, *, steps=None, uniform: bool = False,
                     unstructured: bool = False, sparsity=None) -> Tuple[Optional[str], bool]:
     """``(normalize, cost_aware)`` for selection (module docstring)."""
+    blocker = _global_order_blocker(crit, steps, uniform, unstructured, sparsity)
     given: Dict[str, Any] = {}
     if normalize != AUTO:
         check_normalize(normalize)
         given["normalize"] = normalize
     if cost_aware != AUTO:
-        _check_cost_aware(cost_aware, crit, steps, uniform, unstructured, sparsity)
+        if not isinstance(cost_aware, bool):
+            raise BudgetError(f"cost_aware={cost_aware!r} must be True, False or 'auto'")
+        if cost_aware and blocker is not None:
+            raise BudgetError(blocker)
         given["cost_aware"] = cost_aware
-    applies = (crit.select is None and steps is None and not uniform and not unstructured
-               and sparsity is None)
-    own = {**PLAIN_RANKING, **(crit.ranking if applies else {})}
+    own = {**PLAIN_RANKING, **(crit.ranking if blocker is None else {})}
     base = own if all(own[k] == v for k, v in given.items()) else PLAIN_RANKING
     chosen = {**base, **given}
     return chosen["normalize"], chosen["cost_aware"]
 
 
-def _check_cost_aware(cost_aware, crit, steps, uniform: bool, unstructured: bool,
-                      sparsity) -> None:
-    """A BudgetError, before scoring, where an explicit ``cost_aware`` cannot apply."""
-    if not isinstance(cost_aware, bool):
-        raise BudgetError(f"cost_aware={cost_aware!r} must be True, False or 'auto'")
-    if not cost_aware:
-        return
+def _global_order_blocker(crit, steps, uniform: bool, unstructured: bool,
+                          sparsity) -> Optional[str]:
+    """Why this pruning is not one-shot by the global order to a cost budget (what an
+    explicit ``cost_aware=True`` is refused with), or None where a ranking applies."""
     if crit.select is not None:
-        raise BudgetError(f"cost_aware=True re-ranks the global order, but criterion "
-                          f"{crit.name!r} selects channels itself; drop cost_aware")
+        return (f"cost_aware=True re-ranks the global order, but criterion {crit.name!r} "
+                "selects channels itself; drop cost_aware")
     if steps is not None or uniform or unstructured:
-        raise BudgetError("cost_aware=True re-ranks the one-shot global order; it does not "
-                          "combine with steps=, uniform=True or unstructured=True")
+        return ("cost_aware=True re-ranks the one-shot global order; it does not combine "
+                "with steps=, uniform=True or unstructured=True")
     if sparsity is not None:
-        raise BudgetError("cost_aware=True ranks by cost saved, but a sparsity budget has no "
-                          "cost (it removes a fraction of every group); use flops=, params= "
-                          "or latency=, or drop cost_aware")
+        return ("cost_aware=True ranks by cost saved, but a sparsity budget has no cost (it "
+                "removes a fraction of every group); use flops=, params= or latency=, or "
+                "drop cost_aware")
+    return None
