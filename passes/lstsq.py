@@ -51,28 +51,68 @@ def _conv_geometry(conv: nn.Module):
     return tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation)
 
 
-def layer_rows(layer: nn.Module, x: Tensor, y: Tensor) -> Tuple[Tensor, Tensor]:
-    """Design rows of ``layer``: ``([G, R, d], [G, R, o])`` — the input patch of every
-    output position (without the bias 1) and the target output there, per conv group."""
-    if isinstance(layer, nn.Linear):
-        return x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1])
+def _conv_input(layer: nn.Module, x: Tensor, y: Tensor):
+    """``(padded 4-d input, 4-d output, kernel, stride, dilation)`` of a conv layer call;
+    Conv1d is a conv over a 1 x L image."""
     if isinstance(layer, nn.Conv1d):
         x, y = x.unsqueeze(-2), y.unsqueeze(-2)
     kernel, stride, dilation = _conv_geometry(layer)
     pad = layer._reversed_padding_repeated_twice  # also covers padding="same"
     if isinstance(layer, nn.Conv1d):
         pad = list(pad) + [0, 0]
-    if kernel == (1, 1) and stride == (1, 1) and not any(pad):
+    if any(pad):
+        mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
+        x = F.pad(x, list(pad), mode=mode)
+    return x, y, kernel, stride, dilation
+
+
+def _by_group(rows: Tensor, groups: int) -> Tensor:
+    """``[R, G·k] -> [G, R, k]``: a conv group's channels are contiguous."""
+    return rows.reshape(rows.shape[0], groups, -1).transpose(0, 1).contiguous()
+
+
+def layer_rows(layer: nn.Module, x: Tensor, y: Tensor, pick: Optional[Tensor] = None
+               ) -> Tuple[Tensor, Tensor]:
+    """Design rows of ``layer``: ``([G, R, d], [G, R, o])`` — the input patch of every
+    output position (without the bias 1) and the target output there, per conv group.
+    Rows run over (sample, output position), position fastest. ``pick``: only these
+    rows (indices into that order), gathered straight from the input — the same rows
+    as indexing the full result, without unfolding every position first."""
+    if isinstance(layer, nn.Linear):
+        cols, out = x.reshape(1, -1, x.shape[-1]), y.reshape(1, -1, y.shape[-1])
+        return (cols, out) if pick is None else (cols[:, pick], out[:, pick])
+    x, y, kernel, stride, dilation = _conv_input(layer, x, y)
+    n, groups = x.shape[0], layer.groups
+    if pick is not None:
+        return _picked_patches(x, y, pick, kernel, stride, dilation, groups)
+    if kernel == (1, 1) and stride == (1, 1):
         cols = x.reshape(x.shape[0], x.shape[1], -1)  # a 1x1 conv needs no unfold
     else:
-        if any(pad):
-            mode = "constant" if layer.padding_mode == "zeros" else layer.padding_mode
-            x = F.pad(x, list(pad), mode=mode)
         cols = F.unfold(x, kernel, dilation=dilation, stride=stride)  # [N, C*k, L]
-    n, groups = x.shape[0], layer.groups
     cols = cols.reshape(n, groups, -1, cols.shape[-1]).permute(1, 0, 3, 2)
     out = y.reshape(n, groups, y.shape[1] // groups, -1).permute(1, 0, 3, 2)
     return cols.reshape(groups, -1, cols.shape[-1]), out.reshape(groups, -1, out.shape[-1])
+
+
+def _picked_patches(x: Tensor, y: Tensor, pick: Tensor, kernel, stride, dilation,
+                    groups: int) -> Tuple[Tensor, Tensor]:
+    """:func:`layer_rows` of a padded conv input ``x`` at rows ``pick`` only: one
+    gather of ``[R, C, kh·kw]`` (unfold's column order: channel, then kernel row-major)."""
+    out_h, out_w = y.shape[-2:]
+    sample, pos = pick // (out_h * out_w), pick % (out_h * out_w)
+    oh, ow = pos // out_w, pos % out_w
+    ki = torch.arange(kernel[0], device=x.device).repeat_interleave(kernel[1])
+    kj = torch.arange(kernel[1], device=x.device).repeat(kernel[0])
+    rows_h = (oh * stride[0]).unsqueeze(1) + ki * dilation[0]      # [R, K]
+    rows_w = (ow * stride[1]).unsqueeze(1) + kj * dilation[1]
+    # Whole channel vectors per (sample, pixel): one row gather of a channels-last copy.
+    n, c, height, width = x.shape
+    pixels = x.permute(0, 2, 3, 1).reshape(n * height * width, c)
+    flat = (sample.unsqueeze(1) * height + rows_h) * width + rows_w
+    patches = pixels.index_select(0, flat.reshape(-1)).reshape(len(pick), -1, c)
+    patches = patches.transpose(1, 2)                                # [R, C, K]
+    targets = y[sample, :, oh, ow]                                  # [R, O]
+    return (_by_group(patches.reshape(len(pick), -1), groups), _by_group(targets, groups))
 
 
 def augmented_weight(layer: nn.Module) -> Tensor:
@@ -188,11 +228,13 @@ class LayerGram:
         seeded uniform sample — neighbouring pixels of one image are nearly redundant
         rows, and the Gram product costs ``rows x d²``. ``cross=False`` skips ``C``
         (the obs criterion needs only ``H`` and ``Σ‖y‖²``)."""
-        cols, out = layer_rows(layer, x, y)
-        if max_rows is not None and cols.shape[1] > max_rows:
-            gen = torch.Generator().manual_seed(cols.shape[1])
-            pick = torch.randperm(cols.shape[1], generator=gen)[:max_rows].to(cols.device)
-            cols, out = cols[:, pick], out[:, pick]
+        total = y.numel() // y.shape[-1] if isinstance(layer, nn.Linear) else (
+            y.numel() // y.shape[1] if y.dim() > 1 else 1)
+        pick = None
+        if max_rows is not None and total > max_rows:
+            gen = torch.Generator().manual_seed(total)
+            pick = torch.randperm(total, generator=gen)[:max_rows].to(x.device)
+        cols, out = layer_rows(layer, x, y, pick)
         h = gram_panels(cols)
         self.panels = h if self.panels is None else [a.add_(b) for a, b in zip(self.panels, h)]
         if cross:

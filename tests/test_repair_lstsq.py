@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from fxprune.passes.lstsq import LayerGram, augmented_weight, error, set_augmented_weight, solve
+from fxprune.passes.lstsq import (LayerGram, augmented_weight, error, layer_rows,
+                                    set_augmented_weight, solve)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -114,3 +115,52 @@ def test_large_damping_stays_at_the_original_weights():
     gram = _gram(layer, [x], [torch.randn(50, 2, dtype=torch.float64)])
     w0 = augmented_weight(layer)
     torch.testing.assert_close(solve(gram, w0, 1e9), w0, rtol=1e-6, atol=1e-6)
+
+
+def _all_rows_then_pick(layer, x, y, pick):
+    """The reference: every output position's patch (unfold), then the picked rows."""
+    cols, out = layer_rows(layer, x, y)
+    return cols[:, pick], out[:, pick]
+
+
+@pytest.mark.parametrize("make", [
+    lambda: nn.Conv2d(6, 4, 3, padding=1),
+    lambda: nn.Conv2d(6, 4, 3, stride=2, padding=1, bias=False),
+    lambda: nn.Conv2d(6, 6, (3, 2), dilation=(2, 1), padding=(2, 1), groups=3),
+    lambda: nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect"),
+    lambda: nn.Conv2d(6, 4, 1),
+    lambda: nn.Conv2d(6, 4, 5, stride=(2, 1), padding="valid"),
+    lambda: nn.Conv1d(6, 4, 3, padding=2, dilation=2, groups=2),
+    lambda: nn.Linear(6, 4),
+], ids=["3x3", "stride2-nobias", "dilated-grouped", "reflect", "1x1", "valid", "conv1d",
+        "linear"])
+def test_picked_rows_equal_the_rows_of_the_full_unfold(make):
+    """Sampling before unfolding gathers exactly the rows (same order, same values) that
+    indexing the full design matrix gives, so the sampled Gram is unchanged."""
+    torch.manual_seed(0)
+    layer = make().double()
+    x = torch.randn(3, 5, 6).double() if isinstance(layer, nn.Linear) else (
+        torch.randn(3, 6, 11).double() if isinstance(layer, nn.Conv1d)
+        else torch.randn(3, 6, 9, 8).double())
+    y = layer(x).detach()
+    total = layer_rows(layer, x, y)[0].shape[1]
+    pick = torch.randperm(total)[:total // 2 + 1]
+    cols, out = layer_rows(layer, x, y, pick)
+    want_cols, want_out = _all_rows_then_pick(layer, x, y, pick)
+    assert torch.equal(cols, want_cols) and torch.equal(out, want_out)
+
+
+def test_sampled_gram_uses_the_rows_of_the_full_design():
+    """``LayerGram.add(max_rows=...)`` equals the Gram of the seeded sample of all rows."""
+    torch.manual_seed(1)
+    layer = nn.Conv2d(4, 3, 3, padding=1).double()
+    x = torch.randn(2, 4, 7, 7).double()
+    y = layer(x).detach()
+    g = LayerGram()
+    g.add(layer, x, y, max_rows=20)
+    cols, out = layer_rows(layer, x, y)
+    pick = torch.randperm(cols.shape[1], generator=torch.Generator().manual_seed(98))[:20]
+    cols = torch.cat([cols[:, pick], torch.ones(1, 20, 1, dtype=torch.float64)], dim=-1)
+    assert g.rows == 20
+    assert torch.allclose(g.H, cols.transpose(1, 2) @ cols, rtol=0, atol=1e-12)
+    assert g.yy == pytest.approx(float(out[:, pick].pow(2).sum()))
