@@ -136,7 +136,11 @@ class _Greedy:
     ``G_u = W̃_{:,u}ᵀ W̃_{:,u}`` (``ΔE_u = tr(K_u⁻¹ G_u)``); both are downdated every step
     from the removed columns' rows (``W̃_{:,M}ᵀ W̃``, one product with the stored weight),
     and re-gathered exactly at every fold, so no step reads the full inverse or gathers
-    from the weight. Removed units are masked (``inf``) until the next fold drops them."""
+    from the weight. Removed units are masked (``inf``) until the next fold drops them.
+    Scalar units (1x1 convs, Linear) keep ``K`` and ``G`` as vectors over every compact
+    column (``diag H⁻¹``, ``diag W̃ᵀW̃``), downdated by whole-vector operations and read at
+    the units' positions (``at``, fixed between folds): such layers take one step per
+    input channel, so each step is a few vector operations and no per-unit gathers."""
 
     def __init__(self, Hinv: Tensor, W: Tensor, units: Sequence[Tensor]):
         dev, d = Hinv.device, Hinv.shape[0]
@@ -157,51 +161,65 @@ class _Greedy:
         self.cols = {s: torch.stack([self.units[i] for i in v]) for s, v in by_size.items()}
         self.K: Dict[int, Tensor] = {}
         self.G: Dict[int, Tensor] = {}
+        self.at: Dict[int, Tensor] = {}
+        # all units scalar: ids stay 0..n-1 (removed units are masked, not dropped), so
+        # errors need no scatter and a unit's column is one lookup
+        self.plain = list(self.ids) == [1]
+        self.scalar_cols = torch.cat(self.units) if self.plain else None
         self._gather()
 
     def _gather(self) -> None:
         """Exact blocks ``K_u``, ``G_u`` of the remaining units from the folded ``H``, ``W``
-        (scalar units as vectors ``[n]``)."""
+        (scalar units: vectors over the compact columns)."""
         for s, cols in self.cols.items():
-            c = self.pos[cols]                                            # [n_s, s]
+            c = self.at[s] = self.pos[cols]                               # [n_s, s]
+            if s == 1:  # vectors over all compact columns (class docstring)
+                self.K[s], self.G[s] = self.H.diagonal().clone(), self.W.pow(2).sum(0)
+                continue
             w = self.W[:, c].permute(1, 2, 0)                             # [n_s, s, o]
-            if s == 1:
-                self.K[s], self.G[s] = self.H[c[:, 0], c[:, 0]], w[:, 0].pow(2).sum(1)
-            else:
-                self.K[s] = self.H[c[:, :, None], c[:, None, :]]
-                self.G[s] = torch.bmm(w, w.transpose(1, 2))
+            self.K[s] = self.H[c[:, :, None], c[:, None, :]]
+            self.G[s] = torch.bmm(w, w.transpose(1, 2))
 
     def errors(self, n: int) -> Tensor:
         """``[n]``: each remaining unit's ``ΔE`` now; ``inf`` for removed units."""
-        out = torch.full((n,), float("inf"), dtype=self.H.dtype, device=self.H.device)
+        out = None if self.plain else torch.full((n,), float("inf"), dtype=self.H.dtype,
+                                                 device=self.H.device)
         for s, ids in self.ids.items():
             if not len(ids):
                 continue
-            gone = self.gone[ids]
+            gone = self.gone if self.plain else self.gone[ids]
             if s == 1:
-                e = self.G[s] / self.K[s]
+                e = (self.G[s] / self.K[s]).index_select(0, self.at[s][:, 0])
             else:  # removed units' blocks are 0 until the next fold: solve with I there
                 eye = torch.eye(s, dtype=self.H.dtype, device=self.H.device)
                 e = _trace_solve(torch.where(gone[:, None, None], eye, self.K[s]), self.G[s])
-            out[ids] = e.clamp_min(0).masked_fill(gone, float("inf"))
+            e = e.clamp_min(0).masked_fill(gone, float("inf"))
+            if self.plain:
+                return e
+            out[ids] = e
         return out
 
     def remove(self, chosen: Tensor) -> None:
         """Delete the units ``chosen``: compensate ``W`` and downdate the inverse."""
-        orig = torch.cat([self.units[u] for u in chosen.tolist()])
-        M, f = self.pos[orig], self.filled
+        orig = (self.scalar_cols.index_select(0, chosen) if self.scalar_cols is not None
+                else torch.cat([self.units[u] for u in chosen.tolist()]))
+        M, f = self.pos.index_select(0, orig), self.filled
         L, R, U = self.L[:, :f], self.R[:, :f], self.U[:, :f]
-        h_rows = self.H[M].T          # = H[:, M]: H is symmetric, and rows are contiguous
-        h = torch.addmm(h_rows, L, R[M].T, alpha=-1) if f else h_rows
-        w_m = torch.addmm(self.W[:, M], U, R[M].T, alpha=-1) if f else self.W[:, M]
-        hm = h[M]
+        h_rows = self.H.index_select(0, M).T  # = H[:, M]: H is symmetric, rows contiguous
+        w_m = self.W[:, M]   # (index_select along dim 1 copies the whole W here)
+        if f:
+            r_m = R.index_select(0, M).T
+            h, w_m = torch.addmm(h_rows, L, r_m, alpha=-1), w_m.addmm_(U, r_m, alpha=-1)
+        else:
+            h = h_rows
+        hm = h.index_select(0, M)
         proj = h.T / hm if len(M) == 1 else torch.linalg.solve(hm, h.T)   # [m, d_a]
         y = w_m.T @ self.W                                   # [m, d_a] = W̃_Mᵀ W̃
         if f:
             y = torch.addmm(y, w_m.T @ U, R.T, alpha=-1)
-        self._downdate_blocks(h, proj, y, y[:, M])
-        self.removed[orig] = True
-        self.gone[chosen] = True
+        self._downdate_blocks(h, proj, y, y.index_select(1, M))
+        self.removed.index_fill_(0, orig, True)
+        self.gone.index_fill_(0, chosen, True)
         m = len(M)
         if f + m > self.cap:
             self.fold(h, proj, w_m)
@@ -214,11 +232,11 @@ class _Greedy:
         for s, cols in self.cols.items():
             if not len(cols):
                 continue
-            c = self.pos[cols]
-            if s == 1:
-                p, yc = proj[:, c[:, 0]], y[:, c[:, 0]]                    # [m, n_s]
-                self.K[s] = self.K[s] - (h[c[:, 0]] * p.T).sum(1)
-                self.G[s] = self.G[s] - (2 * yc - y_mm @ p).mul(p).sum(0)
+            c = self.at[s]
+            if s == 1:  # whole vectors (class docstring); 2y − y_MM P, then Σ_m P ⊙ ·
+                self.K[s] = self.K[s] - (h.T * proj).sum(0)
+                self.G[s] = self.G[s] - torch.addmm(y, y_mm, proj, beta=2, alpha=-1).mul_(
+                    proj).sum(0)
                 continue
             p, yc = proj[:, c].permute(1, 0, 2), y[:, c].permute(1, 0, 2)  # [n_s, m, s]
             self.K[s] = self.K[s] - torch.bmm(h[c], p)
@@ -243,7 +261,8 @@ class _Greedy:
         self.L, self.R = self.L[:len(idx)], self.R[:len(idx)]   # buffers: contents unused
         self.alive = self.alive[idx]
         self.pos[self.alive] = torch.arange(len(self.alive), device=self.alive.device)
-        for s in self.ids:
+        self.pos[self.removed] = 0   # any valid column: removed units are masked
+        for s in ([] if self.plain else self.ids):
             left = ~self.gone[self.ids[s]]
             self.ids[s], self.cols[s] = self.ids[s][left], self.cols[s][left]
         self._gather()

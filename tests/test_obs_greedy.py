@@ -19,13 +19,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 DT = torch.float64
 
 
-def _problem(seed=0, d=31, o=7):
+def _problem(seed=0, d=31, o=7, sizes=None):
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(4 * d, d, generator=g, dtype=DT)
     X[:, 1] = X[:, 0] + 1e-3 * X[:, 1]          # nearly collinear columns
     W = torch.randn(o, d, generator=g, dtype=DT)
     # units of 1, 2 and 3 columns; columns 29 and 30 (a bias, an unprunable input) in none
-    sizes = [1, 3, 2, 1, 1, 3, 2, 2, 1, 3, 1, 2, 1, 3, 1, 2]
+    sizes = sizes or [1, 3, 2, 1, 1, 3, 2, 2, 1, 3, 1, 2, 1, 3, 1, 2]
     units, start = [], 0
     for s in sizes:
         units.append(torch.arange(start, start + s))
@@ -60,6 +60,19 @@ def test_fast_greedy_equals_the_plain_loop(monkeypatch, flush, per_step):
     assert order == ref_order
     assert increases == pytest.approx(ref_inc, rel=1e-8, abs=1e-12)
     assert sorted(order) == list(range(len(units)))
+
+
+@pytest.mark.parametrize("flush", [1, 4, 10_000])
+@pytest.mark.parametrize("per_step", [1, 3])
+def test_all_scalar_units_equal_the_plain_loop(monkeypatch, flush, per_step):
+    """Layers whose units are single columns (1x1 convs, Linear) take the vector path:
+    ``diag H⁻¹`` and ``diag W̃ᵀW̃`` over every column, units masked instead of dropped."""
+    Hinv, W, units = _problem(seed=7 + flush, sizes=[1] * 29)
+    monkeypatch.setattr(obs_solve, "FLUSH_COLUMNS", flush)
+    order, increases = greedy_removal(Hinv, W, units, per_step)
+    ref_order, ref_inc = _reference(Hinv, W, units, per_step)
+    assert order == ref_order
+    assert increases == pytest.approx(ref_inc, rel=1e-8, abs=1e-12)
 
 
 def test_inputs_are_not_mutated_and_ties_go_to_the_lower_index(monkeypatch):
