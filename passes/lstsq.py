@@ -4,7 +4,8 @@ damped re-fit of one Linear / Conv layer.
 Contract: :class:`LayerGram` reads a layer's (slim) inputs and the dense model's output
 of that layer, batch by batch, and keeps only sums — ``H = Σ x̃ x̃ᵀ`` (``x̃ = [x; 1]``, one
 row per output position: a token of a Linear, a pixel of a conv through ``unfold``),
-``C = Σ y x̃ᵀ`` and ``Σ ‖y‖²`` — per conv group, in float64. Memory is about
+``C = Σ y x̃ᵀ`` and ``Σ ‖y‖²`` — per conv group, in float64 (``H`` in float32 where
+the caller asks: the obs criterion's float32 solves). Memory is about
 ``groups × d²/2`` for ``d = in_per_group · kernel + 1`` (``H`` is stored as its upper
 panels), independent of the data size.
 :func:`solve` returns the minimiser of
@@ -150,11 +151,12 @@ def _panel_bounds(n: int) -> List[Tuple[int, int]]:
     return [(i, min(i + step, n)) for i in range(0, n, step)]
 
 
-def gram_panels(cols: Tensor) -> List[Tensor]:
-    """The upper block-row panels of the ``[G, d+1, d+1]`` float64 ``Σ x̃x̃ᵀ`` of rows
-    ``cols`` ``[G, R, d]``, ``x̃ = [x; 1]``: panel ``k`` holds rows ``i:e`` and columns
-    ``i:`` (its diagonal block whole). The 1 column is a row sum, not concatenated;
-    products in the rows' dtype. :func:`unpack_gram` assembles the full matrix."""
+def gram_panels(cols: Tensor, dtype: torch.dtype = torch.float64) -> List[Tensor]:
+    """The upper block-row panels of the ``[G, d+1, d+1]`` ``Σ x̃x̃ᵀ`` of rows ``cols``
+    ``[G, R, d]``, ``x̃ = [x; 1]``, in ``dtype``: panel ``k`` holds rows ``i:e`` and
+    columns ``i:`` (its diagonal block whole). The 1 column is a row sum, not
+    concatenated; products in the rows' dtype. :func:`unpack_gram` assembles the full
+    matrix."""
     g, rows, d = cols.shape
     n, s = d + 1, cols.sum(1)
     panels = []
@@ -167,7 +169,7 @@ def gram_panels(cols: Tensor) -> List[Tensor]:
         if e == n:
             p[:, d - i, :d - i] = s[:, i:]
             p[:, d - i, d - i] = rows
-        panels.append(p.double())
+        panels.append(p.to(dtype))
     return panels
 
 
@@ -175,7 +177,7 @@ def unpack_gram(panels: Sequence[Tensor], dtype: Optional[torch.dtype] = None,
                 shift: float = 0.0, size: Optional[int] = None) -> Tensor:
     """The full symmetric matrix of :func:`gram_panels`' panels (a new tensor): its
     leading ``size`` rows and columns (default all), ``+ shift`` on the diagonal (added
-    in the panels' float64, then rounded to ``dtype``: the damped matrix of a float32
+    in the panels' dtype, then rounded to ``dtype``: the damped matrix of a float32
     solve without a float64 copy of the whole)."""
     g, n = panels[0].shape[0], panels[0].shape[-1]
     m = n if size is None else size
@@ -208,17 +210,19 @@ def augmented_gram(cols: Tensor) -> Tensor:
 @dataclass
 class LayerGram:
     """Sums of one layer's least-squares problem over calibration rows. ``H`` is kept
-    as the upper panels of :func:`gram_panels`; the property assembles it (read it once
-    per use: each access builds a new ``[G, d, d]`` tensor)."""
+    as the upper panels of :func:`gram_panels`, in ``dtype`` (float64; float32 halves
+    the memory where the solves are float32 anyway); the property assembles it (read it
+    once per use: each access builds a new ``[G, d, d]`` tensor)."""
 
     panels: Optional[List[Tensor]] = None  # upper block-row panels of H = Σ x̃x̃ᵀ
     C: Optional[Tensor] = None     # [G, o, d]; None when accumulated with cross=False
     yy: float = 0.0
     rows: int = 0
+    dtype: torch.dtype = torch.float64
 
     @property
     def H(self) -> Optional[Tensor]:
-        """``[G, d, d]`` float64 ``Σ x̃x̃ᵀ``, or None before the first batch."""
+        """``[G, d, d]`` ``Σ x̃x̃ᵀ`` in :attr:`dtype`, or None before the first batch."""
         return None if self.panels is None else unpack_gram(self.panels)
 
     def add(self, layer: nn.Module, x: Tensor, y: Tensor, max_rows: Optional[int] = None,
@@ -235,7 +239,7 @@ class LayerGram:
             gen = torch.Generator().manual_seed(total)
             pick = torch.randperm(total, generator=gen)[:max_rows].to(x.device)
         cols, out = layer_rows(layer, x, y, pick)
-        h = gram_panels(cols)
+        h = gram_panels(cols, self.dtype)
         self.panels = h if self.panels is None else [a.add_(b) for a, b in zip(self.panels, h)]
         if cross:
             cols = torch.cat([cols, torch.ones_like(cols[..., :1])], dim=-1)
@@ -247,7 +251,8 @@ class LayerGram:
     def __add__(self, other: "LayerGram") -> "LayerGram":
         cross = None if self.C is None or other.C is None else self.C + other.C
         panels = [a + b for a, b in zip(self.panels, other.panels)]
-        return LayerGram(panels, cross, self.yy + other.yy, self.rows + other.rows)
+        return LayerGram(panels, cross, self.yy + other.yy, self.rows + other.rows,
+                         self.dtype)
 
     @property
     def unknowns(self) -> int:

@@ -60,22 +60,33 @@ def damping(diagonal: Tensor, damp: float) -> float:
     return damp * float(diagonal.double().mean().clamp_min(1e-30)) if damp > 0 else 0.0
 
 
-def inverse_if_positive_definite(A: Tensor) -> Optional[Tensor]:
-    """``A⁻¹`` by Cholesky in ``A``'s dtype, or None when the factorisation fails."""
-    factor, info = torch.linalg.cholesky_ex(A)
-    return _inverse_from_cholesky(factor) if int(info) == 0 else None
+def inverse_if_positive_definite(A: Tensor, *, overwrite: bool = False) -> Optional[Tensor]:
+    """``A⁻¹`` by Cholesky in ``A``'s dtype, or None when the factorisation fails.
+    ``overwrite=True``: ``A`` (contiguous, the caller's to lose) is factored and inverted
+    in its own storage — on a wide layer each d x d copy is the peak's largest term —
+    and is garbage afterwards whether or not the factorisation succeeds."""
+    if not overwrite:
+        factor, info = torch.linalg.cholesky_ex(A)
+        return _inverse_from_cholesky(factor) if int(info) == 0 else None
+    # LAPACK works on column-major storage: A's transpose is A's own storage read that
+    # way (A is symmetric), so factor and inverse need no copy; the result is symmetric.
+    info = torch.empty((), dtype=torch.int32, device=A.device)
+    F = A.mT
+    torch.linalg.cholesky_ex(F, out=(F, info))
+    return _inverse_from_cholesky(F, overwrite=True).mT if int(info) == 0 else None
 
 
-def _inverse_from_cholesky(factor: Tensor) -> Tensor:
+def _inverse_from_cholesky(factor: Tensor, overwrite: bool = False) -> Tensor:
     """``(L Lᵀ)⁻¹``. ``torch.cholesky_inverse`` (LAPACK potri, half the work of two
     triangular solves) is 1.8x faster than ``cholesky_solve(I)`` on one thread here
     (d = 4608), about even on two unloaded threads, but an earlier profile on this MKL
     CPU build measured it 10-15x slower (threads at torch's default on a loaded
     machine): on CPU it is used on one thread only (``benchmarks/RESULTS.md``)."""
     if factor.device.type != "cpu" or torch.get_num_threads() == 1:
-        return torch.cholesky_inverse(factor)
+        return torch.cholesky_inverse(factor, out=factor) if overwrite else (
+            torch.cholesky_inverse(factor))
     eye = torch.eye(factor.shape[0], dtype=factor.dtype, device=factor.device)
-    return torch.cholesky_solve(eye, factor)
+    return torch.cholesky_solve(eye, factor, out=eye)
 
 
 def removal_errors(Hinv: Tensor, W: Tensor, units: Sequence[Tensor]) -> Tensor:
@@ -144,6 +155,8 @@ class _Greedy:
 
     def __init__(self, Hinv: Tensor, W: Tensor, units: Sequence[Tensor]):
         dev, d = Hinv.device, Hinv.shape[0]
+        if not Hinv.is_contiguous():  # LAPACK's column-major result: symmetric, so its
+            Hinv = Hinv.mT if Hinv.mT.is_contiguous() else Hinv.contiguous()  # transpose
         self.H, self.W = Hinv, W.to(Hinv.dtype).clone()  # Hinv: owned (greedy_removal)
         self.alive = torch.arange(d, device=dev)        # compact -> original
         self.pos = self.alive.clone()                   # original -> compact
@@ -255,7 +268,7 @@ class _Greedy:
         if h is not None:
             L, R, U = torch.cat([L, h[idx]], 1), torch.cat([R, proj.T[idx]], 1), torch.cat(
                 [U, w_m], 1)
-        self.H = _symmetric_downdate(_select_columns(self.H.index_select(0, idx), idx), L, R)
+        self.H = _symmetric_downdate(_compact_in_place(self.H, idx), L, R)
         self.W = _select_columns(self.W, idx).addmm_(U, R.T, alpha=-1)
         self.filled = 0
         self.L, self.R = self.L[:len(idx)], self.R[:len(idx)]   # buffers: contents unused
@@ -266,6 +279,23 @@ class _Greedy:
             left = ~self.gone[self.ids[s]]
             self.ids[s], self.cols[s] = self.ids[s][left], self.cols[s][left]
         self._gather()
+
+
+#: Rows per block of :func:`_compact_in_place` (the temporary is this many rows).
+COMPACT_ROWS = 256
+
+
+def _compact_in_place(T: Tensor, idx: Tensor) -> Tensor:
+    """``T[idx][:, idx]`` for sorted ``idx``, written into ``T``'s own storage (a
+    contiguous square matrix, clobbered) and returned as a contiguous view: no second
+    ``d x d`` matrix at a fold, where it would be the peak of a wide layer. Row block
+    ``[a, b)`` of the result lands at elements ``[a k, b k)``, below the first element
+    ``idx[b] · d`` of every source row not yet read (``idx[j] >= j``, ``k <= d``)."""
+    k, flat = len(idx), T.view(-1)
+    for a in range(0, k, COMPACT_ROWS):
+        block = _select_columns(T.index_select(0, idx[a:a + COMPACT_ROWS]), idx)
+        flat[a * k:a * k + block.numel()].copy_(block.reshape(-1))
+    return flat[:k * k].view(k, k)
 
 
 def _select_columns(T: Tensor, idx: Tensor) -> Tensor:

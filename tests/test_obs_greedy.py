@@ -97,3 +97,28 @@ def test_damped_inverse_is_the_inverse():
     lam = 1e-2 * float(torch.diagonal(H).mean())
     torch.testing.assert_close(damped_inverse(H, 1e-2) @ (H + lam * torch.eye(12, dtype=DT)),
                                torch.eye(12, dtype=DT), rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 256])
+def test_compaction_in_place_equals_the_submatrix(monkeypatch, rows):
+    """A fold's compaction writes ``T[idx][:, idx]`` into ``T``'s own storage."""
+    monkeypatch.setattr(obs_solve, "COMPACT_ROWS", rows)
+    g = torch.Generator().manual_seed(rows)
+    for keep in ([0, 1, 2, 3, 4, 5, 6], [1, 2, 5], [0, 3, 4, 6], [6], []):
+        T = torch.randn(7, 7, generator=g, dtype=DT)
+        idx = torch.tensor(keep, dtype=torch.long)
+        want = T[idx][:, idx].clone()
+        got = obs_solve._compact_in_place(T, idx)
+        assert torch.equal(got, want)
+        assert not keep or got.data_ptr() == T.data_ptr()
+
+
+def test_inverse_in_place_equals_the_copying_inverse():
+    Hinv, _, _ = _problem(seed=9)
+    A = torch.linalg.inv(Hinv)                      # a positive definite matrix
+    want = obs_solve.inverse_if_positive_definite(A)
+    B = A.clone()
+    got = obs_solve.inverse_if_positive_definite(B, overwrite=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert got.data_ptr() == B.data_ptr()
+    assert obs_solve.inverse_if_positive_definite(-A.clone(), overwrite=True) is None

@@ -25,11 +25,14 @@ scores a channel by the error that this removal *with* that compensation leaves:
 3. A channel's score sums its layer scores over all consumers of its group (a residual
    stream has one per block). Higher = more important, as for every criterion.
 
-Precision (issue 12, scoring cost): the Gram sums, the damping and the scores are
+Precision (issue 12, scoring cost; issue 17, memory): the damping and the scores are
 float64; the per-layer inverse and greedy, most of the time on wide layers, run in the
 model's precision by default (``precision="auto"``: float32 for a float32 model, about 2x
 faster on the inverses, 1.5x on the greedy; float64 for a float64 one, so the oracle
-tests see the float64 path). A float32 Cholesky that fails falls back to float64.
+tests see the float64 path), and each layer's Gram is summed in that same dtype
+(:func:`solve_dtype`: a float32 solve rounds ``H + λI`` to float32 anyway; float32 sums
+halve the memory of all consumers' Grams, alive together until each layer is scored).
+A float32 Cholesky that fails falls back to float64.
 Measured on the quality checkpoints (``benchmarks/RESULTS.md``, obs cost section):
 float32 and float64 give the same plan at kept FLOPs 0.3 on ResNet-20 and the ViT (seed
 0, 32 calibration batches of 64; Spearman 1.0, median relative score difference 5e-7).
@@ -212,10 +215,8 @@ def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
         W = W * weights.to(W).clamp_min(0).sqrt().reshape(-1, 1)
     if layer.bias is None:  # no constant column to compensate with, as in the re-fit
         W = W[:, :-1]
-    if precision == "auto":
-        precision = "float64" if layer.weight.dtype == torch.float64 else "float32"
     order, increases = greedy_removal(_layer_inverse(gram, layer.bias is not None, damp,
-                                                     getattr(torch, precision)),
+                                                     solve_dtype(layer, precision)),
                                       W, cols, per_step, overwrite=True)
     scale = max(gram.yy if scale is None else scale, 1e-30)
     out = torch.zeros(len(cols), dtype=torch.float64)
@@ -224,6 +225,17 @@ def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
         running = max(running, inc)
         out[u] = running / scale
     return out
+
+
+def solve_dtype(layer: nn.Module, precision: str) -> torch.dtype:
+    """The dtype of ``layer``'s inverse and greedy for option ``precision``
+    (:data:`PRECISIONS`; ``"auto"``: float64 for a float64 layer, else float32). Its
+    Gram is summed in the same dtype: a float32 solve rounds ``H + λI`` to float32
+    anyway, and float32 sums halve the memory of all consumers' Grams, which coexist
+    until each layer is scored."""
+    if precision == "auto":
+        precision = "float64" if layer.weight.dtype == torch.float64 else "float32"
+    return getattr(torch, precision)
 
 
 def _layer_inverse(gram: LayerGram, has_bias: bool, damp: float, dtype: torch.dtype) -> Tensor:
@@ -237,7 +249,8 @@ def _layer_inverse(gram: LayerGram, has_bias: bool, damp: float, dtype: torch.dt
     size = panels[0].shape[-1] - (0 if has_bias else 1)
     if dtype != torch.float64:
         lam = damping(gram_diagonal(panels)[0, :size], damp)
-        inverse = inverse_if_positive_definite(unpack_gram(panels, dtype, lam, size)[0])
+        inverse = inverse_if_positive_definite(unpack_gram(panels, dtype, lam, size)[0],
+                                               overwrite=True)
         if inverse is not None:
             return inverse
         dtype = torch.float64
@@ -272,8 +285,9 @@ def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
     damp, per_step, scale, precision = _options(ctx)
     fisher = scale == "fisher"
     consumers, skipped = find_consumers(ctx.module, ctx.groups)
+    dtypes = {name: solve_dtype(c.layer, precision) for name, c in consumers.items()}
     grams, fishers, samples = accumulate_grams(ctx.module, consumers, ctx.batches,
-                                               ctx.progress, ctx.loss_fn, fisher)
+                                               ctx.progress, ctx.loss_fn, fisher, dtypes)
     scored, out, weights_of = set(), {}, {}
     for name, cons in consumers.items():
         gram = grams.pop(name)  # freed after its layer: the peak falls as layers finish

@@ -49,15 +49,18 @@ def _samples(inputs) -> int:
 
 
 def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
-                     progress: bool = False, loss_fn=None, fisher: bool = False
+                     progress: bool = False, loss_fn=None, fisher: bool = False,
+                     dtypes: Optional[Dict[str, torch.dtype]] = None
                      ) -> Tuple[Dict[str, LayerGram], Dict[str, OutputFisher], int]:
     """One forward per batch (no grad unless ``fisher``); every consumer's
     :class:`LayerGram` (input Gram, dense output energy) and, with ``fisher``, its
     :class:`OutputFisher` from one backward of the batch loss (``loss_fn``) to the
     consumers' outputs in the same pass; summed over batches and data-parallel ranks.
+    ``dtypes``: the dtype each consumer's ``H`` is summed in (default float64).
     Returns ``(grams, fishers, samples)``. Hooks are removed before returning;
     ``module`` is otherwise untouched (no parameter ``.grad`` is written)."""
-    grams = {name: LayerGram() for name in consumers}
+    dtypes = dtypes or {}
+    grams = {name: LayerGram(dtype=dtypes.get(name, torch.float64)) for name in consumers}
     fishers = {name: OutputFisher() for name in consumers}
     outputs: List[Tuple[str, Tensor]] = []
 
