@@ -26,6 +26,7 @@ from .layer_rules import (_SPATIAL, Param, _couple_affine, _input, conv_core, li
                           spatial_rule)
 from .rule_table import RULES, RuleContext, as_tlabel, shape_of, unknown_rule, untracked_output
 from .tensor_rules import metadata_rule
+from .weight_rules import is_2d_transpose
 
 __all__ = ["ATEN_LIKE_METHOD", "ATEN_LIKE_FUNCTION", "ATEN_AS_FUNCTION", "NOT_AS_METHOD"]
 
@@ -202,14 +203,26 @@ def aten_convolution_rule(ctx: RuleContext):
 
 
 def _transposed_param(value):
-    """The get_attr node ``w`` when ``value`` is ``w.t()`` / ``w.permute(1, 0)``, else None."""
-    if not isinstance(value, torch.fx.Node) or value.op != "call_function":
+    """The get_attr node ``w`` when ``value`` is a 2-D transpose of it (``w.t()``,
+    ``w.T``, ``w.permute(1, 0)``, as ATen overloads or lowered methods), else None."""
+    if not isinstance(value, torch.fx.Node) or not is_2d_transpose(value):
         return None
-    is_t = value.target in (aten.t.default, aten.numpy_T.default) or (
-        value.target is aten.permute.default and list(value.args[1]) == [1, 0]) or (
-        value.target is aten.transpose.int and sorted(a % 2 for a in value.args[1:3]) == [0, 1])
     src = value.args[0]
-    return src if is_t and isinstance(src, torch.fx.Node) and src.op == "get_attr" else None
+    return src if isinstance(src, torch.fx.Node) and src.op == "get_attr" else None
+
+
+@RULES.function(aten.numpy_T.default, aten.mT.default)
+def aten_transpose_attr_rule(ctx: RuleContext):
+    """``numpy_T(x)`` = ``x.T`` (every dim reversed) and ``mT(x)`` = ``x.mT`` (the last
+    two swapped): what the ``.T`` / ``.mT`` attributes become in captured graphs."""
+    x = ctx.arg(0, "self")
+    label = as_tlabel(ctx.label(x), shape_of(x))
+    if label is None:
+        return untracked_output(ctx.node)
+    nd = label.ndim
+    perm = (list(range(nd))[::-1] if ctx.node.target is aten.numpy_T.default
+            else list(range(nd - 2)) + [nd - 1, nd - 2])
+    return label.permute(perm)
 
 
 @RULES.function(aten.addmm.default)

@@ -125,7 +125,9 @@ def _layer_for(gm, node, readers):
     return None
 
 
-#: ``w.t()`` / ``w.T`` of a 2-D weight as they reach this pass (ATen or lowered).
+#: ``w.t()`` / ``w.T`` of a 2-D weight as they reach this pass (ATen or lowered). Not
+#: :func:`.weight_rules.is_2d_transpose`: this pass runs before shape propagation, so it
+#: matches the node kinds and checks the fetched weight's dims itself.
 _TRANSPOSES = {("call_function", torch.ops.aten.t.default),
                ("call_function", torch.ops.aten.numpy_T.default), ("call_method", "t")}
 

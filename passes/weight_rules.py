@@ -73,25 +73,44 @@ def _weight_step(node: torch.fx.Node):
     return None, False
 
 
+#: ATen overloads of a 2-D transpose (captured graphs keep these as functions, or lower
+#: them to the method of the same name) -> the method spelling each matches.
+_ATEN_TRANSPOSES = {torch.ops.aten.t.default: "t", torch.ops.aten.numpy_T.default: "T",
+                    torch.ops.aten.mT.default: "T", torch.ops.aten.permute.default: "permute",
+                    torch.ops.aten.transpose.int: "transpose"}
+
+
 def is_2d_transpose(node: torch.fx.Node) -> bool:
     """``w.t()`` / ``torch.t(w)``, ``w.T`` / ``w.mT``, ``w.transpose(0, 1)`` /
     ``torch.transpose(w, 0, 1)`` or ``w.permute(1, 0)`` / ``torch.permute(w, (1, 0))``
-    of a 2-D tensor."""
+    of a 2-D tensor, as torch calls, methods or their ATen overloads (the one predicate
+    for "a transposed weight": the weight rules and ATen's ``addmm`` rule read it)."""
     meta = node.meta.get("tensor_meta")
     if getattr(meta, "shape", None) is None or len(meta.shape) != 2:
         return False
     if node.op not in ("call_method", "call_function"):
         return False
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    args = list(node.args[1:])
-    if name == "permute" and len(args) == 1 and isinstance(args[0], (list, tuple)):
-        args = list(args[0])
-    dims = [a % 2 for a in args if isinstance(a, int)] if len(args) == 2 else []
+    if node.op == "call_function" and node.target in _ATEN_TRANSPOSES:
+        name = _ATEN_TRANSPOSES[node.target]
+        if name == "T":
+            return True
+        return _names_a_2d_swap(name, list(node.args[1:]))
     if node.op == "call_function" and node.target not in (torch.t, torch.transpose,
                                                           torch.permute, getattr):
         return False
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    args = list(node.args[1:])
     if name == "getattr":
         return bool(args) and args[0] in _TRANSPOSES
+    return _names_a_2d_swap(name, args)
+
+
+def _names_a_2d_swap(name: str, args: list) -> bool:
+    """Whether method ``name`` with arguments ``args`` (after the tensor) swaps the two
+    dims of a 2-D tensor."""
+    if name == "permute" and len(args) == 1 and isinstance(args[0], (list, tuple)):
+        args = list(args[0])
+    dims = [a % 2 for a in args if isinstance(a, int)] if len(args) == 2 else []
     return name == "t" or (name == "transpose" and sorted(dims) == [0, 1]) or (
         name == "permute" and dims == [1, 0])
 

@@ -202,3 +202,37 @@ def test_aten_as_ops_keep_channels_prunable():
     assert hidden.prunable, hidden.reason
     res = fxprune.compile(model, "l2", x, sparsity=0.5, frontend="export", progress=False)
     assert res.report.max_rel_error < 1e-10
+
+
+class _BareAddmm(torch.nn.Module):
+    """Two linear layers written as ``torch.addmm`` over bare parameters, the first weight
+    transposed by ``how``: the captured graph holds ``t`` / ``transpose`` / ``permute``
+    lowered to methods, or ATen's ``numpy_T`` / ``mT``."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.w1, self.b1 = torch.nn.Parameter(torch.randn(16, 8)), torch.nn.Parameter(torch.randn(16))
+        self.w2, self.b2 = torch.nn.Parameter(torch.randn(4, 16)), torch.nn.Parameter(torch.randn(4))
+
+    def forward(self, x):
+        w = self.w1
+        wt = {"t": w.t, "T": lambda: w.T, "mT": lambda: w.mT,
+              "transpose": lambda: w.transpose(0, 1), "permute": lambda: w.permute(1, 0)}[self.how]()
+        return torch.addmm(self.b2, torch.relu(torch.addmm(self.b1, x, wt)), self.w2.t())
+
+
+@pytest.mark.parametrize("how", ["t", "T", "mT", "transpose", "permute"])
+def test_addmm_over_any_spelling_of_a_transposed_weight_prunes_exactly(how):
+    """ATen's ``addmm`` rule reads the same transpose predicate as the weight rules (it
+    missed the lowered methods, so no group was found), and ``numpy_T`` / ``mT`` are
+    permutes instead of unknown ops."""
+    torch.manual_seed(0)
+    model, x = _BareAddmm(how).eval(), torch.randn(3, 8)
+    groups = fxprune.groups(model, x, frontend="export")
+    hidden = next(g for g in groups if g.id == "w1")
+    assert hidden.prunable and hidden.size == 16, hidden.reason
+    res = fxprune.compile(model, "l2", example_inputs=x, flops=0.6, frontend="export",
+                          progress=False)
+    assert res.module.w1.shape == (9, 8) and res.module.w2.shape == (4, 9)
+    assert res.report.max_rel_error < 1e-5
