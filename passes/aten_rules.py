@@ -225,12 +225,14 @@ def aten_transpose_attr_rule(ctx: RuleContext):
     return label.permute(perm)
 
 
-@RULES.function(aten.addmm.default)
+@RULES.function(aten.addmm.default, torch.addmm)
 def aten_addmm_rule(ctx: RuleContext):
-    """``addmm(bias, x, w.t())``: a linear layer (decomposed graphs); ``addmm(bias, x, w)``
-    with ``w`` a ``[in, out]`` parameter: the same layer stored transposed (Hugging
-    Face's ``Conv1D``, GPT-2's layers); other operands are a matmul plus a broadcast add."""
-    bias, x, w_t = ctx.arg(0, "self"), ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
+    """``addmm(bias, x, w.t())``: a linear layer (decomposed graphs, or ``torch.addmm``
+    written by hand); ``addmm(bias, x, w)`` with ``w`` a ``[in, out]`` parameter: the
+    same layer stored transposed (Hugging Face's ``Conv1D``, GPT-2's layers); other
+    operands are a matmul plus a broadcast add."""
+    bias = ctx.arg(0, "self") if ctx.node.target is aten.addmm.default else ctx.arg(0, "input")
+    x, w_t = ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
     w, out_dim = _transposed_param(w_t), 0
     if w is None and isinstance(w_t, torch.fx.Node) and w_t.op == "get_attr":
         w, out_dim = w_t, 1

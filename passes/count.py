@@ -250,7 +250,7 @@ def _last_dim(node: torch.fx.Node, x: TLabel) -> Optional[np.ndarray]:
     return x.dims[-1]
 
 
-@CONTRACTED.function(torch.ops.aten.addmm.default)
+@CONTRACTED.function(torch.ops.aten.addmm.default, torch.addmm)
 def _addmm_inner(node: torch.fx.Node, x: TLabel) -> Optional[np.ndarray]:
     """``addmm(bias, mat1, mat2)`` sums over ``mat1``'s last dim (``x`` is the bias)."""
     mat1 = node.args[1] if len(node.args) > 1 else None

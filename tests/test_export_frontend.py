@@ -222,17 +222,19 @@ class _BareAddmm(torch.nn.Module):
         return torch.addmm(self.b2, torch.relu(torch.addmm(self.b1, x, wt)), self.w2.t())
 
 
+@pytest.mark.parametrize("frontend", ["export", "fx"])
 @pytest.mark.parametrize("how", ["t", "T", "mT", "transpose", "permute"])
-def test_addmm_over_any_spelling_of_a_transposed_weight_prunes_exactly(how):
-    """ATen's ``addmm`` rule reads the same transpose predicate as the weight rules (it
-    missed the lowered methods, so no group was found), and ``numpy_T`` / ``mT`` are
-    permutes instead of unknown ops."""
+def test_addmm_over_any_spelling_of_a_transposed_weight_prunes_exactly(how, frontend):
+    """The ``addmm`` rule (ATen's, and ``torch.addmm`` under symbolic tracing, which had
+    none) reads the same transpose predicate as the weight rules (it missed the lowered
+    methods, so no group was found), and ``numpy_T`` / ``mT`` are permutes instead of
+    unknown ops."""
     torch.manual_seed(0)
     model, x = _BareAddmm(how).eval(), torch.randn(3, 8)
-    groups = fxprune.groups(model, x, frontend="export")
+    groups = fxprune.groups(model, x, frontend=frontend)
     hidden = next(g for g in groups if g.id == "w1")
     assert hidden.prunable and hidden.size == 16, hidden.reason
-    res = fxprune.compile(model, "l2", example_inputs=x, flops=0.6, frontend="export",
+    res = fxprune.compile(model, "l2", example_inputs=x, flops=0.6, frontend=frontend,
                           progress=False)
     assert res.module.w1.shape == (9, 8) and res.module.w2.shape == (4, 9)
     assert res.report.max_rel_error < 1e-5
