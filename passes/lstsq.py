@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LayerGram", "REFIT_TYPES", "ROWS_PER_UNKNOWN", "augmented_gram", "augmented_weight",
-           "error", "gram_diagonal", "gram_panels", "set_augmented_weight", "solve",
+           "error", "gram_diagonal", "gram_panels", "row_count", "set_augmented_weight", "solve",
            "unpack_gram", "unsupported_reason"]
 
 #: Rows (output positions) per unknown sampled from each batch for a layer's Gram sums
@@ -93,6 +93,12 @@ def layer_rows(layer: nn.Module, x: Tensor, y: Tensor, pick: Optional[Tensor] = 
     cols = cols.reshape(n, groups, -1, cols.shape[-1]).permute(1, 0, 3, 2)
     out = y.reshape(n, groups, y.shape[1] // groups, -1).permute(1, 0, 3, 2)
     return cols.reshape(groups, -1, cols.shape[-1]), out.reshape(groups, -1, out.shape[-1])
+
+
+def row_count(layer: nn.Module, y: Tensor) -> int:
+    """Design rows of one call of ``layer`` with output ``y`` (:func:`layer_rows`): one
+    per token of a Linear, one per sample and output position of a conv."""
+    return y.numel() // y.shape[-1 if isinstance(layer, nn.Linear) else 1]
 
 
 def _picked_patches(x: Tensor, y: Tensor, pick: Tensor, kernel, stride, dilation,
@@ -232,9 +238,7 @@ class LayerGram:
         seeded uniform sample — neighbouring pixels of one image are nearly redundant
         rows, and the Gram product costs ``rows x d²``. ``cross=False`` skips ``C``
         (the obs criterion needs only ``H`` and ``Σ‖y‖²``)."""
-        total = y.numel() // y.shape[-1] if isinstance(layer, nn.Linear) else (
-            y.numel() // y.shape[1] if y.dim() > 1 else 1)
-        pick = None
+        total, pick = row_count(layer, y), None
         if max_rows is not None and total > max_rows:
             gen = torch.Generator().manual_seed(total)
             pick = torch.randperm(total, generator=gen)[:max_rows].to(x.device)

@@ -195,21 +195,20 @@ class _Greedy:
 
     def errors(self, n: int) -> Tensor:
         """``[n]``: each remaining unit's ``ΔE`` now; ``inf`` for removed units."""
-        out = None if self.plain else torch.full((n,), float("inf"), dtype=self.H.dtype,
-                                                 device=self.H.device)
+        if self.plain:  # unit i is compact column at[1][i]: no scatter (class docstring)
+            e = (self.G[1] / self.K[1]).index_select(0, self.at[1][:, 0])
+            return e.clamp_min(0).masked_fill(self.gone, float("inf"))
+        out = torch.full((n,), float("inf"), dtype=self.H.dtype, device=self.H.device)
         for s, ids in self.ids.items():
             if not len(ids):
                 continue
-            gone = self.gone if self.plain else self.gone[ids]
+            gone = self.gone[ids]
             if s == 1:
                 e = (self.G[s] / self.K[s]).index_select(0, self.at[s][:, 0])
             else:  # removed units' blocks are 0 until the next fold: solve with I there
                 eye = torch.eye(s, dtype=self.H.dtype, device=self.H.device)
                 e = _trace_solve(torch.where(gone[:, None, None], eye, self.K[s]), self.G[s])
-            e = e.clamp_min(0).masked_fill(gone, float("inf"))
-            if self.plain:
-                return e
-            out[ids] = e
+            out[ids] = e.clamp_min(0).masked_fill(gone, float("inf"))
         return out
 
     def remove(self, chosen: Tensor) -> None:

@@ -268,7 +268,7 @@ def _refit(rep: _Repairer, site: _Site, ns, nd) -> LayerRepair:
             g.add(layer, x_s[b], y, max_rows=lstsq.ROWS_PER_UNKNOWN * unknowns)
         return g
 
-    rows = sum(y_d[b].numel() // y_d[b].shape[out_dim] for b in rep.train)
+    rows = sum(lstsq.row_count(layer, y_d[b]) for b in rep.train)
     if rows < unknowns:  # decided from shapes, before any Gram product is paid for
         return _too_wide(rep, site, rows, unknowns, sum(x_s[b].shape[0] for b in rep.train))
     fit, val = gram(rep.train), gram(rep.held)
