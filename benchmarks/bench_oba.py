@@ -19,8 +19,10 @@ times, interleaved per repeat:
   ratio is per batch: obs time ÷ (N × one gradient pass). ``obs-gram`` times the Gram
   pass alone (same N batches), so obs − obs-gram is the per-layer solves, paid once
   per scoring call whatever N is. ``obs`` runs at the criterion's default precision
-  (``"auto"``: float32 inverses and greedy for these float32 models); ``obs-f64`` is
-  ``obs`` with option ``precision="float64"``.
+  (``"auto"``: float32 inverses and greedy for these float32 models) and Gram
+  (``gram="auto"``: convs with ≥ 1 024 inputs on channel ⊗ kernel factors); ``obs-f64``
+  is ``obs`` with option ``precision="float64"``, ``obs-exact`` with ``gram="exact"``
+  (every consumer on its exact Gram).
 
 Times are medians over ``--repeats`` after one warm-up; the ratio is the median of the
 per-repeat ratios. ``--clock process`` times by this process's CPU time instead of the
@@ -54,15 +56,17 @@ import torch
 import fxprune
 from fxprune.criteria import ScoringContext, get_criterion
 from fxprune.criteria.oba import oba_exact_scores, oba_scores
-from fxprune.criteria.obs import find_consumers
+from fxprune.criteria.obs import factored_layers, find_consumers
 from fxprune.criteria.obs_stats import accumulate_grams
 from fxprune.criteria.scoring import default_loss, make_scoring_copy
 from fxprune.criteria.sosp import sosp_h_terms
 from peak_memory import peak_growth_mib
 
-METHODS = ("grad", "oba", "oba-exact", "sosp-h", "obs", "obs-f64", "obs-gram")
+METHODS = ("grad", "oba", "oba-exact", "sosp-h", "obs", "obs-f64", "obs-exact", "obs-gram")
 #: Methods scored on all ``--batches`` batches (their ratio is per batch).
-PER_BATCH = ("obs", "obs-f64", "obs-gram")
+PER_BATCH = ("obs", "obs-f64", "obs-exact", "obs-gram")
+#: Options of the obs methods (``obs``: the criterion's defaults).
+OBS_OPTIONS = {"obs": {}, "obs-f64": {"precision": "float64"}, "obs-exact": {"gram": "exact"}}
 
 
 def build(name: str, batch: int, device: str, n_batches: int = 1):
@@ -98,12 +102,14 @@ def run_method(method: str, gm, batches, groups=(), chunk=None) -> None:
         oba_scores(gm, batches, batch_chunk=chunk)
     elif method == "sosp-h":
         sosp_h_terms(gm, groups, batches, batch_chunk=chunk)
-    elif method in ("obs", "obs-f64"):
-        options = {"precision": "float64"} if method == "obs-f64" else {}
-        ctx = ScoringContext(module=gm, groups=list(groups), batches=batches, options=options)
+    elif method in OBS_OPTIONS:
+        ctx = ScoringContext(module=gm, groups=list(groups), batches=batches,
+                             options=OBS_OPTIONS[method])
         get_criterion("obs").score(ctx)
     elif method == "obs-gram":
-        accumulate_grams(gm, find_consumers(gm, groups)[0], batches)
+        consumers = find_consumers(gm, groups)[0]
+        accumulate_grams(gm, consumers, batches,
+                         factored=set(factored_layers(consumers, "auto")))
     else:
         oba_exact_scores(gm, batches, batch_chunk=chunk)
 

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = ["LayerGram", "REFIT_TYPES", "ROWS_PER_UNKNOWN", "augmented_gram", "augmented_weight",
-           "error", "gram_diagonal", "gram_panels", "row_count", "set_augmented_weight", "solve",
-           "unpack_gram", "unsupported_reason"]
+           "error", "gram_diagonal", "gram_panels", "row_count", "sampled_rows",
+           "set_augmented_weight", "solve", "unpack_gram", "unsupported_reason"]
 
 #: Rows (output positions) per unknown sampled from each batch for a layer's Gram sums
 #: (the repair pass and the obs criterion alike): a 3x3 conv at 56x56 has ~50 rows per
@@ -99,6 +99,18 @@ def row_count(layer: nn.Module, y: Tensor) -> int:
     """Design rows of one call of ``layer`` with output ``y`` (:func:`layer_rows`): one
     per token of a Linear, one per sample and output position of a conv."""
     return y.numel() // y.shape[-1 if isinstance(layer, nn.Linear) else 1]
+
+
+def sampled_rows(layer: nn.Module, x: Tensor, y: Tensor, max_rows: Optional[int] = None
+                 ) -> Tuple[Tensor, Tensor]:
+    """:func:`layer_rows` of one call, at most ``max_rows`` of them: a uniform sample
+    seeded by the call's row count, so that every statistic of the same call (the exact
+    Gram, the factored one of :mod:`.kron_gram`) sees the same rows."""
+    total, pick = row_count(layer, y), None
+    if max_rows is not None and total > max_rows:
+        gen = torch.Generator().manual_seed(total)
+        pick = torch.randperm(total, generator=gen)[:max_rows].to(x.device)
+    return layer_rows(layer, x, y, pick)
 
 
 def _picked_patches(x: Tensor, y: Tensor, pick: Tensor, kernel, stride, dilation,
@@ -238,11 +250,7 @@ class LayerGram:
         seeded uniform sample — neighbouring pixels of one image are nearly redundant
         rows, and the Gram product costs ``rows x d²``. ``cross=False`` skips ``C``
         (the obs criterion needs only ``H`` and ``Σ‖y‖²``)."""
-        total, pick = row_count(layer, y), None
-        if max_rows is not None and total > max_rows:
-            gen = torch.Generator().manual_seed(total)
-            pick = torch.randperm(total, generator=gen)[:max_rows].to(x.device)
-        cols, out = layer_rows(layer, x, y, pick)
+        cols, out = sampled_rows(layer, x, y, max_rows)
         h = gram_panels(cols, self.dtype)
         self.panels = h if self.panels is None else [a.add_(b) for a, b in zip(self.panels, h)]
         if cross:
@@ -257,6 +265,11 @@ class LayerGram:
         panels = [a + b for a, b in zip(self.panels, other.panels)]
         return LayerGram(panels, cross, self.yy + other.yy, self.rows + other.rows,
                          self.dtype)
+
+    @property
+    def called(self) -> bool:
+        """Whether any batch was accumulated."""
+        return self.panels is not None
 
     @property
     def unknowns(self) -> int:

@@ -14,6 +14,7 @@ EPOCH = 60_000
 #: with the options :data:`SUFFIX_OPTIONS` names (``+fisher``: obs' loss-weighted scale;
 #: ``+raw``: ``normalize=None``, channels ranked by raw score across groups; ``+cost``:
 #: ``cost_aware=True``, ranked by score ÷ the FLOPs one channel of the group saves;
+#: ``+kron``: obs' ``gram="kron"``, every conv on its channel ⊗ kernel factored Gram;
 #: any other suffix is option ``perturb=``, e.g. ``+consumer``, issue 12's consumer-cut
 #: δθ of the second-order criteria), and a ``@N`` suffix for ``compile(steps=N)`` (the
 #: OBA paper's gradual procedure, e.g. ``obs@50``, ``oba+consumer@50``); the default
@@ -24,7 +25,7 @@ CRITERIA = ["obs+raw+cost", "obs", "obs+fisher", "oba", "oba+consumer", "oba-exa
 #: ``+suffix`` parts of method names that are not a ``perturb=`` value (several may
 #: follow each other: ``obs+fisher+raw``).
 SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}, "raw": {"normalize": None},
-                  "cost": {"cost_aware": True}}
+                  "cost": {"cost_aware": True}, "kron": {"gram": "kron"}}
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
 FULL_FT_STEPS = 200
 

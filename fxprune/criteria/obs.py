@@ -72,6 +72,16 @@ less accuracy than ``"energy"`` on ResNet-20 and the ViT at kept FLOPs 0.3 and 0
 to 7.6 points, every seed); with ``normalize=None`` they tie except on the ViT at 0.14,
 where ``"fisher"`` leads by 5.9 points. ``"energy"`` stays the default.
 
+Option ``gram`` (issue 12, scoring cost): a conv's exact Gram is ``d x d`` for
+``d = channels x kernel`` inputs, and its inverse and greedy are ``d³`` work — on resnet50
+the three 4 608-wide layer4 convs took 22 of ~50 s. ``gram="kron"`` scores a conv on the
+Kronecker product of the Gram's channel and kernel partial traces
+(:mod:`fxprune.passes.kron_gram`): the same greedy, on a ``c x c`` problem. The default
+``"auto"`` does so from :data:`KRON_MIN_UNKNOWNS` inputs on and keeps the exact Gram
+below (every layer of the quality benchmark's ResNet-20). Measured with every 3x3 conv of
+ResNet-20 factored (``benchmarks/quality/RESULTS.md``): the same accuracy as the exact
+Gram within the seed spread.
+
 What is not measured, and why:
 
 * Grouped and depthwise convs (``groups > 1``) as consumers: they are pruned in whole
@@ -91,7 +101,7 @@ What is not measured, and why:
 
 Contract: :func:`_score` reads ``ctx.module`` (the scoring copy; hooks are removed
 before returning), ``ctx.groups``, ``ctx.batches``, ``ctx.loss_fn`` (scale ``"fisher"``)
-and ``ctx.options`` (``damp``, ``per_step``, ``scale``, ``precision``); it writes
+and ``ctx.options`` (``damp``, ``per_step``, ``scale``, ``precision``, ``gram``); it writes
 ``ctx.state["obs"]`` (for scale ``"fisher"`` with ``"fisher": {layer name: F_o}``) and returns
 ``{consumer weight name: float64 tensor}`` holding each unit's score spread evenly over
 its input columns (all other parameters are absent, i.e. score 0). :func:`_aggregate`
@@ -107,17 +117,18 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import CriterionError
+from ..passes.kron_gram import KronGram, kron_problem, kron_supported
 from ..passes.lstsq import REFIT_TYPES, LayerGram, augmented_weight, gram_diagonal, unpack_gram
 from ..passes.obs_solve import (consumer_columns, damped_inverse, damping, greedy_removal,
                                 inverse_if_positive_definite)
 from . import Criterion, ScoringContext, register_criterion
 from .aggregate import signed_channel_sums, weight_norms
-from .obs_stats import accumulate_grams, fisher_weights
+from .obs_stats import Gram, accumulate_grams, fisher_weights
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_DAMP", "MAX_UNKNOWNS", "PRECISIONS", "SCALES", "find_consumers",
-           "obs_layer_scores", "warn_unless_repaired"]
+__all__ = ["DEFAULT_DAMP", "GRAMS", "KRON_MIN_UNKNOWNS", "MAX_UNKNOWNS", "PRECISIONS", "SCALES",
+           "factored_layers", "find_consumers", "obs_layer_scores", "warn_unless_repaired"]
 
 DEFAULT_DAMP = 1e-2
 #: Largest input patch (+ bias) measured: ``H`` is ``d²`` float64 (2 GiB at 16384).
@@ -132,6 +143,19 @@ PRECISIONS = {"auto": "the layer weight's precision: float64 for float64 models,
               "float64": "float64 inverse and greedy (the oracle-tested path)",
               "float32": "float32 inverse and greedy (about 2x faster; the Gram and the "
                          "damping stay float64; ranking close, not identical)"}
+#: Values of option ``gram``: which input statistics a conv consumer is scored on.
+GRAMS = {"auto": "the exact Gram, factored (\"kron\") for convs with at least "
+                 "KRON_MIN_UNKNOWNS inputs (default)",
+         "exact": "every consumer's exact input Gram (d x d for d inputs)",
+         "kron": "every conv with a kernel larger than 1x1 on its channel x kernel factored "
+                 "Gram (fxprune.passes.kron_gram; a c x c problem)"}
+#: ``gram="auto"`` factors a conv's Gram from this many inputs (channels x kernel) on.
+#: An exact layer costs about ``d³`` twice over: its Gram (up to ``ROWS_PER_UNKNOWN · d``
+#: rows of ``d²`` per batch) and its inverse and greedy. On resnet50 (4 batches of 8)
+#: the 3x3 convs of layer2 (1 152 inputs) took ≈ 3 s exact, layer3 (2 304) ≈ 11 s and
+#: layer4 (4 608) ≈ 30 s of ≈ 52 s (``benchmarks/RESULTS.md``); below 1 024 (every conv
+#: of the quality benchmark's ResNet-20, at most 576) the exact Gram costs little.
+KRON_MIN_UNKNOWNS = 1024
 #: The repair mode whose compensation the obs error increases assume.
 REPAIR_ASSUMED = "full"
 
@@ -200,26 +224,39 @@ def find_consumers(module: nn.Module, groups) -> Tuple[Dict[str, _Consumer], Dic
     return consumers, skipped
 
 
-def obs_layer_scores(layer: nn.Module, gram: LayerGram, cols: List[Tensor],
+def factored_layers(consumers: Dict[str, "_Consumer"], gram: str) -> List[str]:
+    """The consumers option ``gram`` (:data:`GRAMS`) scores on factored statistics."""
+    least = {"exact": None, "kron": 0, "auto": KRON_MIN_UNKNOWNS}[gram]
+    return [name for name, c in consumers.items() if least is not None
+            and kron_supported(c.layer) and c.layer.weight[0].numel() >= least]
+
+
+def obs_layer_scores(layer: nn.Module, gram: Gram, units: List[Tensor],
                      damp: float = DEFAULT_DAMP, per_step: int = 1,
                      weights: Optional[Tensor] = None, scale: Optional[float] = None,
                      precision: str = "auto") -> Tensor:
-    """``[len(cols)]`` float64: each unit's greedy ``ΔE`` ÷ ``scale`` (default: the dense
+    """``[len(units)]`` float64: each unit's greedy ``ΔE`` ÷ ``scale`` (default: the dense
     output energy), running maximum along the greedy order (module docstring, step 2).
+    ``units``: each unit's columns of the design rows (a :class:`LayerGram`) or its
+    input channels (a :class:`KronGram`: the factored problem of
+    :func:`~fxprune.passes.kron_gram.kron_problem`, solved in float64).
     ``weights`` ``[o]`` (e.g. :func:`fisher_weights`): ``ΔE = Σ_o weights_o ΔE_o``, by the
     greedy on ``diag(√weights) W``. ``precision``: the dtype of the inverse and the
     greedy (:data:`PRECISIONS`; ``"auto"``: float64 for a float64 layer, else float32);
     the scores are float64 either way."""
-    W = augmented_weight(layer)[0].to(gram.panels[0].device)
-    if weights is not None:
-        W = W * weights.to(W).clamp_min(0).sqrt().reshape(-1, 1)
-    if layer.bias is None:  # no constant column to compensate with, as in the re-fit
-        W = W[:, :-1]
-    order, increases = greedy_removal(_layer_inverse(gram, layer.bias is not None, damp,
-                                                     solve_dtype(layer, precision)),
-                                      W, cols, per_step, overwrite=True)
+    if isinstance(gram, KronGram):
+        inverse, W = kron_problem(layer, gram, damp, weights)
+    else:
+        W = augmented_weight(layer)[0].to(gram.panels[0].device)
+        if weights is not None:
+            W = W * weights.to(W).clamp_min(0).sqrt().reshape(-1, 1)
+        if layer.bias is None:  # no constant column to compensate with, as in the re-fit
+            W = W[:, :-1]
+        inverse = _layer_inverse(gram, layer.bias is not None, damp,
+                                 solve_dtype(layer, precision))
+    order, increases = greedy_removal(inverse, W, units, per_step, overwrite=True)
     scale = max(gram.yy if scale is None else scale, 1e-30)
-    out = torch.zeros(len(cols), dtype=torch.float64)
+    out = torch.zeros(len(units), dtype=torch.float64)
     running = 0.0
     for u, inc in zip(order, increases):
         running = max(running, inc)
@@ -257,8 +294,8 @@ def _layer_inverse(gram: LayerGram, has_bias: bool, damp: float, dtype: torch.dt
     return damped_inverse(unpack_gram(panels, size=size)[0], damp, dtype, overwrite=True)
 
 
-def _options(ctx: ScoringContext) -> Tuple[float, int, str, str]:
-    """``(damp, per_step, scale, precision)`` from ``ctx.options``, validated."""
+def _options(ctx: ScoringContext) -> Tuple[float, int, str, str, str]:
+    """``(damp, per_step, scale, precision, gram)`` from ``ctx.options``, validated."""
     damp = float(ctx.options.get("damp", DEFAULT_DAMP))
     if not damp >= 0:
         raise CriterionError(f"obs: damp={damp!r}; use a damping factor >= 0 (default "
@@ -275,31 +312,39 @@ def _options(ctx: ScoringContext) -> Tuple[float, int, str, str]:
     if precision not in PRECISIONS:
         choices = "; ".join(f"{k!r}: {v}" for k, v in PRECISIONS.items())
         raise CriterionError(f"obs: precision={precision!r}; choose one of {choices}")
+    gram = ctx.options.get("gram", "auto")
+    if gram not in GRAMS:
+        choices = "; ".join(f"{k!r}: {v}" for k, v in GRAMS.items())
+        raise CriterionError(f"obs: gram={gram!r}; choose one of {choices}")
     if not ctx.batches:
         raise CriterionError("obs needs calibration data (at least one batch)")
-    return damp, per_step, scale, precision
+    return damp, per_step, scale, precision, gram
 
 
 def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
     """Per consumer weight: unit scores spread over the unit's input columns."""
-    damp, per_step, scale, precision = _options(ctx)
+    damp, per_step, scale, precision, gram_kind = _options(ctx)
     fisher = scale == "fisher"
     consumers, skipped = find_consumers(ctx.module, ctx.groups)
     dtypes = {name: solve_dtype(c.layer, precision) for name, c in consumers.items()}
+    factored = set(factored_layers(consumers, gram_kind))
     grams, fishers, samples = accumulate_grams(ctx.module, consumers, ctx.batches,
-                                               ctx.progress, ctx.loss_fn, fisher, dtypes)
+                                               ctx.progress, ctx.loss_fn, fisher, dtypes,
+                                               factored)
     scored, out, weights_of = set(), {}, {}
     for name, cons in consumers.items():
         gram = grams.pop(name)  # freed after its layer: the peak falls as layers finish
-        if gram.panels is None:
+        if not gram.called:
             skipped[f"{name}.weight"] = "never called on the calibration data"
             continue
         weights, div = None, None
         if fisher:  # Σ_o F_o ΔE_o x R / (N R_H): per sample (module docstring)
             weights = weights_of[name] = fisher_weights(fishers[name])
             div = samples * gram.rows / max(fishers[name].rows, 1)
-        values = obs_layer_scores(cons.layer, gram, [u.cols for u in cons.units], damp,
-                                  per_step, weights, div, precision)
+        units = [torch.as_tensor(u.indices) if name in factored else u.cols
+                 for u in cons.units]
+        values = obs_layer_scores(cons.layer, gram, units, damp, per_step, weights, div,
+                                  precision)
         weight = cons.layer.weight
         t = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
         for u, v in zip(cons.units, values.tolist()):
@@ -345,4 +390,4 @@ register_criterion(Criterion(
     description="structured Optimal Brain Surgeon: output error each consumer layer keeps "
                 "after removing the channel with the least-squares update (repair='full')",
     score=_score, needs_data=True, aggregate=_aggregate,
-    options=("damp", "per_step", "scale", "precision")))
+    options=("damp", "per_step", "scale", "precision", "gram")))

@@ -4,7 +4,8 @@ Contract: :func:`accumulate_grams` reads a module and its consumer layers (``{la
 name: object with .layer}``, from :func:`.obs.find_consumers`) and the calibration
 batches; it returns each consumer's :class:`~fxprune.passes.lstsq.LayerGram` (input Gram
 and dense output energy, at most :data:`fxprune.passes.lstsq.ROWS_PER_UNKNOWN` sampled
-rows per unknown and batch, as the repair pass) and, for ``scale="fisher"``, its
+rows per unknown and batch, as the repair pass; for ``gram="kron"`` layers the factors of
+the same rows, :class:`~fxprune.passes.kron_gram.KronGram`) and, for ``scale="fisher"``, its
 :class:`OutputFisher` (the diagonal empirical Fisher of the layer's output, from one
 backward per batch in the same pass), summed over batches and data-parallel ranks.
 Invariant: one forward per batch; hooks are removed before returning; no parameter
@@ -13,16 +14,20 @@ Invariant: one forward per batch; hooks are removed before returning; no paramet
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import Collection, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor, nn
 
 from ..passes import lstsq
+from ..passes.kron_gram import KronGram
 from ..passes.lstsq import LayerGram
 from .scoring import all_reduce_sums, batch_loss, cast_batch, check_finite, progress_iter
 
-__all__ = ["OutputFisher", "accumulate_grams", "fisher_weights"]
+__all__ = ["Gram", "OutputFisher", "accumulate_grams", "fisher_weights"]
+
+#: A consumer's statistics: the exact input Gram, or its channel ⊗ kernel factors.
+Gram = Union[LayerGram, KronGram]
 
 
 @dataclass
@@ -50,26 +55,31 @@ def _samples(inputs) -> int:
 
 def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
                      progress: bool = False, loss_fn=None, fisher: bool = False,
-                     dtypes: Optional[Dict[str, torch.dtype]] = None
-                     ) -> Tuple[Dict[str, LayerGram], Dict[str, OutputFisher], int]:
+                     dtypes: Optional[Dict[str, torch.dtype]] = None,
+                     factored: Collection[str] = ()
+                     ) -> Tuple[Dict[str, Gram], Dict[str, OutputFisher], int]:
     """One forward per batch (no grad unless ``fisher``); every consumer's
-    :class:`LayerGram` (input Gram, dense output energy) and, with ``fisher``, its
-    :class:`OutputFisher` from one backward of the batch loss (``loss_fn``) to the
-    consumers' outputs in the same pass; summed over batches and data-parallel ranks.
-    ``dtypes``: the dtype each consumer's ``H`` is summed in (default float64).
-    Returns ``(grams, fishers, samples)``. Hooks are removed before returning;
-    ``module`` is otherwise untouched (no parameter ``.grad`` is written)."""
+    :class:`LayerGram` (input Gram, dense output energy), or for the layers named in
+    ``factored`` its :class:`~fxprune.passes.kron_gram.KronGram` (the channel ⊗ kernel
+    factors of the same rows), and, with ``fisher``, its :class:`OutputFisher` from one
+    backward of the batch loss (``loss_fn``) to the consumers' outputs in the same pass;
+    summed over batches and data-parallel ranks. ``dtypes``: the dtype each consumer's
+    ``H`` is summed in (default float64). Returns ``(grams, fishers, samples)``. Hooks
+    are removed before returning; ``module`` is otherwise untouched (no parameter
+    ``.grad`` is written)."""
     dtypes = dtypes or {}
-    grams = {name: LayerGram(dtype=dtypes.get(name, torch.float64)) for name in consumers}
+    grams: Dict[str, Gram] = {
+        name: KronGram() if name in factored else LayerGram(dtype=dtypes.get(name, torch.float64))
+        for name in consumers}
     fishers = {name: OutputFisher() for name in consumers}
     outputs: List[Tuple[str, Tensor]] = []
 
     def hook_for(name: str):
         rows = lstsq.ROWS_PER_UNKNOWN * (consumers[name].layer.weight[0].numel() + 1)
+        extra = {} if name in factored else {"cross": False}  # obs needs no C
 
         def hook(mod, inputs, output):
-            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows,
-                            cross=False)
+            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows, **extra)
             if fisher and output.requires_grad:
                 outputs.append((name, output))
         return hook
@@ -105,31 +115,44 @@ def _output_fisher(consumers, fishers, outputs, loss: Tensor, n: int) -> None:
     outputs.clear()
 
 
+def _gram_sums(g: Gram) -> List[Tensor]:
+    """The tensors a Gram's sums live in (what the ranks all-reduce)."""
+    return [g.A, g.B, g.s] if isinstance(g, KronGram) else list(g.panels)
+
+
+def _set_gram_sums(g: Gram, sums: List[Tensor]) -> None:
+    if isinstance(g, KronGram):
+        g.A, g.B, g.s = sums
+    else:
+        g.panels = sums
+
+
 def _reduce(grams, fishers, samples: int, fisher: bool, outputs: Dict[str, int]):
     """All-reduce the per-rank sums (design §8); returns ``(grams, fishers, samples)``.
     ``outputs``: each layer's output units (the size of ``F`` where no gradient came)."""
     sums = {}
     for name, g in grams.items():
-        if g.panels is not None:
-            dev = g.panels[0].device
-            sums.update({f"{name}:H{k}": p for k, p in enumerate(g.panels)})
-            sums[f"{name}:yy"] = torch.tensor([g.yy], dtype=torch.float64, device=dev)
+        if g.called:
+            parts = _gram_sums(g)
+            dev = parts[0].device
+            sums.update({f"{name}:H{k}": p for k, p in enumerate(parts)})
+            sums[f"{name}:yy"] = torch.tensor([g.yy, g.rows], dtype=torch.float64,
+                                              device=dev)
             if fisher:
                 f = fishers[name]  # no gradient reached it: F = 0
                 sums[f"{name}:F"] = (f.sq.to(dev) if f.sq is not None else
                                      torch.zeros(outputs[name], dtype=torch.float64,
                                                  device=dev))
-                sums[f"{name}:rows"] = torch.tensor([f.rows, g.rows], dtype=torch.float64,
+                sums[f"{name}:rows"] = torch.tensor([f.rows], dtype=torch.float64,
                                                     device=dev)
     sums, samples = all_reduce_sums(sums, samples)
     for name, g in grams.items():
-        if g.panels is not None:
-            g.panels = [sums[f"{name}:H{k}"] for k in range(len(g.panels))]
-            g.yy = float(sums[f"{name}:yy"])
+        if g.called:
+            _set_gram_sums(g, [sums[f"{name}:H{k}"] for k in range(len(_gram_sums(g)))])
+            g.yy, g.rows = float(sums[f"{name}:yy"][0]), int(sums[f"{name}:yy"][1])
             if fisher:
-                rows = sums[f"{name}:rows"]
-                fishers[name].sq, fishers[name].rows = sums[f"{name}:F"], int(rows[0])
-                g.rows = int(rows[1])
+                fishers[name].sq = sums[f"{name}:F"]
+                fishers[name].rows = int(sums[f"{name}:rows"][0])
     return grams, fishers, samples
 
 
