@@ -108,11 +108,7 @@ def kron_problem(layer: nn.Module, gram: KronGram, damp: float,
     (obs' Fisher scale)."""
     A, B, t = gram.factors(centred=layer.bias is not None)
     eps = math.sqrt(1.0 + damp) - 1.0 if damp > 0 else 0.0
-    c, k = A.shape[0], B.shape[0]
-    A = A + eps * float(A.diagonal().mean().clamp_min(1e-30)) * torch.eye(c, dtype=A.dtype,
-                                                                         device=A.device)
-    B = B + eps * float(B.diagonal().mean().clamp_min(1e-30)) * torch.eye(k, dtype=B.dtype,
-                                                                         device=B.device)
+    A, B, c, k = _damped(A, eps), _damped(B, eps), A.shape[0], B.shape[0]
     vals, vecs = torch.linalg.eigh(B / max(t, 1e-30))
     root = (vecs * vals.clamp_min(0).sqrt()) @ vecs.T                    # (B/t)^{1/2}
     W = augmented_weight(layer)[0][:, :-1].to(A.device)
@@ -123,3 +119,10 @@ def kron_problem(layer: nn.Module, gram: KronGram, damp: float,
     inverse = (torch.cholesky_inverse(factor) if int(info) == 0   # damp = 0 and singular:
                else torch.linalg.pinv(A, hermitian=True))         # the exact path's fallback
     return inverse, W_hat
+
+
+def _damped(M: Tensor, eps: float) -> Tensor:
+    """``M + eps · mean(diag M) · I`` (a new tensor)."""
+    out = M.clone()
+    out.diagonal().add_(eps * float(M.diagonal().mean().clamp_min(1e-30)))
+    return out

@@ -121,7 +121,11 @@ def test_resized_weight_is_reanalysed(traces):
 def test_reassigned_parameter_dtype_and_flags_are_reanalysed(traces):
     model, x = _model("tiny_mlp")
     fxprune.groups(model, x)
-    model.fc2.weight = nn.Parameter(model.fc2.weight.detach().clone())  # new object
+    # a new object: the old one is kept alive, so that the new one cannot reuse its id()
+    # (a reused id with the same shape, dtype and flags is a correct cache hit, since the
+    # analysis reads no values, but then this count would not see the re-analysis)
+    old_weight = model.fc2.weight
+    model.fc2.weight = nn.Parameter(old_weight.detach().clone())
     fxprune.groups(model, x)
     model.train()
     fxprune.groups(model, x)

@@ -20,7 +20,7 @@ from fxprune.passes import lstsq
 from fxprune.passes.kron_gram import KronGram, kron_problem, kron_supported
 from fxprune.passes.obs_solve import consumer_columns, greedy_removal
 
-torch.set_default_dtype(torch.float64)
+F64 = torch.float64
 
 
 def _conv(c=5, o=4, k=3, bias=False, seed=0, cls=nn.Conv2d):
@@ -45,7 +45,7 @@ def _exact_factors(conv, x, centred):
 @pytest.mark.parametrize("cls", [nn.Conv1d, nn.Conv2d])
 def test_factors_are_partial_traces_of_the_exact_gram(bias, cls):
     conv = _conv(bias=bias, cls=cls)
-    x = torch.randn(3, 5, 7) if cls is nn.Conv1d else torch.randn(3, 5, 6, 7)
+    x = torch.randn((3, 5, 7) if cls is nn.Conv1d else (3, 5, 6, 7), dtype=F64)
     g = KronGram()
     with torch.no_grad():
         g.add(conv, x[:2], conv(x[:2]))
@@ -61,20 +61,20 @@ def test_factors_are_partial_traces_of_the_exact_gram(bias, cls):
 def _damped_kron(g, damp):
     A, B, t = g.factors(centred=False)
     eps = math.sqrt(1 + damp) - 1
-    A = A + eps * A.diagonal().mean() * torch.eye(len(A))
-    B = B + eps * B.diagonal().mean() * torch.eye(len(B))
+    A = A + eps * A.diagonal().mean() * torch.eye(len(A), dtype=F64)
+    B = B + eps * B.diagonal().mean() * torch.eye(len(B), dtype=F64)
     return torch.kron(A, B) / t
 
 
 def _problem(bias, damp, seed=0):
     conv = _conv(c=6, o=3, bias=bias, seed=seed)
-    x = torch.randn(4, 6, 5, 5) + 0.5   # a non-zero mean, so that centring matters
+    x = torch.randn(4, 6, 5, 5, dtype=F64) + 0.5   # a non-zero mean, so that centring matters
     g = KronGram()
     g.add(conv, x, conv(x))
     A, B, t = g.factors(centred=bias)
     eps = math.sqrt(1 + damp) - 1
-    A = A + eps * A.diagonal().mean() * torch.eye(len(A))
-    B = B + eps * B.diagonal().mean() * torch.eye(len(B))
+    A = A + eps * A.diagonal().mean() * torch.eye(len(A), dtype=F64)
+    B = B + eps * B.diagonal().mean() * torch.eye(len(B), dtype=F64)
     return conv, g, torch.kron(A, B) / t, conv.weight.detach().reshape(3, -1)
 
 
@@ -87,7 +87,8 @@ def test_scalar_greedy_equals_structured_greedy_on_the_kronecker_gram(bias, damp
     units = [consumer_columns(conv, [i]) for i in range(6)]
     order_ref, inc_ref = greedy_removal(torch.linalg.inv(Hk), W, units)
     assert order == order_ref
-    torch.testing.assert_close(torch.tensor(inc), torch.tensor(inc_ref), rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(inc, dtype=F64), torch.tensor(inc_ref, dtype=F64),
+                               rtol=1e-8, atol=1e-12)
 
 
 def test_first_step_errors_equal_brute_force_least_squares():
@@ -95,8 +96,9 @@ def test_first_step_errors_equal_brute_force_least_squares():
     ``tr((W' − W) Hk (W' − W)ᵀ)`` under the factored model, solved directly."""
     conv, g, Hk, W = _problem(False, 1e-2)
     inverse, W_hat = kron_problem(conv, g, 1e-2)
-    _, first = greedy_removal(inverse, W_hat, [torch.tensor([i]) for i in range(6)], per_step=6)
-    order, _ = greedy_removal(inverse, W_hat, [torch.tensor([i]) for i in range(6)], per_step=6)
+    # one step removing all six: each unit's ΔE is its error alone, given nothing removed
+    order, first = greedy_removal(inverse, W_hat, [torch.tensor([i]) for i in range(6)],
+                                  per_step=6)
     for i, err in zip(order, first):
         cut = consumer_columns(conv, [i])
         keep = torch.tensor([j for j in range(Hk.shape[0]) if j not in set(cut.tolist())])
@@ -113,7 +115,7 @@ def test_layer_scores_are_the_running_maximum_over_the_output_energy():
     got = obs_mod.obs_layer_scores(conv, g, [torch.tensor([i]) for i in range(6)], damp=1e-2)
     order, inc = greedy_removal(torch.linalg.inv(Hk), W,
                                 [consumer_columns(conv, [i]) for i in range(6)])
-    ref, running = torch.zeros(6), 0.0
+    ref, running = torch.zeros(6, dtype=F64), 0.0
     for u, v in zip(order, inc):
         running = max(running, v)
         ref[u] = running / g.yy

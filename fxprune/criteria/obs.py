@@ -152,9 +152,10 @@ GRAMS = {"auto": "the exact Gram, factored (\"kron\") for convs with at least "
 #: ``gram="auto"`` factors a conv's Gram from this many inputs (channels x kernel) on.
 #: An exact layer costs about ``d³`` twice over: its Gram (up to ``ROWS_PER_UNKNOWN · d``
 #: rows of ``d²`` per batch) and its inverse and greedy. On resnet50 (4 batches of 8)
-#: the 3x3 convs of layer2 (1 152 inputs) took ≈ 3 s exact, layer3 (2 304) ≈ 11 s and
-#: layer4 (4 608) ≈ 30 s of ≈ 52 s (``benchmarks/RESULTS.md``); below 1 024 (every conv
-#: of the quality benchmark's ResNet-20, at most 576) the exact Gram costs little.
+#: the exact Grams of its 3x3 convs in layer2-4 (1 152 - 4 608 inputs) made obs cost
+#: 3.8 gradient passes per batch, factored 1.6 (layer4's solves alone ≈ 22 s exact,
+#: 1 s factored; ``benchmarks/RESULTS.md``). Below 1 024 (every conv of the quality
+#: benchmark's ResNet-20, at most 576) the exact Gram costs little and is kept.
 KRON_MIN_UNKNOWNS = 1024
 #: The repair mode whose compensation the obs error increases assume.
 REPAIR_ASSUMED = "full"
