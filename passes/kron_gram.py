@@ -26,8 +26,8 @@ model with a free constant column are those of the centred Gram ``H − s sᵀ /
 has the trace of the exact path's ``λI`` (``λ = damp · mean diag H``).
 
 Measured on the quality benchmark (ResNet-20, every 3x3 conv factored; ``benchmarks/
-quality/RESULTS.md``): post-training accuracy equal to the exact Gram's within the seed
-spread at kept FLOPs 0.3 and 0.14.
+quality/RESULTS.md``): accuracy equal to the exact Gram's within about one seed spread
+at kept FLOPs 0.3 and 0.14, post-training and after fine-tuning (2 seeds).
 
 Contract: :class:`KronGram` keeps only the factors' sums (``c² + k² + d`` numbers,
 float64) of the same sampled rows the exact Gram would use; nothing here touches a module.
