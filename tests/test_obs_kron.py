@@ -165,3 +165,16 @@ def test_auto_factors_only_wide_convs():
     assert obs_mod.factored_layers(consumers, "auto") == []   # 72 inputs: exact
     wide = nn.Conv2d(obs_mod.KRON_MIN_UNKNOWNS // 9 + 1, 4, 3)
     assert obs_mod.factored_layers({"w": obs_mod._Consumer("w", wide)}, "auto") == ["w"]
+
+
+def test_a_conv_too_wide_for_the_exact_gram_is_measured_factored():
+    """1 821 channels x 9 = 16 389 inputs: more than MAX_UNKNOWNS exact (skipped, with the
+    reason), 1 821 factored (measured)."""
+    wide = obs_mod.MAX_UNKNOWNS // 9 + 1
+    net = nn.Sequential(nn.Conv2d(2, wide, 1), nn.ReLU(), nn.Conv2d(wide, 2, 3)).eval()
+    groups = fxprune.groups(net, torch.randn(1, 2, 5, 5))
+    exact, skipped = obs_mod.find_consumers(net, groups, "exact")
+    assert "2" not in exact and "more than" in skipped["2.weight"]
+    factored, skipped = obs_mod.find_consumers(net, groups, "auto")
+    assert "2" in factored and "2.weight" not in skipped
+    assert obs_mod.factored_layers(factored, "auto") == ["2"]

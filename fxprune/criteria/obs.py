@@ -90,7 +90,8 @@ What is not measured, and why:
   the grouped conv's outputs (same group), which is where its removal shows.
 * Consumers that are not the weight of a Linear / Conv1d / Conv2d module (a functional
   ``F.linear`` on a fetched attribute, an embedding matmul), and layers with more than
-  ``MAX_UNKNOWNS`` inputs (``H`` alone would exceed 2 GiB).
+  ``MAX_UNKNOWNS`` inputs (``H`` alone would exceed 2 GiB; a factored conv counts its
+  input channels only, since its problem is channels x channels).
 * A group none of whose consumers can be measured falls back to its channels' weight
   norms (the ``"l2"`` score) rescaled to the mean obs score of the measured channels,
   with a warning naming it. Every prunable group has a consumer (a channel that only
@@ -186,8 +187,10 @@ def warn_unless_repaired(repair_mode: Optional[str]) -> None:
                     "apply it: the slim model keeps its uncompensated weights", repair_mode)
 
 
-def _unsupported(target: str, dim: int, mods: Dict[str, nn.Module]) -> Optional[str]:
-    """Why the consumer member ``(target, dim)`` cannot be measured, or None."""
+def _unsupported(target: str, dim: int, mods: Dict[str, nn.Module],
+                 gram: str = "auto") -> Optional[str]:
+    """Why the consumer member ``(target, dim)`` cannot be measured with option ``gram``,
+    or None."""
     name, _, leaf = target.rpartition(".")
     layer = mods.get(name)
     if leaf != "weight" or not isinstance(layer, REFIT_TYPES):
@@ -196,13 +199,17 @@ def _unsupported(target: str, dim: int, mods: Dict[str, nn.Module]) -> Optional[
         return f"sliced along dim {dim}, not the input dim 1"
     if getattr(layer, "groups", 1) != 1:
         return "a grouped conv (pruned in whole conv groups, outputs included)"
-    if layer.weight[0].numel() + 1 > MAX_UNKNOWNS:
-        return f"{layer.weight[0].numel()} inputs (more than {MAX_UNKNOWNS - 1})"
+    # a factored conv's problem is channels x channels: its kernel does not count
+    unknowns = layer.weight.shape[1] if _factored(layer, gram) else layer.weight[0].numel()
+    if unknowns + 1 > MAX_UNKNOWNS:
+        return f"{unknowns} inputs (more than {MAX_UNKNOWNS - 1})"
     return None
 
 
-def find_consumers(module: nn.Module, groups) -> Tuple[Dict[str, _Consumer], Dict[str, str]]:
-    """``({layer name: consumer with its prunable units}, {skipped target: reason})``."""
+def find_consumers(module: nn.Module, groups, gram: str = "auto"
+                   ) -> Tuple[Dict[str, _Consumer], Dict[str, str]]:
+    """``({layer name: consumer with its prunable units}, {skipped target: reason})`` for
+    option ``gram`` (:data:`GRAMS`: which layers are too wide depends on it)."""
     mods = dict(module.named_modules())
     consumers: Dict[str, _Consumer] = {}
     skipped: Dict[str, str] = {}
@@ -212,7 +219,7 @@ def find_consumers(module: nn.Module, groups) -> Tuple[Dict[str, _Consumer], Dic
         for m in g.members:
             if m.role != "consumer":
                 continue
-            reason = _unsupported(m.target, m.dim, mods)
+            reason = _unsupported(m.target, m.dim, mods, gram)
             if reason is not None:
                 skipped[m.target] = reason
                 continue
@@ -227,9 +234,13 @@ def find_consumers(module: nn.Module, groups) -> Tuple[Dict[str, _Consumer], Dic
 
 def factored_layers(consumers: Dict[str, "_Consumer"], gram: str) -> List[str]:
     """The consumers option ``gram`` (:data:`GRAMS`) scores on factored statistics."""
+    return [name for name, c in consumers.items() if _factored(c.layer, gram)]
+
+
+def _factored(layer: nn.Module, gram: str) -> bool:
+    """Whether option ``gram`` scores ``layer`` on its factored Gram."""
     least = {"exact": None, "kron": 0, "auto": KRON_MIN_UNKNOWNS}[gram]
-    return [name for name, c in consumers.items() if least is not None
-            and kron_supported(c.layer) and c.layer.weight[0].numel() >= least]
+    return least is not None and kron_supported(layer) and layer.weight[0].numel() >= least
 
 
 def obs_layer_scores(layer: nn.Module, gram: Gram, units: List[Tensor],
@@ -326,7 +337,7 @@ def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
     """Per consumer weight: unit scores spread over the unit's input columns."""
     damp, per_step, scale, precision, gram_kind = _options(ctx)
     fisher = scale == "fisher"
-    consumers, skipped = find_consumers(ctx.module, ctx.groups)
+    consumers, skipped = find_consumers(ctx.module, ctx.groups, gram_kind)
     dtypes = {name: solve_dtype(c.layer, precision) for name, c in consumers.items()}
     factored = set(factored_layers(consumers, gram_kind))
     grams, fishers, samples = accumulate_grams(ctx.module, consumers, ctx.batches,
