@@ -63,6 +63,28 @@ def _floats(text: str) -> List[float]:
     return values
 
 
+def criterion_option(text: str) -> Tuple[str, Union[bool, int, float, str]]:
+    """``--option KEY=VALUE``: one criterion option as ``(key, value)``. The value is
+    ``true``/``false`` as a bool, an integer or a float where it reads as one (``1e-2``),
+    else the text itself (``gram=kron``)."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip().replace("-", "_"), raw.strip()
+    if not sep or not key.isidentifier() or not raw:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected KEY=VALUE, e.g. damp=0.05 or perturb=consumer")
+    if raw.lower() in ("true", "false"):
+        return key, raw.lower() == "true"
+    for number in (int, float):
+        try:
+            value = number(raw)
+        except ValueError:
+            continue
+        if value != value or value in (float("inf"), float("-inf")):
+            raise argparse.ArgumentTypeError(f"{text!r}: option values must be finite")
+        return key, value
+    return key, raw
+
+
 def input_size(text: str) -> Tuple[int, ...]:
     """``--input-size 3,224,224``: one example's shape without the batch dimension."""
     try:

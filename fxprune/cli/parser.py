@@ -22,7 +22,8 @@ import sys
 import warnings
 from typing import List, Optional
 
-from .common import input_size, positive_int, ratio_list, sparsity_ratio, one_line
+from .common import (criterion_option, input_size, positive_int, ratio_list, sparsity_ratio,
+                     one_line)
 
 EXIT_USAGE = 2
 EXIT_INTERNAL = 1
@@ -165,6 +166,12 @@ def _prune_parser(sub, common) -> None:
                    help="skip timing the dense and slim model for the report")
     p.add_argument("--no-latency", nargs=0, action=_Renamed, help=argparse.SUPPRESS,
                    default=argparse.SUPPRESS, metavar="--no-measure-latency")
+    p.add_argument("--option", action="append", type=criterion_option, default=[],
+                   metavar="KEY=VALUE", dest="options",
+                   help="an option of the criterion, as compile's keyword (repeat): e.g. "
+                        "--option gram=kron --option damp=0.05 for obs, --option "
+                        "perturb=consumer for oba; 'fxprune criteria' lists each "
+                        "criterion's options")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     p.set_defaults(func=_lazy("prune", "run_prune"))
 
@@ -220,12 +227,15 @@ def _lazy(module: str, name: str):
 
 def _criteria(args) -> int:
     """``fxprune criteria``: one line per registered criterion."""
-    from ..criteria import list_criteria
+    from ..criteria import get_criterion, list_criteria
     found = list_criteria()
     width = max(map(len, found), default=0)
     for name, description in found.items():
         default = {"obs": " (default with --data)", "l2": " (default without --data)"}.get(name, "")
         print(f"{name:<{width}}  {description}{default}")
+        options = [key for key in get_criterion(name).options or () if key != "seed"]
+        if options:  # ``seed`` is --seed
+            print(f"{'':<{width}}  options (--option KEY=VALUE): {', '.join(options)}")
     return 0
 
 

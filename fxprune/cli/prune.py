@@ -26,6 +26,7 @@ def run_prune(args) -> int:
     _check_args(args)
     device = resolve_device(args.device)
     crit = resolve_criterion(args.criterion, real_data=bool(args.data))
+    options = criterion_options(crit, args)
     source = parse_source(args.data)
     seed_everything(args.seed)
     model = load_model(args.model, args.checkpoint, args.num_classes, device, args.input_size,
@@ -40,7 +41,7 @@ def run_prune(args) -> int:
                         labels=crit.needs_data or _wants_repair(args),
                         workers=args.workers, spec=args.model)
     _analyse(model, calib.example, args.frontend)
-    result = _compile(model, crit.name, calib, args)
+    result = _compile(model, crit.name, calib, args, options)
     summary = _write_outputs(args, result, calib.example, crit.name, size, model)
     print(result.report.table())
     print(summary)
@@ -95,8 +96,9 @@ def _analyse(model, example, frontend: str = "auto") -> None:
              len(found), len(found) - len(fixed), len(fixed))
 
 
-def _compile(model, criterion: str, calib, args):
-    """Run :func:`fxprune.compile` with stage messages between the steps."""
+def _compile(model, criterion: str, calib, args, options: Dict[str, Any]):
+    """Run :func:`fxprune.compile` with stage messages between the steps; ``options``
+    are the criterion's (:func:`criterion_options`)."""
     from .. import compile as fx_compile
     budget = budget_kwargs(args)
     values = next(iter(budget.values()))
@@ -128,7 +130,7 @@ def _compile(model, criterion: str, calib, args):
                       max_layer_sparsity=args.max_layer_sparsity, round_to=args.round_to,
                       frontend=args.frontend, uniform=args.uniform,
                       cost_aware="auto" if args.cost_aware is None else args.cost_aware,
-                      **_criterion_options(criterion, args), **budget)
+                      **options, **budget)
 
 
 def ignore_names(values: List[str]) -> List[str]:
@@ -136,12 +138,30 @@ def ignore_names(values: List[str]) -> List[str]:
     return [name.strip() for value in values for name in value.split(",") if name.strip()]
 
 
-def _criterion_options(criterion: str, args) -> Dict[str, Any]:
-    """The command-line flags that are options the criterion declares (``--seed`` for
-    ``random``); compile refuses any other keyword."""
-    from ..criteria import get_criterion
-    declared = get_criterion(criterion).options or ()
-    return {"seed": args.seed} if "seed" in declared else {}
+def criterion_options(crit, args) -> Dict[str, Any]:
+    """The criterion's options from ``--option KEY=VALUE`` (and ``--seed`` where the
+    criterion declares ``seed``, as ``random`` does). Checked before the model is built:
+    a key given twice, a key the criterion does not declare, or ``seed`` beside
+    ``--seed`` is a :class:`CliError` naming the criterion's options."""
+    import difflib
+    declared = crit.options
+    options: Dict[str, Any] = {}
+    for key, value in args.options:
+        if key in options:
+            raise CliError(f"--option {key}= is given twice ({options[key]!r} and {value!r})")
+        if key == "seed":
+            raise CliError("--option seed=: use --seed N (it also seeds the data and the "
+                           "model)")
+        if declared is not None and key not in declared:
+            close = difflib.get_close_matches(key, list(declared), n=2, cutoff=0.6)
+            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            valid = ", ".join(k for k in declared if k != "seed") or "none"
+            raise CliError(f"--option {key}=: criterion {crit.name!r} has no option "
+                           f"{key!r}{hint}; its options: {valid} (see 'fxprune criteria')")
+        options[key] = value
+    if declared and "seed" in declared:
+        options["seed"] = args.seed
+    return options
 
 
 def _wants_repair(args) -> bool:
