@@ -14,6 +14,7 @@ import torch
 
 from .criteria import Criterion
 from .criteria.aggregate import member_channel_sums, weight_norms
+from .criteria.scoring import make_scoring_copy
 from .errors import BudgetError, CriterionError
 from .group import Group
 from .ignore import ignored
@@ -84,10 +85,17 @@ def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget:
     caps = removable_counts(groups, max_layer_sparsity)
     last: dict = {}  # "sal": the last step's saliency; "checked": after the first check
     tie_notes: List[str] = []   # one per scored step that has tied groups
+    reference: dict = {}        # the dense scoring copy, made once if a criterion asks
+
+    def dense_reference() -> torch.nn.Module:
+        if "module" not in reference:
+            reference["module"] = make_scoring_copy(dense.gm)
+        return reference["module"]
 
     def score(masked: Analysis, kept):
         # the masked module is a fresh copy of ours: scored in place (one copy per step)
-        sal = score_analysis(masked, crit, batch_list, loss, options, progress, owned=True)
+        sal = score_analysis(masked, crit, batch_list, loss, options, progress, owned=True,
+                             reference=dense_reference)
         last["sal"] = sal
         scores = sal.groups
         if gradual.layer_mean:

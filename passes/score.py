@@ -188,12 +188,13 @@ def _targets_out_of_range(outputs, targets, exc: IndexError, default: bool) -> s
 
 # ----------------------------------------------------------------------------- scores
 def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, options,
-                   progress: bool, owned: bool = False) -> Saliency:
+                   progress: bool, owned: bool = False, reference=None) -> Saliency:
     """Score an analysed graph: per-parameter scores, then per-channel scores.
 
     ``owned``: ``analysis.gm`` is the caller's own scratch module (gradual pruning's
     masked copy, used for nothing but this scoring and weight norms): it is prepared and
-    scored in place instead of being copied once more."""
+    scored in place instead of being copied once more. ``reference``: gradual pruning's
+    dense model for :attr:`ScoringContext.reference`."""
     # data-driven criteria always score a copy; data-free ones read the weights, which
     # low-precision (float16/bfloat16) models only give in a float32 copy (norms of
     # float16 weights overflow)
@@ -205,7 +206,8 @@ def score_analysis(analysis: Analysis, crit: Criterion, batches, loss_fn, option
     # progress lines at intervals when no tqdm bar can be drawn (stderr not a terminal)
     ctx = ScoringContext(module=module, groups=analysis.groups,
                          batches=logged_batches(batches, f"scoring ({crit.name})", progress),
-                         loss_fn=loss_fn, options=dict(options), progress=progress)
+                         loss_fn=loss_fn, options=dict(options), progress=progress,
+                         reference=reference)
     param_scores, group_scores = _score(crit, ctx)
     bad = _non_finite(param_scores, group_scores)
     if bad:

@@ -25,7 +25,8 @@ CRITERIA = ["obs+raw+cost", "obs", "obs+fisher", "oba", "oba+consumer", "oba-exa
 #: ``+suffix`` parts of method names that are not a ``perturb=`` value (several may
 #: follow each other: ``obs+fisher+raw``).
 SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}, "raw": {"normalize": None},
-                  "cost": {"cost_aware": True}, "kron": {"gram": "kron"}}
+                  "cost": {"cost_aware": True}, "kron": {"gram": "kron"},
+                  "dense": {"target": "dense"}}
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
 FULL_FT_STEPS = 200
 
@@ -34,7 +35,9 @@ def method_options(method: str, seed: int) -> Tuple[str, Dict]:
     """``(fxprune criterion, its options)`` of a benchmark method name: ``"oba+consumer"``
     is ``("oba", {"perturb": "consumer"})``, ``"obs+fisher"`` is ``("obs", {"scale":
     "fisher"})``, ``"obs@50"`` is ``("obs", {"steps": 50})``;
-    ``"obs+fisher+raw"`` adds ``{"normalize": None}``; ``"random"`` is seeded by the
+    ``"obs+fisher+raw"`` adds ``{"normalize": None}``; ``obs@N`` scores toward the
+    masked model's outputs (``target="masked"``) and ``obs+dense@N`` toward the dense
+    model's (compile's default in gradual steps); ``"random"`` is seeded by the
     prune seed. Every method states its ranking (``normalize="mean"``, ``cost_aware=False``
     unless ``+raw`` / ``+cost``), so that a change of compile's defaults leaves the rows'
     meaning alone."""
@@ -47,6 +50,8 @@ def method_options(method: str, seed: int) -> Tuple[str, Dict]:
         opts.update(SUFFIX_OPTIONS.get(suffix, {"perturb": suffix}))
     if at:
         opts["steps"] = int(steps)
+        if criterion == "obs":  # rows before obs' dense targets were measured so
+            opts.setdefault("target", "masked")
     if criterion == "random":
         opts["seed"] = seed
     return criterion, opts

@@ -38,6 +38,11 @@ class ScoringContext:
     loss_fn: Optional[Callable] = None
     options: Dict[str, Any] = field(default_factory=dict)
     progress: bool = False
+    # Gradual steps (``compile(steps=N)``): a zero-argument callable that returns the
+    # dense (unmasked) model in scoring form, with the module names of ``module``, whose
+    # outputs the masked ``module`` is to reproduce (obs' dense targets); None in
+    # one-shot scoring, where ``module`` is the dense model. Built on first call only.
+    reference: Optional[Callable[[], torch.nn.Module]] = None
     # Free-form results a criterion's ``score`` leaves for its ``aggregate``/``select``
     # (e.g. SOSP-I's structure matrix).
     state: Dict[str, Any] = field(default_factory=dict)

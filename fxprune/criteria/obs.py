@@ -125,6 +125,7 @@ from ..passes.obs_solve import (consumer_columns, damped_inverse, damping, greed
 from . import Criterion, ScoringContext, register_criterion
 from .aggregate import signed_channel_sums, weight_norms
 from .obs_stats import Gram, accumulate_grams, fisher_weights
+from .obs_target import TARGETS, dense_target_problem, removed_columns
 
 log = logging.getLogger(__name__)
 
@@ -246,7 +247,7 @@ def _factored(layer: nn.Module, gram: str) -> bool:
 def obs_layer_scores(layer: nn.Module, gram: Gram, units: List[Tensor],
                      damp: float = DEFAULT_DAMP, per_step: int = 1,
                      weights: Optional[Tensor] = None, scale: Optional[float] = None,
-                     precision: str = "auto") -> Tensor:
+                     precision: str = "auto", removed: Optional[List[int]] = None) -> Tensor:
     """``[len(units)]`` float64: each unit's greedy ``ΔE`` ÷ ``scale`` (default: the dense
     output energy), running maximum along the greedy order (module docstring, step 2).
     ``units``: each unit's columns of the design rows (a :class:`LayerGram`) or its
@@ -255,9 +256,14 @@ def obs_layer_scores(layer: nn.Module, gram: Gram, units: List[Tensor],
     ``weights`` ``[o]`` (e.g. :func:`fisher_weights`): ``ΔE = Σ_o weights_o ΔE_o``, by the
     greedy on ``diag(√weights) W``. ``precision``: the dtype of the inverse and the
     greedy (:data:`PRECISIONS`; ``"auto"``: float64 for a float64 layer, else float32);
-    the scores are float64 either way."""
+    the scores are float64 either way. ``removed`` (gradual steps, a ``gram`` with
+    dense targets ``C``): the design columns earlier steps removed; the greedy then
+    starts from the compensated weights of :mod:`.obs_target`."""
     if isinstance(gram, KronGram):
         inverse, W = kron_problem(layer, gram, damp, weights)
+    elif removed is not None:
+        inverse, W = dense_target_problem(layer, gram, removed, damp,
+                                          solve_dtype(layer, precision), weights)
     else:
         W = augmented_weight(layer)[0].to(gram.panels[0].device)
         if weights is not None:
@@ -306,8 +312,9 @@ def _layer_inverse(gram: LayerGram, has_bias: bool, damp: float, dtype: torch.dt
     return damped_inverse(unpack_gram(panels, size=size)[0], damp, dtype, overwrite=True)
 
 
-def _options(ctx: ScoringContext) -> Tuple[float, int, str, str, str]:
-    """``(damp, per_step, scale, precision, gram)`` from ``ctx.options``, validated."""
+def _options(ctx: ScoringContext) -> Tuple[float, int, str, str, str, str]:
+    """``(damp, per_step, scale, precision, gram, target)`` from ``ctx.options``,
+    validated."""
     damp = float(ctx.options.get("damp", DEFAULT_DAMP))
     if not damp >= 0:
         raise CriterionError(f"obs: damp={damp!r}; use a damping factor >= 0 (default "
@@ -328,21 +335,27 @@ def _options(ctx: ScoringContext) -> Tuple[float, int, str, str, str]:
     if gram not in GRAMS:
         choices = "; ".join(f"{k!r}: {v}" for k, v in GRAMS.items())
         raise CriterionError(f"obs: gram={gram!r}; choose one of {choices}")
+    target = ctx.options.get("target", "auto")
+    if target not in TARGETS:
+        choices = "; ".join(f"{k!r}: {v}" for k, v in TARGETS.items())
+        raise CriterionError(f"obs: target={target!r}; choose one of {choices}")
     if not ctx.batches:
         raise CriterionError("obs needs calibration data (at least one batch)")
-    return damp, per_step, scale, precision, gram
+    return damp, per_step, scale, precision, gram, target
 
 
 def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
     """Per consumer weight: unit scores spread over the unit's input columns."""
-    damp, per_step, scale, precision, gram_kind = _options(ctx)
+    damp, per_step, scale, precision, gram_kind, target = _options(ctx)
     fisher = scale == "fisher"
     consumers, skipped = find_consumers(ctx.module, ctx.groups, gram_kind)
     dtypes = {name: solve_dtype(c.layer, precision) for name, c in consumers.items()}
     factored = set(factored_layers(consumers, gram_kind))
+    # gradual steps: reconstruct the dense model's layer outputs (.obs_target)
+    reference = ctx.reference() if target != "masked" and ctx.reference else None
     grams, fishers, samples = accumulate_grams(ctx.module, consumers, ctx.batches,
                                                ctx.progress, ctx.loss_fn, fisher, dtypes,
-                                               factored)
+                                               factored, reference)
     scored, out, weights_of = set(), {}, {}
     for name, cons in consumers.items():
         gram = grams.pop(name)  # freed after its layer: the peak falls as layers finish
@@ -355,8 +368,10 @@ def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
             div = samples * gram.rows / max(fishers[name].rows, 1)
         units = [torch.as_tensor(u.indices) if name in factored else u.cols
                  for u in cons.units]
+        removed = None if getattr(gram, "C", None) is None else removed_columns(
+            cons.layer, units, [u.indices for u in cons.units])
         values = obs_layer_scores(cons.layer, gram, units, damp, per_step, weights, div,
-                                  precision)
+                                  precision, removed)
         weight = cons.layer.weight
         t = torch.zeros(weight.shape, dtype=torch.float64, device=weight.device)
         for u, v in zip(cons.units, values.tolist()):
@@ -402,4 +417,4 @@ register_criterion(Criterion(
     description="structured Optimal Brain Surgeon: output error each consumer layer keeps "
                 "after removing the channel with the least-squares update (repair='full')",
     score=_score, needs_data=True, aggregate=_aggregate,
-    options=("damp", "per_step", "scale", "precision", "gram")))
+    options=("damp", "per_step", "scale", "precision", "gram", "target")))

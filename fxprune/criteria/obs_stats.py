@@ -56,7 +56,7 @@ def _samples(inputs) -> int:
 def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
                      progress: bool = False, loss_fn=None, fisher: bool = False,
                      dtypes: Optional[Dict[str, torch.dtype]] = None,
-                     factored: Collection[str] = ()
+                     factored: Collection[str] = (), reference: Optional[nn.Module] = None
                      ) -> Tuple[Dict[str, Gram], Dict[str, OutputFisher], int]:
     """One forward per batch (no grad unless ``fisher``); every consumer's
     :class:`LayerGram` (input Gram, dense output energy), or for the layers named in
@@ -64,9 +64,13 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
     factors of the same rows), and, with ``fisher``, its :class:`OutputFisher` from one
     backward of the batch loss (``loss_fn``) to the consumers' outputs in the same pass;
     summed over batches and data-parallel ranks. ``dtypes``: the dtype each consumer's
-    ``H`` is summed in (default float64). Returns ``(grams, fishers, samples)``. Hooks
-    are removed before returning; ``module`` is otherwise untouched (no parameter
-    ``.grad`` is written)."""
+    ``H`` is summed in (default float64). ``reference`` (gradual steps: the dense model,
+    same module names): each batch runs through it first, and every unfactored
+    consumer's Gram also sums the cross term ``C`` toward the *reference* layer's
+    outputs on the same batch (its ``yy`` is then their energy), the targets of
+    :func:`~fxprune.criteria.obs.obs_layer_scores`' dense-target problem. Returns
+    ``(grams, fishers, samples)``. Hooks are removed before returning; ``module`` is
+    otherwise untouched (no parameter ``.grad`` is written)."""
     dtypes = dtypes or {}
     grams: Dict[str, Gram] = {
         name: KronGram() if name in factored else LayerGram(dtype=dtypes.get(name, torch.float64))
@@ -74,17 +78,29 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
     fishers = {name: OutputFisher() for name in consumers}
     outputs: List[Tuple[str, Tensor]] = []
 
+    targeted = [] if reference is None else [n for n in consumers if n not in factored]
+    dense_outs: Dict[str, List[Tensor]] = {name: [] for name in targeted}  # one batch's
+
     def hook_for(name: str):
         rows = lstsq.ROWS_PER_UNKNOWN * (consumers[name].layer.weight[0].numel() + 1)
-        extra = {} if name in factored else {"cross": False}  # obs needs no C
+        extra = {} if name in factored else {"cross": name in dense_outs}  # C: dense targets
 
         def hook(mod, inputs, output):
-            grams[name].add(mod, inputs[0].detach(), output.detach(), max_rows=rows, **extra)
+            y = dense_outs[name].pop(0) if name in dense_outs else output.detach()
+            grams[name].add(mod, inputs[0].detach(), y, max_rows=rows, **extra)
             if fisher and output.requires_grad:
                 outputs.append((name, output))
         return hook
 
+    def target_hook_for(name: str):
+        def hook(mod, inputs, output):  # a layer called twice pops its calls in order
+            dense_outs[name].append(output.detach())
+        return hook
+
     handles = [c.layer.register_forward_hook(hook_for(n)) for n, c in consumers.items()]
+    if targeted:
+        ref_mods = dict(reference.named_modules())
+        handles += [ref_mods[n].register_forward_hook(target_hook_for(n)) for n in targeted]
     samples = 0
     try:
         with torch.set_grad_enabled(fisher):
@@ -93,6 +109,9 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
                 for k, x in enumerate(inputs):
                     if torch.is_tensor(x) and x.is_floating_point():
                         check_finite(x, f"calibration input {k}", i)
+                if targeted:
+                    with torch.no_grad():
+                        reference(*inputs)
                 out = module(*inputs)
                 n = _samples(inputs)
                 samples += n
@@ -117,14 +136,17 @@ def _output_fisher(consumers, fishers, outputs, loss: Tensor, n: int) -> None:
 
 def _gram_sums(g: Gram) -> List[Tensor]:
     """The tensors a Gram's sums live in (what the ranks all-reduce)."""
-    return [g.A, g.B, g.s] if isinstance(g, KronGram) else list(g.panels)
+    if isinstance(g, KronGram):
+        return [g.A, g.B, g.s]
+    return list(g.panels) + ([] if g.C is None else [g.C])
 
 
 def _set_gram_sums(g: Gram, sums: List[Tensor]) -> None:
     if isinstance(g, KronGram):
         g.A, g.B, g.s = sums
     else:
-        g.panels = sums
+        n = len(g.panels)
+        g.panels, g.C = sums[:n], (sums[n] if g.C is not None else None)
 
 
 def _reduce(grams, fishers, samples: int, fisher: bool, outputs: Dict[str, int]):
