@@ -15,6 +15,7 @@ from torch import nn
 
 import fxprune
 from fxprune.criteria import obs as obs_mod
+from fxprune.criteria import obs_consumers
 from fxprune.errors import CriterionError
 from fxprune.passes import lstsq
 from fxprune.passes.kron_gram import KronGram, kron_problem, kron_supported
@@ -159,12 +160,12 @@ def test_compile_with_gram_kron_and_the_option_check():
 
 def test_auto_factors_only_wide_convs():
     net = _Net()
-    consumers = {"b": obs_mod._Consumer("b", net.b), "c": obs_mod._Consumer("c", net.c)}
+    consumers = {"b": obs_consumers._Consumer("b", net.b), "c": obs_consumers._Consumer("c", net.c)}
     assert obs_mod.factored_layers(consumers, "kron") == ["b"]
     assert obs_mod.factored_layers(consumers, "exact") == []
     assert obs_mod.factored_layers(consumers, "auto") == []   # 72 inputs: exact
     wide = nn.Conv2d(obs_mod.KRON_MIN_UNKNOWNS // 9 + 1, 4, 3)
-    assert obs_mod.factored_layers({"w": obs_mod._Consumer("w", wide)}, "auto") == ["w"]
+    assert obs_mod.factored_layers({"w": obs_consumers._Consumer("w", wide)}, "auto") == ["w"]
 
 
 def test_a_conv_too_wide_for_the_exact_gram_is_measured_factored():

@@ -100,9 +100,13 @@ What is not measured, and why:
   channels after a removal (design §7); ``ΔE`` treats the consumer's input as the
   stream with the channel's columns deleted, an approximation there.
 
+Which layers are measured and on which Gram: :mod:`.obs_consumers`.
+
 Contract: :func:`_score` reads ``ctx.module`` (the scoring copy; hooks are removed
-before returning), ``ctx.groups``, ``ctx.batches``, ``ctx.loss_fn`` (scale ``"fisher"``)
-and ``ctx.options`` (``damp``, ``per_step``, ``scale``, ``precision``, ``gram``); it writes
+before returning), ``ctx.groups``, ``ctx.batches``, ``ctx.loss_fn`` (scale ``"fisher"``),
+``ctx.options`` (``damp``, ``per_step``, ``scale``, ``precision``, ``gram``, ``target``)
+and, in gradual steps, ``ctx.reference`` (option ``target``: each consumer reconstructs
+the dense model's layer outputs, :mod:`.obs_target`); it writes
 ``ctx.state["obs"]`` (for scale ``"fisher"`` with ``"fisher": {layer name: F_o}``) and returns
 ``{consumer weight name: float64 tensor}`` holding each unit's score spread evenly over
 its input columns (all other parameters are absent, i.e. score 0). :func:`_aggregate`
@@ -111,19 +115,19 @@ sums the consumer columns per channel.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 from ..errors import CriterionError
-from ..passes.kron_gram import KronGram, kron_problem, kron_supported
-from ..passes.lstsq import REFIT_TYPES, LayerGram, augmented_weight, gram_diagonal, unpack_gram
-from ..passes.obs_solve import (consumer_columns, damped_inverse, damping, greedy_removal,
+from ..passes.kron_gram import KronGram, kron_problem
+from ..passes.lstsq import LayerGram, augmented_weight, gram_diagonal, unpack_gram
+from ..passes.obs_solve import (damped_inverse, damping, greedy_removal,
                                 inverse_if_positive_definite)
 from . import Criterion, ScoringContext, register_criterion
 from .aggregate import signed_channel_sums, weight_norms
+from .obs_consumers import GRAMS, KRON_MIN_UNKNOWNS, MAX_UNKNOWNS, factored_layers, find_consumers
 from .obs_stats import Gram, accumulate_grams, fisher_weights
 from .obs_target import TARGETS, dense_target_problem, removed_columns
 
@@ -133,8 +137,6 @@ __all__ = ["DEFAULT_DAMP", "GRAMS", "KRON_MIN_UNKNOWNS", "MAX_UNKNOWNS", "PRECIS
            "factored_layers", "find_consumers", "obs_layer_scores", "warn_unless_repaired"]
 
 DEFAULT_DAMP = 1e-2
-#: Largest input patch (+ bias) measured: ``H`` is ``d²`` float64 (2 GiB at 16384).
-MAX_UNKNOWNS = 16384
 #: Values of option ``scale``: how a consumer's error increase is made comparable.
 SCALES = {"energy": "ΔE ÷ the dense layer's output energy (default; no labels needed)",
           "fisher": "ΔE weighted per output unit by the diagonal empirical Fisher of the "
@@ -145,39 +147,8 @@ PRECISIONS = {"auto": "the layer weight's precision: float64 for float64 models,
               "float64": "float64 inverse and greedy (the oracle-tested path)",
               "float32": "float32 inverse and greedy (about 2x faster; the Gram and the "
                          "damping stay float64; ranking close, not identical)"}
-#: Values of option ``gram``: which input statistics a conv consumer is scored on.
-GRAMS = {"auto": "the exact Gram, factored (\"kron\") for convs with at least "
-                 "KRON_MIN_UNKNOWNS inputs (default)",
-         "exact": "every consumer's exact input Gram (d x d for d inputs)",
-         "kron": "every conv with a kernel larger than 1x1 on its channel x kernel factored "
-                 "Gram (fxprune.passes.kron_gram; a c x c problem)"}
-#: ``gram="auto"`` factors a conv's Gram from this many inputs (channels x kernel) on.
-#: An exact layer costs about ``d³`` twice over: its Gram (up to ``ROWS_PER_UNKNOWN · d``
-#: rows of ``d²`` per batch) and its inverse and greedy. On resnet50 (4 batches of 8)
-#: the exact Grams of its 3x3 convs in layer2-4 (1 152 - 4 608 inputs) made obs cost
-#: 3.8 gradient passes per batch, factored 1.6 (layer4's solves alone ≈ 22 s exact,
-#: 1 s factored; ``benchmarks/RESULTS.md``). Below 1 024 (every conv of the quality
-#: benchmark's ResNet-20, at most 576) the exact Gram costs little and is kept.
-KRON_MIN_UNKNOWNS = 1024
 #: The repair mode whose compensation the obs error increases assume.
 REPAIR_ASSUMED = "full"
-
-
-@dataclass
-class _Unit:
-    """One prunable input channel of a consumer layer."""
-
-    group: str
-    channel: int
-    indices: List[int]     # along dim 1 of the weight
-    cols: Tensor           # columns of the layer's design rows
-
-
-@dataclass
-class _Consumer:
-    name: str
-    layer: nn.Module
-    units: List[_Unit] = field(default_factory=list)
 
 
 def warn_unless_repaired(repair_mode: Optional[str]) -> None:
@@ -186,62 +157,6 @@ def warn_unless_repaired(repair_mode: Optional[str]) -> None:
         log.warning("criterion 'obs' scores each channel by the output error left after the "
                     "least-squares compensation of repair='full', but repair=%r will not "
                     "apply it: the slim model keeps its uncompensated weights", repair_mode)
-
-
-def _unsupported(target: str, dim: int, mods: Dict[str, nn.Module],
-                 gram: str = "auto") -> Optional[str]:
-    """Why the consumer member ``(target, dim)`` cannot be measured with option ``gram``,
-    or None."""
-    name, _, leaf = target.rpartition(".")
-    layer = mods.get(name)
-    if leaf != "weight" or not isinstance(layer, REFIT_TYPES):
-        return "not the weight of a Linear / Conv1d / Conv2d module"
-    if dim != 1:
-        return f"sliced along dim {dim}, not the input dim 1"
-    if getattr(layer, "groups", 1) != 1:
-        return "a grouped conv (pruned in whole conv groups, outputs included)"
-    # a factored conv's problem is channels x channels: its kernel does not count
-    unknowns = layer.weight.shape[1] if _factored(layer, gram) else layer.weight[0].numel()
-    if unknowns + 1 > MAX_UNKNOWNS:
-        return f"{unknowns} inputs (more than {MAX_UNKNOWNS - 1})"
-    return None
-
-
-def find_consumers(module: nn.Module, groups, gram: str = "auto"
-                   ) -> Tuple[Dict[str, _Consumer], Dict[str, str]]:
-    """``({layer name: consumer with its prunable units}, {skipped target: reason})`` for
-    option ``gram`` (:data:`GRAMS`: which layers are too wide depends on it)."""
-    mods = dict(module.named_modules())
-    consumers: Dict[str, _Consumer] = {}
-    skipped: Dict[str, str] = {}
-    for g in groups:
-        if not g.prunable:
-            continue
-        for m in g.members:
-            if m.role != "consumer":
-                continue
-            reason = _unsupported(m.target, m.dim, mods, gram)
-            if reason is not None:
-                skipped[m.target] = reason
-                continue
-            name = m.target.rpartition(".")[0]
-            cons = consumers.setdefault(name, _Consumer(name, mods[name]))
-            for c, idx in enumerate(m.index_map):
-                if idx:
-                    cons.units.append(_Unit(g.id, c, list(idx),
-                                            consumer_columns(cons.layer, idx)))
-    return consumers, skipped
-
-
-def factored_layers(consumers: Dict[str, "_Consumer"], gram: str) -> List[str]:
-    """The consumers option ``gram`` (:data:`GRAMS`) scores on factored statistics."""
-    return [name for name, c in consumers.items() if _factored(c.layer, gram)]
-
-
-def _factored(layer: nn.Module, gram: str) -> bool:
-    """Whether option ``gram`` scores ``layer`` on its factored Gram."""
-    least = {"exact": None, "kron": 0, "auto": KRON_MIN_UNKNOWNS}[gram]
-    return least is not None and kron_supported(layer) and layer.weight[0].numel() >= least
 
 
 def obs_layer_scores(layer: nn.Module, gram: Gram, units: List[Tensor],
