@@ -238,25 +238,23 @@ def _options(ctx: ScoringContext) -> Tuple[float, int, str, str, str, str]:
     if not isinstance(per_step, int) or per_step < 1:
         raise CriterionError(f"obs: per_step={per_step!r}; use a whole number >= 1 (units "
                              "removed per greedy step of a layer; 1 is the exact greedy)")
-    scale = ctx.options.get("scale", "energy")
-    if scale not in SCALES:
-        choices = "; ".join(f"{k!r}: {v}" for k, v in SCALES.items())
-        raise CriterionError(f"obs: scale={scale!r}; choose one of {choices}")
-    precision = ctx.options.get("precision", "auto")
-    if precision not in PRECISIONS:
-        choices = "; ".join(f"{k!r}: {v}" for k, v in PRECISIONS.items())
-        raise CriterionError(f"obs: precision={precision!r}; choose one of {choices}")
-    gram = ctx.options.get("gram", "auto")
-    if gram not in GRAMS:
-        choices = "; ".join(f"{k!r}: {v}" for k, v in GRAMS.items())
-        raise CriterionError(f"obs: gram={gram!r}; choose one of {choices}")
-    target = ctx.options.get("target", "auto")
-    if target not in TARGETS:
-        choices = "; ".join(f"{k!r}: {v}" for k, v in TARGETS.items())
-        raise CriterionError(f"obs: target={target!r}; choose one of {choices}")
+    scale, precision, gram, target = (
+        _choice(ctx, key, default, table) for key, default, table in (
+            ("scale", "energy", SCALES), ("precision", "auto", PRECISIONS),
+            ("gram", "auto", GRAMS), ("target", "auto", TARGETS)))
     if not ctx.batches:
         raise CriterionError("obs needs calibration data (at least one batch)")
     return damp, per_step, scale, precision, gram, target
+
+
+def _choice(ctx: ScoringContext, key: str, default: str, table: Dict[str, str]) -> str:
+    """Option ``key`` (one of ``table``'s keys, else a :class:`CriterionError` listing
+    them with their meanings)."""
+    value = ctx.options.get(key, default)
+    if value not in table:
+        choices = "; ".join(f"{k!r}: {v}" for k, v in table.items())
+        raise CriterionError(f"obs: {key}={value!r}; choose one of {choices}")
+    return value
 
 
 def _score(ctx: ScoringContext) -> Dict[str, Tensor]:
