@@ -1,0 +1,19 @@
+"""benchmarks/quality/config.py: a method name pins every option its rows were measured
+with, so that a later change of compile's defaults leaves the committed rows' meaning."""
+from benchmarks.quality.config import method_options
+
+
+def test_gradual_obs_rows_keep_the_target_they_were_measured_with():
+    assert method_options("obs@50", 0) == ("obs", {"normalize": "mean", "cost_aware": False,
+                                                   "steps": 50, "target": "masked"})
+    assert method_options("obs+dense@50", 0)[1]["target"] == "dense"
+    assert "target" not in method_options("obs", 0)[1]          # one-shot: no reference
+    assert "target" not in method_options("oba@50", 0)[1]       # obs' option only
+
+
+def test_suffixes_combine_and_unknown_ones_are_perturbations():
+    criterion, opts = method_options("obs+fisher+raw+kron", 3)
+    assert criterion == "obs" and opts == {"normalize": None, "cost_aware": False,
+                                           "scale": "fisher", "gram": "kron"}
+    assert method_options("oba+consumer", 0)[1]["perturb"] == "consumer"
+    assert method_options("random", 5)[1]["seed"] == 5
