@@ -6,6 +6,7 @@ writing); the report table goes to stdout. Every output file is written atomical
 """
 from __future__ import annotations
 
+import difflib
 import os
 from typing import Any, Dict, List
 
@@ -143,7 +144,6 @@ def criterion_options(crit, args) -> Dict[str, Any]:
     criterion declares ``seed``, as ``random`` does). Checked before the model is built:
     a key given twice, a key the criterion does not declare, or ``seed`` beside
     ``--seed`` is a :class:`CliError` naming the criterion's options."""
-    import difflib
     declared = crit.options
     options: Dict[str, Any] = {}
     for key, value in args.options:

@@ -110,6 +110,8 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
                     if torch.is_tensor(x) and x.is_floating_point():
                         check_finite(x, f"calibration input {k}", i)
                 if targeted:
+                    for calls in dense_outs.values():
+                        calls.clear()  # nothing left over from a batch that failed
                     with torch.no_grad():
                         reference(*inputs)
                 out = module(*inputs)
