@@ -1,5 +1,16 @@
 """Error types. Every error fxprune raises is an :class:`FxpruneError` whose message
 names the module / FX node involved and says what the user can do about it."""
+import difflib
+from typing import Iterable
+
+
+def did_you_mean(word: str, candidates: Iterable[str], n: int = 2) -> str:
+    """`` (did you mean 'a' or 'b'?)`` for the up to ``n`` close matches of ``word``
+    among ``candidates`` (:func:`difflib.get_close_matches`), or ``""`` when none is
+    close: the hint of every "unknown name" message."""
+    close = difflib.get_close_matches(str(word), list(candidates), n=n, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
 
 
 class FxpruneError(Exception):

@@ -6,13 +6,13 @@ writing); the report table goes to stdout. Every output file is written atomical
 """
 from __future__ import annotations
 
-import difflib
 import os
 from typing import Any, Dict, List
 
 from .common import (CliError, check_checkpoint, check_output, check_output_folder, is_hf,
                      load_model, log, public_mode, resolve_criterion, resolve_device,
                      resolve_input_size, seed_everything)
+from ..errors import did_you_mean
 from ..plan import atomic_path
 from .data import calibration, parse_source
 from .hf import write_hf_out
@@ -153,8 +153,7 @@ def criterion_options(crit, args) -> Dict[str, Any]:
             raise CliError("--option seed=: use --seed N (it also seeds the data and the "
                            "model)")
         if declared is not None and key not in declared:
-            close = difflib.get_close_matches(key, list(declared), n=2, cutoff=0.6)
-            hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+            hint = did_you_mean(key, declared)
             valid = ", ".join(k for k in declared if k != "seed") or "none"
             raise CliError(f"--option {key}=: criterion {crit.name!r} has no option "
                            f"{key!r}{hint}; its options: {valid} (see 'fxprune criteria')")

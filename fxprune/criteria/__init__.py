@@ -17,13 +17,12 @@ data-driven one runs its per-batch step in the shared calibration loop
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import difflib
 import logging
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple
 
 import torch
 
-from ..errors import CriterionError, UnknownOptionError
+from ..errors import CriterionError, UnknownOptionError, did_you_mean
 from ..group import Group
 from ..registry import Registry
 
@@ -122,8 +121,7 @@ def get_criterion(name: str) -> Criterion:
     _load_builtin()
     if name not in _REGISTRY:
         valid = ", ".join(sorted(_REGISTRY))
-        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=2)
-        hint = f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+        hint = did_you_mean(name, _REGISTRY)
         raise CriterionError(f"unknown criterion {name!r}{hint}; valid criteria: {valid}")
     return _REGISTRY[name]
 
@@ -170,10 +168,9 @@ def check_options(crit: Criterion, options: Mapping[str, Any], own: Iterable[str
     for key in options:
         if declared is not None and key in declared:
             continue
-        close = difflib.get_close_matches(key, own + list(declared or ()), n=3, cutoff=0.6)
-        if declared is None and not close:
+        hint = did_you_mean(key, own + list(declared or ()), n=3)
+        if declared is None and not hint:
             continue  # an undeclared criterion's own option
-        hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
         crit_opts = ", ".join(declared) if declared else "none"
         if declared is None:
             crit_opts = "not declared (Criterion.options)"
