@@ -78,8 +78,9 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
     fishers = {name: OutputFisher() for name in consumers}
     outputs: List[Tuple[str, Tensor]] = []
 
-    targeted = [] if reference is None else [n for n in consumers if n not in factored]
-    dense_outs: Dict[str, List[Tensor]] = {name: [] for name in targeted}  # one batch's
+    # the reference layers' outputs of one batch, per unfactored consumer
+    dense_outs: Dict[str, List[Tensor]] = {} if reference is None else {
+        name: [] for name in consumers if name not in factored}
 
     def hook_for(name: str):
         rows = lstsq.ROWS_PER_UNKNOWN * (consumers[name].layer.weight[0].numel() + 1)
@@ -98,9 +99,9 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
         return hook
 
     handles = [c.layer.register_forward_hook(hook_for(n)) for n, c in consumers.items()]
-    if targeted:
+    if dense_outs:
         ref_mods = dict(reference.named_modules())
-        handles += [ref_mods[n].register_forward_hook(target_hook_for(n)) for n in targeted]
+        handles += [ref_mods[n].register_forward_hook(target_hook_for(n)) for n in dense_outs]
     samples = 0
     try:
         with torch.set_grad_enabled(fisher):
@@ -109,7 +110,7 @@ def accumulate_grams(module: nn.Module, consumers: Dict[str, object], batches,
                 for k, x in enumerate(inputs):
                     if torch.is_tensor(x) and x.is_floating_point():
                         check_finite(x, f"calibration input {k}", i)
-                if targeted:
+                if dense_outs:
                     for calls in dense_outs.values():
                         calls.clear()  # nothing left over from a batch that failed
                     with torch.no_grad():
