@@ -17,3 +17,14 @@ def test_suffixes_combine_and_unknown_ones_are_perturbations():
                                            "scale": "fisher", "gram": "kron"}
     assert method_options("oba+consumer", 0)[1]["perturb"] == "consumer"
     assert method_options("random", 5)[1]["seed"] == 5
+
+
+def test_bntrain_suffix_scores_gradual_steps_with_batch_statistics():
+    import pytest
+    from fxprune import Gradual
+    opts = method_options("obs+dense+bntrain@50", 0)[1]
+    assert opts["steps"] == Gradual(50, bn_train=True) and opts["target"] == "dense"
+    assert "bn_train" not in opts                               # compile has no such keyword
+    assert method_options("obs@50", 0)[1]["steps"] == 50        # off unless named
+    with pytest.raises(ValueError, match="@N"):
+        method_options("obs+bntrain", 0)                        # one-shot: nothing to apply

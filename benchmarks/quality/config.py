@@ -7,6 +7,8 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Tuple
 
+from fxprune import Gradual
+
 from .nets import Recipe
 
 EPOCH = 60_000
@@ -15,6 +17,8 @@ EPOCH = 60_000
 #: ``+raw``: ``normalize=None``, channels ranked by raw score across groups; ``+cost``:
 #: ``cost_aware=True``, ranked by score ÷ the FLOPs one channel of the group saves;
 #: ``+kron``: obs' ``gram="kron"``, every conv on its channel ⊗ kernel factored Gram;
+#: ``+bntrain`` (with ``@N`` only): gradual steps scored with batch-statistics BN
+#: (``Gradual(N, bn_train=True)``, the OBA reference code's train-mode scoring);
 #: any other suffix is option ``perturb=``, e.g. ``+consumer``, issue 12's consumer-cut
 #: δθ of the second-order criteria), and a ``@N`` suffix for ``compile(steps=N)`` (the
 #: OBA paper's gradual procedure, e.g. ``obs@50``, ``oba+consumer@50``); the default
@@ -26,7 +30,7 @@ CRITERIA = ["obs+raw+cost", "obs", "obs+fisher", "oba", "oba+consumer", "oba-exa
 #: follow each other: ``obs+fisher+raw``).
 SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}, "raw": {"normalize": None},
                   "cost": {"cost_aware": True}, "kron": {"gram": "kron"},
-                  "dense": {"target": "dense"}}
+                  "dense": {"target": "dense"}, "bntrain": {"bn_train": True}}
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
 FULL_FT_STEPS = 200
 
@@ -48,8 +52,11 @@ def method_options(method: str, seed: int) -> Tuple[str, Dict]:
     opts: Dict = {"normalize": "mean", "cost_aware": False}
     for suffix in suffixes:
         opts.update(SUFFIX_OPTIONS.get(suffix, {"perturb": suffix}))
+    bn_train = opts.pop("bn_train", False)
+    if bn_train and not at:
+        raise ValueError(f"{method!r}: +bntrain is a gradual-step option; add @N")
     if at:
-        opts["steps"] = int(steps)
+        opts["steps"] = Gradual(int(steps), bn_train=True) if bn_train else int(steps)
         if criterion == "obs":  # rows before obs' dense targets were measured so
             opts.setdefault("target", "masked")
     if criterion == "random":
