@@ -14,13 +14,13 @@ import torch
 
 from .criteria import Criterion
 from .criteria.aggregate import member_channel_sums, weight_norms
-from .criteria.scoring import make_scoring_copy
-from .errors import BudgetError, CriterionError
+from .criteria.scoring import cast_batch, make_scoring_copy
+from .errors import BudgetError, CriterionError, FxpruneError
 from .group import Group
 from .ignore import ignored
 from .passes.budget import Budget
 from .passes.degenerate import check_scores
-from .passes.gradual import Gradual, masked_analysis, prune_gradually
+from .passes.gradual import Gradual, prune_gradually, step_analysis
 from .passes.groups import Analysis
 from .passes.score import Saliency, score_analysis
 from .passes.select import removable_counts
@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def check_gradual(gradual: Optional[Gradual], budgets: List[Budget], between_steps,
-                  crit: Criterion, round_to: int = 1) -> None:
+                  crit: Criterion, round_to: int = 1, has_data: bool = True) -> None:
     """Refuse ``steps=`` combined with what it replaces or cannot rank."""
     if gradual is None:
         return
+    if gradual.repair is not None and not has_data:
+        raise FxpruneError(f"steps=Gradual(..., repair={gradual.repair!r}) repairs between "
+                           "steps on calibration data: pass data=, or repair=None")
     if round_to != 1:
         raise BudgetError("steps=N does not round kept widths yet: pass round_to=1 with "
                           "steps=, or drop steps= to use round_to")
@@ -114,12 +117,14 @@ def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget:
 
     measure = getattr(dense_cost, budget.spec.cost)   # passes/budget.py's BUDGETS table
     total = getattr(dense_cost, budget.spec.dense_total)
+    inputs = None if gradual.repair is None else \
+        [cast_batch(batch, dense.gm)[0] for batch in batch_list]
     kept = prune_gradually(dense, groups, budget, gradual, score,
                            lambda plan: measure(dense.keep_mask(plan)), total, caps,
-                           max_layer_sparsity, normalize=normalize, check=check)
+                           max_layer_sparsity, normalize=normalize, check=check, inputs=inputs)
     notes.extend(_tie_summary(tie_notes, gradual.steps))
     if "sal" not in last:
         log.info("the budget holds without pruning: scoring the model once for the report")
-        last["sal"] = score_analysis(masked_analysis(dense, kept, gradual.bn_train), crit,
+        last["sal"] = score_analysis(step_analysis(dense, kept, gradual, inputs), crit,
                                      batch_list, loss, options, progress)
     return kept, last["sal"]

@@ -118,7 +118,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         return compile_unstructured(state, sparsity)
     budgets = budget_steps(**budget_given)
     gradual = as_gradual(steps)
-    check_gradual(gradual, budgets, between_steps, crit, state.round_to)
+    check_gradual(gradual, budgets, between_steps, crit, state.round_to, batch_list is not None)
     _warn_obs_unrepaired(crit, state.repair_mode)
     for step, budget in enumerate(budgets):
         stage.analyse(state)

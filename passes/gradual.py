@@ -7,7 +7,11 @@ and analysed graph. Each step scores the dense graph with every channel removed 
 producers, norms over pruned dims with kept-only statistics), which computes exactly
 what the rewritten model of the steps so far computes; the caller rewrites once, at the
 end. N steps cost N scoring passes (steps whose budget already holds are not scored),
-plus a deep copy per step; no re-trace, re-analysis or rewrite.
+plus a deep copy per step; no re-trace, re-analysis or rewrite. With
+``Gradual(repair=...)`` each scored step instead sees the plan so far as the repair pass
+leaves it (:func:`step_analysis`: one rewrite and one repair per scored step, the result
+carried back into the masked copy by :mod:`.carry`): the masked dense weights keep BN
+statistics of channels that are gone, which misleads data-driven scores more with every step.
 
 Contract (:func:`prune_gradually`): reads the dense :class:`Analysis`, its prunable
 groups, the dense per-group removal caps, a :class:`Budget` (flops or params), a
@@ -36,18 +40,25 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
 
-from ..errors import BudgetError
+from ..errors import BudgetError, FxpruneError
 from ..group import Group
+from .carry import carry_tensors
 from .groups import Analysis
+from .repair import repair as repair_pass
+from .rewrite import rewrite
 from .select import DEFAULT_NORMALIZE, Budget, global_order, select_budget
 from .verify import masked_reference
 
-__all__ = ["Gradual", "as_gradual", "schedule", "masked_analysis", "prune_gradually"]
+__all__ = ["Gradual", "STEP_REPAIRS", "as_gradual", "schedule", "masked_analysis",
+           "step_analysis", "prune_gradually"]
+
+#: ``Gradual(repair=...)`` values: the repair pass's modes that carry between steps.
+STEP_REPAIRS = (None, "bn", "full")
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +80,26 @@ class Gradual:
     reference code's ``group_reduction="mean"``. A per-group constant, it changes the
     ranking only with ``normalize=None``: ÷ group mean and ÷ group max cancel it.
     (÷ group max itself, the reference's ``normalizer="max"``, is ``normalize="max"``:
-    per step, over the group's remaining channels.)
+    per step, over the group's remaining channels.) ``repair``: ``"bn"`` or ``"full"``
+    makes every step score the plan so far *as the repair pass leaves it* (the repair of
+    that mode on the rewritten plan, carried back into the masked model:
+    :func:`step_analysis`), instead of the masked dense weights and their BN statistics,
+    which go stale as channels go; it costs one rewrite and one repair per scored step.
     """
 
     steps: int
     bn_train: bool = False
     layer_mean: bool = False
+    repair: Optional[str] = None
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise BudgetError(f"steps={self.steps!r} must be a positive integer: the number "
                               "of gradual pruning steps (the OBA paper uses 50)")
+        if self.repair not in STEP_REPAIRS:
+            raise BudgetError(f"Gradual(repair={self.repair!r}): use 'bn' (BN statistics "
+                              "re-estimated between steps), 'full' (also layers re-fitted) "
+                              "or None")
 
 
 def as_gradual(steps) -> Optional[Gradual]:
@@ -116,6 +136,26 @@ def masked_analysis(dense: Analysis, kept: Kept, bn_train: bool = False) -> Anal
     return dataclasses.replace(dense, gm=gm)
 
 
+def step_analysis(dense: Analysis, kept: Kept, gradual: Gradual,
+                  inputs: Optional[Sequence[Tuple[Any, ...]]] = None) -> Analysis:
+    """What a step scores: :func:`masked_analysis` of ``kept``; with ``gradual.repair``,
+    holding the weights and BN statistics that the repair pass of that mode gives the
+    slim model of ``kept`` (rewritten from the dense analysis and repaired against it on
+    ``inputs``, the calibration batches' input tuples), so that every step sees the plan
+    so far as the final repair will leave it. ``dense`` is untouched."""
+    masked = masked_analysis(dense, kept, gradual.bn_train)
+    if gradual.repair is None or all(len(kept[g.id]) == g.size for g in dense.groups
+                                     if g.id in kept):
+        return masked
+    if not inputs:
+        raise FxpruneError(f"Gradual(repair={gradual.repair!r}) repairs between steps on "
+                           "calibration data: pass data=")
+    slim = rewrite(dense, kept)
+    repair_pass(dense.gm, slim, dense, kept, inputs, gradual.repair)
+    carry_tensors(dense, slim, kept, masked.gm)
+    return masked
+
+
 def _step_caps(groups: List[Group], caps: Dict[str, int], kept: Kept,
                max_layer_sparsity: float) -> Dict[str, int]:
     """Channels each group may still lose: the dense cap less those already removed, and
@@ -149,14 +189,16 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
                     score: ScoreFn, cost: Callable[[Kept], float], dense_total: float,
                     caps: Dict[str, int], max_layer_sparsity: float, *,
                     normalize: Optional[str] = DEFAULT_NORMALIZE,
-                    check: Optional[Callable] = None) -> Kept:
+                    check: Optional[Callable] = None,
+                    inputs: Optional[Sequence[Tuple[Any, ...]]] = None) -> Kept:
     """Kept channels after ``gradual.steps`` mask-based steps (see the module doc).
 
     ``groups``: the prunable, not ignored groups; ``caps``: their dense removal caps
     (:func:`~.select.removable_counts`); ``cost(kept)``: the cost model's count under a
     plan; ``check(groups, scores, caps)``: optional degenerate-score check of each step's
-    remaining-channel scores. Raises :class:`BudgetError` when a step's target cannot be
-    reached."""
+    remaining-channel scores; ``inputs``: the calibration input tuples that
+    ``gradual.repair`` re-fits on (:func:`step_analysis`). Raises :class:`BudgetError`
+    when a step's target cannot be reached."""
     sizes = {g.id: g.size for g in groups}
     kept: Kept = {gid: list(range(n)) for gid, n in sizes.items()}
     removed: List[Tuple[str, int]] = []  # in removal order: replayed as the order's prefix
@@ -168,7 +210,7 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
             continue
         log.info("gradual step %d/%d: scoring, then pruning to %s=%.4f", k + 1, len(targets),
                  step.kind, step.ratio)
-        scores, tiebreak = score(masked_analysis(dense, kept, gradual.bn_train), kept)
+        scores, tiebreak = score(step_analysis(dense, kept, gradual, inputs), kept)
         step_caps = _step_caps(groups, caps, kept, max_layer_sparsity)
         order = removed + _remaining_order(groups, scores, tiebreak, kept, step_caps,
                                            normalize, check)

@@ -26,5 +26,8 @@ def test_bntrain_suffix_scores_gradual_steps_with_batch_statistics():
     assert opts["steps"] == Gradual(50, bn_train=True) and opts["target"] == "dense"
     assert "bn_train" not in opts                               # compile has no such keyword
     assert method_options("obs@50", 0)[1]["steps"] == 50        # off unless named
+    assert method_options("obd+rfull@10", 0)[1]["steps"] == Gradual(10, repair="full")
+    assert method_options("obd+rbn+bntrain@10", 0)[1]["steps"] == Gradual(
+        10, bn_train=True, repair="bn")
     with pytest.raises(ValueError, match="@N"):
         method_options("obs+bntrain", 0)                        # one-shot: nothing to apply

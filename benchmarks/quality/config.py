@@ -17,8 +17,9 @@ EPOCH = 60_000
 #: ``+raw``: ``normalize=None``, channels ranked by raw score across groups; ``+cost``:
 #: ``cost_aware=True``, ranked by score ÷ the FLOPs one channel of the group saves;
 #: ``+kron``: obs' ``gram="kron"``, every conv on its channel ⊗ kernel factored Gram;
-#: ``+bntrain`` (with ``@N`` only): gradual steps scored with batch-statistics BN
-#: (``Gradual(N, bn_train=True)``, the OBA reference code's train-mode scoring);
+#: ``+bntrain``, ``+rbn``, ``+rfull`` (with ``@N`` only: :data:`GRADUAL_SUFFIXES`): gradual
+#: steps scored with batch-statistics BN (the OBA reference code's train-mode scoring), or
+#: on the plan so far as ``repair="bn"`` / ``"full"`` leaves it (``Gradual(N, repair=...)``);
 #: any other suffix is option ``perturb=``, e.g. ``+consumer``, issue 12's consumer-cut
 #: δθ of the second-order criteria), and a ``@N`` suffix for ``compile(steps=N)`` (the
 #: OBA paper's gradual procedure, e.g. ``obs@50``, ``oba+consumer@50``); the default
@@ -30,7 +31,10 @@ CRITERIA = ["obs+raw+cost", "obs", "obs+fisher", "oba", "oba+consumer", "oba-exa
 #: follow each other: ``obs+fisher+raw``).
 SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}, "raw": {"normalize": None},
                   "cost": {"cost_aware": True}, "kron": {"gram": "kron"},
-                  "dense": {"target": "dense"}, "bntrain": {"bn_train": True}}
+                  "dense": {"target": "dense"}}
+#: ``+suffix`` parts that set a :class:`fxprune.Gradual` field (``@N`` methods only).
+GRADUAL_SUFFIXES = {"bntrain": {"bn_train": True}, "rbn": {"repair": "bn"},
+                    "rfull": {"repair": "full"}}
 ITERATIVE = [0.6, 0.5, 0.4, 0.3, 0.2, 0.14]
 FULL_FT_STEPS = 200
 
@@ -50,13 +54,17 @@ def method_options(method: str, seed: int) -> Tuple[str, Dict]:
     # a method name means one ranking, whatever compile's default: the plain one unless
     # a suffix says otherwise (the committed rows were measured so)
     opts: Dict = {"normalize": "mean", "cost_aware": False}
+    gradual: Dict = {}
     for suffix in suffixes:
-        opts.update(SUFFIX_OPTIONS.get(suffix, {"perturb": suffix}))
-    bn_train = opts.pop("bn_train", False)
-    if bn_train and not at:
-        raise ValueError(f"{method!r}: +bntrain is a gradual-step option; add @N")
+        if suffix in GRADUAL_SUFFIXES:
+            gradual.update(GRADUAL_SUFFIXES[suffix])
+        else:
+            opts.update(SUFFIX_OPTIONS.get(suffix, {"perturb": suffix}))
+    if gradual and not at:
+        raise ValueError(f"{method!r}: {', '.join(GRADUAL_SUFFIXES)} are gradual-step "
+                         "options; add @N")
     if at:
-        opts["steps"] = Gradual(int(steps), bn_train=True) if bn_train else int(steps)
+        opts["steps"] = Gradual(int(steps), **gradual) if gradual else int(steps)
         if criterion == "obs":  # rows before obs' dense targets were measured so
             opts.setdefault("target", "masked")
     if criterion == "random":
