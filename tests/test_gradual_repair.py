@@ -125,3 +125,38 @@ def test_repair_between_steps_is_checked_before_any_work():
     with pytest.raises(FxpruneError, match="pass data="):
         fxprune.compile(model, "l2", example_inputs=x, flops=0.5,
                         steps=Gradual(3, repair="bn"))
+
+
+CLI = ["prune", "tiny_vgg", "--batches", "2", "--batch-size", "4", "--no-measure-latency",
+       "--no-verify", "-q"]
+
+
+def _cli(capsys, *extra):
+    from fxprune.cli import main
+    try:
+        code = main([*CLI, *extra])
+    except SystemExit as exc:  # argparse
+        code = exc.code
+    return code, capsys.readouterr().err
+
+
+def test_cli_step_repair_reaches_compile(capsys, monkeypatch):
+    seen = {}
+    real_compile = fxprune.compile
+    monkeypatch.setattr(fxprune, "compile",
+                        lambda *a, **k: seen.update(k) or real_compile(*a, **k))
+    code, err = _cli(capsys, "--criterion", "obd", "--flops", "0.6", "--steps", "2",
+                     "--step-repair", "full")
+    assert code == 0, err
+    assert seen["steps"] == Gradual(2, repair="full")
+
+
+def test_cli_step_repair_needs_steps_before_the_model_is_built(capsys, monkeypatch):
+    from fxprune.cli import prune
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the model was built before the arguments were checked")
+
+    monkeypatch.setattr(prune, "load_model", no_model)
+    code, err = _cli(capsys, "--flops", "0.6", "--step-repair", "bn")
+    assert code == 2 and "add --steps N" in err, err

@@ -61,6 +61,8 @@ def _check_args(args) -> None:
     check_checkpoint(args.checkpoint)
     if args.export and os.path.abspath(args.export) == os.path.abspath(args.out or ""):
         raise CliError("--out and --export must be different files")
+    if args.step_repair and not args.steps:
+        raise CliError("--step-repair repairs between gradual steps: add --steps N")
 
 
 def _out_is_hf_folder(args) -> bool:
@@ -100,7 +102,7 @@ def _analyse(model, example, frontend: str = "auto") -> None:
 def _compile(model, criterion: str, calib, args, options: Dict[str, Any]):
     """Run :func:`fxprune.compile` with stage messages between the steps; ``options``
     are the criterion's (:func:`criterion_options`)."""
-    from .. import compile as fx_compile
+    from .. import Gradual, compile as fx_compile
     budget = budget_kwargs(args)
     values = next(iter(budget.values()))
     steps = len(values) if isinstance(values, list) else 1
@@ -117,6 +119,7 @@ def _compile(model, criterion: str, calib, args, options: Dict[str, Any]):
                          "forward passes, batch 1)")
 
     repair = _repair_mode(args, calib)
+    gradual = Gradual(args.steps, repair=args.step_repair) if args.step_repair else args.steps
     n_batches = len(calib.batches) if calib.batches is not None else 0
     log.info("scoring with %r%s, then pruning to %s", criterion,
              f" on {n_batches} calibration batch(es)" if n_batches else "", _budget_text(budget))
@@ -125,7 +128,7 @@ def _compile(model, criterion: str, calib, args, options: Dict[str, Any]):
                       progress=not args.quiet, measure_latency=args.measure_latency,
                       verify=verify,
                       between_steps=None if args.steps else between_steps, repair=repair,
-                      steps=args.steps,
+                      steps=gradual,
                       normalize=None if args.normalize == "none" else args.normalize,
                       ignore=ignore_names(args.ignore),
                       max_layer_sparsity=args.max_layer_sparsity, round_to=args.round_to,
