@@ -35,7 +35,7 @@ def check_gradual(gradual: Optional[Gradual], budgets: List[Budget], between_ste
     """Refuse ``steps=`` combined with what it replaces or cannot rank."""
     if gradual is None:
         return
-    if gradual.repair is not None and not has_data:
+    if gradual.repair not in (None, "auto") and not has_data:
         raise FxpruneError(f"steps=Gradual(..., repair={gradual.repair!r}) repairs between "
                            "steps on calibration data: pass data=, or repair=None")
     if round_to != 1:
@@ -117,8 +117,11 @@ def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget:
 
     measure = getattr(dense_cost, budget.spec.cost)   # passes/budget.py's BUDGETS table
     total = getattr(dense_cost, budget.spec.dense_total)
-    inputs = None if gradual.repair is None else \
+    inputs = None if gradual.repair in (None, "auto") else \
         [cast_batch(batch, dense.gm)[0] for batch in batch_list]
+    if inputs is not None:
+        notes.append(f"gradual steps scored the plan so far as repair={gradual.repair!r} "
+                     "leaves it (one rewrite and repair per step)")
     kept = prune_gradually(dense, groups, budget, gradual, score,
                            lambda plan: measure(dense.keep_mask(plan)), total, caps,
                            max_layer_sparsity, normalize=normalize, check=check, inputs=inputs)

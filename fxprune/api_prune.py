@@ -28,7 +28,7 @@ from .passes.rewrite import rewrite
 from .passes.score import example_input_tuple, prepare_batches, wrap_loss
 from .passes.frontend import capture
 from .passes.input_spec import inputs_from_spec
-from .passes.gradual import as_gradual
+from .passes.gradual import as_gradual, resolve_step_repair
 from .passes.trace import as_input_tuple
 from .passes.groups import analyze
 from .passes.verify import slim_shapes
@@ -117,7 +117,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
             raise BudgetError("unstructured pruning takes sparsity=r only")
         return compile_unstructured(state, sparsity)
     budgets = budget_steps(**budget_given)
-    gradual = as_gradual(steps)
+    gradual = resolve_step_repair(as_gradual(steps), state.repair_mode)
     check_gradual(gradual, budgets, between_steps, crit, state.round_to, batch_list is not None)
     _warn_obs_unrepaired(crit, state.repair_mode)
     for step, budget in enumerate(budgets):

@@ -54,11 +54,12 @@ from .rewrite import rewrite
 from .select import DEFAULT_NORMALIZE, Budget, global_order, select_budget
 from .verify import masked_reference
 
-__all__ = ["Gradual", "STEP_REPAIRS", "as_gradual", "schedule", "masked_analysis",
-           "step_analysis", "prune_gradually"]
+__all__ = ["Gradual", "STEP_REPAIRS", "as_gradual", "resolve_step_repair", "schedule",
+           "masked_analysis", "step_analysis", "prune_gradually"]
 
-#: ``Gradual(repair=...)`` values: the repair pass's modes that carry between steps.
-STEP_REPAIRS = (None, "bn", "full")
+#: ``Gradual(repair=...)`` values: the repair pass's modes that carry between steps, and
+#: ``"auto"`` (compile's own ``repair=`` mode).
+STEP_REPAIRS = ("auto", None, "bn", "full")
 
 log = logging.getLogger(__name__)
 
@@ -85,21 +86,24 @@ class Gradual:
     that mode on the rewritten plan, carried back into the masked model:
     :func:`step_analysis`), instead of the masked dense weights and their BN statistics,
     which go stale as channels go; it costs one rewrite and one repair per scored step.
+    ``None`` scores the masked dense weights (the paper's procedure). ``"auto"`` (the
+    default) follows the final repair: ``compile`` resolves it to its own ``repair=`` mode
+    (:func:`resolve_step_repair`), so that the steps see what the returned model will be.
     """
 
     steps: int
     bn_train: bool = False
     layer_mean: bool = False
-    repair: Optional[str] = None
+    repair: Optional[str] = "auto"
 
     def __post_init__(self):
         if isinstance(self.steps, bool) or not isinstance(self.steps, int) or self.steps < 1:
             raise BudgetError(f"steps={self.steps!r} must be a positive integer: the number "
                               "of gradual pruning steps (the OBA paper uses 50)")
         if self.repair not in STEP_REPAIRS:
-            raise BudgetError(f"Gradual(repair={self.repair!r}): use 'bn' (BN statistics "
-                              "re-estimated between steps), 'full' (also layers re-fitted) "
-                              "or None")
+            raise BudgetError(f"Gradual(repair={self.repair!r}): use 'auto' (as the final "
+                              "repair), 'bn' (BN statistics re-estimated between steps), "
+                              "'full' (also layers re-fitted) or None")
 
 
 def as_gradual(steps) -> Optional[Gradual]:
@@ -107,6 +111,14 @@ def as_gradual(steps) -> Optional[Gradual]:
     if steps is None or isinstance(steps, Gradual):
         return steps
     return Gradual(steps)
+
+
+def resolve_step_repair(gradual: Optional[Gradual], final_repair: Optional[str]
+                        ) -> Optional[Gradual]:
+    """``gradual`` with ``repair="auto"`` replaced by the final repair's mode."""
+    if gradual is None or gradual.repair != "auto":
+        return gradual
+    return dataclasses.replace(gradual, repair=final_repair)
 
 
 def schedule(budget: Budget, steps: int) -> List[Budget]:
@@ -144,7 +156,8 @@ def step_analysis(dense: Analysis, kept: Kept, gradual: Gradual,
     ``inputs``, the calibration batches' input tuples), so that every step sees the plan
     so far as the final repair will leave it. ``dense`` is untouched."""
     masked = masked_analysis(dense, kept, gradual.bn_train)
-    if gradual.repair is None or all(len(kept[g.id]) == g.size for g in dense.groups
+    # "auto" outside compile (nothing to follow: :func:`resolve_step_repair`) repairs nothing
+    if gradual.repair in (None, "auto") or all(len(kept[g.id]) == g.size for g in dense.groups
                                      if g.id in kept):
         return masked
     if not inputs:

@@ -149,6 +149,11 @@ def test_cli_step_repair_reaches_compile(capsys, monkeypatch):
                      "--step-repair", "full")
     assert code == 0, err
     assert seen["steps"] == Gradual(2, repair="full")
+    code, err = _cli(capsys, "--criterion", "obd", "--flops", "0.6", "--steps", "2",
+                     "--step-repair", "none")
+    assert code == 0 and seen["steps"] == Gradual(2, repair=None), err
+    code, err = _cli(capsys, "--criterion", "obd", "--flops", "0.6", "--steps", "2")
+    assert code == 0 and seen["steps"] == 2, err    # Gradual's default: "auto", as --repair
 
 
 def test_cli_step_repair_needs_steps_before_the_model_is_built(capsys, monkeypatch):
@@ -160,3 +165,22 @@ def test_cli_step_repair_needs_steps_before_the_model_is_built(capsys, monkeypat
     monkeypatch.setattr(prune, "load_model", no_model)
     code, err = _cli(capsys, "--flops", "0.6", "--step-repair", "bn")
     assert code == 2 and "add --steps N" in err, err
+
+
+@pytest.mark.parametrize("final, expected", [("full", "full"), ("bn", "bn"), (None, None)])
+def test_auto_step_repair_follows_compiles_repair(monkeypatch, final, expected):
+    """``Gradual(N)`` (repair="auto") repairs between steps as compile repairs at the end."""
+    import fxprune.api_gradual as api_gradual
+    seen = []
+    real = api_gradual.prune_gradually
+
+    def spy(dense, groups, budget, gradual, *args, **kwargs):
+        seen.append(gradual.repair)
+        return real(dense, groups, budget, gradual, *args, **kwargs)
+
+    monkeypatch.setattr(api_gradual, "prune_gradually", spy)
+    model, x = fixture("tiny_resnet")
+    res = fxprune.compile(model, "obd", example_inputs=x, data=batches_for(x, n=4, classes=10),
+                          flops=0.6, steps=2, repair=final)
+    assert seen == [expected]
+    assert any("repair=" in n for n in res.report.notes) == (expected is not None)

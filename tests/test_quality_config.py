@@ -1,11 +1,13 @@
 """benchmarks/quality/config.py: a method name pins every option its rows were measured
 with, so that a later change of compile's defaults leaves the committed rows' meaning."""
 from benchmarks.quality.config import method_options
+from fxprune import Gradual
 
 
 def test_gradual_obs_rows_keep_the_target_they_were_measured_with():
     assert method_options("obs@50", 0) == ("obs", {"normalize": "mean", "cost_aware": False,
-                                                   "steps": 50, "target": "masked"})
+                                                   "steps": Gradual(50, repair=None),
+                                                   "target": "masked"})
     assert method_options("obs+dense@50", 0)[1]["target"] == "dense"
     assert "target" not in method_options("obs", 0)[1]          # one-shot: no reference
     assert "target" not in method_options("oba@50", 0)[1]       # obs' option only
@@ -21,11 +23,10 @@ def test_suffixes_combine_and_unknown_ones_are_perturbations():
 
 def test_bntrain_suffix_scores_gradual_steps_with_batch_statistics():
     import pytest
-    from fxprune import Gradual
     opts = method_options("obs+dense+bntrain@50", 0)[1]
-    assert opts["steps"] == Gradual(50, bn_train=True) and opts["target"] == "dense"
+    assert opts["steps"] == Gradual(50, bn_train=True, repair=None) and opts["target"] == "dense"
     assert "bn_train" not in opts                               # compile has no such keyword
-    assert method_options("obs@50", 0)[1]["steps"] == 50        # off unless named
+    assert method_options("obs@50", 0)[1]["steps"] == Gradual(50, repair=None)  # unless named
     assert method_options("obd+rfull@10", 0)[1]["steps"] == Gradual(10, repair="full")
     assert method_options("obd+rbn+bntrain@10", 0)[1]["steps"] == Gradual(
         10, bn_train=True, repair="bn")

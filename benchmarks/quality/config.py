@@ -54,17 +54,19 @@ def method_options(method: str, seed: int) -> Tuple[str, Dict]:
     # a method name means one ranking, whatever compile's default: the plain one unless
     # a suffix says otherwise (the committed rows were measured so)
     opts: Dict = {"normalize": "mean", "cost_aware": False}
-    gradual: Dict = {}
+    # steps on the masked dense weights unless a suffix says otherwise (the committed
+    # @N rows were measured so; compile's default follows its repair= mode)
+    gradual: Dict = {"repair": None}
     for suffix in suffixes:
         if suffix in GRADUAL_SUFFIXES:
             gradual.update(GRADUAL_SUFFIXES[suffix])
         else:
             opts.update(SUFFIX_OPTIONS.get(suffix, {"perturb": suffix}))
-    if gradual and not at:
+    if len(gradual) > 1 and not at:
         raise ValueError(f"{method!r}: {', '.join(GRADUAL_SUFFIXES)} are gradual-step "
                          "options; add @N")
     if at:
-        opts["steps"] = Gradual(int(steps), **gradual) if gradual else int(steps)
+        opts["steps"] = Gradual(int(steps), **gradual)
         if criterion == "obs":  # rows before obs' dense targets were measured so
             opts.setdefault("target", "masked")
     if criterion == "random":

@@ -147,10 +147,12 @@ def _prune_parser(sub, common) -> None:
                    help="prune gradually in N steps on an exponential schedule to the one "
                         "--flops/--params/--latency budget, re-scoring after each step (the OBA "
                         "paper's procedure uses 50); costs about N scoring passes")
-    p.add_argument("--step-repair", choices=("bn", "full"), default=None,
+    p.add_argument("--step-repair", choices=("auto", "none", "bn", "full"), default=None,
                    help="with --steps: score every step on the plan so far as the repair pass "
                         "leaves it ('bn': BN statistics re-estimated; 'full': also layers "
-                        "re-fitted), one rewrite and repair per step; needs calibration data")
+                        "re-fitted; one rewrite and repair per step), or on the masked dense "
+                        "weights ('none', the OBA paper's procedure); default 'auto': as "
+                        "--repair")
     p.add_argument("--normalize", choices=("auto", "mean", "max", "none"), default="auto",
                    help="global ranking: channel score / its group's mean |score|, / its "
                         "group's max, or raw scores ('none'); default 'auto': the "

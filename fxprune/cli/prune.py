@@ -119,7 +119,8 @@ def _compile(model, criterion: str, calib, args, options: Dict[str, Any]):
                          "forward passes, batch 1)")
 
     repair = _repair_mode(args, calib)
-    gradual = Gradual(args.steps, repair=args.step_repair) if args.step_repair else args.steps
+    gradual = args.steps if not args.step_repair else \
+        Gradual(args.steps, repair=None if args.step_repair == "none" else args.step_repair)
     n_batches = len(calib.batches) if calib.batches is not None else 0
     log.info("scoring with %r%s, then pruning to %s", criterion,
              f" on {n_batches} calibration batch(es)" if n_batches else "", _budget_text(budget))
