@@ -77,7 +77,10 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     ``steps=N`` (or a :class:`fxprune.Gradual`, which adds the OBA reference code's
     scoring conditions): prune gradually in N steps on an exponential schedule to the one
     flops/params budget, re-scoring the masked model after each step with no fine-tuning
-    in between, then rewrite once (:mod:`fxprune.passes.gradual`).
+    in between, then rewrite once (:mod:`fxprune.passes.gradual`). Each step scores the
+    plan so far as ``repair=`` leaves it (``Gradual(repair="auto")``, the default: one
+    rewrite and repair per step; ``Gradual(N, repair=None)`` scores the masked dense
+    weights, the paper's procedure).
     ``repair``: after each verified rewrite, ``"full"`` re-estimates batch-norm statistics
     and re-fits every layer that lost input channels to the dense model's outputs on the
     calibration inputs, ``"bn"`` only re-estimates batch norms, ``None`` leaves the slim

@@ -37,6 +37,7 @@ code's scoring conditions (batch-statistics BN, mean over a group's non-zero lay
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -49,7 +50,7 @@ from ..errors import BudgetError, FxpruneError
 from ..group import Group
 from .carry import carry_tensors
 from .groups import Analysis
-from .repair import repair as repair_pass
+from .repair import log as repair_log, repair as repair_pass
 from .rewrite import rewrite
 from .select import DEFAULT_NORMALIZE, Budget, global_order, select_budget
 from .verify import masked_reference
@@ -156,17 +157,30 @@ def step_analysis(dense: Analysis, kept: Kept, gradual: Gradual,
     ``inputs``, the calibration batches' input tuples), so that every step sees the plan
     so far as the final repair will leave it. ``dense`` is untouched."""
     masked = masked_analysis(dense, kept, gradual.bn_train)
+    removed = any(len(chans) < g.size for g in dense.groups
+                  for chans in [kept.get(g.id)] if chans is not None)
     # "auto" outside compile (nothing to follow: :func:`resolve_step_repair`) repairs nothing
-    if gradual.repair in (None, "auto") or all(len(kept[g.id]) == g.size for g in dense.groups
-                                     if g.id in kept):
+    if gradual.repair in (None, "auto") or not removed:
         return masked
     if not inputs:
         raise FxpruneError(f"Gradual(repair={gradual.repair!r}) repairs between steps on "
                            "calibration data: pass data=")
     slim = rewrite(dense, kept)
-    repair_pass(dense.gm, slim, dense, kept, inputs, gradual.repair)
+    with _quiet(repair_log):  # its table and warnings, once per step; the final repair's show
+        repair_pass(dense.gm, slim, dense, kept, inputs, gradual.repair)
     carry_tensors(dense, slim, kept, masked.gm)
     return masked
+
+
+@contextlib.contextmanager
+def _quiet(logger: logging.Logger):
+    """``logger`` at ERROR level for the block."""
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _step_caps(groups: List[Group], caps: Dict[str, int], kept: Kept,

@@ -184,3 +184,14 @@ def test_auto_step_repair_follows_compiles_repair(monkeypatch, final, expected):
                           flops=0.6, steps=2, repair=final)
     assert seen == [expected]
     assert any("repair=" in n for n in res.report.notes) == (expected is not None)
+
+
+def test_step_repairs_do_not_repeat_the_repair_log(caplog):
+    """One repair table per compile (the final repair's), not one per step."""
+    model, x = fixture("tiny_resnet")
+    with caplog.at_level("INFO", logger="fxprune.passes.repair"):
+        fxprune.compile(model, "obd", example_inputs=x, data=batches_for(x, n=4, classes=10),
+                        flops=0.5, steps=4)
+    tables = [r for r in caplog.records if r.name == "fxprune.passes.repair"
+              and r.levelname == "INFO"]
+    assert len(tables) == 1, [r.getMessage()[:80] for r in tables]
