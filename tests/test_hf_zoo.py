@@ -116,7 +116,10 @@ def test_falcon_linears_and_heads(variant, heads_prunable):
     heads = groups["transformer.h.0.self_attention.query_key_value"]
     assert heads.kind == "head" and heads.prunable == heads_prunable
     if not heads_prunable:
-        assert "gather along channels" in heads.reason
+        # the op that first meets the shared head depends on the transformers version (a
+        # gather where this test was written, a multiply in 5.25): the reason names it
+        assert "gather along channels" in heads.reason or "at node `mul" in heads.reason, \
+            heads.reason
     res = fxprune.compile(model, "l2", (x,), flops=0.7, progress=False)
     assert res.report.max_rel_error < 1e-5 and res.report.flops_ratio <= 0.7 + 1e-9
     assert isinstance(res.module.get_submodule("transformer.h.0.mlp.dense_4h_to_h"),
