@@ -32,10 +32,11 @@ def test_malformed_options_are_refused(text):
         criterion_option(text)
 
 
-def _main(capsys, *extra):
+def _main(capsys, *extra, base=PRUNE):
+    """Exit code and stderr of ``fxprune <base> <extra>`` (argparse exits included)."""
     from fxprune.cli import main
     try:
-        code = main([*PRUNE, *extra])
+        code = main([*base, *extra])
     except SystemExit as exc:  # argparse
         code = exc.code
     return code, capsys.readouterr().err

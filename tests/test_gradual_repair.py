@@ -15,6 +15,7 @@ from fxprune.passes.rewrite import rewrite
 from fxprune.passes.trace import trace
 from fxprune.passes.verify import check, masked_reference
 
+from test_cli_options import _main
 from test_gradual import batches_for, fixture
 
 FIXTURES = ["tiny_resnet", "tiny_densenet", "tiny_vit", "tiny_mobilenet", "tiny_grouped"]
@@ -132,12 +133,7 @@ CLI = ["prune", "tiny_vgg", "--batches", "2", "--batch-size", "4", "--no-measure
 
 
 def _cli(capsys, *extra):
-    from fxprune.cli import main
-    try:
-        code = main([*CLI, *extra])
-    except SystemExit as exc:  # argparse
-        code = exc.code
-    return code, capsys.readouterr().err
+    return _main(capsys, *extra, base=CLI)
 
 
 def test_cli_step_repair_reaches_compile(capsys, monkeypatch):
