@@ -146,7 +146,8 @@ def _prune_parser(sub, common) -> None:
     p.add_argument("--steps", type=positive_int, metavar="N",
                    help="prune gradually in N steps on an exponential schedule to the one "
                         "--flops/--params/--latency budget, re-scoring after each step (the OBA "
-                        "paper's procedure uses 50); costs about N scoring passes")
+                        "paper's procedure uses 50); costs about N scoring passes, plus a "
+                        "repair per step with data (--step-repair)")
     p.add_argument("--step-repair", choices=("auto", "none", "bn", "full"), default=None,
                    help="with --steps: score every step on the plan so far as the repair pass "
                         "leaves it ('bn': BN statistics re-estimated; 'full': also layers "
