@@ -26,6 +26,7 @@ from torch import nn
 
 from ..errors import FxpruneError
 from .groups import Analysis, fetch_attr
+from .rewrite import sliced_dims
 
 __all__ = ["carry_tensors"]
 
@@ -55,15 +56,13 @@ def _named_tensors(module: nn.Module):
 
 def _sliced_dims(dense: Analysis, keep: np.ndarray) -> Dict[str, Dims]:
     """``{name: [(dim, kept positions), ...]}`` for every name (aliases included) of a
-    tensor the rewrite slices, as :func:`.rewrite._slice_tensors` slices it."""
+    tensor the rewrite slices (:func:`.rewrite.sliced_dims`; a tied tensor is sliced as
+    its first target says, as the rewrite slices it)."""
     by_tensor: Dict[int, Dims] = {}
-    for rec in dense.space.records.values():
-        positions = np.nonzero(keep[rec.ids])[0]
-        if positions.size < rec.ids.size:
-            tensor = fetch_attr(dense.gm, rec.target)
-            dims = by_tensor.setdefault(id(tensor), [])
-            if all(d != rec.dim for d, _ in dims):  # a tied tensor's alias records it again
-                dims.append((rec.dim, torch.as_tensor(positions, device=tensor.device)))
+    for target, dims in sliced_dims(dense, keep).items():
+        tensor = fetch_attr(dense.gm, target)
+        by_tensor.setdefault(id(tensor), [(d, torch.as_tensor(p, device=tensor.device))
+                                          for d, p in dims])
     return {name: by_tensor[id(t)] for name, t in _named_tensors(dense.gm)
             if id(t) in by_tensor}
 

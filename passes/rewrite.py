@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -94,27 +94,32 @@ def _owner(gm: nn.Module, target: str):
     return (gm.get_submodule(prefix) if prefix else gm), name
 
 
+def sliced_dims(analysis: Analysis, keep: np.ndarray) -> Dict[str, List[Tuple[int, np.ndarray]]]:
+    """``{target: [(dim, kept positions), ...]}``: every recorded tensor dim that loses
+    indices under ``keep``, in record order (targets with nothing removed are absent).
+    What the rewrite slices, and what :mod:`.carry` writes back."""
+    out: Dict[str, List[Tuple[int, np.ndarray]]] = {}
+    for rec in analysis.space.records.values():
+        positions = np.nonzero(keep[rec.ids])[0]
+        if positions.size < rec.ids.size:
+            out.setdefault(rec.target, []).append((rec.dim, positions))
+    return out
+
+
 def _slice_tensors(gm: torch.fx.GraphModule, analysis: Analysis, keep: np.ndarray
                    ) -> Dict[int, torch.Tensor]:
     """Slice every recorded tensor dim down to the positions of kept ids; returns
     ``{id of the dense tensor: its slice}``."""
-    by_target: Dict[str, list] = {}
-    for rec in analysis.space.records.values():
-        by_target.setdefault(rec.target, []).append(rec)
     replaced: Dict[int, torch.Tensor] = {}  # tied tensors stay tied: slice once, reuse
-    for target, recs in by_target.items():
+    for target, dims in sliced_dims(analysis, keep).items():
         module, name = _owner(gm, target)
         tensor = getattr(module, name)
         if id(tensor) in replaced:
             _assign(module, name, replaced[id(tensor)])
             continue
         new = tensor.detach()
-        for rec in recs:
-            positions = np.nonzero(keep[rec.ids])[0]
-            if positions.size < rec.ids.size:
-                new = new.index_select(rec.dim, torch.as_tensor(positions, device=new.device))
-        if new.shape == tensor.shape:
-            continue
+        for dim, positions in dims:
+            new = new.index_select(dim, torch.as_tensor(positions, device=new.device))
         # index_select made ``new`` a tensor of its own: no clone needed
         if isinstance(tensor, nn.Parameter):
             new = nn.Parameter(new, requires_grad=tensor.requires_grad)
