@@ -50,7 +50,7 @@ from ..errors import BudgetError, FxpruneError
 from ..group import Group
 from .carry import carry_tensors
 from .groups import Analysis
-from .repair import log as repair_log, repair as repair_pass
+from .repair import REPAIR_MODES, log as repair_log, repair as repair_pass
 from .rewrite import rewrite
 from .select import DEFAULT_NORMALIZE, Budget, global_order, select_budget
 from .verify import masked_reference
@@ -60,7 +60,7 @@ __all__ = ["Gradual", "STEP_REPAIRS", "as_gradual", "resolve_step_repair", "sche
 
 #: ``Gradual(repair=...)`` values: the repair pass's modes that carry between steps, and
 #: ``"auto"`` (compile's own ``repair=`` mode).
-STEP_REPAIRS = ("auto", None, "bn", "full")
+STEP_REPAIRS = ("auto",) + REPAIR_MODES
 
 log = logging.getLogger(__name__)
 
@@ -157,10 +157,8 @@ def step_analysis(dense: Analysis, kept: Kept, gradual: Gradual,
     ``inputs``, the calibration batches' input tuples), so that every step sees the plan
     so far as the final repair will leave it. ``dense`` is untouched."""
     masked = masked_analysis(dense, kept, gradual.bn_train)
-    removed = any(len(chans) < g.size for g in dense.groups
-                  for chans in [kept.get(g.id)] if chans is not None)
     # "auto" outside compile (nothing to follow: :func:`resolve_step_repair`) repairs nothing
-    if gradual.repair in (None, "auto") or not removed:
+    if gradual.repair in (None, "auto") or dense.keep_mask(kept).all():  # nothing removed
         return masked
     if not inputs:
         raise FxpruneError(f"Gradual(repair={gradual.repair!r}) repairs between steps on "
