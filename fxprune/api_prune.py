@@ -68,7 +68,8 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     |score|, ``"max"`` by score ÷ the group's maximum (design §5.5), ``None`` by raw
     score magnitude; ``cost_aware=True`` divides that by the budget's cost (FLOPs,
     parameters or latency) one channel of the group saves, the greedy answer to "least
-    importance lost per cost saved" (:mod:`fxprune.passes.unit_cost`). ``"auto"``
+    importance lost per cost saved" (:mod:`fxprune.passes.unit_cost`; with ``steps=``, at
+    every step, on the plan so far). ``"auto"``
     (default of both, :mod:`fxprune.ranking`): a criterion's own ranking where it declares
     one (``Criterion.ranking``) and it applies (one-shot flops/params/latency pruning),
     else ``"mean"`` without costs; the built-in criteria declare none. For obs followed

@@ -141,7 +141,7 @@ def select_gradually(state: PruneState, gradual, budget: Budget) -> None:
     state.kept, state.saliency = api_gradual.select_gradually(
         state.dense, state.crit, gradual, budget, state.batches, state.loss, state.options,
         state.dense_cost, state.max_layer_sparsity, state.ignore, state.normalize,
-        state.notes, state.progress)
+        state.notes, state.progress, state.cost_aware)
 
 
 def rewrite_and_verify(state: PruneState) -> None:

@@ -11,7 +11,10 @@ declare none, as the quality benchmark found no ranking better than score ÷ gro
 both post-training and fine-tuned: benchmarks/quality/RESULTS.md) where it applies --
 one-shot pruning by the global order to a flops / params / latency budget -- and score ÷
 group mean without costs everywhere else (gradual steps, uniform or unstructured
-pruning, sparsity budgets, criteria that order channels themselves). The two options
+pruning, sparsity budgets, criteria that order channels themselves). An explicit
+``cost_aware=True`` also applies to gradual steps (each step divides by the savings on
+the plan so far: :mod:`fxprune.passes.gradual`); a criterion's own ranking is not
+carried there by ``"auto"``, as it was measured one-shot. The two options
 are one choice: an explicit value of one that differs from the criterion's ranking
 drops the other back to the plain default, so ``normalize="mean"`` alone never pairs
 with a cost-aware order that was only measured on raw scores.
@@ -34,7 +37,7 @@ PLAIN_RANKING: Dict[str, Any] = {"normalize": DEFAULT_NORMALIZE, "cost_aware": F
 def resolve_ranking(crit, normalize, cost_aware, *, steps=None, uniform: bool = False,
                     unstructured: bool = False, sparsity=None) -> Tuple[Optional[str], bool]:
     """``(normalize, cost_aware)`` for selection (module docstring)."""
-    blocker = _global_order_blocker(crit, steps, uniform, unstructured, sparsity)
+    blocker = _global_order_blocker(crit, uniform, unstructured, sparsity)
     given: Dict[str, Any] = {}
     if normalize != AUTO:
         check_normalize(normalize)
@@ -45,22 +48,23 @@ def resolve_ranking(crit, normalize, cost_aware, *, steps=None, uniform: bool = 
         if cost_aware and blocker is not None:
             raise BudgetError(blocker)
         given["cost_aware"] = cost_aware
-    own = {**PLAIN_RANKING, **(crit.ranking if blocker is None else {})}
+    applies = blocker is None and steps is None  # a criterion's ranking: one-shot only
+    own = {**PLAIN_RANKING, **(crit.ranking if applies else {})}
     base = own if all(own[k] == v for k, v in given.items()) else PLAIN_RANKING
     chosen = {**base, **given}
     return chosen["normalize"], chosen["cost_aware"]
 
 
-def _global_order_blocker(crit, steps, uniform: bool, unstructured: bool,
+def _global_order_blocker(crit, uniform: bool, unstructured: bool,
                           sparsity) -> Optional[str]:
     """Why this pruning is not one-shot by the global order to a cost budget (what an
-    explicit ``cost_aware=True`` is refused with), or None where a ranking applies."""
+    explicit ``cost_aware=True`` is refused with), or None where it applies."""
     if crit.select is not None:
         return (f"cost_aware=True re-ranks the global order, but criterion {crit.name!r} "
                 "selects channels itself; drop cost_aware")
-    if steps is not None or uniform or unstructured:
-        return ("cost_aware=True re-ranks the one-shot global order; it does not combine "
-                "with steps=, uniform=True or unstructured=True")
+    if uniform or unstructured:
+        return ("cost_aware=True re-ranks the global order; it does not combine with "
+                "uniform=True or unstructured=True")
     if sparsity is not None:
         return ("cost_aware=True ranks by cost saved, but a sparsity budget has no cost (it "
                 "removes a fraction of every group); use flops=, params= or latency=, or "

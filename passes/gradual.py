@@ -24,7 +24,8 @@ the dense numbering, every group of ``caps`` included. Invariants:
   keep mask;
 * channels removed at a step stay removed: later steps rank only the remaining
   channels, with scores, tie-break keys and the group normaliser (÷ mean or ÷ max)
-  computed over the remaining channels only, and caps counted against the dense size
+  computed over the remaining channels only (with ``cost_aware``, also the saving of one
+  channel, on the plan so far), and caps counted against the dense size
   (``max_layer_sparsity`` of the dense group), as the rewrite-based iterative mode
   (``compile(flops=[...])``) ranks the channels of its re-analysed slim model. Given
   the same scores the two give the same plan;
@@ -53,6 +54,7 @@ from .groups import Analysis
 from .repair import REPAIR_MODES, log as repair_log, repair as repair_pass
 from .rewrite import rewrite
 from .select import DEFAULT_NORMALIZE, Budget, global_order, select_budget
+from .unit_cost import unit_costs
 from .verify import masked_reference
 
 __all__ = ["Gradual", "STEP_REPAIRS", "as_gradual", "resolve_step_repair", "schedule",
@@ -196,9 +198,13 @@ def _step_caps(groups: List[Group], caps: Dict[str, int], kept: Kept,
 
 def _remaining_order(groups: List[Group], scores: Scores, tiebreak: Optional[Scores],
                      kept: Kept, caps: Dict[str, int], normalize: Optional[str],
-                     check: Optional[Callable]) -> List[Tuple[str, int]]:
+                     check: Optional[Callable],
+                     cost: Optional[Callable[[Kept], float]] = None) -> List[Tuple[str, int]]:
     """The global removal order of the remaining channels (dense numbering), ranked as
-    :func:`global_order` ranks a model that has only those channels."""
+    :func:`global_order` ranks a model that has only those channels; with ``cost`` (the
+    plan -> cost model, cost-aware ranking) each group's scores are divided by what one
+    of its remaining channels saves from the plan so far (:func:`~.unit_cost.unit_costs`
+    on that model, as one-shot selection measures savings on the model it prunes)."""
     index = {g.id: torch.as_tensor(kept[g.id], dtype=torch.long) for g in groups}
     compact = [Group(g.id, len(kept[g.id])) for g in groups]
     sub = {gid: scores[gid].detach()[ix.to(scores[gid].device)] for gid, ix in index.items()}
@@ -206,7 +212,13 @@ def _remaining_order(groups: List[Group], scores: Scores, tiebreak: Optional[Sco
         gid: tiebreak[gid].detach()[ix.to(tiebreak[gid].device)] for gid, ix in index.items()}
     if check is not None:
         check(compact, sub, caps)
-    order = global_order(compact, sub, caps, normalize, tiebreak=sub_tb)
+    savings = None
+    if cost is not None:
+        def compact_cost(plan: Kept) -> float:  # compact numbering -> the dense plan's cost
+            return cost({**kept, **{gid: [kept[gid][c] for c in cs]
+                                    for gid, cs in plan.items()}})
+        savings = unit_costs(compact, sub, caps, compact_cost)
+    order = global_order(compact, sub, caps, normalize, tiebreak=sub_tb, savings=savings)
     return [(gid, kept[gid][c]) for gid, c in order]
 
 
@@ -215,14 +227,16 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
                     caps: Dict[str, int], max_layer_sparsity: float, *,
                     normalize: Optional[str] = DEFAULT_NORMALIZE,
                     check: Optional[Callable] = None,
-                    inputs: Optional[Sequence[Tuple[Any, ...]]] = None) -> Kept:
+                    inputs: Optional[Sequence[Tuple[Any, ...]]] = None,
+                    cost_aware: bool = False) -> Kept:
     """Kept channels after ``gradual.steps`` mask-based steps (see the module doc).
 
     ``groups``: the prunable, not ignored groups; ``caps``: their dense removal caps
     (:func:`~.select.removable_counts`); ``cost(kept)``: the cost model's count under a
     plan; ``check(groups, scores, caps)``: optional degenerate-score check of each step's
     remaining-channel scores; ``inputs``: the calibration input tuples that
-    ``gradual.repair`` re-fits on (:func:`step_analysis`). Raises :class:`BudgetError`
+    ``gradual.repair`` re-fits on (:func:`step_analysis`); ``cost_aware``: each step ranks
+    by normalised score ÷ what one channel saves from the plan so far. Raises :class:`BudgetError`
     when a step's target cannot be reached."""
     sizes = {g.id: g.size for g in groups}
     kept: Kept = {gid: list(range(n)) for gid, n in sizes.items()}
@@ -238,7 +252,7 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
         scores, tiebreak = score(step_analysis(dense, kept, gradual, inputs), kept)
         step_caps = _step_caps(groups, caps, kept, max_layer_sparsity)
         order = removed + _remaining_order(groups, scores, tiebreak, kept, step_caps,
-                                           normalize, check)
+                                           normalize, check, cost if cost_aware else None)
         new = select_budget(groups, scores, step, caps, cost, dense_total, order)
         gone = {(gid, c) for gid in sizes for c in set(kept[gid]) - set(new[gid])}
         # the prefix of already removed channels is always replayed: the plan without

@@ -126,16 +126,20 @@ def _group_scale(s: np.ndarray, normalize: Optional[str]) -> float:
 
 def global_order(groups, scores: Scores, caps: Dict[str, int],
                  normalize: Optional[str] = DEFAULT_NORMALIZE, *,
-                 tiebreak: Optional[Scores] = None):
+                 tiebreak: Optional[Scores] = None,
+                 savings: Optional[Dict[str, float]] = None):
     """All removable channels as (group id, channel), least important first; each
     group contributes only its ``cap`` lowest channels. ``normalize="mean"`` ranks
     scores relative to their group's mean |score| (Torch-Pruning's default normaliser);
     ``"max"`` relative to the group's maximum (design §5.5); ``None`` ranks the raw
     |scores| (absolute loss-change estimates of second-order criteria compete as is).
     Equal normalised scores are ordered by ``tiebreak`` (weight norm), normalised the
-    same way, so that tied groups interleave by relative norm."""
+    same way, so that tied groups interleave by relative norm. ``savings`` (cost-aware
+    ranking, :func:`~.unit_cost.unit_costs`): each group's normalised scores are divided
+    by what one of its channels saves."""
     check_normalize(normalize)
-    ids, entry_group, channels = _order_arrays(groups, scores, caps, normalize, tiebreak)
+    ids, entry_group, channels = _order_arrays(groups, scores, caps, normalize, tiebreak,
+                                               savings)
     return [(ids[i], c) for i, c in zip(entry_group.tolist(), channels.tolist())]
 
 

@@ -141,11 +141,28 @@ def test_final_slim_model_verified_and_user_model_untouched():
     assert check(res.module, masked_reference(dense, res.plan.kept), (x,)) <= 1e-6
 
 
-@pytest.mark.parametrize("criterion", ["l2", "taylor"])
-def test_one_step_equals_one_shot(criterion):
+@pytest.mark.parametrize("name, normalize", [
+    ("tiny_resnet", None), ("tiny_densenet", "mean"), ("tiny_vit", None)])
+def test_cost_aware_steps_equal_rewrite_iterative_mode(name, normalize):
+    """Cost-aware steps divide by what a channel saves from the plan so far: the savings
+    the rewrite-based iterative mode measures on its slim model (same plan, and not the
+    plain ranking's)."""
+    model, x = fixture(name)
+    masked, rewritten = iterative_equivalent(model, x, "l2", 0.45, 4, normalize=normalize,
+                                             cost_aware=True)
+    assert masked.plan.meta["cost_aware"] is True
+    assert masked.plan.kept == rewritten.plan.kept
+    plain, _ = iterative_equivalent(model, x, "l2", 0.45, 4, normalize=normalize)
+    assert plain.plan.kept != masked.plan.kept
+    assert masked.report.max_rel_error <= 1e-6
+
+
+@pytest.mark.parametrize("criterion, cost_aware", [("l2", False), ("taylor", False),
+                                                   ("l2", True)])
+def test_one_step_equals_one_shot(criterion, cost_aware):
     model, x = fixture("tiny_resnet")
     data = batches_for(x, classes=10) if criterion == "taylor" else None
-    kw = dict(example_inputs=x, data=data, flops=0.5, repair=None)
+    kw = dict(example_inputs=x, data=data, flops=0.5, repair=None, cost_aware=cost_aware)
     one = fxprune.compile(model, criterion, steps=1, **kw)
     shot = fxprune.compile(model, criterion, **kw)
     assert one.plan.kept == shot.plan.kept

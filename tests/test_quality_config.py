@@ -32,3 +32,10 @@ def test_bntrain_suffix_scores_gradual_steps_with_batch_statistics():
         10, bn_train=True, repair="bn")
     with pytest.raises(ValueError, match="@N"):
         method_options("obs+bntrain", 0)                        # one-shot: nothing to apply
+
+
+def test_ranking_and_step_suffixes_combine_in_gradual_methods():
+    criterion, opts = method_options("obs+dense+raw+cost+rfull@50", 1)
+    assert criterion == "obs" and opts == {"normalize": None, "cost_aware": True,
+                                           "target": "dense",
+                                           "steps": Gradual(50, repair="full")}

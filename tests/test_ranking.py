@@ -27,6 +27,7 @@ def ranked_criterion():
 @pytest.mark.parametrize("name,normalize,cost_aware,context,expected", [
     ("test-ranked", "auto", "auto", {}, OWN),
     ("test-ranked", "auto", "auto", dict(steps=4), PLAIN),    # gradual: plain
+    ("l2", "auto", True, dict(steps=4), ("mean", True)),      # unless asked for
     ("test-ranked", "auto", "auto", dict(sparsity=0.5), PLAIN),  # no cost to divide by
     ("test-ranked", "auto", "auto", dict(uniform=True), PLAIN),
     ("test-ranked", "mean", "auto", {}, ("mean", False)),    # one choice: no mean ÷ cost

@@ -149,7 +149,6 @@ def test_compile_applies_it_verifies_and_records_it():
 @pytest.mark.parametrize("kwargs,words", [
     (dict(cost_aware="yes"), "True, False or 'auto'"),
     (dict(cost_aware=True, criterion="sosp-i"), "selects channels itself"),
-    (dict(cost_aware=True, steps=4), "steps="),
     (dict(cost_aware=True, uniform=True), "uniform=True"),
     (dict(cost_aware=True, sparsity=0.5, flops=None), "sparsity budget"),
 ])
