@@ -5,16 +5,14 @@ them and the kind of pruning, and returns the ``(normalize, cost_aware)`` select
 or raises :class:`~fxprune.errors.BudgetError` before any scoring where an explicit value
 cannot apply. It reads and writes nothing else.
 
-``"auto"`` (the default of both) takes the criterion's own ranking (``Criterion.ranking``:
-a registered criterion may declare the ranking its scores are meant for; the built-ins
-declare none, as the quality benchmark found no ranking better than score ÷ group mean
-both post-training and fine-tuned: benchmarks/quality/RESULTS.md) where it applies --
-one-shot pruning by the global order to a flops / params / latency budget -- and score ÷
-group mean without costs everywhere else (gradual steps, uniform or unstructured
-pruning, sparsity budgets, criteria that order channels themselves). An explicit
-``cost_aware=True`` also applies to gradual steps (each step divides by the savings on
-the plan so far: :mod:`fxprune.passes.gradual`); a criterion's own ranking is not
-carried there by ``"auto"``, as it was measured one-shot. The two options
+``"auto"`` (the default of both) takes the criterion's own ranking where it applies --
+pruning by the global order to a flops / params / latency budget: ``Criterion.ranking``
+one-shot, ``Criterion.step_ranking`` at every step of gradual pruning (``steps=``, which
+divides by the savings on the plan so far: :mod:`fxprune.passes.gradual`) -- and score ÷
+group mean without costs everywhere else (uniform or unstructured pruning, sparsity
+budgets, criteria that order channels themselves). A registered criterion declares the
+ranking its scores are meant for; which built-in declares which follows the quality
+benchmark (benchmarks/quality/RESULTS.md). The two options
 are one choice: an explicit value of one that differs from the criterion's ranking
 drops the other back to the plain default, so ``normalize="mean"`` alone never pairs
 with a cost-aware order that was only measured on raw scores.
@@ -48,8 +46,8 @@ def resolve_ranking(crit, normalize, cost_aware, *, steps=None, uniform: bool = 
         if cost_aware and blocker is not None:
             raise BudgetError(blocker)
         given["cost_aware"] = cost_aware
-    applies = blocker is None and steps is None  # a criterion's ranking: one-shot only
-    own = {**PLAIN_RANKING, **(crit.ranking if applies else {})}
+    declared = crit.ranking if steps is None else crit.step_ranking
+    own = {**PLAIN_RANKING, **(declared if blocker is None else {})}
     base = own if all(own[k] == v for k, v in given.items()) else PLAIN_RANKING
     chosen = {**base, **given}
     return chosen["normalize"], chosen["cost_aware"]

@@ -1,6 +1,7 @@
 """compile's global ranking, ``normalize`` and ``cost_aware`` (fxprune/ranking.py):
-"auto" takes the criterion's own ranking (``Criterion.ranking``) where it applies (one-shot
-pruning to a cost budget), the plain ranking elsewhere and for every built-in criterion;
+"auto" takes the criterion's own ranking (``Criterion.ranking`` one-shot,
+``Criterion.step_ranking`` in gradual steps) where it applies (pruning by the global order to
+a cost budget), the plain ranking elsewhere and for criteria that declare none;
 explicit values win and are checked before scoring."""
 import dataclasses
 
@@ -13,21 +14,25 @@ from fxprune.criteria import _REGISTRY, get_criterion, register_criterion
 from fxprune.ranking import PLAIN_RANKING, resolve_ranking
 
 OWN, PLAIN = (None, True), (PLAIN_RANKING["normalize"], PLAIN_RANKING["cost_aware"])
+STEP = ("max", False)
 
 
 @pytest.fixture(autouse=True)
 def ranked_criterion():
     """``test-ranked``: l2 declaring the knapsack ranking for itself, for these tests."""
     register_criterion(dataclasses.replace(get_criterion("l2"), name="test-ranked", ranking={
-        "normalize": None, "cost_aware": True}), overwrite=True)
+        "normalize": None, "cost_aware": True}, step_ranking={"normalize": "max"}),
+        overwrite=True)
     yield
     _REGISTRY.pop("test-ranked", None)
 
 
 @pytest.mark.parametrize("name,normalize,cost_aware,context,expected", [
     ("test-ranked", "auto", "auto", {}, OWN),
-    ("test-ranked", "auto", "auto", dict(steps=4), PLAIN),    # gradual: plain
-    ("l2", "auto", True, dict(steps=4), ("mean", True)),      # unless asked for
+    ("test-ranked", "auto", "auto", dict(steps=4), STEP),     # gradual: its step ranking
+    ("test-ranked", "auto", True, dict(steps=4), ("mean", True)),  # one choice
+    ("l2", "auto", "auto", dict(steps=4), PLAIN),
+    ("l2", "auto", True, dict(steps=4), ("mean", True)),      # explicit: per step too
     ("test-ranked", "auto", "auto", dict(sparsity=0.5), PLAIN),  # no cost to divide by
     ("test-ranked", "auto", "auto", dict(uniform=True), PLAIN),
     ("test-ranked", "mean", "auto", {}, ("mean", False)),    # one choice: no mean ÷ cost
@@ -66,7 +71,7 @@ def test_compile_records_the_ranking_it_used():
     assert (plain.plan.meta["normalize"], plain.plan.meta["cost_aware"]) == ("mean", False)
     gradual = fxprune.compile(net, "test-ranked", example_inputs=data[0][0], flops=0.6,
                               steps=2)
-    assert (gradual.plan.meta["normalize"], gradual.plan.meta["cost_aware"]) == PLAIN
+    assert (gradual.plan.meta["normalize"], gradual.plan.meta["cost_aware"]) == STEP
 
 
 def test_a_bad_normalize_is_refused_before_scoring():

@@ -66,8 +66,11 @@ class Criterion:
     options: Optional[Tuple[str, ...]] = None
     # compile's ``normalize`` / ``cost_aware`` for this criterion when left at "auto" in
     # one-shot pruning to a cost budget (:mod:`fxprune.ranking`), e.g. ``{"normalize":
-    # None, "cost_aware": True}``; empty (every built-in): score ÷ group mean.
+    # None, "cost_aware": True}``; empty: score ÷ group mean.
     ranking: Dict[str, Any] = field(default_factory=dict)
+    # the same for gradual pruning (``steps=``): what every step ranks by when compile's
+    # ``normalize`` / ``cost_aware`` are left at "auto"; empty: score ÷ group mean.
+    step_ranking: Dict[str, Any] = field(default_factory=dict)
 
 
 _REGISTRY = Registry("criterion")
