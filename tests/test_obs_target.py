@@ -86,8 +86,9 @@ def _fixture():
 def test_one_step_equals_one_shot_obs():
     model, x, data = _fixture()
     kw = dict(example_inputs=x, data=data, flops=0.5, repair="full")
-    one = fxprune.compile(model, "obs", steps=1, **kw)
-    shot = fxprune.compile(model, "obs", **kw)
+    one = fxprune.compile(model, "obs", steps=1, **kw)   # obs' step ranking (ranking.py)
+    shot = fxprune.compile(model, "obs", normalize=None, cost_aware=True, **kw)
+    assert (one.plan.meta["normalize"], one.plan.meta["cost_aware"]) == (None, True)
     assert one.plan.kept == shot.plan.kept
 
 

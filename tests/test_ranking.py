@@ -39,7 +39,9 @@ def ranked_criterion():
     ("test-ranked", "auto", False, {}, PLAIN),
     ("test-ranked", None, "auto", {}, OWN),                  # agrees with its ranking
     ("test-ranked", "max", True, {}, ("max", True)),         # explicit values win
-    ("obs", "auto", "auto", {}, PLAIN),                      # built-ins: plain
+    ("obs", "auto", "auto", {}, PLAIN),                      # built-ins: plain one-shot
+    ("obs", "auto", "auto", dict(steps=4), (None, True)),    # obs' step ranking
+    ("obs", "mean", "auto", dict(steps=4), ("mean", False)),
     ("l2", "auto", "auto", {}, PLAIN),
     ("l2", "auto", True, {}, ("mean", True)),
     ("sosp-i", "auto", "auto", {}, PLAIN),
