@@ -71,10 +71,12 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     importance lost per cost saved" (:mod:`fxprune.passes.unit_cost`; with ``steps=``, at
     every step, on the plan so far). ``"auto"``
     (default of both, :mod:`fxprune.ranking`): a criterion's own ranking where it declares
-    one (``Criterion.ranking``) and it applies (one-shot flops/params/latency pruning),
-    else ``"mean"`` without costs; the built-in criteria declare none. For obs followed
-    by fine-tuning, ``normalize=None, cost_aware=True`` kept more accuracy in the quality
-    benchmark (and less post-training on a real LeNet-5: benchmarks/quality/RESULTS.md).
+    one and it applies (flops/params/latency pruning by the global order:
+    ``Criterion.ranking`` one-shot, ``Criterion.step_ranking`` with ``steps=``), else
+    ``"mean"`` without costs. No built-in declares a one-shot ranking; obs declares
+    ``normalize=None, cost_aware=True`` for gradual steps. One-shot, that ranking of obs
+    kept more accuracy after fine-tuning in the quality benchmark (and less post-training
+    on a real LeNet-5: benchmarks/quality/RESULTS.md).
     ``steps=N`` (or a :class:`fxprune.Gradual`, which adds the OBA reference code's
     scoring conditions): prune gradually in N steps on an exponential schedule to the one
     flops/params budget, re-scoring the masked model after each step with no fine-tuning
