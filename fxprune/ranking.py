@@ -55,8 +55,8 @@ def resolve_ranking(crit, normalize, cost_aware, *, steps=None, uniform: bool = 
 
 def _global_order_blocker(crit, uniform: bool, unstructured: bool,
                           sparsity) -> Optional[str]:
-    """Why this pruning is not one-shot by the global order to a cost budget (what an
-    explicit ``cost_aware=True`` is refused with), or None where it applies."""
+    """Why this pruning is not by the global order to a cost budget (what an explicit
+    ``cost_aware=True`` is refused with), or None where it is (one-shot or per step)."""
     if crit.select is not None:
         return (f"cost_aware=True re-ranks the global order, but criterion {crit.name!r} "
                 "selects channels itself; drop cost_aware")

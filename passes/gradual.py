@@ -236,8 +236,8 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
     plan; ``check(groups, scores, caps)``: optional degenerate-score check of each step's
     remaining-channel scores; ``inputs``: the calibration input tuples that
     ``gradual.repair`` re-fits on (:func:`step_analysis`); ``cost_aware``: each step ranks
-    by normalised score ÷ what one channel saves from the plan so far. Raises :class:`BudgetError`
-    when a step's target cannot be reached."""
+    by normalised score ÷ what one channel saves from the plan so far. Raises
+    :class:`BudgetError` when a step's target cannot be reached."""
     sizes = {g.id: g.size for g in groups}
     kept: Kept = {gid: list(range(n)) for gid, n in sizes.items()}
     removed: List[Tuple[str, int]] = []  # in removal order: replayed as the order's prefix
