@@ -93,3 +93,14 @@ def test_cli_no_cost_aware_and_normalize_reach_compile(tmp_path, capsys):
         assert code == 0, capsys.readouterr().err
         meta = json.loads(plan.read_text())["meta"]
         assert (meta["normalize"], meta["cost_aware"]) == expected
+
+
+@pytest.mark.parametrize("which, ranking, words", [
+    ("step_ranking", {"normalise": None}, "did you mean 'normalize'"),
+    ("ranking", {"cost_aware": "yes"}, "True or False"),
+    ("step_ranking", {"normalize": "median"}, "must be one of"),
+])
+def test_a_malformed_declared_ranking_is_refused_at_registration(which, ranking, words):
+    with pytest.raises(fxprune.FxpruneError, match="test-bad") as info:
+        dataclasses.replace(get_criterion("l2"), name="test-bad", **{which: ranking})
+    assert words in str(info.value) and which in str(info.value)

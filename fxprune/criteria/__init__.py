@@ -24,6 +24,8 @@ import torch
 
 from ..errors import CriterionError, UnknownOptionError, did_you_mean
 from ..group import Group
+from ..passes.select import NORMALIZERS
+from ..ranking import PLAIN_RANKING
 from ..registry import Registry
 
 
@@ -71,6 +73,29 @@ class Criterion:
     # the same for gradual pruning (``steps=``): what every step ranks by when compile's
     # ``normalize`` / ``cost_aware`` are left at "auto"; empty: score ÷ group mean.
     step_ranking: Dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for which in ("ranking", "step_ranking"):
+            _check_ranking(self.name, which, getattr(self, which))
+
+
+#: The keys of ``Criterion.ranking`` / ``step_ranking``: compile's ranking keywords.
+RANKING_KEYS = tuple(PLAIN_RANKING)
+
+
+def _check_ranking(name: str, which: str, ranking: Mapping[str, Any]) -> None:
+    """Refuse a declared ranking with a key compile has no keyword for or a value its
+    keyword refuses (a misspelt key would otherwise be ignored at every compile)."""
+    for key, value in ranking.items():
+        if key not in RANKING_KEYS:
+            raise CriterionError(f"criterion {name!r}: {which} key {key!r} is not one of "
+                                 f"{RANKING_KEYS}{did_you_mean(key, RANKING_KEYS)}")
+        if key == "normalize" and value not in NORMALIZERS:
+            raise CriterionError(f"criterion {name!r}: {which}['normalize']={value!r} must "
+                                 f"be one of {NORMALIZERS}")
+        if key == "cost_aware" and not isinstance(value, bool):
+            raise CriterionError(f"criterion {name!r}: {which}['cost_aware']={value!r} "
+                                 "must be True or False")
 
 
 _REGISTRY = Registry("criterion")
