@@ -80,11 +80,12 @@ def _tie_summary(tie_notes: List[str], steps: int) -> List[str]:
 
 def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget: Budget,
                      batch_list, loss, options, dense_cost, max_layer_sparsity, ignore,
-                     normalize, notes: List[str], progress: bool, cost_aware: bool = False
-                     ) -> Tuple[Dict[str, List[int]], Optional[Saliency]]:
+                     normalize, notes: List[str], progress: bool, cost_aware: bool = False,
+                     fill: bool = False) -> Tuple[Dict[str, List[int]], Optional[Saliency]]:
     """The plan of ``gradual.steps`` mask-based steps to ``budget`` and the saliency of
     the last scored step (of the final masked model when no step needed pruning);
-    ``cost_aware``: every step ranks by score ÷ one channel's saving."""
+    ``cost_aware``: every step ranks by score ÷ one channel's saving; ``fill``: every
+    step gives back the slack its removals leave below its target."""
     groups = [g for g in dense.groups if g.prunable and not ignored(g, ignore)]
     caps = removable_counts(groups, max_layer_sparsity)
     last: dict = {}  # "sal": the last step's saliency; "checked": after the first check
@@ -126,7 +127,7 @@ def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget:
     kept = prune_gradually(dense, groups, budget, gradual, score,
                            lambda plan: measure(dense.keep_mask(plan)), total, caps,
                            max_layer_sparsity, normalize=normalize, check=check, inputs=inputs,
-                           cost_aware=cost_aware)
+                           cost_aware=cost_aware, fill=fill)
     notes.extend(_tie_summary(tie_notes, gradual.steps))
     if "sal" not in last:
         log.info("the budget holds without pruning: scoring the model once for the report")

@@ -49,7 +49,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
             measure_latency: bool = False, progress: Optional[bool] = None,
             normalize: Optional[str] = "auto", leaf_modules=(), concrete_args=None,
             repair: Optional[str] = "auto", round_to: int = 1, frontend: str = "auto",
-            steps=None, uniform: bool = False, cost_aware="auto",
+            steps=None, uniform: bool = False, cost_aware="auto", fill: bool = False,
             **options) -> CompileResult:
     """Prune ``model`` to a budget and return a physically slimmed GraphModule.
 
@@ -91,6 +91,10 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     ``data`` is given, else ``None``. The report's ``repair`` says what it did.
     ``round_to=N``: every group that loses channels keeps a multiple of N tensor
     indices (a head of d dims counts d), for fast kernels; the budget is still met.
+    ``fill=True`` (flops/params/latency by the global order): once the budget holds, give
+    back removed channels, most important first, while it still holds -- the last
+    removal can be a whole head that lands well below the target
+    (:mod:`fxprune.passes.fill`; with ``steps=``, at every step).
     ``uniform=True``: a flops/params budget is met by removing the same fraction of
     every group (as ``sparsity=r`` does), so that every layer keeps the same number of
     heads and MLP units -- what :func:`fxprune.save_pretrained` needs to write a Hugging
@@ -116,7 +120,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         max_layer_sparsity=max_layer_sparsity, verify=verify, progress=show_progress(progress),
         repair_mode=resolve_repair(repair, batch_list, unstructured),
         round_to=check_round_to(round_to), uniform=_check_uniform(uniform, steps, unstructured),
-        cost_aware=cost_aware)
+        cost_aware=cost_aware, fill=_check_fill(fill, uniform, sparsity, unstructured))
     if unstructured:
         if sparsity is None or any(v is not None for k, v in budget_given.items()
                                    if k != "sparsity"):
@@ -157,6 +161,17 @@ def _check_uniform(uniform, steps, unstructured: bool) -> bool:
         raise BudgetError("uniform=True ranks channels within each group for one global "
                           "sparsity; it does not combine with steps= or unstructured=True")
     return uniform
+
+
+def _check_fill(fill, uniform: bool, sparsity, unstructured: bool) -> bool:
+    if not isinstance(fill, bool):
+        raise BudgetError(f"fill={fill!r} must be True or False")
+    if fill and (uniform or sparsity is not None or unstructured):
+        why = ("uniform=True removes one fraction of every group" if uniform else
+               "a sparsity budget removes a fixed count, it has no slack")
+        raise BudgetError(f"fill=True gives back the slack below a flops/params/latency "
+                          f"target of the global order, but {why}; drop fill")
+    return fill
 
 
 def _warn_obs_unrepaired(crit, repair_mode: Optional[str]) -> None:

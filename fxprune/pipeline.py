@@ -65,6 +65,7 @@ class PruneState:
     round_to: int = 1        # kept counts are multiples of this many indices (passes/widths.py)
     uniform: bool = False    # one sparsity for every group (select_uniform_budget)
     cost_aware: bool = False  # rank by score ÷ one channel's saving (passes/unit_cost.py)
+    fill: bool = False       # give back the slack below the target (passes/fill.py)
     # written by the stages
     dense: Optional[Analysis] = None          # analyse: the dense model's analysis
     dense_cost: Optional[CostModel] = None    # analyse: exact cost model of the dense model
@@ -120,7 +121,7 @@ def select(state: PruneState, budget: Budget) -> None:
                                  normalize=state.normalize,
                                  tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
                                  round_to=state.round_to, uniform=state.uniform,
-                                 cost_aware=state.cost_aware)
+                                 cost_aware=state.cost_aware, fill=state.fill)
     except BudgetError as exc:  # name what blocks the budget (the costliest fixed groups)
         spec = budget.spec
         raise BudgetError(str(exc) + budget_blockers(
@@ -141,7 +142,7 @@ def select_gradually(state: PruneState, gradual, budget: Budget) -> None:
     state.kept, state.saliency = api_gradual.select_gradually(
         state.dense, state.crit, gradual, budget, state.batches, state.loss, state.options,
         state.dense_cost, state.max_layer_sparsity, state.ignore, state.normalize,
-        state.notes, state.progress, state.cost_aware)
+        state.notes, state.progress, state.cost_aware, state.fill)
 
 
 def rewrite_and_verify(state: PruneState) -> None:
@@ -196,6 +197,7 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, measure_laten
                 {"criterion": criterion, "budget": [b.__dict__ for b in steps],
                  "round_to": state.round_to, "uniform": state.uniform,
                  "normalize": state.normalize, "cost_aware": state.cost_aware,
+                 "fill": state.fill,
                  "input_shapes": input_shapes(inputs), "inputs": input_spec(inputs),
                  "fingerprint": fingerprint(dense.groups, type(state.model).__name__,
                                             input_shapes(inputs))})

@@ -22,8 +22,9 @@ the dense numbering, every group of ``caps`` included. Invariants:
   fraction, the reference code's ``exponential_scheduler``); the last step's target is
   exactly ``ratio``; the cost of a plan is the dense cost model under the cumulative
   keep mask;
-* channels removed at a step stay removed: later steps rank only the remaining
-  channels, with scores, tie-break keys and the group normaliser (÷ mean or ÷ max)
+* channels removed at a step stay removed (unless ``fill`` gives them back to fill a
+  later step's slack; they then rank with the others again): later steps rank only the
+  remaining channels, with scores, tie-break keys and the group normaliser (÷ mean or ÷ max)
   computed over the remaining channels only (with ``cost_aware``, also the saving of one
   channel, on the plan so far), and caps counted against the dense size
   (``max_layer_sparsity`` of the dense group), as the rewrite-based iterative mode
@@ -228,7 +229,7 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
                     normalize: Optional[str] = DEFAULT_NORMALIZE,
                     check: Optional[Callable] = None,
                     inputs: Optional[Sequence[Tuple[Any, ...]]] = None,
-                    cost_aware: bool = False) -> Kept:
+                    cost_aware: bool = False, fill: bool = False) -> Kept:
     """Kept channels after ``gradual.steps`` mask-based steps (see the module doc).
 
     ``groups``: the prunable, not ignored groups; ``caps``: their dense removal caps
@@ -236,7 +237,10 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
     plan; ``check(groups, scores, caps)``: optional degenerate-score check of each step's
     remaining-channel scores; ``inputs``: the calibration input tuples that
     ``gradual.repair`` re-fits on (:func:`step_analysis`); ``cost_aware``: each step ranks
-    by normalised score ÷ what one channel saves from the plan so far. Raises
+    by normalised score ÷ what one channel saves from the plan so far; ``fill``: each
+    step gives back the slack below its target, the latest removals first (earlier
+    steps' removals included: the masks allow it, unlike the rewrite-based iterative
+    mode, which can give back only its own step's). Raises
     :class:`BudgetError` when a step's target cannot be reached."""
     sizes = {g.id: g.size for g in groups}
     kept: Kept = {gid: list(range(n)) for gid, n in sizes.items()}
@@ -253,11 +257,12 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
         step_caps = _step_caps(groups, caps, kept, max_layer_sparsity)
         order = removed + _remaining_order(groups, scores, tiebreak, kept, step_caps,
                                            normalize, check, cost if cost_aware else None)
-        new = select_budget(groups, scores, step, caps, cost, dense_total, order)
-        gone = {(gid, c) for gid in sizes for c in set(kept[gid]) - set(new[gid])}
+        new = select_budget(groups, scores, step, caps, cost, dense_total, order, fill=fill)
         # the prefix of already removed channels is always replayed: the plan without
         # them costs more than this step's target, so the bisection ends beyond them
-        removed += [e for e in order[len(removed):] if e in gone]
+        # (fill may give back some of them: they rank with the remaining ones again)
+        still = {gid: set(chans) for gid, chans in new.items()}
+        removed = [(gid, c) for gid, c in order if c not in still[gid]]
         kept = new
     return kept
 

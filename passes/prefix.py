@@ -111,12 +111,14 @@ class PrefixPlans:
             ids, entry_group, channels = arrays
             remap = np.asarray([where[gid] for gid in ids], dtype=np.int64)
             self.of_entry = remap[entry_group] if len(ids) else entry_group
+        self.entries: List[np.ndarray] = []  # per group: its entries' places in the order
         guard = SpanGuard(groups)
         self.pos: List[np.ndarray] = []
         self.ch: List[np.ndarray] = []
         self.limit: List[int] = []
         for i, gid in enumerate(self.ids):
-            mine = channels[self.of_entry == i]
+            self.entries.append(np.flatnonzero(self.of_entry == i))
+            mine = channels[self.entries[i]]
             self.limit.append(min(caps[gid], len(mine)))
             pos, ch = _accepted(guard, gid, self.sizes[i], mine)
             self.pos.append(pos)
@@ -135,6 +137,12 @@ class PrefixPlans:
             r = rounded_removal(n, wanted[i], self.limit[i], self.steps[i])
             out.append(int(np.searchsorted(self.pos[i], r)))  # accepted before entry r
         return tuple(out)
+
+    def removed(self, key: Tuple[int, ...]) -> Dict[str, Tuple[List[int], List[int]]]:
+        """``{group id: (removed channels, their places in the order)}`` for a
+        :meth:`key`, in removal order (what :func:`~.fill.give_back` walks back)."""
+        return {gid: (self.ch[i][:m].tolist(), self.entries[i][self.pos[i][:m]].tolist())
+                for i, (gid, m) in enumerate(zip(self.ids, key))}
 
     def kept(self, key: Tuple[int, ...]) -> Dict[str, List[int]]:
         """``{group id: sorted kept channels}`` for a :meth:`key`; fresh lists."""

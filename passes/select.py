@@ -33,6 +33,7 @@ import torch
 from ..errors import BudgetError
 from ..group import Group
 from .budget import Budget
+from .fill import give_back
 from .prefix import PrefixPlans, SpanGuard
 from .unit_cost import unit_costs
 from .widths import rounded_removal, unit_step
@@ -174,13 +175,17 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
                   cost: Callable[[Dict[str, List[int]]], float], dense: float,
                   order: Optional[list] = None, normalize: Optional[str] = DEFAULT_NORMALIZE,
                   *, tiebreak: Optional[Scores] = None, round_to: int = 1,
-                  cost_aware: bool = False) -> Dict[str, List[int]]:
+                  cost_aware: bool = False, fill: bool = False) -> Dict[str, List[int]]:
     """Smallest removal prefix (in ``order``, by default :func:`global_order` with
     ``tiebreak``) whose cost is within budget. With ``round_to`` > 1 each group's share
     of the prefix is rounded so that it keeps a multiple of ``round_to`` indices
     (:mod:`.widths`), taking or leaving its next channels in ``order``. With
     ``cost_aware`` the default order ranks by normalised score ÷ the cost one channel
-    of the group saves (:mod:`.unit_cost`)."""
+    of the group saves (:mod:`.unit_cost`). With ``fill`` the prefix's removals are then
+    given back, latest in the order first, while the budget still holds
+    (:func:`~.fill.give_back`): the prefix's last removal can be a large unit (a head)
+    that lands far below the target, and the slack it leaves is channels the model
+    could keep."""
     in_caps = [g for g in groups if g.id in caps]
     steps = {g.id: unit_step(g, round_to) for g in in_caps}
     if order is None:
@@ -207,7 +212,11 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
             f"{best:.3f} (limited by max_layer_sparsity, at least one channel per group, "
             + (f"kept widths in multiples of round_to={round_to}, " if round_to > 1 else "")
             + "and groups that are not prunable)")
-    return plans.kept(plans.key(_first_within(cost_at, target, lo, hi)))
+    key = plans.key(_first_within(cost_at, target, lo, hi))
+    if not fill:
+        return plans.kept(key)
+    return give_back(in_caps, plans.kept(key), plans.removed(key), steps,
+                     lambda kept: cost(kept) <= target * (1 + 1e-9))
 
 
 def _first_within(cost_at: Callable[[int], float], target: float, lo: int, hi: int) -> int:
@@ -295,13 +304,15 @@ def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], ke
                 cost_now, dense_cost, *, order: Optional[list] = None,
                 normalize: Optional[str] = DEFAULT_NORMALIZE,
                 tiebreak: Optional[Scores] = None, round_to: int = 1,
-                uniform: bool = False, cost_aware: bool = False) -> Dict[str, List[int]]:
+                uniform: bool = False, cost_aware: bool = False,
+                fill: bool = False) -> Dict[str, List[int]]:
     """One step's kept channels under ``budget``: uniform for a kind without a cost
     (sparsity), else the budget's cost method of ``cost_now`` (the current model's
     :class:`~fxprune.passes.count.CostModel`, masks built by ``keep_mask``) against
     the dense total of ``dense_cost`` (:data:`~fxprune.passes.budget.BUDGETS`), by the
-    global order (``cost_aware``: score ÷ saving, :mod:`.unit_cost`) or, with
-    ``uniform``, by one sparsity for all groups."""
+    global order (``cost_aware``: score ÷ saving, :mod:`.unit_cost`; ``fill``: the
+    slack below the target given back, :func:`select_budget`) or, with ``uniform``, by
+    one sparsity for all groups."""
     spec = budget.spec
     if cost_aware and (spec.cost is None or uniform or order is not None):
         why = ("a sparsity budget has no cost" if spec.cost is None else
@@ -319,4 +330,5 @@ def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], ke
                                      tiebreak=tiebreak, round_to=round_to)
     return select_budget(groups, scores, budget, caps, lambda kept: measure(keep_mask(kept)),
                          getattr(dense_cost, spec.dense_total), order, normalize,
-                         tiebreak=tiebreak, round_to=round_to, cost_aware=cost_aware)
+                         tiebreak=tiebreak, round_to=round_to, cost_aware=cost_aware,
+                         fill=fill)

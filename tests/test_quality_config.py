@@ -6,7 +6,7 @@ from fxprune import Gradual
 
 def test_gradual_obs_rows_keep_the_target_they_were_measured_with():
     assert method_options("obs@50", 0) == ("obs", {"normalize": "mean", "cost_aware": False,
-                                                   "steps": Gradual(50, repair=None),
+                                                   "fill": False, "steps": Gradual(50, repair=None),
                                                    "target": "masked"})
     assert method_options("obs+dense@50", 0)[1]["target"] == "dense"
     assert "target" not in method_options("obs", 0)[1]          # one-shot: no reference
@@ -16,7 +16,7 @@ def test_gradual_obs_rows_keep_the_target_they_were_measured_with():
 def test_suffixes_combine_and_unknown_ones_are_perturbations():
     criterion, opts = method_options("obs+fisher+raw+kron", 3)
     assert criterion == "obs" and opts == {"normalize": None, "cost_aware": False,
-                                           "scale": "fisher", "gram": "kron"}
+                                           "fill": False, "scale": "fisher", "gram": "kron"}
     assert method_options("oba+consumer", 0)[1]["perturb"] == "consumer"
     assert method_options("random", 5)[1]["seed"] == 5
 
@@ -37,5 +37,10 @@ def test_bntrain_suffix_scores_gradual_steps_with_batch_statistics():
 def test_ranking_and_step_suffixes_combine_in_gradual_methods():
     criterion, opts = method_options("obs+dense+raw+cost+rfull@50", 1)
     assert criterion == "obs" and opts == {"normalize": None, "cost_aware": True,
-                                           "target": "dense",
+                                           "fill": False, "target": "dense",
                                            "steps": Gradual(50, repair="full")}
+
+
+def test_fill_suffix_gives_back_the_slack_and_other_rows_pin_it_off():
+    assert method_options("obs+dense+raw+cost+fill+rfull@50", 0)[1]["fill"] is True
+    assert method_options("obs", 0)[1]["fill"] is False

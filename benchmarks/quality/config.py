@@ -17,6 +17,7 @@ EPOCH = 60_000
 #: ``+raw``: ``normalize=None``, channels ranked by raw score across groups; ``+cost``:
 #: ``cost_aware=True``, ranked by score ÷ the FLOPs one channel of the group saves;
 #: ``+kron``: obs' ``gram="kron"``, every conv on its channel ⊗ kernel factored Gram;
+#: ``+fill``: ``fill=True``, the slack below the budget given back (off unless named);
 #: ``+bntrain``, ``+rbn``, ``+rfull`` (with ``@N`` only: :data:`GRADUAL_SUFFIXES`): gradual
 #: steps scored with batch-statistics BN (the OBA reference code's train-mode scoring), or
 #: on the plan so far as ``repair="bn"`` / ``"full"`` leaves it (``Gradual(N, repair=...)``);
@@ -31,7 +32,7 @@ CRITERIA = ["obs+raw+cost", "obs", "obs+fisher", "oba", "oba+consumer", "oba-exa
 #: follow each other: ``obs+fisher+raw``).
 SUFFIX_OPTIONS = {"fisher": {"scale": "fisher"}, "raw": {"normalize": None},
                   "cost": {"cost_aware": True}, "kron": {"gram": "kron"},
-                  "dense": {"target": "dense"}}
+                  "dense": {"target": "dense"}, "fill": {"fill": True}}
 #: ``+suffix`` parts that set a :class:`fxprune.Gradual` field (``@N`` methods only).
 GRADUAL_SUFFIXES = {"bntrain": {"bn_train": True}, "rbn": {"repair": "bn"},
                     "rfull": {"repair": "full"}}
@@ -53,7 +54,7 @@ def method_options(method: str, seed: int) -> Tuple[str, Dict]:
     criterion, *suffixes = method.split("+")
     # a method name means one ranking, whatever compile's default: the plain one unless
     # a suffix says otherwise (the committed rows were measured so)
-    opts: Dict = {"normalize": "mean", "cost_aware": False}
+    opts: Dict = {"normalize": "mean", "cost_aware": False, "fill": False}
     # steps on the masked dense weights unless a suffix says otherwise (the committed
     # @N rows were measured so; compile's default follows its repair= mode)
     gradual: Dict = {"repair": None}

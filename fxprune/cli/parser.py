@@ -141,6 +141,10 @@ def _prune_parser(sub, common) -> None:
                    help="rank channels by score per FLOP (or parameter, ms) their removal "
                         "saves, or (--no-cost-aware) by score alone; default: the "
                         "criterion's own ranking, else by score alone")
+    p.add_argument("--fill", action="store_true",
+                   help="once the budget holds, give back removed channels, most important "
+                        "first, while it still holds (the last removal can be a whole head "
+                        "that lands well below the target)")
     p.add_argument("--max-layer-sparsity", type=sparsity_ratio, default=0.95, metavar="R",
                    help="remove at most fraction R of any group's channels (default: 0.95)")
     p.add_argument("--steps", type=positive_int, metavar="N",

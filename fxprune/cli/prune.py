@@ -135,6 +135,7 @@ def _compile(model, criterion: str, calib, args, options: Dict[str, Any]):
                       max_layer_sparsity=args.max_layer_sparsity, round_to=args.round_to,
                       frontend=args.frontend, uniform=args.uniform,
                       cost_aware="auto" if args.cost_aware is None else args.cost_aware,
+                      fill=args.fill,
                       **options, **budget)
 
 
