@@ -31,16 +31,13 @@ log = logging.getLogger(__name__)
 
 
 def check_gradual(gradual: Optional[Gradual], budgets: List[Budget], between_steps,
-                  crit: Criterion, round_to: int = 1, has_data: bool = True) -> None:
+                  crit: Criterion, has_data: bool = True) -> None:
     """Refuse ``steps=`` combined with what it replaces or cannot rank."""
     if gradual is None:
         return
     if gradual.repair not in (None, "auto") and not has_data:
         raise FxpruneError(f"steps=Gradual(..., repair={gradual.repair!r}) repairs between "
                            "steps on calibration data: pass data=, or repair=None")
-    if round_to != 1:
-        raise BudgetError("steps=N does not round kept widths yet: pass round_to=1 with "
-                          "steps=, or drop steps= to use round_to")
     if budgets[0].spec.cost is None:
         raise BudgetError(f"steps=N prunes to a flops=r or params=r (or latency=r) budget, "
                           f"not {budgets[0].kind}=r")
@@ -81,11 +78,13 @@ def _tie_summary(tie_notes: List[str], steps: int) -> List[str]:
 def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget: Budget,
                      batch_list, loss, options, dense_cost, max_layer_sparsity, ignore,
                      normalize, notes: List[str], progress: bool, cost_aware: bool = False,
-                     fill: bool = False) -> Tuple[Dict[str, List[int]], Optional[Saliency]]:
+                     fill: bool = False, round_to: int = 1
+                     ) -> Tuple[Dict[str, List[int]], Optional[Saliency]]:
     """The plan of ``gradual.steps`` mask-based steps to ``budget`` and the saliency of
     the last scored step (of the final masked model when no step needed pruning);
     ``cost_aware``: every step ranks by score ÷ one channel's saving; ``fill``: every
-    step gives back the slack its removals leave below its target."""
+    step gives back the slack its removals leave below its target; ``round_to``: kept
+    widths in multiples of that many indices at every step."""
     groups = [g for g in dense.groups if g.prunable and not ignored(g, ignore)]
     caps = removable_counts(groups, max_layer_sparsity)
     last: dict = {}  # "sal": the last step's saliency; "checked": after the first check
@@ -127,7 +126,7 @@ def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget:
     kept = prune_gradually(dense, groups, budget, gradual, score,
                            lambda plan: measure(dense.keep_mask(plan)), total, caps,
                            max_layer_sparsity, normalize=normalize, check=check, inputs=inputs,
-                           cost_aware=cost_aware, fill=fill)
+                           cost_aware=cost_aware, fill=fill, round_to=round_to)
     notes.extend(_tie_summary(tie_notes, gradual.steps))
     if "sal" not in last:
         log.info("the budget holds without pruning: scoring the model once for the report")

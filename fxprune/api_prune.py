@@ -128,7 +128,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         return compile_unstructured(state, sparsity)
     budgets = budget_steps(**budget_given)
     gradual = resolve_step_repair(as_gradual(steps), state.repair_mode)
-    check_gradual(gradual, budgets, between_steps, crit, state.round_to, batch_list is not None)
+    check_gradual(gradual, budgets, between_steps, crit, batch_list is not None)
     _warn_obs_unrepaired(crit, state.repair_mode)
     for step, budget in enumerate(budgets):
         stage.analyse(state)

@@ -142,7 +142,7 @@ def select_gradually(state: PruneState, gradual, budget: Budget) -> None:
     state.kept, state.saliency = api_gradual.select_gradually(
         state.dense, state.crit, gradual, budget, state.batches, state.loss, state.options,
         state.dense_cost, state.max_layer_sparsity, state.ignore, state.normalize,
-        state.notes, state.progress, state.cost_aware, state.fill)
+        state.notes, state.progress, state.cost_aware, state.fill, state.round_to)
 
 
 def rewrite_and_verify(state: PruneState) -> None:

@@ -229,7 +229,7 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
                     normalize: Optional[str] = DEFAULT_NORMALIZE,
                     check: Optional[Callable] = None,
                     inputs: Optional[Sequence[Tuple[Any, ...]]] = None,
-                    cost_aware: bool = False, fill: bool = False) -> Kept:
+                    cost_aware: bool = False, fill: bool = False, round_to: int = 1) -> Kept:
     """Kept channels after ``gradual.steps`` mask-based steps (see the module doc).
 
     ``groups``: the prunable, not ignored groups; ``caps``: their dense removal caps
@@ -240,7 +240,9 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
     by normalised score ÷ what one channel saves from the plan so far; ``fill``: each
     step gives back the slack below its target, the latest removals first (earlier
     steps' removals included: the masks allow it, unlike the rewrite-based iterative
-    mode, which can give back only its own step's). Raises
+    mode, which can give back only its own step's); ``round_to``: every group that loses
+    channels keeps a multiple of ``round_to`` indices, rounded at each step as the
+    iterative mode rounds its slim model (:mod:`.widths`). Raises
     :class:`BudgetError` when a step's target cannot be reached."""
     sizes = {g.id: g.size for g in groups}
     kept: Kept = {gid: list(range(n)) for gid, n in sizes.items()}
@@ -257,7 +259,9 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
         step_caps = _step_caps(groups, caps, kept, max_layer_sparsity)
         order = removed + _remaining_order(groups, scores, tiebreak, kept, step_caps,
                                            normalize, check, cost if cost_aware else None)
-        new = select_budget(groups, scores, step, caps, cost, dense_total, order, fill=fill)
+        new = select_budget(groups, scores, step, caps, cost, dense_total, order, fill=fill,
+                            round_to=round_to,
+                            base={gid: sizes[gid] - len(kept[gid]) for gid in sizes})
         # the prefix of already removed channels is always replayed: the plan without
         # them costs more than this step's target, so the bisection ends beyond them
         # (fill may give back some of them: they rank with the remaining ones again)

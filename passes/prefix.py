@@ -21,7 +21,7 @@ channel; a group loses at most its cap; a channel listed twice counts once.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -96,12 +96,17 @@ class PrefixPlans:
     """Kept channels per group for any prefix of ``order`` (see the module doc)."""
 
     def __init__(self, groups: Sequence[Group], caps: Dict[str, int], steps: Dict[str, int],
-                 order: Sequence[Tuple[str, int]] = (), arrays=None):
+                 order: Sequence[Tuple[str, int]] = (), arrays=None,
+                 base: Optional[Dict[str, int]] = None):
         """``order`` as ``[(group id, channel)]``, or ``arrays`` = (group ids, group index
-        per entry, channel per entry), the same order without the tuples."""
+        per entry, channel per entry), the same order without the tuples. ``base``
+        (gradual steps): per group, how many of its first entries earlier steps removed;
+        a share beyond them is rounded as the slim model of those steps would round it,
+        so that ``round_to`` keeps the multiples the rewrite-based iterative mode keeps."""
         self.ids = [g.id for g in groups]
         self.sizes = [g.size for g in groups]
         self.steps = [steps[gid] for gid in self.ids]
+        self.base = [(base or {}).get(gid, 0) for gid in self.ids]
         where = {gid: i for i, gid in enumerate(self.ids)}
         if arrays is None:
             self.of_entry = np.fromiter((where[gid] for gid, _ in order), dtype=np.int64,
@@ -134,7 +139,9 @@ class PrefixPlans:
         wanted = np.bincount(self.of_entry[:k], minlength=len(self.ids)).tolist()
         out = []
         for i, n in enumerate(self.sizes):
-            r = rounded_removal(n, wanted[i], self.limit[i], self.steps[i])
+            b, w = self.base[i], wanted[i]
+            r = w if w <= b else b + rounded_removal(n - b, w - b, self.limit[i] - b,
+                                                     self.steps[i])
             out.append(int(np.searchsorted(self.pos[i], r)))  # accepted before entry r
         return tuple(out)
 

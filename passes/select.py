@@ -175,7 +175,8 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
                   cost: Callable[[Dict[str, List[int]]], float], dense: float,
                   order: Optional[list] = None, normalize: Optional[str] = DEFAULT_NORMALIZE,
                   *, tiebreak: Optional[Scores] = None, round_to: int = 1,
-                  cost_aware: bool = False, fill: bool = False) -> Dict[str, List[int]]:
+                  cost_aware: bool = False, fill: bool = False,
+                  base: Optional[Dict[str, int]] = None) -> Dict[str, List[int]]:
     """Smallest removal prefix (in ``order``, by default :func:`global_order` with
     ``tiebreak``) whose cost is within budget. With ``round_to`` > 1 each group's share
     of the prefix is rounded so that it keeps a multiple of ``round_to`` indices
@@ -185,7 +186,8 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
     given back, latest in the order first, while the budget still holds
     (:func:`~.fill.give_back`): the prefix's last removal can be a large unit (a head)
     that lands far below the target, and the slack it leaves is channels the model
-    could keep."""
+    could keep. ``base`` (gradual steps, :class:`~.prefix.PrefixPlans`): per group, how
+    many of its first entries in ``order`` earlier steps removed."""
     in_caps = [g for g in groups if g.id in caps]
     steps = {g.id: unit_step(g, round_to) for g in in_caps}
     if order is None:
@@ -194,7 +196,7 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
         plans = PrefixPlans(in_caps, caps, steps, arrays=_order_arrays(
             groups, scores, caps, normalize, tiebreak, savings))
     else:
-        plans = PrefixPlans(in_caps, caps, steps, order)
+        plans = PrefixPlans(in_caps, caps, steps, order, base=base)
     costs: Dict[tuple, float] = {}  # plan key -> cost: equal prefixes' plans cost once
 
     def cost_at(k: int) -> float:

@@ -17,6 +17,7 @@ from fxprune.passes.rewrite import rewrite
 from fxprune.passes.select import Budget, removable_counts
 from fxprune.passes.trace import trace
 from fxprune.passes.verify import check, masked_reference
+from fxprune.passes.widths import unit_step
 
 
 
@@ -155,6 +156,24 @@ def test_cost_aware_steps_equal_rewrite_iterative_mode(name, normalize):
     plain, _ = iterative_equivalent(model, x, "l2", 0.45, 4, normalize=normalize)
     assert plain.plan.kept != masked.plan.kept
     assert masked.report.max_rel_error <= 1e-6
+
+
+@pytest.mark.parametrize("name, round_to, ratio, n", [
+    ("tiny_resnet", 4, 0.3, 6), ("tiny_vit", 8, 0.75, 3), ("tiny_vit", 4, 0.45, 3),
+    ("tiny_mobilenet", 4, 0.45, 6), ("tiny_densenet", 4, 0.6, 4)])
+def test_round_to_steps_equal_rewrite_iterative_mode(name, round_to, ratio, n):
+    """Each step rounds its share as the iterative mode rounds its slim model (relative
+    to what earlier steps left, which the first four cases need): the same plan, every
+    group that lost channels keeping a multiple of its unit step."""
+    model, x = fixture(name)
+    masked, rewritten = iterative_equivalent(model, x, "l2", ratio, n, round_to=round_to)
+    assert masked.plan.kept == rewritten.plan.kept
+    assert masked.plan.kept != iterative_equivalent(model, x, "l2", ratio, n)[0].plan.kept
+    dense = {g.id: g for g in fxprune.groups(model, x)}
+    for gid, chans in masked.plan.kept.items():
+        g = dense[gid]
+        assert len(chans) == g.size or len(chans) % unit_step(g, round_to) == 0, gid
+    assert masked.report.flops_ratio <= ratio + 1e-9 and masked.report.max_rel_error <= 1e-6
 
 
 @pytest.mark.parametrize("criterion, cost_aware", [("l2", False), ("taylor", False),
