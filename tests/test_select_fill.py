@@ -1,7 +1,6 @@
 """``fill=True`` (passes/fill.py): the slack a budget's prefix leaves below the target is
 given back, latest removals first. Oracle: the plain backward walk over the prefix's
 removals, trying every one against the real FLOPs cost model of the fixtures."""
-import json
 import random
 
 import pytest
@@ -149,30 +148,3 @@ def test_fill_with_round_to_in_gradual_steps_keeps_whole_units():
     for gid, chans in res.plan.kept.items():
         n, step = len(chans), unit_step(dense[gid], 4)
         assert n == dense[gid].size or n % step == 0, gid
-
-
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(fill="yes"), "True or False"),
-    (dict(fill=True, uniform=True), "uniform=True"),
-    (dict(fill=True, sparsity=0.5, flops=None), "sparsity budget"),
-])
-def test_combinations_it_cannot_serve_are_refused_before_scoring(kwargs, words, monkeypatch):
-    import fxprune.pipeline as stage
-
-    def no_scoring(*args, **kw):
-        raise AssertionError("scored before refusing")
-    monkeypatch.setattr(stage, "score", no_scoring)
-    model = create_model("tiny_vgg").eval()
-    call = dict(criterion="l2", example_inputs=torch.randn(2, 3, 16, 16), flops=0.5)
-    call.update(kwargs)
-    with pytest.raises(BudgetError, match="fill") as info:
-        fxprune.compile(model, **call)
-    assert words in str(info.value)
-
-
-def test_cli_flag_reaches_compile(tmp_path, capsys):
-    from fxprune.cli import main
-    code = main(["prune", "tiny_vgg", "--criterion", "l2", "--flops", "0.5", "--fill",
-                 "--no-measure-latency", "-q", "--plan", str(tmp_path / "p.json")])
-    assert code == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "p.json").read_text())["meta"]["fill"] is True

@@ -8,7 +8,6 @@ combination it cannot serve is refused before scoring, naming the option.
 """
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -16,7 +15,6 @@ import torch
 from torch import nn
 
 import fxprune
-from fxprune.errors import BudgetError
 from fxprune.models.fixtures import TinyVGG
 from fxprune.passes.budget import Budget
 from fxprune.passes.count import cost_model
@@ -144,32 +142,3 @@ def test_compile_applies_it_verifies_and_records_it():
     assert aware.report.flops_ratio <= 0.5 + 1e-9
     assert aware.report.max_rel_error is not None and aware.report.max_rel_error < 1e-5
     assert aware.plan.kept != plain.plan.kept
-
-
-@pytest.mark.parametrize("kwargs,words", [
-    (dict(cost_aware="yes"), "True, False or 'auto'"),
-    (dict(cost_aware=True, criterion="sosp-i"), "selects channels itself"),
-    (dict(cost_aware=True, uniform=True), "uniform=True"),
-    (dict(cost_aware=True, sparsity=0.5, flops=None), "sparsity budget"),
-])
-def test_combinations_it_cannot_serve_are_refused_before_scoring(kwargs, words, monkeypatch):
-    import fxprune.pipeline as stage
-
-    def no_scoring(*args, **kw):
-        raise AssertionError("scored before refusing")
-    monkeypatch.setattr(stage, "score", no_scoring)
-    monkeypatch.setattr(stage, "select_gradually", no_scoring)
-    model, x = TinyVGG().eval(), torch.randn(2, 3, 16, 16)
-    call = dict(criterion="l2", example_inputs=x, flops=0.5, data=[(x, torch.tensor([0, 1]))])
-    call.update(kwargs)
-    with pytest.raises(BudgetError, match="cost_aware") as info:
-        fxprune.compile(model, **call)
-    assert words in str(info.value)
-
-
-def test_cli_flag_reaches_compile(tmp_path, capsys):
-    from fxprune.cli import main
-    code = main(["prune", "tiny_vgg", "--criterion", "l2", "--flops", "0.5", "--cost-aware",
-                 "--no-measure-latency", "-q", "--plan", str(tmp_path / "p.json")])
-    assert code == 0, capsys.readouterr().err
-    assert json.loads((tmp_path / "p.json").read_text())["meta"]["cost_aware"] is True
