@@ -209,7 +209,8 @@ def finish(state: PruneState, steps: List[Budget], criterion: str, measure_laten
     report.max_rel_error = max(state.errors) if state.errors else None
     report.notes.extend(dict.fromkeys(state.notes))
     report.repair = state.repaired
-    report.note_shortfall(steps[-1].kind, steps[-1].ratio, steps[-1].spec.achieved)
+    report.note_shortfall(steps[-1].kind, steps[-1].ratio, steps[-1].spec.achieved,
+                          filled=state.fill)
     return CompileResult(state.current, plan, report, saliency=state.saliency)
 
 

@@ -69,9 +69,11 @@ class Report:
             return None
         return self.latency_after_ms / max(self.latency_before_ms, 1e-12)
 
-    def note_shortfall(self, kind: str, target: float, achieved_attr: Optional[str]) -> None:
+    def note_shortfall(self, kind: str, target: float, achieved_attr: Optional[str],
+                       filled: bool = False) -> None:
         """Say why the achieved ratio (attribute ``achieved_attr``; None for a budget
-        without one, e.g. sparsity) is well below the target: channel units are coarse."""
+        without one, e.g. sparsity) is well below the target: channel units are coarse
+        (and, unless ``filled``, that ``fill=True`` gives the slack back)."""
         if achieved_attr is None:
             return
         achieved = getattr(self, achieved_attr)
@@ -79,7 +81,9 @@ class Report:
             self.notes.append(
                 f"{kind}: kept {achieved:.3f} for a target of {target}: channel "
                 "granularity - removing the next lowest-ranked unit (a whole head, conv "
-                "group or channel of a small layer) overshoots the budget")
+                "group or channel of a small layer) overshoots the budget"
+                + ("" if filled else "; fill=True (CLI --fill) gives back removed "
+                   "channels while the budget holds"))
 
     def bottlenecks(self, factor: float = 0.5) -> List[GroupRow]:
         """Pruned groups whose pruned fraction is below ``factor`` x the median pruned
