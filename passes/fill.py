@@ -41,7 +41,7 @@ def give_back(groups: Sequence[Group], kept: Kept,
               fits: Callable[[Kept], bool]) -> Kept:
     """``kept`` with removed channels given back while ``fits`` holds (module doc)."""
     by_id = {g.id: g for g in groups}
-    plan = {gid: set(chans) for gid, chans in kept.items()}
+    plan = {gid: list(chans) for gid, chans in kept.items()}  # only a trial's group changes
     # per group, its removals latest first: (place in the order, channel)
     queues = {gid: sorted(zip(places, chans), reverse=True)
               for gid, (chans, places) in removed.items() if chans}
@@ -51,15 +51,16 @@ def give_back(groups: Sequence[Group], kept: Kept,
         _, gid = heapq.heappop(heap)
         queue, step = queues[gid], steps.get(gid, 1)
         unit = [c for _, c in queue[:step]]
-        plan[gid].update(unit)
-        if fits({g: sorted(s) for g, s in plan.items()}):
+        before = plan[gid]
+        plan[gid] = sorted(before + unit)
+        if fits(plan):
             del queue[:len(unit)]
         else:
-            plan[gid].difference_update(unit)
+            plan[gid] = before
             if step > 1:
                 continue  # a coarser unit that does not fit: nothing more of this group
             dear = _cost_class(by_id[gid], unit[0])
             queue[:] = [e for e in queue if _cost_class(by_id[gid], e[1]) != dear]
         if queue:
             heapq.heappush(heap, (-queue[0][0], gid))
-    return {gid: sorted(s) for gid, s in plan.items()}
+    return plan
