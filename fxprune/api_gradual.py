@@ -82,8 +82,8 @@ def select_gradually(dense: Analysis, crit: Criterion, gradual: Gradual, budget:
                      ) -> Tuple[Dict[str, List[int]], Optional[Saliency]]:
     """The plan of ``gradual.steps`` mask-based steps to ``budget`` and the saliency of
     the last scored step (of the final masked model when no step needed pruning);
-    ``cost_aware``: every step ranks by score ÷ one channel's saving; ``fill``: every
-    step gives back the slack its removals leave below its target; ``round_to``: kept
+    ``cost_aware``: every step ranks by score ÷ one channel's saving; ``fill``: the
+    final plan gives back the slack below the budget; ``round_to``: kept
     widths in multiples of that many indices at every step."""
     groups = [g for g in dense.groups if g.prunable and not ignored(g, ignore)]
     caps = removable_counts(groups, max_layer_sparsity)

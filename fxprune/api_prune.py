@@ -94,7 +94,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     ``fill=True`` (flops/params/latency by the global order): once the budget holds, give
     back removed channels, most important first, while it still holds -- the last
     removal can be a whole head that lands well below the target
-    (:mod:`fxprune.passes.fill`; with ``steps=``, at every step).
+    (:mod:`fxprune.passes.fill`; with ``steps=``, on the final plan).
     ``uniform=True``: a flops/params budget is met by removing the same fraction of
     every group (as ``sparsity=r`` does), so that every layer keeps the same number of
     heads and MLP units -- what :func:`fxprune.save_pretrained` needs to write a Hugging

@@ -22,14 +22,15 @@ the dense numbering, every group of ``caps`` included. Invariants:
   fraction, the reference code's ``exponential_scheduler``); the last step's target is
   exactly ``ratio``; the cost of a plan is the dense cost model under the cumulative
   keep mask;
-* channels removed at a step stay removed (unless ``fill`` gives them back to fill a
-  later step's slack; they then rank with the others again): later steps rank only the
-  remaining channels, with scores, tie-break keys and the group normaliser (÷ mean or ÷ max)
+* channels removed at a step stay removed: later steps rank only the remaining
+  channels, with scores, tie-break keys and the group normaliser (÷ mean or ÷ max)
   computed over the remaining channels only (with ``cost_aware``, also the saving of one
   channel, on the plan so far), and caps counted against the dense size
   (``max_layer_sparsity`` of the dense group), as the rewrite-based iterative mode
   (``compile(flops=[...])``) ranks the channels of its re-analysed slim model. Given
   the same scores the two give the same plan;
+* with ``fill``, the steps are those without it and only the final plan gives back
+  the slack below the budget (so it keeps every channel the unfilled plan keeps);
 * the dense analysis (its GraphModule, groups and parameters) is never changed.
 
 The ``score`` callback gets the step's masked :class:`Analysis` and the kept channels
@@ -51,12 +52,14 @@ from torch import nn
 from ..errors import BudgetError, FxpruneError
 from ..group import Group
 from .carry import carry_tensors
+from .fill import give_back
 from .groups import Analysis
 from .repair import REPAIR_MODES, log as repair_log, repair as repair_pass
 from .rewrite import rewrite
 from .select import DEFAULT_NORMALIZE, Budget, global_order, select_budget
 from .unit_cost import unit_costs
 from .verify import masked_reference
+from .widths import unit_step
 
 __all__ = ["Gradual", "STEP_REPAIRS", "as_gradual", "resolve_step_repair", "schedule",
            "masked_analysis", "step_analysis", "prune_gradually"]
@@ -237,10 +240,10 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
     plan; ``check(groups, scores, caps)``: optional degenerate-score check of each step's
     remaining-channel scores; ``inputs``: the calibration input tuples that
     ``gradual.repair`` re-fits on (:func:`step_analysis`); ``cost_aware``: each step ranks
-    by normalised score ÷ what one channel saves from the plan so far; ``fill``: each
-    step gives back the slack below its target, the latest removals first (earlier
-    steps' removals included: the masks allow it, unlike the rewrite-based iterative
-    mode, which can give back only its own step's); ``round_to``: every group that loses
+    by normalised score ÷ what one channel saves from the plan so far; ``fill``: the
+    final plan gives back the slack below the budget, the latest removals first
+    (:func:`~.fill.give_back`; the steps before are those without fill, so the filled
+    plan keeps every channel the unfilled one keeps); ``round_to``: every group that loses
     channels keeps a multiple of ``round_to`` indices, rounded at each step as the
     iterative mode rounds its slim model (:mod:`.widths`). Raises
     :class:`BudgetError` when a step's target cannot be reached."""
@@ -259,14 +262,29 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
         step_caps = _step_caps(groups, caps, kept, max_layer_sparsity)
         order = removed + _remaining_order(groups, scores, tiebreak, kept, step_caps,
                                            normalize, check, cost if cost_aware else None)
-        new = select_budget(groups, scores, step, caps, cost, dense_total, order, fill=fill,
+        new = select_budget(groups, scores, step, caps, cost, dense_total, order,
                             round_to=round_to,
                             base={gid: sizes[gid] - len(kept[gid]) for gid in sizes})
         # the prefix of already removed channels is always replayed: the plan without
         # them costs more than this step's target, so the bisection ends beyond them
-        # (fill may give back some of them: they rank with the remaining ones again)
         still = {gid: set(chans) for gid, chans in new.items()}
         removed = [(gid, c) for gid, c in order if c not in still[gid]]
         kept = new
-    return kept
+    if not fill:
+        return kept
+    return _fill_final(groups, kept, removed, round_to,
+                       lambda plan: cost(plan) <= budget.ratio * dense_total * (1 + 1e-9))
+
+
+def _fill_final(groups: List[Group], kept: Kept, removed: List[Tuple[str, int]],
+                round_to: int, fits: Callable[[Kept], bool]) -> Kept:
+    """``fill=True`` on the last step's plan: its removals, latest first, given back
+    while ``fits`` (:func:`~.fill.give_back`; a step's removals follow the earlier
+    steps' in ``removed``, so "latest" is the last steps' least important)."""
+    mine: Dict[str, Tuple[List[int], List[int]]] = {g.id: ([], []) for g in groups}
+    for place, (gid, c) in enumerate(removed):
+        mine[gid][0].append(c)
+        mine[gid][1].append(place)
+    steps = {g.id: unit_step(g, round_to) for g in groups}
+    return give_back(groups, kept, mine, steps, fits)
 

@@ -124,7 +124,7 @@ def test_give_back_skips_a_dear_unit_and_fills_with_cheap_ones():
     assert got == {"head": [0, 1, 2], "mlp": [1, 2, 3, 4, 5]}  # latest first: 2, then 1
 
 
-def test_compile_fill_verifies_records_and_meets_the_budget_at_every_step():
+def test_compile_fill_verifies_records_and_meets_the_budget():
     torch.manual_seed(0)
     model = create_model("tiny_vit").eval()
     x = torch.randn(2, *model_input_size("tiny_vit"))
@@ -135,6 +135,31 @@ def test_compile_fill_verifies_records_and_meets_the_budget_at_every_step():
         assert filled.plan.meta["fill"] is True and plain.plan.meta["fill"] is False
         assert plain.report.flops_ratio <= filled.report.flops_ratio <= 0.45 + 1e-9
         assert filled.report.max_rel_error < 1e-5
+
+
+@pytest.mark.parametrize("name, ratio", [("tiny_vit", 0.4), ("tiny_resnet", 0.3),
+                                         ("tiny_densenet", 0.6)])
+def test_gradual_fill_is_the_backward_walk_over_the_unfilled_steps(name, ratio, monkeypatch):
+    """With steps=, the steps are those without fill and the final plan gives back its
+    removals, latest removed first, while the budget holds: the backward walk over the
+    unfilled run's removal order (recorded from its selections) with the real FLOPs."""
+    import fxprune.passes.gradual as gradual
+    model, x, groups, cost = _setup(name)
+    removals, select = [], gradual.select_budget
+
+    def recording(*args, **kw):
+        order, new = args[6], select(*args, **kw)
+        removals[:] = [(gid, c) for gid, c in order if c not in new[gid]]
+        return new
+    monkeypatch.setattr(gradual, "select_budget", recording)
+    kw = dict(example_inputs=x, flops=ratio, steps=5, repair=None)
+    plain = fxprune.compile(model, "l2", **kw).plan.kept
+    monkeypatch.setattr(gradual, "select_budget", select)
+    filled = fxprune.compile(model, "l2", fill=True, **kw)
+    full = {g.id: list(range(g.size)) for g in groups}
+    walk = backward_walk({**full, **plain}, removals, cost, ratio * cost({}))
+    assert {**full, **filled.plan.kept} == walk
+    assert cost(walk) > cost({**full, **plain}) and filled.report.max_rel_error < 1e-5
 
 
 def test_the_shortfall_note_points_at_fill_and_fill_closes_the_gap():
