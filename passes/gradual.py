@@ -279,8 +279,9 @@ def prune_gradually(dense: Analysis, groups: List[Group], budget: Budget, gradua
 def _fill_final(groups: List[Group], kept: Kept, removed: List[Tuple[str, int]],
                 round_to: int, fits: Callable[[Kept], bool]) -> Kept:
     """``fill=True`` on the last step's plan: its removals, latest first, given back
-    while ``fits`` (:func:`~.fill.give_back`; a step's removals follow the earlier
-    steps' in ``removed``, so "latest" is the last steps' least important)."""
+    while ``fits`` (:func:`~.fill.give_back`; ``removed`` lists each step's removals
+    after the earlier steps', least important first, so the last step's most important
+    removals come back first)."""
     mine: Dict[str, Tuple[List[int], List[int]]] = {g.id: ([], []) for g in groups}
     for place, (gid, c) in enumerate(removed):
         mine[gid][0].append(c)

@@ -194,7 +194,7 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
         check_normalize(normalize)
         savings = unit_costs(in_caps, scores, caps, cost) if cost_aware else None
         plans = PrefixPlans(in_caps, caps, steps, arrays=_order_arrays(
-            groups, scores, caps, normalize, tiebreak, savings))
+            groups, scores, caps, normalize, tiebreak, savings), base=base)
     else:
         plans = PrefixPlans(in_caps, caps, steps, order, base=base)
     costs: Dict[tuple, float] = {}  # plan key -> cost: equal prefixes' plans cost once
