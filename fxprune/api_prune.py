@@ -21,7 +21,7 @@ from .criteria import (AUTO_CRITERION, check_options, get_criterion, keywords_of
 from .errors import BudgetError, DataError, FxpruneError
 from .ignore import resolve_ignore
 from .plan import Plan
-from .ranking import resolve_ranking
+from .ranking import cost_budget_blocker, resolve_ranking
 from .passes.budget import budget_steps
 from .passes.repair import REPAIR_MODES
 from .passes.rewrite import rewrite
@@ -166,11 +166,9 @@ def _check_uniform(uniform, steps, unstructured: bool) -> bool:
 def _check_fill(fill, uniform: bool, sparsity, unstructured: bool) -> bool:
     if not isinstance(fill, bool):
         raise BudgetError(f"fill={fill!r} must be True or False")
-    if fill and (uniform or sparsity is not None or unstructured):
-        why = ("uniform=True removes one fraction of every group" if uniform else
-               "a sparsity budget removes a fixed count, it has no slack")
-        raise BudgetError(f"fill=True gives back the slack below a flops/params/latency "
-                          f"target of the global order, but {why}; drop fill")
+    blocker = cost_budget_blocker("fill", uniform, unstructured, sparsity) if fill else None
+    if blocker is not None:
+        raise BudgetError(blocker)
     return fill
 
 

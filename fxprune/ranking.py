@@ -24,7 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 from .errors import BudgetError
 from .passes.select import DEFAULT_NORMALIZE, check_normalize
 
-__all__ = ["AUTO", "PLAIN_RANKING", "resolve_ranking"]
+__all__ = ["AUTO", "PLAIN_RANKING", "resolve_ranking", "cost_budget_blocker"]
 
 AUTO = "auto"
 #: The ranking of every criterion without one of its own, and wherever a criterion's
@@ -35,7 +35,7 @@ PLAIN_RANKING: Dict[str, Any] = {"normalize": DEFAULT_NORMALIZE, "cost_aware": F
 def resolve_ranking(crit, normalize, cost_aware, *, steps=None, uniform: bool = False,
                     unstructured: bool = False, sparsity=None) -> Tuple[Optional[str], bool]:
     """``(normalize, cost_aware)`` for selection (module docstring)."""
-    blocker = _global_order_blocker(crit, uniform, unstructured, sparsity)
+    blocker = _cost_aware_blocker(crit, uniform, unstructured, sparsity)
     given: Dict[str, Any] = {}
     if normalize != AUTO:
         check_normalize(normalize)
@@ -53,18 +53,25 @@ def resolve_ranking(crit, normalize, cost_aware, *, steps=None, uniform: bool = 
     return chosen["normalize"], chosen["cost_aware"]
 
 
-def _global_order_blocker(crit, uniform: bool, unstructured: bool,
-                          sparsity) -> Optional[str]:
+def _cost_aware_blocker(crit, uniform: bool, unstructured: bool,
+                        sparsity) -> Optional[str]:
     """Why this pruning is not by the global order to a cost budget (what an explicit
     ``cost_aware=True`` is refused with), or None where it is (one-shot or per step)."""
     if crit.select is not None:
         return (f"cost_aware=True re-ranks the global order, but criterion {crit.name!r} "
                 "selects channels itself; drop cost_aware")
+    return cost_budget_blocker("cost_aware", uniform, unstructured, sparsity)
+
+
+def cost_budget_blocker(option: str, uniform: bool, unstructured: bool,
+                        sparsity) -> Optional[str]:
+    """Why ``option=True`` (an option of the selection by an order to a flops / params /
+    latency budget: ``cost_aware``, ``fill``) cannot apply to this pruning, or None."""
     if uniform or unstructured:
-        return ("cost_aware=True re-ranks the global order; it does not combine with "
-                "uniform=True or unstructured=True")
+        return (f"{option}=True works on the order of a flops/params/latency budget; it "
+                "does not combine with uniform=True or unstructured=True")
     if sparsity is not None:
-        return ("cost_aware=True ranks by cost saved, but a sparsity budget has no cost (it "
+        return (f"{option}=True needs a cost budget, but a sparsity budget has no cost (it "
                 "removes a fraction of every group); use flops=, params= or latency=, or "
-                "drop cost_aware")
+                f"drop {option}")
     return None
