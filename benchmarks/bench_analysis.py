@@ -28,7 +28,9 @@ batch 1), ``fxprune.compile(model, criterion="l2", example_inputs=x, flops=0.5)`
 Torch-Pruning's prune step as a user writes it: ``MetaPruner(model, x,
 MagnitudeImportance(p=2), pruning_ratio=0.3, ignored_layers=[classifier], num_heads=...)``
 and ``pruner.step()`` on a fresh deep copy of the model (the copy is not timed: compile
-makes its own copies and is timed with them).
+makes its own copies and is timed with them). A third column runs ``compile(...,
+verify=False)``: the same work as Torch-Pruning's step, which checks nothing, so the
+difference between the two compile columns is what the masked-equivalence check costs.
 
 ``--part share`` runs ``fxprune.compile(model, criterion="oba", data=<--batches random
 batches of --batch-size 224x224 images>, flops=0.5, repair=None)`` (resnet50 and
@@ -139,13 +141,20 @@ COMPILE_MODELS = ("resnet18", "resnet50", "resnet101", "vit_small_patch16_224",
                   "vit_base_patch16_224")
 
 
-def fxprune_compile(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], int]:
-    """``compile(criterion="l2", flops=0.5)``; returns a thunk (nothing to prepare)."""
+def fxprune_compile(model: torch.nn.Module, x: torch.Tensor, verify: bool = True
+                    ) -> Callable[[], int]:
+    """``compile(criterion="l2", flops=0.5, verify=verify)``; returns a thunk (nothing to
+    prepare)."""
     def run() -> int:
         res = fxprune.compile(model, criterion="l2", example_inputs=x, flops=0.5,
-                              progress=False)
+                              verify=verify, progress=False)
         return sum(p.numel() for p in res.module.parameters())
     return run
+
+
+def fxprune_compile_unverified(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], int]:
+    """The same without the masked-equivalence check: the work Torch-Pruning's step does."""
+    return fxprune_compile(model, x, verify=False)
 
 
 def tp_prune_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], int]:
@@ -171,7 +180,9 @@ def tp_prune_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], int]:
 def compile_part(names: List[str], repeats: int) -> Dict[str, dict]:
     """compile(l2) vs Torch-Pruning's step per model, interleaved; prints a table."""
     import timm
-    makers = {"fxprune compile(l2)": fxprune_compile, "Torch-Pruning step": tp_prune_step}
+    makers = {"fxprune compile(l2)": fxprune_compile,
+              "fxprune compile(l2, verify=False)": fxprune_compile_unverified,
+              "Torch-Pruning step": tp_prune_step}
     results: Dict[str, dict] = {}
     for name in names:
         model = timm.create_model(name, pretrained=False).eval()
@@ -191,12 +202,15 @@ def compile_part(names: List[str], repeats: int) -> Dict[str, dict]:
     print(f"\ntorch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {repeats} interleaved runs\n")
     print("| model | compile(l2) wall s | TP step wall s | compile / TP wall | compile CPU s "
-          "| TP CPU s | compile / TP CPU |\n|---|---|---|---|---|---|---|")
+          "| TP CPU s | compile / TP CPU | verify=False CPU s | verify=False / TP CPU |\n"
+          "|---|---|---|---|---|---|---|---|---|")
     for name, r in results.items():
         fx, tp_ = r["fxprune compile(l2)"], r["Torch-Pruning step"]
+        bare = r["fxprune compile(l2, verify=False)"]
         print(f"| {name} | {fx['wall_s']:.2f} | {tp_['wall_s']:.2f} | "
               f"{fx['wall_s'] / tp_['wall_s']:.2f} | {fx['cpu_s']:.2f} | {tp_['cpu_s']:.2f} | "
-              f"{fx['cpu_s'] / tp_['cpu_s']:.2f} |")
+              f"{fx['cpu_s'] / tp_['cpu_s']:.2f} | {bare['cpu_s']:.2f} | "
+              f"{bare['cpu_s'] / tp_['cpu_s']:.2f} |")
     return results
 
 

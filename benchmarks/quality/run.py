@@ -3,7 +3,7 @@
 Trains (or loads cached) dense models, prunes each with every criterion / Torch-Pruning
 importance at every kept-FLOPs budget, measures test accuracy before and after a shared
 fine-tuning recipe, and writes results-<mode>.md and accuracy-<mode>.png next to this file.
-Results are appended to .cache/<mode>-<config hash>.jsonl as they finish; a rerun resumes.
+Results are appended to results/<mode>-<config hash>.jsonl as they finish; a rerun resumes.
 ``--workers N`` runs the jobs in N processes of this module (``--worker``) that share a
 work queue (jobs.py); the parent then writes the table from the shared results file.
 """
