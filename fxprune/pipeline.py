@@ -22,6 +22,7 @@ from .errors import BudgetError
 from .ignore import ignored
 from .plan import Plan, check_plan, fingerprint, input_shapes
 from .passes.budget import Budget
+from .passes.compose import compose_step
 from .passes.count import CostModel, cost_model, count_flops, count_params
 from .passes.degenerate import check_scores
 from .passes.frontend import capture, frontend_notes, frontend_of
@@ -179,12 +180,8 @@ def record_step(state: PruneState) -> None:
     previous, kept = state.plan_kept, state.kept
     if previous is None:
         state.plan_kept = {g: sorted(k) for g, k in kept.items()}
-    else:
-        out = dict(previous)
-        for gid, chans in kept.items():
-            base = previous.get(gid)
-            out[gid] = sorted(base[c] for c in chans) if base is not None else sorted(chans)
-        state.plan_kept = out
+    else:  # through the tensors: a re-analysed slim model can split a dense group
+        state.plan_kept = compose_step(state.dense, previous, state.analysis, kept)
     state.current = state.slim
 
 
