@@ -94,7 +94,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     ``fill=True`` (flops/params/latency by the global order): once the budget holds, give
     back removed channels, most important first, while it still holds -- the last
     removal can be a whole head that lands well below the target
-    (:mod:`fxprune.passes.fill`; with ``steps=``, on the final plan).
+    (:mod:`fxprune.passes.fill`; with ``steps=`` or a list of targets, on the final plan).
     ``uniform=True``: a flops/params budget is met by removing the same fraction of
     every group (as ``sparsity=r`` does), so that every layer keeps the same number of
     heads and MLP units -- what :func:`fxprune.save_pretrained` needs to write a Hugging
@@ -134,7 +134,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         stage.analyse(state)
         if gradual is None:
             stage.score(state, step, len(budgets))
-            stage.select(state, budget)
+            stage.select(state, budget, final=step == len(budgets) - 1)
         else:  # mask-based steps on the dense graph, one rewrite
             stage.select_gradually(state, gradual, budget)
         stage.rewrite_and_verify(state)

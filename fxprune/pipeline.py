@@ -101,10 +101,12 @@ def score(state: PruneState, step: int, n_steps: int) -> None:
                                     state.options, state.progress)
 
 
-def select(state: PruneState, budget: Budget) -> None:
+def select(state: PruneState, budget: Budget, final: bool = True) -> None:
     """Kept channels of this step under ``budget``: all-zero / all-equal scores are an
     error when no group can be ranked, else a note; ties are broken by weight norm
-    (design §5.5). Writes ``kept`` (and ``notes``)."""
+    (design §5.5). ``fill`` gives back the slack of the ``final`` step only: earlier
+    targets of the iterative mode are waypoints, as ``steps=`` fills only its final plan
+    (so both modes give the same plan). Writes ``kept`` (and ``notes``)."""
     log.info("pruning to %s=%s", budget.kind, budget.ratio)
     analysis, sal = state.analysis, state.saliency
     groups = [g for g in analysis.groups if g.prunable and not ignored(g, state.ignore)]
@@ -122,7 +124,7 @@ def select(state: PruneState, budget: Budget) -> None:
                                  normalize=state.normalize,
                                  tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
                                  round_to=state.round_to, uniform=state.uniform,
-                                 cost_aware=state.cost_aware, fill=state.fill)
+                                 cost_aware=state.cost_aware, fill=state.fill and final)
     except BudgetError as exc:  # name what blocks the budget (the costliest fixed groups)
         spec = budget.spec
         raise BudgetError(str(exc) + budget_blockers(

@@ -17,6 +17,7 @@ def fixture(name):
         if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
             mod.running_mean.normal_(0, 0.1)
             mod.running_var.uniform_(0.5, 1.5)
+            mod.bias.data.normal_(0, 0.1)
     return model, torch.randn(3, *model_input_size(name), dtype=torch.float64)
 
 
@@ -40,3 +41,18 @@ def test_iterative_plan_applies_to_the_dense_model(name, round_to, ratio, n):
     assert again.report.flops_ratio == pytest.approx(res.report.flops_ratio, abs=1e-12)
     assert sum(p.numel() for p in again.module.parameters()) == \
         sum(p.numel() for p in res.module.parameters())
+
+
+@pytest.mark.parametrize("name, ratio, n, round_to", [
+    ("tiny_vit", 0.45, 3, 1), ("tiny_vit", 0.3, 4, 1), ("tiny_mobilenet", 0.45, 4, 4)])
+def test_iterative_fill_fills_the_final_step_as_steps_does(name, ratio, n, round_to):
+    """``fill=True`` gives back the slack of the final target only, in both modes (the
+    iterative mode filled every waypoint, so the two plans differed on these cases)."""
+    model, x = fixture(name)
+    ratios = [b.ratio for b in schedule(Budget("flops", ratio), n)]
+    kw = dict(example_inputs=x, repair=None, round_to=round_to)
+    masked = fxprune.compile(model, "l2", flops=ratio, steps=n, fill=True, **kw)
+    rewritten = fxprune.compile(model, "l2", flops=ratios, fill=True, **kw)
+    unfilled = fxprune.compile(model, "l2", flops=ratios, **kw)
+    assert rewritten.plan.kept == masked.plan.kept != unfilled.plan.kept
+    assert unfilled.report.flops_ratio < rewritten.report.flops_ratio <= ratio + 1e-9
