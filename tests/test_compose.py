@@ -7,18 +7,7 @@ import torch
 import fxprune
 from fxprune.passes.budget import Budget
 from fxprune.passes.gradual import schedule
-from fxprune.models import create_model, model_input_size
-
-
-def fixture(name):
-    torch.manual_seed(0)
-    model = create_model(name).double().eval()
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            mod.running_mean.normal_(0, 0.1)
-            mod.running_var.uniform_(0.5, 1.5)
-            mod.bias.data.normal_(0, 0.1)
-    return model, torch.randn(3, *model_input_size(name), dtype=torch.float64)
+from test_gradual import fixture  # shared test helpers (pytest pythonpath)
 
 
 @pytest.mark.parametrize("name, round_to, ratio, n", [
