@@ -42,3 +42,14 @@ def test_post_training_takes_torch_prunings_best_mode_and_fxprunes_full_repair()
     accs = stage_accuracies(rows, "post-training")
     assert accs[("m", 0.3, "tp-magnitude")] == [30.0, 31.0]
     assert accs[("m", 0.3, "l2")] == [80.0, 81.0]
+
+
+def test_the_matrix_counts_budget_seed_points_per_stage_and_mode():
+    from benchmarks.quality.winners import matrix_table
+    ft = [dict(_ft("obs", s, 90.0), budget=b) for b in (0.3, 0.14) for s in (0, 1)]
+    ft += [dict(_ft("obs@50", 0, 90.0), budget=0.3)]
+    table = matrix_table({"fine-tuned": ft}).splitlines()
+    row = next(line for line in table if "| m | obs |" in line)
+    assert "| 4/8 (0.3, 0.14) | 1/8 (one seed) |" in row
+    tp_row = next(line for line in table if "| m | tp-magnitude |" in line)
+    assert tp_row.endswith("| 0/8 | n/a |")
