@@ -22,7 +22,7 @@ from .errors import BudgetError
 from .ignore import ignored
 from .plan import Plan, check_plan, fingerprint, input_shapes
 from .passes.budget import Budget
-from .passes.compose import compose_step
+from .passes.compose import compose_step, dense_allowance
 from .passes.count import CostModel, cost_model, count_flops, count_params
 from .passes.degenerate import check_scores
 from .passes.frontend import capture, frontend_notes, frontend_of
@@ -111,8 +111,9 @@ def select(state: PruneState, budget: Budget, final: bool = True) -> None:
     analysis, sal = state.analysis, state.saliency
     groups = [g for g in analysis.groups if g.prunable and not ignored(g, state.ignore)]
     iterative = state.plan_kept is not None
-    caps = step_caps(groups, state.max_layer_sparsity,
-                     {g.id: g.size for g in state.dense.groups} if iterative else None)
+    caps = step_caps(groups, state.max_layer_sparsity, dense_allowance(
+        state.dense, state.plan_kept, analysis, [g.id for g in groups],
+        state.max_layer_sparsity) if iterative else None)
     state.notes.extend(check_scores(sal.criterion, sal.groups, groups, caps, sal.context))
     crit = state.crit  # the criterion the saliency came from
     order = crit.select(groups, sal.groups, sal.context, caps) if crit.select else None

@@ -15,10 +15,13 @@ order (what :func:`.rewrite.sliced_dims` slices), so every slim index removed by
 step maps to one dense index, and through the dense records to its group's channel.
 Invariant: the returned plan keeps exactly the dense channels none of whose indices the
 step removed; it names only dense groups (those of the plan so far, plus any that lose
-channels). Nothing is modified.
+channels). :func:`dense_allowance` maps the other way for selection: how many channels
+each slim group may still lose under the dense groups' ``max_layer_sparsity`` caps.
+Nothing is modified.
 """
 from __future__ import annotations
 
+import math
 from typing import Dict, List
 
 import numpy as np
@@ -26,7 +29,7 @@ import numpy as np
 from ..errors import FxpruneError
 from .groups import Analysis
 
-__all__ = ["compose_step"]
+__all__ = ["compose_step", "dense_allowance"]
 
 
 def compose_step(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
@@ -53,10 +56,20 @@ def _removed_dense_ids(dense: Analysis, dense_keep: np.ndarray, slim: Analysis,
     Raises when a removed slim channel has no tensor dim that maps back (a slim tensor
     the dense graph does not have): the plan could not name what the step removed."""
     found, mapped = [], np.zeros(slim.space.next_id, dtype=bool)
+    for slim_ids, dense_ids in _paired_ids(dense, dense_keep, slim):
+        gone = ~slim_keep[slim_ids]
+        found.append(dense_ids[gone])
+        mapped[slim_ids[gone]] = True
+    _check_mapped(slim, slim_keep, mapped)
+    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+
+
+def _paired_ids(dense: Analysis, dense_keep: np.ndarray, slim: Analysis):
+    """``(slim ids, dense ids)`` of every tensor dim both analyses record: index j of the
+    slim dim is the j-th dense index the plan so far keeps."""
     for key, rec in slim.space.records.items():
-        gone = np.nonzero(~slim_keep[rec.ids])[0]
         dense_rec = dense.space.records.get(key)
-        if gone.size == 0 or dense_rec is None:
+        if dense_rec is None:
             continue
         positions = np.nonzero(dense_keep[dense_rec.ids])[0]
         if positions.size != rec.ids.size:
@@ -64,10 +77,36 @@ def _removed_dense_ids(dense: Analysis, dense_keep: np.ndarray, slim: Analysis,
                 f"the slim model's {rec.target} (dim {rec.dim}) has {rec.ids.size} entries "
                 f"where the plan so far keeps {positions.size}: the iterative steps cannot "
                 "be composed into one plan; please report this model")
-        found.append(dense_rec.ids[positions[gone]])
-        mapped[rec.ids[gone]] = True
-    _check_mapped(slim, slim_keep, mapped)
-    return np.concatenate(found) if found else np.zeros(0, dtype=np.int64)
+        yield rec.ids, dense_rec.ids[positions]
+
+
+def dense_allowance(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
+                    group_ids: List[str], max_layer_sparsity: float) -> Dict[str, int]:
+    """How many more channels each slim group in ``group_ids`` may lose so that no dense
+    group loses more than ``floor(max_layer_sparsity * its size)`` in all: the dense
+    group's allowance, shared equally by the slim groups cut from it (a slim group
+    spanning several dense groups gets the smallest share)."""
+    parents: Dict[int, set] = {}
+    for slim_ids, dense_ids in _paired_ids(dense, dense.keep_mask(previous), slim):
+        pairs = np.stack([slim.element_group[slim_ids], dense.element_group[dense_ids]], 1)
+        for sg, dg in np.unique(pairs[(pairs >= 0).all(1)], axis=0).tolist():
+            parents.setdefault(sg, set()).add(dg)
+    index = {g.id: i for i, g in enumerate(slim.groups)}
+    wanted = [index[gid] for gid in group_ids]
+    sharing: Dict[int, int] = {}
+    for sg in wanted:
+        for dg in parents.get(sg, ()):
+            sharing[dg] = sharing.get(dg, 0) + 1
+    out = {}
+    for sg in wanted:
+        shares = []
+        for dg in parents.get(sg, ()):
+            group = dense.groups[dg]
+            lost = group.size - len(previous.get(group.id, range(group.size)))
+            left = max(0, math.floor(max_layer_sparsity * group.size) - lost)
+            shares.append(left // sharing[dg])
+        out[slim.groups[sg].id] = min(shares) if shares else 0
+    return out
 
 
 def _check_mapped(slim: Analysis, slim_keep: np.ndarray, mapped: np.ndarray) -> None:

@@ -285,21 +285,14 @@ def budget_blockers(all_groups: Sequence[Group], free: Sequence[str], keep_mask,
 
 
 def step_caps(groups: Sequence[Group], max_layer_sparsity: float,
-              dense_sizes: Optional[Dict[str, int]] = None) -> Dict[str, int]:
+              allowance: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """:func:`removable_counts` for one pruning step. In iterative pruning
-    (``dense_sizes`` given: the dense model's group sizes) the cap is relative to the
-    dense size, less what earlier steps removed."""
+    (``allowance`` given: how many more channels each group may lose against its dense
+    group's cap, :func:`.compose.dense_allowance`) the cap is the smaller of the two."""
     caps = removable_counts(groups, max_layer_sparsity)
-    if dense_sizes is None:
+    if allowance is None:
         return caps
-    for g in groups:
-        if g.id not in caps:
-            continue
-        dense_size = dense_sizes.get(g.id, g.size)
-        already = dense_size - g.size
-        caps[g.id] = max(0, min(caps[g.id],
-                                math.floor(max_layer_sparsity * dense_size) - already))
-    return caps
+    return {gid: max(0, min(cap, allowance.get(gid, 0))) for gid, cap in caps.items()}
 
 
 def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], keep_mask,
