@@ -3,21 +3,25 @@
 Contract: :class:`PrefixPlans` reads the groups selection may prune, their removal caps,
 their ``round_to`` steps (:mod:`.widths`) and a removal order (``[(group id, channel)]``,
 least important first); :meth:`PrefixPlans.kept` answers, for a prefix length ``k``,
-``{group id: sorted kept channels}``: each group's share of the first ``k`` entries,
-rounded by :func:`~.widths.rounded_removal`, removed in order, except a channel whose
-removal would empty a member span (:class:`SpanGuard`), which stays. This is the plan
-that :func:`~.select.select_budget` bisects on; the per-group work is done once, not per
-bisection step:
+``{group id: sorted kept channels}``: each group's *accepted* channels among the first
+``k`` entries -- first occurrences whose removal leaves every member span a channel
+(:class:`SpanGuard`) -- their count capped and rounded by
+:func:`~.widths.rounded_removal` (rounding up takes the group's next accepted channels in
+order), removed in order. This is the plan that :func:`~.select.select_budget` bisects
+on; the per-group work is done once, not per bisection step:
 
 * a group's decisions do not depend on other groups, and the guard decides each channel
-  from the channels before it only, so the channels removed for a share of ``r`` entries
-  are the *accepted* ones among the group's first ``r`` entries, computed once for the
-  whole order (the guard walks only the groups that have member spans);
+  from the channels before it only, so a group's accepted channels are computed once
+  for the whole order (the guard walks only the groups that have member spans), and
+  a prefix's share is how many of them lie within it;
+* the cap and the rounding count removed channels, not entries: a refused or repeated
+  entry would otherwise use up the cap, or leave a width off the ``round_to`` step;
 * each group's share of a prefix comes from cumulative counts (``numpy``), and kept
   lists are cached by how many accepted channels they drop.
 
 Invariants (those of the span guard and of :mod:`.widths`): every member span keeps a
-channel; a group loses at most its cap; a channel listed twice counts once.
+channel; a group loses at most its cap; a channel listed twice counts once; a group
+that loses channels keeps a multiple of its step (or stays whole).
 """
 from __future__ import annotations
 
@@ -120,11 +124,11 @@ class PrefixPlans:
         guard = SpanGuard(groups)
         self.pos: List[np.ndarray] = []
         self.ch: List[np.ndarray] = []
-        self.limit: List[int] = []
+        self.caps: List[int] = []
         for i, gid in enumerate(self.ids):
             self.entries.append(np.flatnonzero(self.of_entry == i))
             mine = channels[self.entries[i]]
-            self.limit.append(min(caps[gid], len(mine)))
+            self.caps.append(caps[gid])
             pos, ch = _accepted(guard, gid, self.sizes[i], mine)
             self.pos.append(pos)
             self.ch.append(ch)
@@ -140,9 +144,16 @@ class PrefixPlans:
         out = []
         for i, n in enumerate(self.sizes):
             b, w = self.base[i], wanted[i]
-            r = w if w <= b else b + rounded_removal(n - b, w - b, self.limit[i] - b,
-                                                     self.steps[i])
-            out.append(int(np.searchsorted(self.pos[i], r)))  # accepted before entry r
+            # counts of removed channels, not of entries: the span guard refuses some
+            # entries and an entry may repeat, so a cap or a rounded width counted in
+            # entries would remove fewer channels than it allows (a width off the step)
+            done, upto = np.searchsorted(self.pos[i], [b, w]).tolist()  # accepted before
+            if w <= b:
+                out.append(upto)
+                continue
+            cap = min(self.caps[i], len(self.pos[i]))
+            out.append(done + rounded_removal(n - done, upto - done, max(0, cap - done),
+                                              self.steps[i]))
         return tuple(out)
 
     def removed(self, key: Tuple[int, ...]) -> Dict[str, Tuple[List[int], List[int]]]:

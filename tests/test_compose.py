@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import fxprune
+from fxprune.errors import BudgetError
 from fxprune.passes.budget import Budget
 from fxprune.passes.gradual import schedule
 from test_gradual import fixture  # shared test helpers (pytest pythonpath)
@@ -47,15 +48,28 @@ def test_iterative_fill_fills_the_final_step_as_steps_does(name, ratio, n, round
     assert unfilled.report.flops_ratio < rewritten.report.flops_ratio <= ratio + 1e-9
 
 
-@pytest.mark.parametrize("round_to, ratio, n", [(2, 0.22, 6), (1, 0.2, 6)])
-def test_iterative_steps_keep_the_dense_groups_layer_cap(round_to, ratio, n):
+@pytest.mark.parametrize("mls, round_to, ratio, n", [(0.8, 2, 0.19, 6), (0.7, 1, 0.2, 6)])
+def test_iterative_steps_keep_the_dense_groups_layer_cap(mls, round_to, ratio, n):
     """max_layer_sparsity caps what a *dense* group loses over all steps, also after the
     re-analysed slim model splits it (its free part's own size is not the cap's base:
-    the first case removed 12 of the stem's 16 channels against a cap of 11)."""
+    the first case removed 13 of the stem's 16 channels against a cap of 12)."""
     model, x = fixture("tiny_split")
     ratios = [b.ratio for b in schedule(Budget("flops", ratio), n)]
     res = fxprune.compile(model, "l2", example_inputs=x, flops=ratios, repair=None,
-                          round_to=round_to, max_layer_sparsity=0.7)
+                          round_to=round_to, max_layer_sparsity=mls)
     sizes = {g.id: g.size for g in fxprune.groups(model, x)}
-    assert all(sizes[g] - len(k) <= int(0.7 * sizes[g]) for g, k in res.plan.kept.items())
+    assert all(sizes[g] - len(k) <= int(mls * sizes[g]) for g, k in res.plan.kept.items())
     assert res.report.flops_ratio <= ratio + 1e-9
+
+
+def test_iterative_steps_refuse_a_budget_only_the_cap_breach_reached():
+    """Where the split group's free part was the cap's base, this budget was met by
+    removing 12 of the stem's 16 channels against a cap of 11; now it is refused, as
+    steps= refuses it."""
+    model, x = fixture("tiny_split")
+    ratios = [b.ratio for b in schedule(Budget("flops", 0.15), 8)]
+    kw = dict(example_inputs=x, repair=None, max_layer_sparsity=0.7)
+    with pytest.raises(BudgetError, match="cannot be reached"):
+        fxprune.compile(model, "l2", flops=ratios, **kw)
+    with pytest.raises(BudgetError, match="cannot be reached"):
+        fxprune.compile(model, "l2", flops=0.15, steps=8, **kw)

@@ -47,6 +47,21 @@ def test_compile_keeps_multiples_and_meets_the_budget(n, flops):
     assert res.plan.meta["round_to"] == n
 
 
+@pytest.mark.parametrize("steps", [None, 3])
+def test_a_split_groups_kept_width_is_a_multiple_too(steps):
+    """tiny_split's stem feeds three split parts, each of which must keep a channel (the
+    span guard refuses the last one): the rounding counts removed channels, so a refused
+    entry no longer leaves the stem at 5 of 16 with round_to=4."""
+    torch.manual_seed(0)
+    model = fxprune.models.create_model("tiny_split").eval()
+    x = torch.randn(2, 3, 16, 16)
+    res = fxprune.compile(model, "l2", example_inputs=x, params=0.3, round_to=4, steps=steps,
+                          repair=None)
+    pruned = [(s, k) for s, k in _kept_counts(res).values() if k < s]
+    assert len(pruned) >= 3 and all(k % 4 == 0 for _, k in pruned), pruned
+    assert res.report.params_ratio <= 0.3 + 1e-9
+
+
 def test_heads_count_their_dims():
     torch.manual_seed(0)
     model = TinyViT(dim=32, heads=8).eval()   # head_dim 4: round_to=8 keeps pairs of heads

@@ -80,8 +80,15 @@ def ref_select_budget(groups, scores, budget, caps, cost, dense, order, round_to
             wanted[gid] = n
         guard, kept = RefGuard(in_caps), {}
         for gid, n in sizes.items():
-            r = rounded_removal(n, wanted[gid], min(caps[gid], len(by_group[gid])), steps[gid])
-            removed = {c for c in dict.fromkeys(by_group[gid][:r]) if guard.remove(gid, c)}
+            # walk the group's whole sequence: its accepted channels in order, and how
+            # many of them the prefix reaches; cap and round that count of channels
+            accepted, within = [], 0
+            for c in dict.fromkeys(by_group[gid]):
+                if guard.remove(gid, c):
+                    accepted.append(c)
+                    within += by_group[gid].index(c) < wanted[gid]
+            r = rounded_removal(n, within, min(caps[gid], len(accepted)), steps[gid])
+            removed = set(accepted[:r])
             kept[gid] = [c for c in range(n) if c not in removed]
         return kept
 
