@@ -22,7 +22,7 @@ from .errors import BudgetError
 from .ignore import ignored
 from .plan import Plan, check_plan, fingerprint, input_shapes
 from .passes.budget import Budget
-from .passes.compose import compose_step, dense_allowance
+from .passes.compose import compose_step, dense_allowance, width_offsets
 from .passes.count import CostModel, cost_model, count_flops, count_params
 from .passes.degenerate import check_scores
 from .passes.frontend import capture, frontend_notes, frontend_of
@@ -125,7 +125,10 @@ def select(state: PruneState, budget: Budget, final: bool = True) -> None:
                                  normalize=state.normalize,
                                  tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
                                  round_to=state.round_to, uniform=state.uniform,
-                                 cost_aware=state.cost_aware, fill=state.fill and final)
+                                 cost_aware=state.cost_aware, fill=state.fill and final,
+                                 offsets=width_offsets(state.dense, state.plan_kept, analysis,
+                                                       [g.id for g in groups])
+                                 if iterative and state.round_to > 1 else None)
     except BudgetError as exc:  # name what blocks the budget (the costliest fixed groups)
         spec = budget.spec
         raise BudgetError(str(exc) + budget_blockers(

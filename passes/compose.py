@@ -16,8 +16,9 @@ step maps to one dense index, and through the dense records to its group's chann
 Invariant: the returned plan keeps exactly the dense channels none of whose indices the
 step removed; it names only dense groups (those of the plan so far, plus any that lose
 channels). :func:`dense_allowance` maps the other way for selection: how many channels
-each slim group may still lose under the dense groups' ``max_layer_sparsity`` caps.
-Nothing is modified.
+each slim group may still lose under the dense groups' ``max_layer_sparsity`` caps, and
+:func:`width_offsets` what ``round_to`` must add to a split part's width. Nothing is
+modified.
 """
 from __future__ import annotations
 
@@ -29,7 +30,7 @@ import numpy as np
 from ..errors import FxpruneError
 from .groups import Analysis
 
-__all__ = ["compose_step", "dense_allowance"]
+__all__ = ["compose_step", "dense_allowance", "width_offsets"]
 
 
 def compose_step(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
@@ -86,13 +87,7 @@ def dense_allowance(dense: Analysis, previous: Dict[str, List[int]], slim: Analy
     group loses more than ``floor(max_layer_sparsity * its size)`` in all: the dense
     group's allowance, shared equally by the slim groups cut from it (a slim group
     spanning several dense groups gets the smallest share)."""
-    parents: Dict[int, set] = {}
-    for slim_ids, dense_ids in _paired_ids(dense, dense.keep_mask(previous), slim):
-        pairs = np.stack([slim.element_group[slim_ids], dense.element_group[dense_ids]], 1)
-        for sg, dg in np.unique(pairs[(pairs >= 0).all(1)], axis=0).tolist():
-            parents.setdefault(sg, set()).add(dg)
-    index = {g.id: i for i, g in enumerate(slim.groups)}
-    wanted = [index[gid] for gid in group_ids]
+    parents, wanted = _parents(dense, previous, slim), _indices(slim, group_ids)
     sharing: Dict[int, int] = {}
     for sg in wanted:
         for dg in parents.get(sg, ()):
@@ -107,6 +102,39 @@ def dense_allowance(dense: Analysis, previous: Dict[str, List[int]], slim: Analy
             shares.append(left // sharing[dg])
         out[slim.groups[sg].id] = min(shares) if shares else 0
     return out
+
+
+def width_offsets(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
+                  group_ids: List[str]) -> Dict[str, int]:
+    """For ``round_to``: per slim group in ``group_ids`` cut from one dense group, how many
+    of that group's kept channels lie outside it (the part a split made a group of its
+    own, blocked), so that rounding ``kept + offset`` keeps the *dense* group's width a
+    multiple. Groups that are their dense group whole get no entry."""
+    parents, out = _parents(dense, previous, slim), {}
+    for sg in _indices(slim, group_ids):
+        if len(parents.get(sg, ())) != 1:
+            continue
+        group = dense.groups[next(iter(parents[sg]))]
+        offset = len(previous.get(group.id, range(group.size))) - slim.groups[sg].size
+        if offset > 0:
+            out[slim.groups[sg].id] = offset
+    return out
+
+
+def _parents(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis
+             ) -> Dict[int, set]:
+    """Slim group index -> the dense group indices its channels come from."""
+    parents: Dict[int, set] = {}
+    for slim_ids, dense_ids in _paired_ids(dense, dense.keep_mask(previous), slim):
+        pairs = np.stack([slim.element_group[slim_ids], dense.element_group[dense_ids]], 1)
+        for sg, dg in np.unique(pairs[(pairs >= 0).all(1)], axis=0).tolist():
+            parents.setdefault(sg, set()).add(dg)
+    return parents
+
+
+def _indices(slim: Analysis, group_ids: List[str]) -> List[int]:
+    index = {g.id: i for i, g in enumerate(slim.groups)}
+    return [index[gid] for gid in group_ids]
 
 
 def _check_mapped(slim: Analysis, slim_keep: np.ndarray, mapped: np.ndarray) -> None:

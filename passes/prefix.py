@@ -101,16 +101,20 @@ class PrefixPlans:
 
     def __init__(self, groups: Sequence[Group], caps: Dict[str, int], steps: Dict[str, int],
                  order: Sequence[Tuple[str, int]] = (), arrays=None,
-                 base: Optional[Dict[str, int]] = None):
+                 base: Optional[Dict[str, int]] = None,
+                 offsets: Optional[Dict[str, int]] = None):
         """``order`` as ``[(group id, channel)]``, or ``arrays`` = (group ids, group index
         per entry, channel per entry), the same order without the tuples. ``base``
         (gradual steps): per group, how many of its first entries earlier steps removed;
         a share beyond them is rounded as the slim model of those steps would round it,
-        so that ``round_to`` keeps the multiples the rewrite-based iterative mode keeps."""
+        so that ``round_to`` keeps the multiples the rewrite-based iterative mode keeps.
+        ``offsets``: per group, kept channels outside it that the rounded width counts
+        (a split part's dense group, :func:`~.compose.width_offsets`)."""
         self.ids = [g.id for g in groups]
         self.sizes = [g.size for g in groups]
         self.steps = [steps[gid] for gid in self.ids]
         self.base = [(base or {}).get(gid, 0) for gid in self.ids]
+        self.offsets = [(offsets or {}).get(gid, 0) for gid in self.ids]
         where = {gid: i for i, gid in enumerate(self.ids)}
         if arrays is None:
             self.of_entry = np.fromiter((where[gid] for gid, _ in order), dtype=np.int64,
@@ -152,8 +156,8 @@ class PrefixPlans:
                 out.append(upto)
                 continue
             cap = min(self.caps[i], len(self.pos[i]))
-            out.append(done + rounded_removal(n - done, upto - done, max(0, cap - done),
-                                              self.steps[i]))
+            out.append(done + rounded_removal(n + self.offsets[i] - done, upto - done,
+                                              max(0, cap - done), self.steps[i]))
         return tuple(out)
 
     def removed(self, key: Tuple[int, ...]) -> Dict[str, Tuple[List[int], List[int]]]:

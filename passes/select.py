@@ -50,16 +50,20 @@ def removable_counts(groups: Sequence[Group], max_layer_sparsity: float) -> Dict
 
 
 def select_uniform(groups, scores: Scores, sparsity: float, caps: Dict[str, int], *,
-                   tiebreak: Optional[Scores] = None, round_to: int = 1) -> Dict[str, List[int]]:
+                   tiebreak: Optional[Scores] = None, round_to: int = 1,
+                   offsets: Optional[Dict[str, int]] = None) -> Dict[str, List[int]]:
     """Remove ``floor(sparsity * size)`` lowest-scored channels of every group (rounded
-    to keep multiples of ``round_to``: :mod:`.widths`); equal scores go lowest
+    to keep multiples of ``round_to``: :mod:`.widths`; ``offsets``: kept channels of a
+    group's dense group outside it, counted in the rounded width); equal scores go lowest
     ``tiebreak`` (weight norm) first."""
+    offsets = offsets or {}
     kept = {}
     guard = SpanGuard([g for g in groups if g.id in caps])
     for g in groups:
         if g.id not in caps:
             continue
-        n_remove = rounded_removal(g.size, min(caps[g.id], int(math.floor(sparsity * g.size))),
+        n_remove = rounded_removal(g.size + offsets.get(g.id, 0),
+                                   min(caps[g.id], int(math.floor(sparsity * g.size))),
                                    caps[g.id], unit_step(g, round_to))
         removed = set()
         for c in _ascending(scores[g.id], _key(tiebreak, g.id)).tolist():
@@ -176,7 +180,8 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
                   order: Optional[list] = None, normalize: Optional[str] = DEFAULT_NORMALIZE,
                   *, tiebreak: Optional[Scores] = None, round_to: int = 1,
                   cost_aware: bool = False, fill: bool = False,
-                  base: Optional[Dict[str, int]] = None) -> Dict[str, List[int]]:
+                  base: Optional[Dict[str, int]] = None,
+                  offsets: Optional[Dict[str, int]] = None) -> Dict[str, List[int]]:
     """Smallest removal prefix (in ``order``, by default :func:`global_order` with
     ``tiebreak``) whose cost is within budget. With ``round_to`` > 1 each group's share
     of the prefix is rounded so that it keeps a multiple of ``round_to`` indices
@@ -187,16 +192,18 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
     (:func:`~.fill.give_back`): the prefix's last removal can be a large unit (a head)
     that lands far below the target, and the slack it leaves is channels the model
     could keep. ``base`` (gradual steps, :class:`~.prefix.PrefixPlans`): per group, how
-    many of its first entries in ``order`` earlier steps removed."""
+    many of its first entries in ``order`` earlier steps removed. ``offsets`` (the
+    iterative mode, :func:`~.compose.width_offsets`): per group, kept channels of its
+    dense group outside it, counted in the width that ``round_to`` rounds."""
     in_caps = [g for g in groups if g.id in caps]
     steps = {g.id: unit_step(g, round_to) for g in in_caps}
     if order is None:
         check_normalize(normalize)
         savings = unit_costs(in_caps, scores, caps, cost) if cost_aware else None
         plans = PrefixPlans(in_caps, caps, steps, arrays=_order_arrays(
-            groups, scores, caps, normalize, tiebreak, savings), base=base)
+            groups, scores, caps, normalize, tiebreak, savings), base=base, offsets=offsets)
     else:
-        plans = PrefixPlans(in_caps, caps, steps, order, base=base)
+        plans = PrefixPlans(in_caps, caps, steps, order, base=base, offsets=offsets)
     costs: Dict[tuple, float] = {}  # plan key -> cost: equal prefixes' plans cost once
 
     def cost_at(k: int) -> float:
@@ -235,7 +242,8 @@ def _first_within(cost_at: Callable[[int], float], target: float, lo: int, hi: i
 
 def select_uniform_budget(groups, scores: Scores, budget: Budget, caps: Dict[str, int],
                           cost: Callable[[Dict[str, List[int]]], float], dense: float, *,
-                          tiebreak: Optional[Scores] = None, round_to: int = 1
+                          tiebreak: Optional[Scores] = None, round_to: int = 1,
+                          offsets: Optional[Dict[str, int]] = None
                           ) -> Dict[str, List[int]]:
     """``compile(uniform=True)``: the smallest *uniform* sparsity (the same fraction of
     every group removed, :func:`select_uniform`) whose cost is within budget, so that
@@ -245,7 +253,7 @@ def select_uniform_budget(groups, scores: Scores, budget: Budget, caps: Dict[str
     live = [g for g in groups if g.id in caps]
     points = sorted({k / g.size for g in live for k in range(caps[g.id] + 1)})
     kept_at = lambda i: select_uniform(groups, scores, points[i] + 1e-12, caps,
-                                       tiebreak=tiebreak, round_to=round_to)
+                                       tiebreak=tiebreak, round_to=round_to, offsets=offsets)
     target = budget.ratio * dense
     lo, hi = 0, len(points) - 1
     if cost(kept_at(hi)) > target * (1 + 1e-9):
@@ -300,14 +308,15 @@ def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], ke
                 normalize: Optional[str] = DEFAULT_NORMALIZE,
                 tiebreak: Optional[Scores] = None, round_to: int = 1,
                 uniform: bool = False, cost_aware: bool = False,
-                fill: bool = False) -> Dict[str, List[int]]:
+                fill: bool = False, offsets: Optional[Dict[str, int]] = None
+                ) -> Dict[str, List[int]]:
     """One step's kept channels under ``budget``: uniform for a kind without a cost
     (sparsity), else the budget's cost method of ``cost_now`` (the current model's
     :class:`~fxprune.passes.count.CostModel`, masks built by ``keep_mask``) against
     the dense total of ``dense_cost`` (:data:`~fxprune.passes.budget.BUDGETS`), by the
     global order (``cost_aware``: score ÷ saving, :mod:`.unit_cost`; ``fill``: the
     slack below the target given back, :func:`select_budget`) or, with ``uniform``, by
-    one sparsity for all groups."""
+    one sparsity for all groups. ``offsets``: see :func:`select_budget`."""
     spec = budget.spec
     if cost_aware and (spec.cost is None or uniform or order is not None):
         why = ("a sparsity budget has no cost" if spec.cost is None else
@@ -316,14 +325,14 @@ def select_step(groups, scores: Scores, budget: Budget, caps: Dict[str, int], ke
         raise BudgetError(f"cost_aware=True cannot apply: {why}; drop cost_aware")
     if spec.cost is None:
         return select_uniform(groups, scores, budget.ratio, caps, tiebreak=tiebreak,
-                              round_to=round_to)
+                              round_to=round_to, offsets=offsets)
     measure = getattr(cost_now, spec.cost)
     if uniform:
         return select_uniform_budget(groups, scores, budget, caps,
                                      lambda kept: measure(keep_mask(kept)),
                                      getattr(dense_cost, spec.dense_total),
-                                     tiebreak=tiebreak, round_to=round_to)
+                                     tiebreak=tiebreak, round_to=round_to, offsets=offsets)
     return select_budget(groups, scores, budget, caps, lambda kept: measure(keep_mask(kept)),
                          getattr(dense_cost, spec.dense_total), order, normalize,
                          tiebreak=tiebreak, round_to=round_to, cost_aware=cost_aware,
-                         fill=fill)
+                         fill=fill, offsets=offsets)
