@@ -148,7 +148,7 @@ def matrix_table(stages: Dict[str, List[Dict]]) -> str:
         for method in MATRIX_METHODS:
             cells = []
             for stage, steps in cols:
-                if steps and method.startswith("tp-"):
+                if steps and not _gradual_applies(method):
                     cells.append("n/a")
                     continue
                 seeds = {b: len(accs[stage].get((model, b, method + steps), []))
@@ -160,6 +160,15 @@ def matrix_table(stages: Dict[str, List[Dict]]) -> str:
                                                       if partial else ""))
             lines.append(f"| {model} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def _gradual_applies(method: str) -> bool:
+    """Whether ``steps=`` can run the method: not Torch-Pruning's importances, nor a
+    criterion that selects by its own greedy (SOSP-I: ``compile`` refuses it)."""
+    if method.startswith("tp-"):
+        return False
+    from fxprune.criteria import get_criterion
+    return get_criterion(method.split("+")[0]).select is None
 
 
 def _load(pattern: str) -> List[Dict]:
@@ -182,7 +191,8 @@ def main(argv: Optional[List[str]] = None) -> str:
             f"{len(MATRIX_BUDGETS)} budgets x {MATRIX_SEEDS} seeds; fine-tuned fxprune rows are "
             "those with full repair before fine-tuning (the benchmark's setting), post-training "
             "rows hold all three repair modes; in brackets, the budgets with both seeds where "
-            "some are missing.\n\n" + matrix_table(stages) + "\n")
+            "some are missing; n/a: `steps=` does not apply (Torch-Pruning, and SOSP-I, which "
+            "selects by its own greedy: compile refuses it).\n\n" + matrix_table(stages) + "\n")
     with open(args.out, "w") as f:
         f.write(text)
     print(text)
