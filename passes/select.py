@@ -251,17 +251,20 @@ def select_uniform_budget(groups, scores: Scores, budget: Budget, caps: Dict[str
     needs. Candidate sparsities are the breakpoints ``k / size`` of the group sizes (the
     cost only changes there); bisection on them, the cost falling with the sparsity."""
     live = [g for g in groups if g.id in caps]
-    points = sorted({k / g.size for g in live for k in range(caps[g.id] + 1)})
+    # sparsity 0 is always a candidate: with no group left to prune (all ignored, or
+    # capped by earlier steps) the plan removes nothing, and the budget check says so
+    points = sorted({0.0} | {k / g.size for g in live for k in range(caps[g.id] + 1)})
     kept_at = lambda i: select_uniform(groups, scores, points[i] + 1e-12, caps,
                                        tiebreak=tiebreak, round_to=round_to, offsets=offsets)
     target = budget.ratio * dense
     lo, hi = 0, len(points) - 1
     if cost(kept_at(hi)) > target * (1 + 1e-9):
+        why = ("the smallest groups' max_layer_sparsity caps it" if live else
+               "no group is left to prune")
         raise BudgetError(
             f"{budget.kind}={budget.ratio} cannot be reached with uniform=True: the same "
             f"fraction removed from every group reaches {cost(kept_at(hi)) / dense:.3f} at "
-            "best (the smallest groups' max_layer_sparsity caps it); lower the budget or "
-            "drop uniform=True")
+            f"best ({why}); lower the budget or drop uniform=True")
     return kept_at(_first_within(lambda i: cost(kept_at(i)), target, lo, hi))
 
 

@@ -18,6 +18,7 @@ alone (5 of 16 kept with ``round_to=2``); a refused span entry left tiny_split's
 """
 import math
 
+import pytest
 import torch
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
@@ -99,3 +100,12 @@ def test_every_mode_returns_a_plan_that_keeps_its_promises(case):
     again = fxprune.apply_plan(model, res.plan, example_inputs=x, repair=None)
     with torch.no_grad():
         torch.testing.assert_close(again.module(x), res.module(x), rtol=1e-9, atol=1e-12)
+
+
+def test_uniform_with_nothing_left_to_prune_is_refused_not_a_crash():
+    """uniform=True had no candidate sparsity when no group was left to prune (an
+    IndexError); found by the same fuzz with ignore= and iterative steps."""
+    model, x = fixture("tiny_attention")
+    with pytest.raises(BudgetError, match="cannot be reached.*no group is left to prune"):
+        fxprune.compile(model, "l2", example_inputs=x, params=0.5, uniform=True,
+                        ignore=["attn"], repair=None)
