@@ -18,7 +18,7 @@ from .api_score import show_progress
 from .api_unstructured import compile_unstructured
 from .criteria import (AUTO_CRITERION, check_options, get_criterion, keywords_of,
                        resolve_criterion)
-from .errors import BudgetError, DataError, FxpruneError
+from .errors import BudgetError, DataError, FxpruneError, PlanError
 from .ignore import resolve_ignore
 from .plan import Plan
 from .ranking import cost_budget_blocker, resolve_ranking
@@ -204,6 +204,10 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
     (and ``data``) the inputs are rebuilt from the plan's record of the compile's
     example inputs (:mod:`fxprune.passes.input_spec`): keyword names and constants,
     shapes, dtypes; token ids within the recorded range, 0/1 masks as ones."""
+    if not isinstance(plan, Plan):
+        raise PlanError(f"apply_plan takes a fxprune Plan (result.plan, or "
+                        f"fxprune.Plan.from_json(path)), not {type(plan).__name__}")
+    plan = plan.normalized()  # kept lists written after construction are checked too
     batch_list = prepare_batches(data, batches, False)
     repair_mode = resolve_repair(repair, batch_list, False)
     if example_inputs is None and batch_list is None:

@@ -8,10 +8,14 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import numbers
 import os
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
 
 from .errors import FxpruneError, PlanError
 from .group import member_spans
@@ -32,6 +36,15 @@ class Plan:
         """Refuse kept lists with repeated or non-integer indices (a repeated index would
         build a slim model with fewer channels than the plan and its report count)."""
         check_kept(self.kept)
+
+    def normalized(self) -> "Plan":
+        """A copy whose kept lists are sorted Python ints, checked again: ``kept`` is a
+        plain dict, so a list written into it after construction (a NumPy array, a
+        tensor, floats) is refused or converted here instead of failing deep in the
+        rewrite."""
+        check_kept(self.kept)
+        kept = {gid: sorted(_as_index(c) for c in chans) for gid, chans in self.kept.items()}
+        return Plan(kept, dict(self.sizes), dict(self.meta))
 
     def to_json(self, path: str = None) -> str:
         text = json.dumps({"format": PLAN_FORMAT, "kept": self.kept, "sizes": self.sizes,
@@ -71,8 +84,10 @@ def check_kept(kept: Dict[str, Any]) -> None:
     """Every kept list holds distinct integer channel indices, else :class:`PlanError`."""
     for gid, chans in kept.items():
         try:
+            if isinstance(chans, (str, bytes, dict)):
+                raise TypeError(chans)
             values = [_as_index(c) for c in chans]
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RuntimeError):
             raise PlanError(f"plan group {gid!r}: kept indices must be a list of integer "
                             f"channel indices, got {chans!r}") from None
         if len(set(values)) != len(values):
@@ -83,8 +98,12 @@ def check_kept(kept: Dict[str, Any]) -> None:
 
 
 def _as_index(value: Any) -> int:
-    """``value`` as a channel index: an int (or integral number), never a bool."""
-    if isinstance(value, bool) or not float(value).is_integer():
+    """``value`` as a channel index: an int (or integral number: NumPy's, a 0-d tensor's),
+    never a bool or a string."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+            or not float(value).is_integer():
         raise ValueError(value)
     return int(value)
 

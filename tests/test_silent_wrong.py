@@ -7,6 +7,7 @@ calibration data is part of the path under test.
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -207,6 +208,26 @@ def test_duplicated_kept_indices_are_refused():
     plan.kept["c1"] = [0, 0, 1, 2]  # edited after construction
     with pytest.raises(fxprune.PlanError, match="repeat"):
         fxprune.apply_plan(make(), plan, batch()[0])
+
+
+def test_kept_lists_written_after_construction_are_checked_and_converted():
+    """``plan.kept`` is a plain dict: a NumPy array or tensor written into it (an argsort,
+    say) crashed deep in the rewrite, strings and bools slipped through as indices."""
+    x = batch()[0]
+    res = fxprune.compile(make(), "l2", example_inputs=x, flops=0.5)
+    for convert in (np.array, torch.tensor, lambda k: [float(c) for c in reversed(k)]):
+        plan = fxprune.Plan(dict(res.plan.kept), res.plan.sizes, res.plan.meta)
+        plan.kept["c1"] = convert(res.plan.kept["c1"])
+        again = fxprune.apply_plan(make(), plan, x)
+        assert again.plan.kept == res.plan.kept
+        torch.testing.assert_close(again.module(x), res.module(x))
+    for bad in (["0", "1"], [True, 2], "012"):
+        plan = fxprune.Plan(dict(res.plan.kept), res.plan.sizes, res.plan.meta)
+        plan.kept["c1"] = bad
+        with pytest.raises(fxprune.PlanError, match="integer channel indices"):
+            fxprune.apply_plan(make(), plan, x)
+    with pytest.raises(fxprune.PlanError, match="takes a fxprune Plan"):
+        fxprune.apply_plan(make(), res.plan.kept, x)
 
 
 # ----------------------------------------------------------------------------- in-place state
