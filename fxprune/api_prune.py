@@ -117,7 +117,8 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
         batches=batch_list, loss=wrap_loss(loss_fn, output_fn, model), options=dict(options),
         trace_kw=dict(leaf_modules=leaf_modules, concrete_args=concrete_args, frontend=frontend),
         ignore=resolve_ignore(model, ignore), normalize=normalize,
-        max_layer_sparsity=max_layer_sparsity, verify=verify, progress=show_progress(progress),
+        max_layer_sparsity=max_layer_sparsity, verify=_check_verify(verify),
+        progress=show_progress(progress),
         repair_mode=resolve_repair(repair, batch_list, unstructured),
         round_to=check_round_to(round_to), uniform=_check_uniform(uniform, steps, unstructured),
         cost_aware=cost_aware, fill=_check_fill(fill, uniform, sparsity, unstructured))
@@ -152,6 +153,13 @@ def _latency_budget(latency):
                           "dense latency): to time dense and slim for the report pass "
                           f"measure_latency={latency}")
     return latency
+
+
+def _check_verify(verify) -> bool:
+    """``verify`` must be a bool: ``verify="false"`` would be true and verify."""
+    if not isinstance(verify, bool):
+        raise FxpruneError(f"verify={verify!r} must be True or False")
+    return verify
 
 
 def _check_uniform(uniform, steps, unstructured: bool) -> bool:
@@ -208,6 +216,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
         raise PlanError(f"apply_plan takes a fxprune Plan (result.plan, or "
                         f"fxprune.Plan.from_json(path)), not {type(plan).__name__}")
     plan = plan.normalized()  # kept lists written after construction are checked too
+    _check_verify(verify)
     batch_list = prepare_batches(data, batches, False)
     repair_mode = resolve_repair(repair, batch_list, False)
     if example_inputs is None and batch_list is None:

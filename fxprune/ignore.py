@@ -37,6 +37,9 @@ def resolve_ignore(model: torch.nn.Module, ignore) -> tuple:
     :class:`UnknownNameError` with the close matches: it would protect nothing."""
     if ignore is None:
         return ()
+    if not isinstance(ignore, (str, list, tuple, set, frozenset)):
+        raise UnknownNameError(f"ignore={ignore!r}: give a module name or a list of them, "
+                               "e.g. ignore=['layer4', 'head']")
     names = (ignore,) if isinstance(ignore, str) else tuple(ignore)
     if any(not isinstance(n, str) for n in names):
         raise UnknownNameError(f"ignore={ignore!r}: give module names (strings), e.g. "

@@ -11,6 +11,8 @@ that makes them so).
 """
 from __future__ import annotations
 
+import numbers
+
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional
@@ -59,13 +61,15 @@ def prepare_batches(data: Any, batches: Optional[int] = None, needed: bool = Tru
     taken (all when ``None``). ``None`` data gives ``None``, or :class:`DataError` when
     the criterion ``needed`` it; so do an empty iterable and a batch that is not a pair.
     """
+    if batches is not None and (isinstance(batches, bool)
+                                or not isinstance(batches, numbers.Integral) or batches < 1):
+        raise DataError(f"batches={batches!r}: ask for at least one calibration batch (a "
+                        "whole number; None takes all of data)")
     if data is None:
         if needed:
             raise DataError("this criterion needs calibration data: pass data=<iterable of "
                             "(inputs, targets) batches>, e.g. a DataLoader")
         return None
-    if batches is not None and batches < 1:
-        raise DataError(f"batches={batches}: ask for at least one calibration batch")
     out: List[Batch] = []
     for i, item in enumerate(data):
         if batches is not None and len(out) >= batches:

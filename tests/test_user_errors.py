@@ -175,3 +175,19 @@ def test_corrupt_pickle_opcode_is_corrupt_not_a_refusal(tmp_path):
     with pytest.raises(fxprune.CheckpointError, match="corrupt or truncated") as err:
         load_checkpoint(net(), bad)
     assert "allow_pickle" not in str(err.value)
+
+
+# ----------------------------------------------------------------------------- keyword values
+@pytest.mark.parametrize("kw, error, match", [
+    (dict(ignore=5), fxprune.UnknownNameError, "give a module name or a list"),  # TypeError
+    (dict(batches="2"), fxprune.DataError, "whole number"),                      # TypeError
+    (dict(batches=1.5), fxprune.DataError, "whole number"),                      # took 2
+    (dict(batches=True), fxprune.DataError, "whole number"),                     # took 1
+    (dict(verify="false"), fxprune.FxpruneError, "must be True or False"),       # verified
+])
+def test_keyword_values_of_the_wrong_type_are_refused(kw, error, match):
+    model = net()
+    before = state(model)
+    with pytest.raises(error, match=match):
+        fxprune.compile(model, "taylor", data=data(), flops=0.5, **kw)
+    assert unchanged(model, before)
