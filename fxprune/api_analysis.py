@@ -16,13 +16,14 @@ from .errors import DataError
 from .group import Group
 from .passes.connectivity import Connectivity, build_connectivity
 from .passes.groups import Analysis, analyze
-from .passes.frontend import capture
+from .passes.frontend import capture, check_model
 
 
 def analyze_model(model: torch.nn.Module, example_inputs: Any, cache: bool = True,
                   **trace_kwargs) -> Analysis:
     """Trace (a copy of) ``model`` and run the channel analysis. With ``cache`` the
     result is the cached one (:mod:`fxprune.analysis_cache`): read it, do not modify it."""
+    check_model(model)
     if example_inputs is None:
         raise DataError("example_inputs are required to analyse a model: pass a tensor or "
                         "tuple of tensors shaped like one batch, e.g. "
@@ -47,6 +48,7 @@ def groups(model: torch.nn.Module, example_inputs: Any, *, cache: bool = True,
 def connectivity(model: torch.nn.Module, example_inputs: Optional[Any] = None, *,
                  cache: bool = True, **trace_kwargs) -> Connectivity:
     """Series/parallel table between parameter layers (design §4)."""
+    check_model(model)
     trace_kwargs.setdefault("share_params", True)
     if cache:
         return analysis_cache.copy_connectivity(

@@ -26,7 +26,7 @@ from .passes.budget import budget_steps
 from .passes.repair import REPAIR_MODES
 from .passes.rewrite import rewrite
 from .passes.score import example_input_tuple, prepare_batches, wrap_loss
-from .passes.frontend import capture
+from .passes.frontend import capture, check_model
 from .passes.input_spec import inputs_from_spec
 from .passes.gradual import as_gradual, resolve_step_repair
 from .passes.trace import as_input_tuple
@@ -103,6 +103,7 @@ def compile(model: torch.nn.Module, criterion: str = "auto", example_inputs: Any
     or ``"auto"`` (default: export only where symbolic tracing fails); the report's
     ``frontend`` says which was used.
     """
+    check_model(model)  # before anything reads it (ignore=, the loss, the inputs)
     budget_given = dict(flops=flops, params=params, sparsity=sparsity,
                         latency=_latency_budget(latency))
     criterion = resolve_criterion(criterion, data is not None, unstructured)
@@ -212,6 +213,7 @@ def apply_plan(model: torch.nn.Module, plan: Plan, example_inputs: Any = None, *
     (and ``data``) the inputs are rebuilt from the plan's record of the compile's
     example inputs (:mod:`fxprune.passes.input_spec`): keyword names and constants,
     shapes, dtypes; token ids within the recorded range, 0/1 masks as ones."""
+    check_model(model)
     if not isinstance(plan, Plan):
         raise PlanError(f"apply_plan takes a fxprune Plan (result.plan, or "
                         f"fxprune.Plan.from_json(path)), not {type(plan).__name__}")

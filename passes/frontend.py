@@ -57,11 +57,33 @@ def frontend_of(gm: torch.nn.Module) -> str:
     return getattr(gm, "meta", {}).get(META_KEY, "fx")
 
 
+def check_model(model: Any) -> None:
+    """The public entry points take a ``torch.nn.Module`` (an instance, not its class or
+    a model name); anything else raises :class:`TraceError` saying so, before any
+    attribute of it is read."""
+    if isinstance(model, torch.nn.Module):
+        return
+    hint = (" (a model name: build the model first, e.g. timm.create_model(name) or "
+            "fxprune.models.create_model(name))" if isinstance(model, str) else
+            " (a class: instantiate it)" if isinstance(model, type) else "")
+    raise TraceError(f"expected a torch.nn.Module instance, got {type(model).__name__} "
+                     f"{model!r:.60}{hint}")
+
+
+def _check_leaf_modules(leaf_modules) -> None:
+    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, (list, tuple, set)) \
+            or any(not isinstance(m, (str, type)) for m in leaf_modules):
+        raise TraceError(f"leaf_modules={leaf_modules!r}: give a list of module classes or "
+                         "qualified module names, e.g. leaf_modules=[timm.layers.Mlp, 'head']")
+
+
 def capture(model: torch.nn.Module, example_inputs: Any = None, *, frontend: str = "auto",
             concrete_args: Optional[Dict[str, Any]] = None, leaf_modules: Sequence[Any] = (),
             share_params: bool = False, lazy: Optional[bool] = None) -> torch.fx.GraphModule:
     """The model's graph from the chosen front end (module docstring); ``share_params``
     and ``lazy`` as in :func:`.trace.trace`."""
+    check_model(model)
+    _check_leaf_modules(leaf_modules)
     if frontend not in FRONTENDS:
         raise FxpruneError(f"frontend={frontend!r}: choose one of {', '.join(FRONTENDS)}")
     example_inputs = keyword_inputs(model, example_inputs)  # a dict: .keyword_inputs

@@ -144,6 +144,10 @@ def wrap_loss(loss_fn: Optional[Callable], output_fn: Optional[Callable],
     which the default model loss applies to tensor outputs), so a criterion can recognise
     the default cross-entropy behind it (``inspect.unwrap``: SOSP-I's closed-form
     curvature); with ``output_fn`` it records nothing."""
+    for name, fn in (("loss_fn", loss_fn), ("output_fn", output_fn)):
+        if fn is not None and not callable(fn):
+            raise DataError(f"{name}={fn!r} must be a function: loss_fn(outputs, targets) "
+                            "returns the scalar loss, output_fn(outputs) the logits")
     base = loss_fn or default_model_loss(model)
     if output_fn is not None:
         inner = lambda outputs, targets: base(output_fn(outputs), targets)  # noqa: E731

@@ -191,3 +191,26 @@ def test_keyword_values_of_the_wrong_type_are_refused(kw, error, match):
     with pytest.raises(error, match=match):
         fxprune.compile(model, "taylor", data=data(), flops=0.5, **kw)
     assert unchanged(model, before)
+
+
+@pytest.mark.parametrize("call", [
+    lambda m, x: fxprune.compile(m, "l2", example_inputs=x, flops=0.5),
+    lambda m, x: fxprune.groups(m, x),
+    lambda m, x: fxprune.connectivity(m, x),
+    lambda m, x: fxprune.saliency(m, "l2", example_inputs=x),
+    lambda m, x: fxprune.apply_plan(m, fxprune.Plan({"0": [0, 1]}), x),
+])
+def test_a_model_name_or_class_is_refused_before_it_is_read(call):
+    x = data()[0][0]
+    with pytest.raises(fxprune.TraceError, match="a model name: build the model first"):
+        call("resnet50", x)  # AttributeError: 'str' object has no attribute 'named_modules'
+    with pytest.raises(fxprune.TraceError, match="a class: instantiate it"):
+        call(nn.Linear, x)
+
+
+def test_loss_and_leaf_modules_of_the_wrong_type_are_refused():
+    with pytest.raises(fxprune.DataError, match="loss_fn=3 must be a function"):
+        fxprune.compile(net(), "taylor", data=data(), flops=0.5, loss_fn=3)  # TypeError
+    with pytest.raises(fxprune.TraceError, match="give a list of module classes"):
+        fxprune.compile(net(), "l2", example_inputs=data()[0][0], flops=0.5,
+                        leaf_modules=nn.Conv2d)  # a class, not a list: TypeError
