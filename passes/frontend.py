@@ -71,7 +71,9 @@ def check_model(model: Any) -> None:
 
 
 def _check_leaf_modules(leaf_modules) -> None:
-    if isinstance(leaf_modules, (str, type)) or not isinstance(leaf_modules, (list, tuple, set, frozenset)) \
+    """A list (tuple, set) of module classes or names; one class or a string alone is
+    refused (not iterated), and so is an instance inside (it would match nothing)."""
+    if not isinstance(leaf_modules, (list, tuple, set, frozenset)) \
             or any(not isinstance(m, (str, type)) for m in leaf_modules):
         raise TraceError(f"leaf_modules={leaf_modules!r}: give a list of module classes or "
                          "qualified module names, e.g. leaf_modules=[timm.layers.Mlp, 'head']")
