@@ -22,7 +22,7 @@ from .errors import BudgetError
 from .ignore import ignored
 from .plan import Plan, check_plan, fingerprint, input_shapes
 from .passes.budget import Budget
-from .passes.compose import compose_step, dense_allowance, width_offsets
+from .passes.compose import compose_step, step_limits
 from .passes.count import CostModel, cost_model, count_flops, count_params
 from .passes.degenerate import check_scores
 from .passes.frontend import capture, frontend_notes, frontend_of
@@ -110,10 +110,11 @@ def select(state: PruneState, budget: Budget, final: bool = True) -> None:
     log.info("pruning to %s=%s", budget.kind, budget.ratio)
     analysis, sal = state.analysis, state.saliency
     groups = [g for g in analysis.groups if g.prunable and not ignored(g, state.ignore)]
-    iterative = state.plan_kept is not None
-    caps = step_caps(groups, state.max_layer_sparsity, dense_allowance(
-        state.dense, state.plan_kept, analysis, [g.id for g in groups],
-        state.max_layer_sparsity) if iterative else None)
+    allowance, offsets = (step_limits(state.dense, state.plan_kept, analysis,
+                                      [g.id for g in groups], state.max_layer_sparsity,
+                                      state.round_to)
+                          if state.plan_kept is not None else (None, None))
+    caps = step_caps(groups, state.max_layer_sparsity, allowance)
     state.notes.extend(check_scores(sal.criterion, sal.groups, groups, caps, sal.context))
     crit = state.crit  # the criterion the saliency came from
     order = crit.select(groups, sal.groups, sal.context, caps) if crit.select else None
@@ -126,9 +127,7 @@ def select(state: PruneState, budget: Budget, final: bool = True) -> None:
                                  tiebreak=_tiebreak(sal.criterion, groups, analysis.gm),
                                  round_to=state.round_to, uniform=state.uniform,
                                  cost_aware=state.cost_aware, fill=state.fill and final,
-                                 offsets=width_offsets(state.dense, state.plan_kept, analysis,
-                                                       [g.id for g in groups])
-                                 if iterative and state.round_to > 1 else None)
+                                 offsets=offsets)
     except BudgetError as exc:  # name what blocks the budget (the costliest fixed groups)
         spec = budget.spec
         raise BudgetError(str(exc) + budget_blockers(

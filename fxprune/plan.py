@@ -42,9 +42,7 @@ class Plan:
         plain dict, so a list written into it after construction (a NumPy array, a
         tensor, floats) is refused or converted here instead of failing deep in the
         rewrite."""
-        check_kept(self.kept)
-        kept = {gid: sorted(_as_index(c) for c in chans) for gid, chans in self.kept.items()}
-        return Plan(kept, dict(self.sizes), dict(self.meta))
+        return Plan(check_kept(self.kept), dict(self.sizes), dict(self.meta))
 
     def to_json(self, path: str = None) -> str:
         text = json.dumps({"format": PLAN_FORMAT, "kept": self.kept, "sizes": self.sizes,
@@ -71,23 +69,23 @@ class Plan:
             raise FxpruneError("not a fxprune plan: expected a JSON object with a 'kept' key")
         if not isinstance(data["kept"], dict):
             raise PlanError("not a fxprune plan: 'kept' must map group ids to index lists")
-        check_kept(data["kept"])
-        kept = {gid: sorted(int(c) for c in chans) for gid, chans in data["kept"].items()}
-        return Plan(kept, {k: int(v) for k, v in data.get("sizes", {}).items()},
-                    data.get("meta", {}))
+        sizes = {k: int(v) for k, v in data.get("sizes", {}).items()}
+        return Plan(check_kept(data["kept"]), sizes, data.get("meta", {}))
 
     def removed_count(self) -> int:
         return sum(self.sizes[g] - len(k) for g, k in self.kept.items() if g in self.sizes)
 
 
-def check_kept(kept: Dict[str, Any]) -> None:
-    """Every kept list holds distinct integer channel indices, else :class:`PlanError`."""
+def check_kept(kept: Dict[str, Any]) -> Dict[str, List[int]]:
+    """Every kept list holds distinct integer channel indices, else :class:`PlanError`;
+    returns them as sorted lists of Python ints."""
+    out: Dict[str, List[int]] = {}
     for gid, chans in kept.items():
         try:
             if isinstance(chans, (str, bytes, dict)):
                 raise TypeError(chans)
             values = [_as_index(c) for c in chans]
-        except (TypeError, ValueError, RuntimeError):
+        except (TypeError, ValueError):
             raise PlanError(f"plan group {gid!r}: kept indices must be a list of integer "
                             f"channel indices, got {chans!r}") from None
         if len(set(values)) != len(values):
@@ -95,6 +93,8 @@ def check_kept(kept: Dict[str, Any]) -> None:
             raise PlanError(f"plan group {gid!r}: kept indices {repeated} appear more than "
                             "once; list each kept channel exactly once (a repeated index "
                             "would keep fewer channels than the plan counts)")
+        out[gid] = sorted(values)
+    return out
 
 
 def _as_index(value: Any) -> int:

@@ -15,22 +15,21 @@ order (what :func:`.rewrite.sliced_dims` slices), so every slim index removed by
 step maps to one dense index, and through the dense records to its group's channel.
 Invariant: the returned plan keeps exactly the dense channels none of whose indices the
 step removed; it names only dense groups (those of the plan so far, plus any that lose
-channels). :func:`dense_allowance` maps the other way for selection: how many channels
+channels). :func:`step_limits` maps the other way for selection: how many channels
 each slim group may still lose under the dense groups' ``max_layer_sparsity`` caps, and
-:func:`width_offsets` what ``round_to`` must add to a split part's width. Nothing is
-modified.
+what ``round_to`` must add to a split part's width. Nothing is modified.
 """
 from __future__ import annotations
 
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import FxpruneError
 from .groups import Analysis
 
-__all__ = ["compose_step", "dense_allowance", "width_offsets"]
+__all__ = ["compose_step", "step_limits"]
 
 
 def compose_step(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
@@ -81,13 +80,26 @@ def _paired_ids(dense: Analysis, dense_keep: np.ndarray, slim: Analysis):
         yield rec.ids, dense_rec.ids[positions]
 
 
-def dense_allowance(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
-                    group_ids: List[str], max_layer_sparsity: float) -> Dict[str, int]:
-    """How many more channels each slim group in ``group_ids`` may lose so that no dense
+def step_limits(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
+                group_ids: List[str], max_layer_sparsity: float, round_to: int
+                ) -> Tuple[Dict[str, int], Optional[Dict[str, int]]]:
+    """Selection's limits for one iterative step on ``slim``, from which dense group each
+    slim group in ``group_ids`` is cut (mapped once): ``(allowance, offsets)``, see
+    :func:`_allowance` and :func:`_width_offsets` (offsets None when ``round_to`` is 1)."""
+    parents, wanted = _parents(dense, previous, slim), _indices(slim, group_ids)
+    allowance = _allowance(dense, previous, slim, parents, wanted, max_layer_sparsity)
+    offsets = (_width_offsets(dense, previous, slim, parents, wanted) if round_to > 1
+               else None)
+    return allowance, offsets
+
+
+def _allowance(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
+               parents: Dict[int, set], wanted: List[int], max_layer_sparsity: float
+               ) -> Dict[str, int]:
+    """How many more channels each slim group in ``wanted`` may lose so that no dense
     group loses more than ``floor(max_layer_sparsity * its size)`` in all: the dense
     group's allowance, shared equally by the slim groups cut from it (a slim group
     spanning several dense groups gets the smallest share)."""
-    parents, wanted = _parents(dense, previous, slim), _indices(slim, group_ids)
     sharing: Dict[int, int] = {}
     for sg in wanted:
         for dg in parents.get(sg, ()):
@@ -104,14 +116,14 @@ def dense_allowance(dense: Analysis, previous: Dict[str, List[int]], slim: Analy
     return out
 
 
-def width_offsets(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
-                  group_ids: List[str]) -> Dict[str, int]:
-    """For ``round_to``: per slim group in ``group_ids`` cut from one dense group, how many
+def _width_offsets(dense: Analysis, previous: Dict[str, List[int]], slim: Analysis,
+                   parents: Dict[int, set], wanted: List[int]) -> Dict[str, int]:
+    """For ``round_to``: per slim group in ``wanted`` cut from one dense group, how many
     of that group's kept channels lie outside it (the part a split made a group of its
     own, blocked), so that rounding ``kept + offset`` keeps the *dense* group's width a
     multiple. Groups that are their dense group whole get no entry."""
-    parents, out = _parents(dense, previous, slim), {}
-    for sg in _indices(slim, group_ids):
+    out = {}
+    for sg in wanted:
         if len(parents.get(sg, ())) != 1:
             continue
         group = dense.groups[next(iter(parents[sg]))]

@@ -109,7 +109,7 @@ class PrefixPlans:
         a share beyond them is rounded as the slim model of those steps would round it,
         so that ``round_to`` keeps the multiples the rewrite-based iterative mode keeps.
         ``offsets``: per group, kept channels outside it that the rounded width counts
-        (a split part's dense group, :func:`~.compose.width_offsets`)."""
+        (a split part's dense group, :func:`~.compose.step_limits`)."""
         self.ids = [g.id for g in groups]
         self.sizes = [g.size for g in groups]
         self.steps = [steps[gid] for gid in self.ids]

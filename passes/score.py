@@ -12,7 +12,6 @@ that makes them so).
 from __future__ import annotations
 
 import numbers
-
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional

@@ -193,7 +193,7 @@ def select_budget(groups, scores, budget: Budget, caps: Dict[str, int],
     that lands far below the target, and the slack it leaves is channels the model
     could keep. ``base`` (gradual steps, :class:`~.prefix.PrefixPlans`): per group, how
     many of its first entries in ``order`` earlier steps removed. ``offsets`` (the
-    iterative mode, :func:`~.compose.width_offsets`): per group, kept channels of its
+    iterative mode, :func:`~.compose.step_limits`): per group, kept channels of its
     dense group outside it, counted in the width that ``round_to`` rounds."""
     in_caps = [g for g in groups if g.id in caps]
     steps = {g.id: unit_step(g, round_to) for g in in_caps}
@@ -299,7 +299,7 @@ def step_caps(groups: Sequence[Group], max_layer_sparsity: float,
               allowance: Optional[Dict[str, int]] = None) -> Dict[str, int]:
     """:func:`removable_counts` for one pruning step. In iterative pruning
     (``allowance`` given: how many more channels each group may lose against its dense
-    group's cap, :func:`.compose.dense_allowance`) the cap is the smaller of the two."""
+    group's cap, :func:`.compose.step_limits`) the cap is the smaller of the two."""
     caps = removable_counts(groups, max_layer_sparsity)
     if allowance is None:
         return caps
